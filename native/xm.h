@@ -1,0 +1,192 @@
+/*
+ * xm.h - the C core of snapdisk: the extent-map routines and the I/O hot path.
+ *
+ * Two layers, in the spirit of lmdb.h: flat functions over opaque handles, an int return code
+ * (0, a positive errno, or one of the XM_E* codes below) with results in out-parameters, and one
+ * xm_strerror().  No Python.h: the Python side reaches this through cffi in API mode, and every
+ * call releases the GIL.
+ *
+ *  1. Pure routines over arrays of xm_extent (xm_plan, xm_insert, xm_extents).  They never
+ *     touch LMDB or files; each has a plain-Python twin in snapdisk/extmap_ref.py, and the
+ *     differential tests check that both agree.
+ *  2. The store: this process's one LMDB environment (LMDB forbids opening an environment twice
+ *     in one process), the pool file, a read-transaction pool and the I/O gate; a thin
+ *     key/value API the Python engine builds its metadata operations on; and the hot path
+ *     (xm_read, xm_write_fast, xm_block_status), one call per NBD request.
+ *
+ * The on-disk layout and the invariants are described in src/snapdisk/extmap.py and
+ * docs/design.md; the encodings that both sides must agree on are fixed here.
+ *
+ * Caveats:
+ *  - xm_txn handles obey LMDB's rules: a write transaction must be committed or aborted on the
+ *    thread that began it, and only one write transaction runs at a time per environment
+ *    (mdb_txn_begin blocks; the GIL is released while it waits).
+ *  - Values returned through xm_val point into LMDB's map and are valid only until the
+ *    transaction ends or the next write in it.
+ */
+#ifndef SNAPDISK_XM_H
+#define SNAPDISK_XM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* cdef-begin: everything down to cdef-end is also read by native/build_ffi.py */
+
+#define XM_BLOCK_SIZE 4096        /* bytes per map block */
+#define XM_MAX_EXTENT 1024        /* longest extent in blocks (bounds snapshot-read scans) */
+#define XM_HOLE 18446744073709551615ULL /* pbn of a hole in a plan: UINT64_MAX */
+
+#define XM_F_SHARED 1             /* record's blocks may have other holders: check refs first */
+
+#define XM_OK 0
+#define XM_ENOTFOUND -30990       /* key not found */
+#define XM_ESLOW -30991           /* the fast path cannot do it: take the general path */
+#define XM_ENOVOL -30992          /* volume unknown to the I/O gate */
+#define XM_ERANGE -30993          /* I/O past the end of the volume */
+#define XM_ECORRUPT -30994        /* a map record failed validation */
+#define XM_ESPACE -30995          /* an output array is too small */
+#define XM_EBUSY -30996           /* store already open in this process */
+
+/* Databases (LMDB named sub-databases) the key/value API addresses by number. */
+#define XM_DB_META 0
+#define XM_DB_VOLUMES 1
+#define XM_DB_VOLSTATE 2
+#define XM_DB_NAMES 3
+#define XM_DB_SNAPS 4
+#define XM_DB_LIVE 5
+#define XM_DB_LIVEBIRTH 6
+#define XM_DB_DEAD 7
+#define XM_DB_DEADIDX 8
+#define XM_DB_REFS 9
+#define XM_DB_FREE 10
+#define XM_DB_PENDING 11
+#define XM_DB_COUNTERS 12
+#define XM_DB_COUNT 13
+
+/* Cursor operations for xm_cur_get. */
+#define XM_FIRST 0
+#define XM_LAST 1
+#define XM_NEXT 2
+#define XM_PREV 3
+#define XM_SET_RANGE 4
+#define XM_SET_KEY 5
+#define XM_GET_CURRENT 6
+
+/* xm_open flags */
+#define XM_OPEN_CREATE 1          /* create the environment if missing */
+#define XM_OPEN_SYNC_COMMITS 2    /* sync every commit (else only on xm_sync) */
+
+/* One run of blocks: in the live map, a record; in a plan, a piece of the request. */
+typedef struct {
+    uint64_t lba;    /* first logical block */
+    uint64_t pbn;    /* first physical block in the pool, or XM_HOLE */
+    uint64_t birth;  /* epoch the data was written in (a dead record's death lives elsewhere) */
+    uint32_t len;    /* blocks */
+    uint32_t flags;  /* XM_F_* */
+} xm_extent;
+
+typedef struct {
+    const void *data;
+    size_t len;
+} xm_val;
+
+/* Work counters, for tests that assert on counted work rather than on time. */
+typedef struct {
+    uint64_t records_read;   /* map records decoded by the hot path and xm_live_overlap */
+    uint64_t cursor_steps;   /* cursor positionings (seek or step) by the key/value API */
+    uint64_t fast_reads;
+    uint64_t fast_writes;
+    uint64_t slow_writes;    /* xm_write_fast calls answered XM_ESLOW */
+} xm_stats;
+
+typedef struct xm_store xm_store;
+typedef struct xm_txn xm_txn;
+typedef struct xm_cur xm_cur;
+
+/* Text for an rc from any function here (static storage). */
+const char *xm_strerror(int rc);
+
+/* ---- pure routines --------------------------------------------------------------------- */
+
+/* Cut [lba, lba+nblocks) into runs: mapped runs from ext (sorted, disjoint) and holes;
+ * physically contiguous neighbours are merged.  *nout runs written to out (cap entries). */
+int xm_plan(const xm_extent *ext, size_t n, uint64_t lba, uint64_t nblocks,
+            xm_extent *out, size_t cap, size_t *nout);
+
+/* Overlay nw on the sorted disjoint records old[] (those overlapping or touching it):
+ * keep[] receives the records that replace all of old[] (nw included unless it is a hole,
+ * merged with contiguous neighbours of equal birth and flags up to max_len); gone[] the parts
+ * of old[] that nw covers.  keep needs n+2 entries, gone n. */
+int xm_insert(const xm_extent *old, size_t n, const xm_extent *nw, uint32_t max_len,
+              xm_extent *keep, size_t *nkeep, xm_extent *gone, size_t *ngone);
+
+/* Block status of [lba, lba+nblocks): alternating allocated runs (pbn 0) and holes
+ * (pbn XM_HOLE), whatever the physical layout. */
+int xm_extents(const xm_extent *ext, size_t n, uint64_t lba, uint64_t nblocks,
+               xm_extent *out, size_t cap, size_t *nout);
+
+/* ---- the store ------------------------------------------------------------------------- */
+
+/* Open (XM_OPEN_CREATE: create) the LMDB environment in dir_path and the pool file. */
+int xm_open(const char *dir_path, const char *pool_path, unsigned flags, uint64_t map_bytes,
+            xm_store **out);
+/* Close everything; no call may be in flight. */
+void xm_close(xm_store *st);
+/* fdatasync the pool, then sync the LMDB environment: what a FLUSH needs. */
+int xm_sync(xm_store *st);
+/* The pool file's descriptor (owned by the store). */
+int xm_pool_fd(xm_store *st);
+/* Copy and reset-free read of the work counters. */
+void xm_get_stats(xm_store *st, xm_stats *out);
+/* LMDB's last committed transaction id and the env's page counts, for capacity reports. */
+int xm_env_info(xm_store *st, uint64_t *last_txnid, uint64_t *map_pages_used, uint64_t *page_size);
+
+/* The I/O gate: the hot path and the Python data path hold it shared; snapshot, rollback, clone,
+ * volume config changes and the release of freed blocks hold it exclusive, which waits for
+ * in-flight I/O and keeps new I/O out for as long as an O(1) metadata change takes. */
+void xm_gate_enter(xm_store *st);
+void xm_gate_leave(xm_store *st);
+void xm_gate_close(xm_store *st);
+void xm_gate_open(xm_store *st);
+
+/* Tell the hot path about a volume (call with the gate closed): its size in bytes, the epoch of
+ * its newest snapshot (0: none) and whether it is writable. */
+int xm_vol_config(xm_store *st, uint32_t vol, uint64_t size_bytes, uint64_t max_snap, int writable);
+int xm_vol_forget(xm_store *st, uint32_t vol);
+
+/* ---- key/value API over the store's databases ------------------------------------------- */
+
+int xm_txn_begin(xm_store *st, int write, xm_txn **out);
+int xm_txn_commit(xm_txn *txn);
+void xm_txn_abort(xm_txn *txn);
+int xm_get(xm_txn *txn, int db, const void *key, size_t klen, xm_val *val);
+int xm_put(xm_txn *txn, int db, const void *key, size_t klen, const void *val, size_t vlen);
+int xm_del(xm_txn *txn, int db, const void *key, size_t klen);
+/* Remove every record of a database whose key starts with prefix; *count gets how many. */
+int xm_del_prefix(xm_txn *txn, int db, const void *prefix, size_t plen, uint64_t *count);
+int xm_cur_open(xm_txn *txn, int db, xm_cur **out);
+void xm_cur_close(xm_cur *cur);
+/* Position the cursor (op: XM_FIRST...); key is read for XM_SET_RANGE/XM_SET_KEY. */
+int xm_cur_get(xm_cur *cur, int op, const void *key, size_t klen, xm_val *k, xm_val *v);
+/* Delete the record under the cursor. */
+int xm_cur_del(xm_cur *cur);
+
+/* Live records of vol overlapping [lba-1, lba+nblocks] (touching neighbours included, for
+ * merging), in order, decoded.  XM_ESPACE if more than cap. */
+int xm_live_overlap(xm_txn *txn, uint32_t vol, uint64_t lba, uint64_t nblocks,
+                    xm_extent *out, size_t cap, size_t *nout);
+
+/* ---- the hot path (live volumes) --------------------------------------------------------- */
+
+/* Read [offset, offset+length) of vol's live view into buf. */
+int xm_read(xm_store *st, uint32_t vol, uint64_t offset, uint64_t length, uint8_t *buf);
+/* Write in place when every block of the range is mapped, born after vol's newest snapshot and
+ * not shared; else write nothing and return XM_ESLOW. */
+int xm_write_fast(xm_store *st, uint32_t vol, uint64_t offset, uint64_t length, const uint8_t *buf);
+/* Block status of [lba, lba+nblocks) of the live view, at most cap runs. */
+int xm_block_status(xm_store *st, uint32_t vol, uint64_t lba, uint64_t nblocks,
+                    xm_extent *out, size_t cap, size_t *nout);
+
+/* cdef-end */
+
+#endif

@@ -1,0 +1,314 @@
+"""The redirect-on-write extent map: a volume's blocks, now and at each of its snapshots.
+
+Model
+-----
+Each volume counts epochs.  Writes happen in the volume's current epoch E; taking a snapshot
+names the current epoch (snapshot t = E) and moves the volume to E+1.  Every map record carries
+the epoch its data was written in (`birth`); a record that has been overwritten, trimmed or
+rolled back also carries the epoch it stopped being current in (`death`).  A record is part of
+the view of snapshot t exactly when  birth <= t < death  (live records: death = infinity).  So a
+snapshot is a number, and creating one touches no record (O(1)): this is ZFS's birth-time
+scheme, kept in LMDB, with the dead lists indexed by (death, birth).
+
+    live record   (vol, lba) -> len, flags, pbn, birth          current view, one lookup
+    dead record   (vol, lba, birth) -> len, flags, pbn, death   kept while a snapshot needs it
+
+Writes (redirect-on-write).  Writing a block whose record was born after the newest snapshot,
+and whose blocks no other record holds, rewrites it in place: no map change at all (the C hot
+path, xm_write_fast).  Otherwise the data goes to newly allocated blocks, the new record (born
+now) replaces the covered part of the old one, and the covered part is *killed*: it becomes a
+dead record if some snapshot needs it (birth <= newest snapshot), else its blocks are released.
+Nothing is ever copied.
+
+Reads.  The live view is the live records: the read cost does not depend on how many snapshots
+exist.  Reading snapshot t merges live records with birth <= t and dead records with
+birth <= t < death; the dead scan starts MAX_EXTENT blocks before the range (no record is
+longer), so it costs O(dead versions of the range), growing with the number of snapshots that
+changed it.
+
+Snapshot deletion.  Dead record r is needed while some snapshot s has birth <= s < death.
+Deleting snapshot t (previous snapshot p, next n) frees exactly the dead records with
+p < birth <= t and t < death <= n: found through DEADIDX (vol, death, birth, lba), at a cost in
+proportion to what is freed.  COUNTERS keeps the blocks per (vol, death, birth), so the exclusive
+size of a snapshot is a sum over a few counters, no map scan.
+
+Rollback to t.  The blocks that differ between the live view and snapshot t are the live records
+born after t (LIVEBIRTH (vol, birth, lba), kept only while the volume has snapshots) and the
+dead records with birth <= t < death.  Those ranges are overlaid with copies of t's records
+(born now, flagged SHARED, their blocks' holder counts raised); the live records there are
+killed.  Cost: O(changed since t), whatever the volume size.  Later snapshots survive.
+
+Clone of snapshot t: a new volume whose live map is a copy of t's view (SHARED, holders raised):
+O(metadata of t), no data copied.  Blocks stay alive until their last holder goes (allocator.py).
+
+Databases (keys big-endian; values little-endian, fixed layouts):
+    LIVE       vol:u32 lba:u64                 -> len:u32 flags:u32 pbn:u64 birth:u64
+    LIVEBIRTH  vol:u32 birth:u64 lba:u64       -> len:u32
+    DEAD       vol:u32 lba:u64 birth:u64       -> len:u32 flags:u32 pbn:u64 death:u64
+    DEADIDX    vol:u32 death:u64 birth:u64 lba:u64 -> len:u32
+    COUNTERS   vol:u32 death:u64 birth:u64     -> blocks:u64 (dead records' blocks)
+
+Invariants (checked by check.py): live records of a volume are disjoint, no longer than
+MAX_EXTENT, inside the volume, born at or before its epoch; each dead record is needed by an
+existing snapshot, disjoint from the other records visible at any snapshot, and mirrored in
+DEADIDX and COUNTERS; every block is held by exactly as many records as REFS says (1 if absent).
+
+Crash semantics: every change here happens inside one LMDB write transaction together with the
+allocation it needs, so after a crash either all of a write's map change is there or none, and
+new data is written to its new blocks before the transaction that points at them commits.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from . import allocator
+from .native import (
+    DB_COUNTERS,
+    DB_DEAD,
+    DB_DEADIDX,
+    DB_LIVE,
+    DB_LIVEBIRTH,
+    DB_REFS,
+    DB_VOLSTATE,
+    F_SHARED,
+    HOLE,
+    MAX_EXTENT,
+    Extent,
+    Txn,
+    insert,
+)
+
+LIVE_KEY = struct.Struct(">IQ")
+TRIPLE_KEY = struct.Struct(">IQQ")  # DEAD (vol, lba, birth), LIVEBIRTH and COUNTERS
+DEADIDX_KEY = struct.Struct(">IQQQ")
+REC = struct.Struct("<IIQQ")
+U32 = struct.Struct("<I")
+U64 = struct.Struct("<Q")
+INFINITY = (1 << 64) - 1
+
+VS_BIRTH_INDEXED = 1  # LIVEBIRTH may hold records of this volume
+VS_SHARED = 2  # some record of this volume was copied by rollback or clone
+
+
+@dataclass
+class VolState:
+    """The hot, fixed-size part of a volume's record (VOLSTATE vol:u32)."""
+
+    vol: int
+    size_bytes: int
+    epoch: int
+    max_snap: int  # newest snapshot's epoch, 0: none
+    live_blocks: int
+    nsnaps: int
+    flags: int = 0
+
+    FMT = struct.Struct("<QQQQII")
+
+    def pack(self) -> bytes:
+        return self.FMT.pack(self.size_bytes, self.epoch, self.max_snap, self.live_blocks,
+                             self.nsnaps, self.flags)
+
+    @classmethod
+    def load(cls, t: Txn, vol: int) -> VolState | None:
+        raw = t.get(DB_VOLSTATE, U32_BE.pack(vol))
+        if raw is None:
+            return None
+        return cls(vol, *cls.FMT.unpack(raw))
+
+    def save(self, t: Txn) -> None:
+        t.put(DB_VOLSTATE, U32_BE.pack(self.vol), self.pack())
+
+
+U32_BE = struct.Struct(">I")
+
+
+def vol_prefix(vol: int) -> bytes:
+    return U32_BE.pack(vol)
+
+
+# ---- live records ---------------------------------------------------------------------------
+
+def put_live(t: Txn, vs: VolState, e: Extent) -> None:
+    t.put(DB_LIVE, LIVE_KEY.pack(vs.vol, e.lba), REC.pack(e.len, e.flags, e.pbn, e.birth))
+    if vs.nsnaps > 0:  # only a rollback to an existing snapshot can ask for it
+        t.put(DB_LIVEBIRTH, TRIPLE_KEY.pack(vs.vol, e.birth, e.lba), U32.pack(e.len))
+        vs.flags |= VS_BIRTH_INDEXED
+
+
+def del_live(t: Txn, vs: VolState, e: Extent) -> None:
+    t.delete(DB_LIVE, LIVE_KEY.pack(vs.vol, e.lba))
+    if vs.flags & VS_BIRTH_INDEXED:
+        t.delete(DB_LIVEBIRTH, TRIPLE_KEY.pack(vs.vol, e.birth, e.lba))
+
+
+def overlay(t: Txn, vs: VolState, new: Extent) -> list[Extent]:
+    """Make `new` current over its range (a hole if new.pbn is HOLE); returns the parts of the
+    old records it covers, which the caller must kill."""
+    old = t.live_overlap(vs.vol, new.lba, new.len)
+    keep, gone = insert(old, new, MAX_EXTENT)
+    kept = set(keep)
+    olds = set(old)
+    for o in old:
+        if o not in kept:
+            del_live(t, vs, o)
+    for k in keep:
+        if k not in olds:
+            put_live(t, vs, k)
+    return gone
+
+
+def kill(t: Txn, vs: VolState, piece: Extent, freed: list[tuple[int, int]]) -> None:
+    """`piece` stops being current now: keep it for the snapshots that need it, else release."""
+    vs.live_blocks -= piece.len
+    if piece.birth <= vs.max_snap:
+        add_dead(t, vs.vol, piece, vs.epoch)
+    else:
+        allocator.release(t, piece.pbn, piece.len, freed)
+
+
+# ---- dead records ---------------------------------------------------------------------------
+
+def add_dead(t: Txn, vol: int, e: Extent, death: int) -> None:
+    t.put(DB_DEAD, TRIPLE_KEY.pack(vol, e.lba, e.birth), REC.pack(e.len, e.flags, e.pbn, death))
+    t.put(DB_DEADIDX, DEADIDX_KEY.pack(vol, death, e.birth, e.lba), U32.pack(e.len))
+    _count(t, vol, death, e.birth, e.len)
+
+
+def drop_dead(t: Txn, vol: int, lba: int, birth: int, death: int) -> Extent:
+    """Forget a dead record (its blocks are the caller's to release); returns it."""
+    key = TRIPLE_KEY.pack(vol, lba, birth)
+    raw = t.get(DB_DEAD, key)
+    if raw is None:
+        from .errors import Corrupt
+        raise Corrupt(f"volume {vol}: DEADIDX names a missing dead record at block {lba}")
+    length, flags, pbn, _ = REC.unpack(raw)
+    t.delete(DB_DEAD, key)
+    t.delete(DB_DEADIDX, DEADIDX_KEY.pack(vol, death, birth, lba))
+    _count(t, vol, death, birth, -length)
+    return Extent(lba, pbn, birth, length, flags)
+
+
+def _count(t: Txn, vol: int, death: int, birth: int, delta: int) -> None:
+    key = TRIPLE_KEY.pack(vol, death, birth)
+    raw = t.get(DB_COUNTERS, key)
+    n = (U64.unpack(raw)[0] if raw else 0) + delta
+    if n:
+        t.put(DB_COUNTERS, key, U64.pack(n))
+    elif raw:
+        t.delete(DB_COUNTERS, key)
+
+
+def window(t: Txn, vol: int, death_lo: int, death_hi: int, birth_lo: int, birth_hi: int
+           ) -> list[tuple[int, int, int, int]]:
+    """Dead records with death_lo <= death <= death_hi and birth_lo <= birth <= birth_hi, as
+    (death, birth, lba, len).  It seeks past births outside the window, so the cost follows
+    what it returns plus one seek per death epoch in range."""
+    out = []
+    with t.cursor(DB_DEADIDX) as cur:
+        item = cur.seek(DEADIDX_KEY.pack(vol, death_lo, birth_lo, 0))
+        while item is not None:
+            v, death, birth, lba = DEADIDX_KEY.unpack(item[0])
+            if v != vol or death > death_hi:
+                break
+            if birth < birth_lo:
+                item = cur.seek(DEADIDX_KEY.pack(vol, death, birth_lo, 0))
+            elif birth > birth_hi:
+                if death >= INFINITY:
+                    break
+                item = cur.seek(DEADIDX_KEY.pack(vol, death + 1, birth_lo, 0))
+            else:
+                out.append((death, birth, lba, U32.unpack(item[1])[0]))
+                item = cur.next()
+    return out
+
+
+def counted_blocks(t: Txn, vol: int, death_lo: int, death_hi: int, birth_lo: int,
+                   birth_hi: int) -> int:
+    """Sum of COUNTERS over the window: dead blocks, no map scan."""
+    total = 0
+    hi_key = TRIPLE_KEY.pack(vol, death_hi, birth_hi)
+    for k, v in t.scan(DB_COUNTERS, TRIPLE_KEY.pack(vol, death_lo, 0)):
+        if k > hi_key:
+            break
+        _, death, birth = TRIPLE_KEY.unpack(k)
+        if birth_lo <= birth <= birth_hi and death_lo <= death <= death_hi:
+            total += U64.unpack(v)[0]
+    return total
+
+
+def has_shared_blocks(t: Txn) -> bool:
+    with t.cursor(DB_REFS) as cur:
+        return cur.seek(b"") is not None
+
+
+# ---- views ----------------------------------------------------------------------------------
+
+def view_at(t: Txn, vol: int, epoch: int, lo: int, hi: int) -> list[Extent]:
+    """Records of snapshot `epoch`'s view overlapping [lo, hi), sorted (not clipped)."""
+    recs = [e for e in t.live_overlap(vol, lo, hi - lo)
+            if e.birth <= epoch and e.lba < hi and e.lba + e.len > lo]
+    start = TRIPLE_KEY.pack(vol, max(0, lo - MAX_EXTENT + 1), 0)
+    stop = TRIPLE_KEY.pack(vol, hi, 0)
+    for k, v in t.scan(DB_DEAD, start, stop):
+        _, lba, birth = TRIPLE_KEY.unpack(k)
+        length, flags, pbn, death = REC.unpack(v)
+        if birth <= epoch < death and lba + length > lo:
+            recs.append(Extent(lba, pbn, birth, length, flags))
+    recs.sort()
+    return recs
+
+
+def clip(recs: list[Extent], lo: int, hi: int) -> list[Extent]:
+    out = []
+    for e in recs:
+        s, x = max(e.lba, lo), min(e.lba + e.len, hi)
+        if s < x:
+            out.append(Extent(s, e.pbn + (s - e.lba), e.birth, x - s, e.flags))
+    return out
+
+
+def live_ranges_born_after(t: Txn, vs: VolState, epoch: int) -> Iterator[tuple[int, int]]:
+    if not vs.flags & VS_BIRTH_INDEXED:
+        return
+    stop = TRIPLE_KEY.pack(vs.vol, INFINITY, INFINITY)
+    for k, v in t.scan(DB_LIVEBIRTH, TRIPLE_KEY.pack(vs.vol, epoch + 1, 0), stop):
+        _, _, lba = TRIPLE_KEY.unpack(k)
+        yield lba, lba + U32.unpack(v)[0]
+
+
+def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def holes_over(t: Txn, vs: VolState, lo: int, hi: int, freed: list[tuple[int, int]]) -> None:
+    """Unmap [lo, hi) of the live view, killing what was there."""
+    pos = lo
+    while pos < hi:
+        n = min(hi - pos, 1 << 20)
+        for piece in overlay(t, vs, Extent(pos, HOLE, 0, n, 0)):
+            kill(t, vs, piece, freed)
+        pos += n
+
+
+def copy_in(t: Txn, vs: VolState, recs: list[Extent], birth: int) -> None:
+    """Add copies of recs (already clipped to holes of the live view) as live records that
+    share their blocks."""
+    for e in recs:
+        pos = 0
+        while pos < e.len:
+            n = min(e.len - pos, MAX_EXTENT)
+            put_live(t, vs, Extent(e.lba + pos, e.pbn + pos, birth, n, F_SHARED))
+            allocator.share(t, e.pbn + pos, n)
+            pos += n
+        vs.live_blocks += e.len
+    if recs:
+        vs.flags |= VS_SHARED

@@ -1,0 +1,347 @@
+"""Thin bindings over the C core (snapdisk._xm, built by cffi from native/).
+
+Every return code goes through `check`; LMDB and C-core codes become snapdisk errors there and
+nowhere else.  Extents cross the boundary as `Extent` tuples.  The classes here are the only
+Python code that touches cffi objects.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
+
+from . import errors
+from ._xm import ffi, lib  # type: ignore[import-not-found]
+
+BLOCK_SIZE: int = lib.XM_BLOCK_SIZE
+MAX_EXTENT: int = lib.XM_MAX_EXTENT
+HOLE: int = lib.XM_HOLE
+F_SHARED: int = lib.XM_F_SHARED
+
+DB_META: int = lib.XM_DB_META
+DB_VOLUMES: int = lib.XM_DB_VOLUMES
+DB_VOLSTATE: int = lib.XM_DB_VOLSTATE
+DB_NAMES: int = lib.XM_DB_NAMES
+DB_SNAPS: int = lib.XM_DB_SNAPS
+DB_LIVE: int = lib.XM_DB_LIVE
+DB_LIVEBIRTH: int = lib.XM_DB_LIVEBIRTH
+DB_DEAD: int = lib.XM_DB_DEAD
+DB_DEADIDX: int = lib.XM_DB_DEADIDX
+DB_REFS: int = lib.XM_DB_REFS
+DB_FREE: int = lib.XM_DB_FREE
+DB_PENDING: int = lib.XM_DB_PENDING
+DB_COUNTERS: int = lib.XM_DB_COUNTERS
+
+ESLOW: int = lib.XM_ESLOW
+
+
+class Extent(NamedTuple):
+    """A run of `len` blocks at logical block `lba`, stored at physical block `pbn`."""
+
+    lba: int
+    pbn: int
+    birth: int
+    len: int
+    flags: int = 0
+
+    @property
+    def end(self) -> int:
+        return self.lba + self.len
+
+
+class NativeError(errors.SnapdiskError):
+    """The C core or LMDB failed."""
+
+    def __init__(self, rc: int, what: str):
+        self.rc = rc
+        super().__init__(f"{what}: {ffi.string(lib.xm_strerror(rc)).decode()} ({rc})")
+
+
+def check(rc: int, what: str) -> None:
+    """Raise the snapdisk error that rc stands for (0 is success)."""
+    if rc == 0:
+        return
+    if rc == lib.XM_ERANGE:
+        raise errors.OutOfRange(f"{what}: I/O past the end of the volume")
+    if rc == lib.XM_EBUSY:
+        raise errors.StoreLocked(f"{what}: the store is already open in this process")
+    if rc == _errno.ENOSPC:
+        raise errors.PoolFull(f"{what}: no space left on the pool's filesystem")
+    if rc == _errno.EROFS:
+        raise errors.ReadOnly(f"{what}: read-only")
+    if rc == lib.XM_ECORRUPT:
+        raise errors.Corrupt(f"{what}: corrupt map record")
+    raise NativeError(rc, what)
+
+
+# ---- extent arrays ------------------------------------------------------------------------
+
+def to_c(extents: Sequence[Extent]) -> Any:
+    arr = ffi.new("xm_extent[]", max(1, len(extents)))
+    for i, e in enumerate(extents):
+        c = arr[i]
+        c.lba, c.pbn, c.birth, c.len, c.flags = e.lba, e.pbn, e.birth, e.len, e.flags
+    return arr
+
+
+def from_c(arr: Any, n: int) -> list[Extent]:
+    return [Extent(arr[i].lba, arr[i].pbn, arr[i].birth, arr[i].len, arr[i].flags) for i in range(n)]
+
+
+def plan(extents: Sequence[Extent], lba: int, nblocks: int) -> list[Extent]:
+    """C xm_plan: the request cut into mapped runs and holes (see extmap_ref.plan)."""
+    cap = 2 * len(extents) + 2 + nblocks // 0xFFFFFFFF
+    out = ffi.new("xm_extent[]", cap)
+    n = ffi.new("size_t *")
+    check(lib.xm_plan(to_c(extents), len(extents), lba, nblocks, out, cap, n), "plan")
+    return from_c(out, n[0])
+
+
+def extents(exts: Sequence[Extent], lba: int, nblocks: int) -> list[Extent]:
+    """C xm_extents: allocated runs (pbn 0) and holes (pbn HOLE)."""
+    cap = 2 * len(exts) + 2 + nblocks // 0xFFFFFFFF
+    out = ffi.new("xm_extent[]", cap)
+    n = ffi.new("size_t *")
+    check(lib.xm_extents(to_c(exts), len(exts), lba, nblocks, out, cap, n), "extents")
+    return from_c(out, n[0])
+
+
+def insert(old: Sequence[Extent], new: Extent, max_len: int = MAX_EXTENT
+           ) -> tuple[list[Extent], list[Extent]]:
+    """C xm_insert: (records replacing old, parts of old that new covers)."""
+    keep = ffi.new("xm_extent[]", len(old) + 2)
+    gone = ffi.new("xm_extent[]", max(1, len(old)))
+    nk, ng = ffi.new("size_t *"), ffi.new("size_t *")
+    check(lib.xm_insert(to_c(old), len(old), to_c([new]), max_len, keep, nk, gone, ng), "insert")
+    return from_c(keep, nk[0]), from_c(gone, ng[0])
+
+
+# ---- the store handle -------------------------------------------------------------------
+
+class Txn:
+    """An LMDB transaction through the C core.  Use as a context manager: commit on success,
+    abort on exception.  A write transaction must end on the thread that began it."""
+
+    def __init__(self, handle: NativeStore, write: bool):
+        self._store = handle
+        self.write = write
+        p = ffi.new("xm_txn **")
+        check(lib.xm_txn_begin(handle.ptr, 1 if write else 0, p), "begin transaction")
+        self._t: Any = p[0]
+        self._val = ffi.new("xm_val *")
+        self._kval = ffi.new("xm_val *")
+        self.ops = 0  # key/value operations, for tests that count work
+
+    def __enter__(self) -> Txn:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if self._t is None:
+            return
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+    def commit(self) -> None:
+        t, self._t = self._t, None
+        check(lib.xm_txn_commit(t), "commit")
+
+    def abort(self) -> None:
+        t, self._t = self._t, None
+        if t is not None:
+            lib.xm_txn_abort(t)
+
+    def get(self, db: int, key: bytes) -> bytes | None:
+        self.ops += 1
+        rc = lib.xm_get(self._t, db, key, len(key), self._val)
+        if rc == lib.XM_ENOTFOUND:
+            return None
+        check(rc, "get")
+        return bytes(ffi.buffer(self._val.data, self._val.len))
+
+    def put(self, db: int, key: bytes, value: bytes) -> None:
+        self.ops += 1
+        check(lib.xm_put(self._t, db, key, len(key), value, len(value)), "put")
+
+    def delete(self, db: int, key: bytes) -> bool:
+        self.ops += 1
+        rc = lib.xm_del(self._t, db, key, len(key))
+        if rc == lib.XM_ENOTFOUND:
+            return False
+        check(rc, "delete")
+        return True
+
+    def delete_prefix(self, db: int, prefix: bytes) -> int:
+        n = ffi.new("uint64_t *")
+        check(lib.xm_del_prefix(self._t, db, prefix, len(prefix), n), "delete range")
+        self.ops += n[0]
+        return int(n[0])
+
+    def cursor(self, db: int) -> Cursor:
+        return Cursor(self, db)
+
+    def scan(self, db: int, start: bytes, stop: bytes | None = None
+             ) -> Iterator[tuple[bytes, bytes]]:
+        """(key, value) for start <= key < stop (stop None: to the end)."""
+        with self.cursor(db) as cur:
+            item = cur.seek(start)
+            while item is not None and (stop is None or item[0] < stop):
+                yield item
+                item = cur.next()
+
+    def scan_prefix(self, db: int, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+        for k, v in self.scan(db, prefix):
+            if not k.startswith(prefix):
+                return
+            yield k, v
+
+    def live_overlap(self, vol: int, lba: int, nblocks: int) -> list[Extent]:
+        """Live records of vol overlapping or touching [lba, lba+nblocks)."""
+        cap = 64
+        while True:
+            out = ffi.new("xm_extent[]", cap)
+            n = ffi.new("size_t *")
+            rc = lib.xm_live_overlap(self._t, vol, lba, nblocks, out, cap, n)
+            if rc == lib.XM_ESPACE:
+                cap = max(cap * 4, nblocks + 2)
+                continue
+            check(rc, "map lookup")
+            self.ops += n[0] + 1
+            return from_c(out, n[0])
+
+
+class Cursor:
+    def __init__(self, txn: Txn, db: int):
+        self._txn = txn
+        p = ffi.new("xm_cur **")
+        check(lib.xm_cur_open(txn._t, db, p), "open cursor")
+        self._c: Any = p[0]
+        self._k = ffi.new("xm_val *")
+        self._v = ffi.new("xm_val *")
+
+    def __enter__(self) -> Cursor:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._c is not None:
+            lib.xm_cur_close(self._c)
+            self._c = None
+
+    def _get(self, op: int, key: bytes = b"") -> tuple[bytes, bytes] | None:
+        self._txn.ops += 1
+        rc = lib.xm_cur_get(self._c, op, key, len(key), self._k, self._v)
+        if rc == lib.XM_ENOTFOUND:
+            return None
+        check(rc, "cursor")
+        return (bytes(ffi.buffer(self._k.data, self._k.len)),
+                bytes(ffi.buffer(self._v.data, self._v.len)))
+
+    def seek(self, key: bytes) -> tuple[bytes, bytes] | None:
+        """First record with a key >= key."""
+        if not key:  # LMDB rejects empty keys
+            return self._get(lib.XM_FIRST)
+        return self._get(lib.XM_SET_RANGE, key)
+
+    def next(self) -> tuple[bytes, bytes] | None:
+        return self._get(lib.XM_NEXT)
+
+    def prev(self) -> tuple[bytes, bytes] | None:
+        return self._get(lib.XM_PREV)
+
+    def last(self) -> tuple[bytes, bytes] | None:
+        return self._get(lib.XM_LAST)
+
+    def seek_le(self, key: bytes) -> tuple[bytes, bytes] | None:
+        """Last record with a key <= key."""
+        item = self.seek(key)
+        if item is not None and item[0] == key:
+            return item
+        return self.prev() if item is not None else self.last()
+
+    def delete(self) -> None:
+        check(lib.xm_cur_del(self._c), "cursor delete")
+
+
+class NativeStore:
+    """This process's handle on one store's LMDB environment and pool file."""
+
+    def __init__(self, meta_dir: str, pool_path: str, create: bool, sync_commits: bool,
+                 map_bytes: int):
+        flags = (lib.XM_OPEN_CREATE if create else 0) | (lib.XM_OPEN_SYNC_COMMITS if sync_commits else 0)
+        p = ffi.new("xm_store **")
+        check(lib.xm_open(meta_dir.encode(), pool_path.encode(), flags, map_bytes, p),
+              f"open store {os.path.dirname(meta_dir)}")
+        self.ptr: Any = p[0]
+
+    def close(self) -> None:
+        if self.ptr is not None:
+            lib.xm_close(self.ptr)
+            self.ptr = None
+
+    def txn(self, write: bool = False) -> Txn:
+        return Txn(self, write)
+
+    @property
+    def pool_fd(self) -> int:
+        return int(lib.xm_pool_fd(self.ptr))
+
+    def sync(self) -> None:
+        check(lib.xm_sync(self.ptr), "sync")
+
+    def stats(self) -> dict[str, int]:
+        s = ffi.new("xm_stats *")
+        lib.xm_get_stats(self.ptr, s)
+        return {f: int(getattr(s, f)) for f in
+                ("records_read", "cursor_steps", "fast_reads", "fast_writes", "slow_writes")}
+
+    def env_info(self) -> tuple[int, int, int]:
+        a, b, c = ffi.new("uint64_t *"), ffi.new("uint64_t *"), ffi.new("uint64_t *")
+        check(lib.xm_env_info(self.ptr, a, b, c), "env info")
+        return int(a[0]), int(b[0]), int(c[0])
+
+    # The I/O gate (see xm.h).
+    def gate_enter(self) -> None:
+        lib.xm_gate_enter(self.ptr)
+
+    def gate_leave(self) -> None:
+        lib.xm_gate_leave(self.ptr)
+
+    def gate_close(self) -> None:
+        lib.xm_gate_close(self.ptr)
+
+    def gate_open(self) -> None:
+        lib.xm_gate_open(self.ptr)
+
+    def vol_config(self, vol: int, size_bytes: int, max_snap: int, writable: bool) -> None:
+        check(lib.xm_vol_config(self.ptr, vol, size_bytes, max_snap, 1 if writable else 0),
+              "volume config")
+
+    def vol_forget(self, vol: int) -> None:
+        lib.xm_vol_forget(self.ptr, vol)
+
+    # The hot path: one C call per request, GIL released for all of it.
+    def read_into(self, vol: int, offset: int, buf: Any) -> None:
+        """Fill buf (a writable buffer) from the live view of vol at offset."""
+        n = len(buf)
+        check(lib.xm_read(self.ptr, vol, offset, n, ffi.from_buffer(buf, require_writable=True)),
+              "read")
+
+    def write_fast(self, vol: int, offset: int, data: Any) -> bool:
+        """Write in place if possible; False if the general path must do it."""
+        rc = lib.xm_write_fast(self.ptr, vol, offset, len(data), ffi.from_buffer(data))
+        if rc == lib.XM_ESLOW:
+            return False
+        check(rc, "write")
+        return True
+
+    def block_status(self, vol: int, lba: int, nblocks: int, cap: int = 1024) -> list[Extent]:
+        out = ffi.new("xm_extent[]", cap)
+        n = ffi.new("size_t *")
+        check(lib.xm_block_status(self.ptr, vol, lba, nblocks, out, cap, n), "block status")
+        return from_c(out, n[0])
