@@ -179,15 +179,19 @@ def add_dead(t: Txn, vol: int, e: Extent, death: int) -> None:
 
 def drop_dead(t: Txn, vol: int, lba: int, birth: int, death: int) -> Extent:
     """Forget a dead record (its blocks are the caller's to release); returns it."""
-    key = TRIPLE_KEY.pack(vol, lba, birth)
-    raw = t.get(DB_DEAD, key)
+    e = dead_record(t, vol, lba, birth)
+    t.delete(DB_DEAD, TRIPLE_KEY.pack(vol, lba, birth))
+    t.delete(DB_DEADIDX, DEADIDX_KEY.pack(vol, death, birth, lba))
+    _count(t, vol, death, birth, -e.len)
+    return e
+
+
+def dead_record(t: Txn, vol: int, lba: int, birth: int) -> Extent:
+    raw = t.get(DB_DEAD, TRIPLE_KEY.pack(vol, lba, birth))
     if raw is None:
         from .errors import Corrupt
         raise Corrupt(f"volume {vol}: DEADIDX names a missing dead record at block {lba}")
     length, flags, pbn, _ = REC.unpack(raw)
-    t.delete(DB_DEAD, key)
-    t.delete(DB_DEADIDX, DEADIDX_KEY.pack(vol, death, birth, lba))
-    _count(t, vol, death, birth, -length)
     return Extent(lba, pbn, birth, length, flags)
 
 

@@ -444,13 +444,16 @@ class Engine:
                 vol = self._vol_id(t, volume)
                 vs = self._state(t, vol)
                 epoch = self._snap_epoch(t, vol, snap)
+                # What differs from the snapshot: live records born after it, and the
+                # snapshot's records that have died since (they are exactly what to restore:
+                # no live record born by then overlaps a range that changed).
+                targets = [extmap.dead_record(t, vol, lba, birth)
+                           for _, birth, lba, _ in extmap.window(t, vol, epoch + 1, INFINITY, 0, epoch)]
                 ranges = list(extmap.live_ranges_born_after(t, vs, epoch))
-                ranges += [(lba, lba + n) for _, _, lba, n in
-                           extmap.window(t, vol, epoch + 1, INFINITY, 0, epoch)]
+                ranges += [(e.lba, e.lba + e.len) for e in targets]
                 for a, b in extmap.merge_ranges(ranges):
-                    target = extmap.clip(extmap.view_at(t, vol, epoch, a, b), a, b)
                     extmap.holes_over(t, vs, a, b, freed)
-                    extmap.copy_in(t, vs, target, vs.epoch)
+                extmap.copy_in(t, vs, sorted(targets), vs.epoch)
                 vs.size_bytes = self._snap_meta(t, vol, epoch)["size_bytes"]
                 vs.save(t)
             self._configure(vs)

@@ -1,0 +1,117 @@
+"""The integrity check finds each kind of damage done to a store on purpose."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from snapdisk import extmap
+from snapdisk.native import DB_COUNTERS, DB_DEAD, DB_FREE, DB_LIVE, DB_NAMES, DB_SNAPS, BLOCK_SIZE, Txn
+from snapdisk.store import StoreConfig, StoreDir
+from snapdisk.volume import Engine
+
+BS = BLOCK_SIZE
+
+
+def make_store(path: Path) -> None:
+    with Engine.create(str(path), StoreConfig(pool_bytes=1024 * BS)) as e:
+        a = e.create_volume("a", 64 * BS).id
+        e.write(a, 0, b"a" * 16 * BS)
+        e.create_snapshot("a", "s1")
+        e.write(a, 4 * BS, b"b" * 4 * BS)  # dead records for s1
+        e.create_snapshot("a", "s2")
+        e.clone("a", "s1", "c")
+        e.create_volume("z", 8 * BS)
+        e.write(e.volume_id("z"), 0, b"z" * 2 * BS)
+        e.trim(e.volume_id("z"), BS, BS)
+        e.flush()
+        assert e.check().ok, e.check().problems
+
+
+def first(t: Txn, db: int, prefix: bytes = b"") -> tuple[bytes, bytes]:
+    for k, v in t.scan_prefix(db, prefix):
+        return k, v
+    raise AssertionError("nothing to damage")
+
+
+Z = struct.pack(">I", 3)  # volume z: ids go a=1, c=2 (the clone), z=3
+
+
+def leak_a_block(t: Txn) -> None:
+    k, v = first(t, DB_LIVE, Z)
+    t.delete(DB_LIVE, k)
+
+
+def double_own(t: Txn) -> None:
+    _, v = first(t, DB_LIVE, Z)
+    t.put(DB_LIVE, struct.pack(">IQ", 1, 60), v)  # volume a, block 60, z's blocks
+
+
+def point_past_pool(t: Txn) -> None:
+    k, v = first(t, DB_LIVE, Z)
+    length, flags, pbn, birth = extmap.REC.unpack(v)
+    t.put(DB_LIVE, k, extmap.REC.pack(length, flags, 10_000, birth))
+
+
+def drop_snapshot_record(t: Txn) -> None:
+    k, _ = first(t, DB_SNAPS, struct.pack(">I", 1))
+    t.delete(DB_SNAPS, k)
+
+
+def dangling_name(t: Txn) -> None:
+    t.put(DB_NAMES, b"s" + struct.pack(">I", 1) + b"ghost", struct.pack(">Q", 99))
+
+
+def counter_drift(t: Txn) -> None:
+    k, v = first(t, DB_COUNTERS, struct.pack(">I", 1))
+    t.put(DB_COUNTERS, k, struct.pack("<Q", struct.unpack("<Q", v)[0] + 1))
+
+
+def free_a_held_block(t: Txn) -> None:
+    _, v = first(t, DB_LIVE, Z)
+    pbn = extmap.REC.unpack(v)[2]
+    t.put(DB_FREE, struct.pack(">Q", pbn), struct.pack("<Q", 1))
+
+
+def orphan_dead_record(t: Txn) -> None:
+    _, v = first(t, DB_DEAD, struct.pack(">I", 1))
+    t.put(DB_DEAD, struct.pack(">IQQ", 1, 60, 1), v)
+
+
+DAMAGE: dict[str, tuple[Callable[[Txn], None], str]] = {
+    "leak": (leak_a_block, "leaked"),
+    "double-owned": (double_own, "held by 2 records"),
+    "out-of-range": (point_past_pool, "high-water mark"),
+    "snapshot-record-gone": (drop_snapshot_record, "needed by no snapshot"),
+    "dangling-name": (dangling_name, "points at no snapshot"),
+    "counter-drift": (counter_drift, "counter"),
+    "free-and-held": (free_a_held_block, "held and also free"),
+    "orphan-dead": (orphan_dead_record, "missing from the dead index"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(DAMAGE))
+def test_check_reports_damage(tmp_path: Path, kind: str) -> None:
+    make_store(tmp_path)
+    damage, phrase = DAMAGE[kind]
+    sd = StoreDir.open(str(tmp_path))
+    try:
+        with sd.txn(write=True) as t:
+            damage(t)
+    finally:
+        sd.close()
+    with Engine.open(str(tmp_path)) as e:
+        report = e.check()
+    assert not report.ok
+    assert any(phrase in p for p in report.problems), report.problems
+
+
+def test_clean_store_passes(tmp_path: Path) -> None:
+    make_store(tmp_path)
+    with Engine.open(str(tmp_path)) as e:
+        report = e.check()
+    assert report.ok, report.problems
+    assert report.stats["live_records"] > 0 and report.stats["dead_records"] > 0
