@@ -1,0 +1,104 @@
+"""The child of tests/test_crash.py: a seeded workload on the engine that logs what it does.
+
+Log lines (JSON, appended with one write each, so a kill leaves whole lines): an op's intent
+before it starts and its `done` after it returns.  A flush's `done` is a durability point; every
+metadata op is followed by a flush before its `done`.  Block content: a header (magic, lba, seq,
+crc32 of the rest) and filler derived from seq, so a torn or misplaced block is recognisable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import struct
+import sys
+import zlib
+
+from snapdisk.native import BLOCK_SIZE
+from snapdisk.volume import Engine
+
+HEADER = struct.Struct("<IQQI")
+MAGIC = 0x5DD15C00
+NBLOCKS = 64
+
+
+def block(lba: int, seq: int) -> bytes:
+    fill = (struct.pack("<Q", seq * 2654435761 % (1 << 64)) * (BLOCK_SIZE // 8))[HEADER.size:]
+    return HEADER.pack(MAGIC, lba, seq, zlib.crc32(fill)) + fill
+
+
+def decode(data: bytes) -> tuple[int, int] | None:
+    """(lba, seq) of a block, (0, 0) for zeros, None if torn or garbage."""
+    if data == bytes(BLOCK_SIZE):
+        return 0, 0
+    magic, lba, seq, crc = HEADER.unpack_from(data)
+    if magic != MAGIC or zlib.crc32(data[HEADER.size:]) != crc:
+        return None
+    return lba, seq
+
+
+def main() -> None:
+    store, log_path, seed, seq0 = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    rng = random.Random(seed)
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+
+    def log(**rec: object) -> None:
+        os.write(fd, (json.dumps(rec) + "\n").encode())
+
+    e = Engine.open(store)
+    seq = seq0
+    while True:
+        vols = [v.name for v in e.list_volumes()]
+        vol = rng.choice(vols)
+        vid = e.volume_id(vol)
+        r = rng.random()
+        if r < 0.55:
+            lba = rng.randrange(NBLOCKS)
+            n = rng.randint(1, min(4, NBLOCKS - lba))
+            seqs = list(range(seq + 1, seq + n + 1))
+            seq += n
+            log(op="w", v=vol, lba=lba, seqs=seqs)
+            e.write(vid, lba * BLOCK_SIZE, b"".join(block(lba + i, s) for i, s in enumerate(seqs)))
+            log(op="done")
+        elif r < 0.65:
+            lba = rng.randrange(NBLOCKS)
+            n = rng.randint(1, NBLOCKS - lba)
+            log(op="t", v=vol, lba=lba, n=n)
+            e.trim(vid, lba * BLOCK_SIZE, n * BLOCK_SIZE)
+            log(op="done")
+        elif r < 0.8:
+            log(op="f")
+            e.flush()
+            log(op="done")
+        else:
+            snaps = [s.name for s in e.list_snapshots(vol, with_usage=False)]
+            m = rng.random()
+            if m < 0.4 or not snaps:
+                name = f"s{seq}-{rng.randrange(10**6)}"
+                log(op="snap", v=vol, name=name)
+                e.create_snapshot(vol, name)
+            elif m < 0.6:
+                name = rng.choice(snaps)
+                log(op="rollback", v=vol, name=name)
+                e.rollback(vol, name)
+            elif m < 0.75 and len(vols) < 5:
+                name, new = rng.choice(snaps), f"c{seq}-{rng.randrange(10**6)}"
+                log(op="clone", v=vol, name=name, new=new)
+                e.clone(vol, name, new)
+            elif m < 0.9 or len(vols) <= 2:
+                name = rng.choice(snaps)
+                log(op="delsnap", v=vol, name=name)
+                e.delete_snapshot(vol, name)
+            else:
+                victim = rng.choice([v for v in vols if v.startswith("c")] or [vol])
+                if victim == vol and not vol.startswith("c"):
+                    continue
+                log(op="delvol", v=victim)
+                e.delete_volume(victim)
+            e.flush()
+            log(op="done")
+
+
+if __name__ == "__main__":
+    main()
