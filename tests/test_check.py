@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from snapdisk import extmap
-from snapdisk.native import DB_COUNTERS, DB_DEAD, DB_FREE, DB_LIVE, DB_NAMES, DB_SNAPS, BLOCK_SIZE, Txn
+from snapdisk.native import BLOCK_SIZE, DB_COUNTERS, DB_DEAD, DB_FREE, DB_LIVE, DB_NAMES, DB_SNAPS, Txn
 from snapdisk.store import StoreConfig, StoreDir
 from snapdisk.volume import Engine
 

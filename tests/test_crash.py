@@ -53,7 +53,10 @@ def apply(state: State, rec: dict[str, Any]) -> None:
         del vols[rec["v"]], snaps[rec["v"]]
 
 
-def expectations(log: list[dict[str, Any]], base: State) -> tuple[State, list[State], dict[tuple[str, int], set[int]]]:
+Since = dict[tuple[str, int], set[int]]
+
+
+def expectations(log: list[dict[str, Any]], base: State) -> tuple[State, list[State], Since]:
     """From the log since the baseline: the state at the last durability point, the states the
     store may be in now (an unfinished metadata op may or may not have happened), and for each
     block the seqs written or trimmed (0) since that point."""
@@ -109,7 +112,7 @@ def decode_all(data: bytes) -> dict[int, int]:
     return out
 
 
-def verify(actual: State, candidates: list[State], since: dict[tuple[str, int], set[int]]) -> None:
+def verify(actual: State, candidates: list[State], since: Since) -> None:
     errors_by_candidate = []
     for cand in candidates:
         errs = []

@@ -105,7 +105,7 @@ def _check_volume(t: Txn, vs: extmap.VolState, meta: dict[str, Any], hwm: int,
     prefix = U32_BE.pack(vol)
     nblocks = -(-vs.size_bytes // BLOCK_SIZE)
     epochs = [struct.unpack(">IQ", k)[1] for k, _ in t.scan_prefix(DB_SNAPS, prefix)]
-    kinds = defaultdict(int)
+    kinds: dict[str | None, int] = defaultdict(int)
     for e in epochs:
         raw = t.get(DB_SNAPS, struct.pack(">IQ", vol, e))
         kinds[json.loads(raw or b"{}").get("kind")] += 1
@@ -164,7 +164,7 @@ def _check_volume(t: Txn, vs: extmap.VolState, meta: dict[str, Any], hwm: int,
             p(f"{where} is missing from the dead index")
         counters[(death, birth)] += length
         held.append((pbn, length, where))
-    for k, v in t.scan_prefix(DB_DEADIDX, prefix):
+    for k, _ in t.scan_prefix(DB_DEADIDX, prefix):
         _, death, birth, lba = extmap.DEADIDX_KEY.unpack(k)
         raw = t.get(DB_DEAD, extmap.TRIPLE_KEY.pack(vol, lba, birth))
         if raw is None or extmap.REC.unpack(raw)[3] != death:
@@ -191,7 +191,7 @@ def _check_views(t: Txn, vol: int, name: str, epochs: list[int], p: Any) -> None
     for e in epochs:
         runs = sorted([(lba, lba + r[0]) for (lba, birth), r in dead if birth <= e < r[3]] +
                       [(lba, lba + r[0]) for lba, r in live if r[3] <= e])
-        for (a, b), (c, _) in zip(runs, runs[1:]):
+        for (_, b), (c, _) in zip(runs, runs[1:]):
             if c < b:
                 p(f"volume {name}: snapshot {e} sees two versions of block {c}")
                 break

@@ -66,13 +66,12 @@ NotRunning = _error("NotRunning", "No snapdisk server is running for this store.
 Unsupported = _error("Unsupported", "Not supported.", "unsupported", _errno.EOPNOTSUPP, 13)
 KeyError_ = _error("KeyError_", "Wrong key or passphrase.", "bad-key", _errno.EACCES, 14)
 
-ALL: dict[str, type[SnapdiskError]] = {
-    cls.code: cls
-    for cls in [SnapdiskError, InvalidArgument, InvalidName, InvalidSize, OutOfRange, NotFound,
-                VolumeNotFound, SnapshotNotFound, AlreadyExists, PoolFull, QuotaExceeded,
-                ReadOnly, Busy, StoreLocked, StoreNotFound, FormatError, Corrupt, ServerError,
-                NotRunning, Unsupported, KeyError_]
-}
+_CLASSES: list[type[SnapdiskError]] = [
+    SnapdiskError, InvalidArgument, InvalidName, InvalidSize, OutOfRange, NotFound,
+    VolumeNotFound, SnapshotNotFound, AlreadyExists, PoolFull, QuotaExceeded, ReadOnly, Busy,
+    StoreLocked, StoreNotFound, FormatError, Corrupt, ServerError, NotRunning, Unsupported,
+    KeyError_]
+ALL: dict[str, type[SnapdiskError]] = {cls.code: cls for cls in _CLASSES}
 
 
 def from_code(code: str, message: str) -> SnapdiskError:

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 from . import errors
-from ._xm import ffi, lib  # type: ignore[import-not-found]
+from ._xm import ffi, lib
 
 BLOCK_SIZE: int = lib.XM_BLOCK_SIZE
 MAX_EXTENT: int = lib.XM_MAX_EXTENT

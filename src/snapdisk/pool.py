@@ -30,7 +30,8 @@ class Pool:
             data += bytes(nbytes - len(data))
         return data
 
-    def write(self, pbn: int, data: bytes | memoryview, offset_in_block: int = 0) -> None:
+    def write(self, pbn: int, data: bytes | bytearray | memoryview, offset_in_block: int = 0
+              ) -> None:
         view = memoryview(data)
         pos = pbn * BLOCK_SIZE + offset_in_block
         while view:

@@ -305,7 +305,7 @@ class Engine:
                 name = name or f"snap-{epoch}"
                 if t.get(DB_NAMES, b"s" + U32_BE.pack(vol) + name.encode()) is not None:
                     raise errors.AlreadyExists(f"volume {volume!r} has a snapshot named {name!r}")
-                snap = {"name": name, "created": time.time(), "kind": kind, "policy": policy,
+                snap: dict[str, Any] = {"name": name, "created": time.time(), "kind": kind, "policy": policy,
                         "size_bytes": vs.size_bytes, "referenced_blocks": vs.live_blocks}
                 t.put(DB_SNAPS, SNAP_KEY.pack(vol, epoch), json.dumps(snap).encode())
                 t.put(DB_NAMES, b"s" + U32_BE.pack(vol) + name.encode(), struct.pack(">Q", epoch))
@@ -737,7 +737,7 @@ class Engine:
             shared = extmap.has_shared_blocks(t)
             ids = ([self._vol_id(t, volume)] if volume is not None
                    else [U32_BE.unpack(k)[0] for k, _ in t.scan(DB_VOLSTATE, b"")])
-            vols = []
+            vols: list[dict[str, Any]] = []
             for vol in ids:
                 info = self._info(t, vol)
                 epochs = self._snap_epochs(t, vol)
