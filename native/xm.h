@@ -38,6 +38,8 @@
 
 #define XM_F_SHARED 1             /* record's blocks may have other holders: check refs first */
 
+#define XM_VS_BIRTH_INDEXED 1     /* VOLSTATE flag: LIVEBIRTH may hold records of the volume */
+
 #define XM_OK 0
 #define XM_ENOTFOUND -30990       /* key not found */
 #define XM_ESLOW -30991           /* the fast path cannot do it: take the general path */
@@ -97,6 +99,7 @@ typedef struct {
     uint64_t fast_reads;
     uint64_t fast_writes;
     uint64_t slow_writes;    /* xm_write_fast calls answered XM_ESLOW */
+    uint64_t redirected_writes; /* xm_write calls that allocated */
 } xm_stats;
 
 typedef struct xm_store xm_store;
@@ -183,6 +186,12 @@ int xm_read(xm_store *st, uint32_t vol, uint64_t offset, uint64_t length, uint8_
 /* Write in place when every block of the range is mapped, born after vol's newest snapshot and
  * not shared; else write nothing and return XM_ESLOW. */
 int xm_write_fast(xm_store *st, uint32_t vol, uint64_t offset, uint64_t length, const uint8_t *buf);
+/* Write [offset, offset+length) of vol's live view in one write transaction: in place where
+ * xm_write_fast could, redirected to newly allocated blocks elsewhere (the covered records
+ * become dead records for the snapshots that hold them).  XM_ESLOW, with nothing changed, when
+ * a record involved is SHARED or the request spans too many records; ENOSPC when the pool is
+ * full: the general (Python) path handles those. */
+int xm_write(xm_store *st, uint32_t vol, uint64_t offset, uint64_t length, const uint8_t *buf);
 /* Block status of [lba, lba+nblocks) of the live view, at most cap runs. */
 int xm_block_status(xm_store *st, uint32_t vol, uint64_t lba, uint64_t nblocks,
                     xm_extent *out, size_t cap, size_t *nout);

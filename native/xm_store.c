@@ -224,6 +224,7 @@ void xm_get_stats(xm_store *st, xm_stats *out)
     out->fast_reads = __atomic_load_n(&st->stats.fast_reads, __ATOMIC_RELAXED);
     out->fast_writes = __atomic_load_n(&st->stats.fast_writes, __ATOMIC_RELAXED);
     out->slow_writes = __atomic_load_n(&st->stats.slow_writes, __ATOMIC_RELAXED);
+    out->redirected_writes = __atomic_load_n(&st->stats.redirected_writes, __ATOMIC_RELAXED);
 }
 
 int xm_env_info(xm_store *st, uint64_t *last_txnid, uint64_t *map_pages_used, uint64_t *page_size)
@@ -751,6 +752,414 @@ out:
         mdb_cursor_close(c);
     if (txn)
         rtxn_put(st, txn);
+    xm_gate_leave(st);
+    return rc;
+}
+
+/* ---- the redirect-on-write path -------------------------------------------------------
+ *
+ * xm_write is the C twin of the common case of Engine._write_locked (volume.py) together with
+ * extmap.overlay/kill and allocator.allocate: the records it touches are never SHARED, so no
+ * block changes its holder count, and every record it covers is held by a snapshot (or it would
+ * have been written in place), so covered parts always become dead records: nothing is freed.
+ * Layouts: see extmap.py. */
+
+typedef struct {
+    uint64_t size_bytes, epoch, max_snap, live_blocks;
+    uint32_t nsnaps, flags;
+} volstate;
+
+static void be32(uint8_t *p, uint32_t v)
+{
+    for (int i = 0; i < 4; i++)
+        p[i] = (uint8_t)(v >> (24 - 8 * i));
+}
+
+static void be64(uint8_t *p, uint64_t v)
+{
+    for (int i = 0; i < 8; i++)
+        p[i] = (uint8_t)(v >> (56 - 8 * i));
+}
+
+static uint64_t get_be64(const uint8_t *p)
+{
+    uint64_t v = 0;
+    for (int i = 0; i < 8; i++)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+static int kv_get(MDB_txn *t, MDB_dbi d, const void *k, size_t kl, MDB_val *v)
+{
+    MDB_val key = {kl, (void *)k};
+    return mdb_get(t, d, &key, v);
+}
+
+static int kv_put(MDB_txn *t, MDB_dbi d, const void *k, size_t kl, const void *v, size_t vl)
+{
+    MDB_val key = {kl, (void *)k}, val = {vl, (void *)v};
+    return mdb_put(t, d, &key, &val, 0);
+}
+
+static int kv_del(MDB_txn *t, MDB_dbi d, const void *k, size_t kl)
+{
+    MDB_val key = {kl, (void *)k};
+    int rc = mdb_del(t, d, &key, NULL);
+    return rc == MDB_NOTFOUND ? XM_OK : rc;
+}
+
+static int live_put(xm_store *st, MDB_txn *t, uint32_t vol, volstate *vs, const xm_extent *e)
+{
+    uint8_t k[20];
+    xm_lval lv = {e->len, e->flags, e->pbn, e->birth};
+    live_key(k, vol, e->lba);
+    int rc = kv_put(t, st->dbi[XM_DB_LIVE], k, 12, &lv, sizeof lv);
+    if (rc || vs->nsnaps == 0)
+        return rc;
+    be32(k, vol);
+    be64(k + 4, e->birth);
+    be64(k + 12, e->lba);
+    vs->flags |= XM_VS_BIRTH_INDEXED;
+    return kv_put(t, st->dbi[XM_DB_LIVEBIRTH], k, 20, &e->len, 4);
+}
+
+static int live_del(xm_store *st, MDB_txn *t, uint32_t vol, const volstate *vs, const xm_extent *e)
+{
+    uint8_t k[20];
+    live_key(k, vol, e->lba);
+    int rc = kv_del(t, st->dbi[XM_DB_LIVE], k, 12);
+    if (rc || !(vs->flags & XM_VS_BIRTH_INDEXED))
+        return rc;
+    be32(k, vol);
+    be64(k + 4, e->birth);
+    be64(k + 12, e->lba);
+    return kv_del(t, st->dbi[XM_DB_LIVEBIRTH], k, 20);
+}
+
+/* The covered part of a record a snapshot holds: a dead record, its DEADIDX entry, COUNTERS. */
+static int add_dead(xm_store *st, MDB_txn *t, uint32_t vol, const xm_extent *e, uint64_t death)
+{
+    uint8_t k[28];
+    xm_lval dv = {e->len, e->flags, e->pbn, death};
+    int rc;
+    be32(k, vol);
+    be64(k + 4, e->lba);
+    be64(k + 12, e->birth);
+    if ((rc = kv_put(t, st->dbi[XM_DB_DEAD], k, 20, &dv, sizeof dv)))
+        return rc;
+    be64(k + 4, death);
+    be64(k + 12, e->birth);
+    be64(k + 20, e->lba);
+    if ((rc = kv_put(t, st->dbi[XM_DB_DEADIDX], k, 28, &e->len, 4)))
+        return rc;
+    MDB_val v;
+    uint64_t n = 0;
+    rc = kv_get(t, st->dbi[XM_DB_COUNTERS], k, 20, &v); /* vol, death, birth */
+    if (rc == XM_OK && v.mv_size == 8)
+        memcpy(&n, v.mv_data, 8);
+    else if (rc != MDB_NOTFOUND && rc != XM_OK)
+        return rc;
+    n += e->len;
+    return kv_put(t, st->dbi[XM_DB_COUNTERS], k, 20, &n, 8);
+}
+
+/* Twin of allocator.allocate: free runs from the next-fit hint on, then from the start, then
+ * fresh space at the high-water mark.  Runs go to out[] (cap entries). */
+static int allocate(xm_store *st, MDB_txn *t, uint64_t need, xm_extent *out, size_t cap, size_t *nout)
+{
+    MDB_val v;
+    uint64_t alloc[2] = {0, 0}, pool_blocks = 0, totals[2] = {0, 0}, taken = 0;
+    int rc = kv_get(t, st->dbi[XM_DB_META], "alloc", 5, &v);
+    if (rc == XM_OK && v.mv_size == 16)
+        memcpy(alloc, v.mv_data, 16);
+    else if (rc != MDB_NOTFOUND)
+        return rc ? rc : XM_ECORRUPT;
+    uint64_t hwm = alloc[0], hint = alloc[1];
+    size_t n = 0;
+    MDB_cursor *c;
+    if ((rc = mdb_cursor_open(t, st->dbi[XM_DB_FREE], &c)))
+        return rc;
+    for (int pass = 0; pass < 2 && need > 0; pass++) {
+        uint64_t start = pass == 0 ? hint : 0;
+        uint8_t kb[8];
+        be64(kb, start);
+        MDB_val k = {8, kb}, fv;
+        rc = mdb_cursor_get(c, &k, &fv, MDB_SET_RANGE);
+        while (rc == XM_OK && need > 0) {
+            if (k.mv_size != 8 || fv.mv_size != 8) {
+                rc = XM_ECORRUPT;
+                break;
+            }
+            uint64_t pbn = get_be64(k.mv_data), len;
+            memcpy(&len, fv.mv_data, 8);
+            if (pass == 1 && pbn >= hint)
+                break;
+            uint64_t take = len < need ? len : need;
+            if (n >= cap) {
+                rc = XM_ESLOW; /* too fragmented for the fast path */
+                break;
+            }
+            if ((rc = mdb_cursor_del(c, 0)))
+                break;
+            if (take < len) {
+                uint8_t nk[8];
+                uint64_t rest = len - take;
+                be64(nk, pbn + take);
+                if ((rc = kv_put(t, st->dbi[XM_DB_FREE], nk, 8, &rest, 8)))
+                    break;
+            }
+            out[n++] = (xm_extent){0, pbn, 0, (uint32_t)take, 0};
+            need -= take;
+            taken += take;
+            hint = pbn + take;
+            be64(kb, pbn + take);
+            k = (MDB_val){8, kb};
+            rc = mdb_cursor_get(c, &k, &fv, MDB_SET_RANGE);
+        }
+        if (rc == MDB_NOTFOUND)
+            rc = XM_OK;
+        if (rc)
+            break;
+    }
+    mdb_cursor_close(c);
+    if (rc)
+        return rc;
+    if (need) {
+        if ((rc = kv_get(t, st->dbi[XM_DB_META], "pool_blocks", 11, &v)))
+            return rc == MDB_NOTFOUND ? XM_ECORRUPT : rc;
+        memcpy(&pool_blocks, v.mv_data, 8);
+        if (hwm + need > pool_blocks)
+            return ENOSPC;
+        if (n >= cap)
+            return XM_ESLOW;
+        out[n++] = (xm_extent){0, hwm, 0, (uint32_t)need, 0};
+        hwm += need;
+        hint = hwm;
+    }
+    alloc[0] = hwm;
+    alloc[1] = hint;
+    if ((rc = kv_put(t, st->dbi[XM_DB_META], "alloc", 5, alloc, 16)))
+        return rc;
+    if (taken) {
+        rc = kv_get(t, st->dbi[XM_DB_META], "blocks", 6, &v);
+        if (rc == XM_OK && v.mv_size == 16)
+            memcpy(totals, v.mv_data, 16);
+        else if (rc != MDB_NOTFOUND)
+            return rc ? rc : XM_ECORRUPT;
+        totals[0] -= taken;
+        if ((rc = kv_put(t, st->dbi[XM_DB_META], "blocks", 6, totals, 16)))
+            return rc;
+    }
+    /* merge physically contiguous runs */
+    size_t m = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (m > 0 && out[m - 1].pbn + out[m - 1].len == out[i].pbn)
+            out[m - 1].len += out[i].len;
+        else
+            out[m++] = out[i];
+    }
+    *nout = m;
+    return XM_OK;
+}
+
+/* Twin of extmap.overlay followed by kill: nw becomes current over its range; the covered
+ * parts of the old records become dead records (death = the volume's epoch). */
+static int overlay(xm_store *st, MDB_txn *t, MDB_cursor *c, uint32_t vol, volstate *vs,
+                   const xm_extent *nw)
+{
+    xm_extent old[BATCH], keep[BATCH + 2], gone[BATCH];
+    size_t n, nk, ng;
+    int more, rc;
+    uint64_t lo = nw->lba > 0 ? nw->lba - 1 : 0;
+    if ((rc = scan_live(st, c, vol, lo, nw->lba + nw->len + 1, old, BATCH, &n, &more)))
+        return rc;
+    if (more)
+        return XM_ESLOW;
+    if ((rc = xm_insert(old, n, nw, XM_MAX_EXTENT, keep, &nk, gone, &ng)))
+        return rc;
+    for (size_t i = 0; i < n; i++) {
+        int kept = 0;
+        for (size_t j = 0; j < nk && !kept; j++)
+            kept = memcmp(&old[i], &keep[j], sizeof old[i]) == 0;
+        if (!kept && (rc = live_del(st, t, vol, vs, &old[i])))
+            return rc;
+    }
+    for (size_t j = 0; j < nk; j++) {
+        int existed = 0;
+        for (size_t i = 0; i < n && !existed; i++)
+            existed = memcmp(&old[i], &keep[j], sizeof old[i]) == 0;
+        if (!existed && (rc = live_put(st, t, vol, vs, &keep[j])))
+            return rc;
+    }
+    for (size_t i = 0; i < ng; i++) {
+        if (gone[i].birth > vs->max_snap || (gone[i].flags & XM_F_SHARED))
+            return XM_ECORRUPT; /* cannot happen: such parts were written in place */
+        if ((rc = add_dead(st, t, vol, &gone[i], vs->epoch)))
+            return rc;
+        vs->live_blocks -= gone[i].len;
+    }
+    vs->live_blocks += nw->len;
+    return XM_OK;
+}
+
+/* Full-block content of blocks [a, b) for a write of [offset, offset+length): the new data,
+ * and the old content of partly written first and last blocks (read-modify-write). */
+static int fill_blocks(xm_store *st, const xm_extent *recs, size_t n, uint64_t a, uint64_t b,
+                       uint64_t offset, uint64_t length, const uint8_t *buf, uint8_t *out)
+{
+    uint64_t end = offset + length;
+    uint64_t edges[2] = {a, b - 1};
+    memset(out, 0, (b - a) * XM_BLOCK_SIZE);
+    for (int i = 0; i < 2; i++) {
+        uint64_t blk = edges[i], bs = blk * XM_BLOCK_SIZE, be = bs + XM_BLOCK_SIZE;
+        if (i == 1 && edges[1] == edges[0])
+            break;
+        if (bs >= offset && be <= end)
+            continue;
+        for (size_t j = 0; j < n; j++) {
+            if (recs[j].lba <= blk && blk < recs[j].lba + recs[j].len) {
+                int rc = pread_full(st->pool_fd, out + (blk - a) * XM_BLOCK_SIZE, XM_BLOCK_SIZE,
+                                    (recs[j].pbn + blk - recs[j].lba) * XM_BLOCK_SIZE);
+                if (rc)
+                    return rc;
+                break;
+            }
+        }
+    }
+    uint64_t s = a * XM_BLOCK_SIZE > offset ? a * XM_BLOCK_SIZE : offset;
+    uint64_t x = b * XM_BLOCK_SIZE < end ? b * XM_BLOCK_SIZE : end;
+    memcpy(out + (s - a * XM_BLOCK_SIZE), buf + (s - offset), x - s);
+    return XM_OK;
+}
+
+static int redirect_run(xm_store *st, MDB_txn *t, MDB_cursor *c, uint32_t vol, volstate *vs,
+                        const xm_extent *recs, size_t n, uint64_t a, uint64_t b,
+                        uint64_t offset, uint64_t length, const uint8_t *buf)
+{
+    xm_extent runs[16];
+    size_t nruns;
+    int rc;
+    uint8_t *data = malloc((b - a) * XM_BLOCK_SIZE);
+    if (!data)
+        return ENOMEM;
+    if ((rc = fill_blocks(st, recs, n, a, b, offset, length, buf, data)))
+        goto out;
+    if ((rc = allocate(st, t, b - a, runs, 16, &nruns)))
+        goto out;
+    uint64_t pos = 0;
+    for (size_t r = 0; r < nruns && rc == XM_OK; r++) {
+        if ((rc = pwrite_full(st->pool_fd, data + pos * XM_BLOCK_SIZE,
+                              (uint64_t)runs[r].len * XM_BLOCK_SIZE, runs[r].pbn * XM_BLOCK_SIZE)))
+            break;
+        for (uint64_t k = 0; k < runs[r].len && rc == XM_OK; k += XM_MAX_EXTENT) {
+            uint64_t m = runs[r].len - k < XM_MAX_EXTENT ? runs[r].len - k : XM_MAX_EXTENT;
+            xm_extent nw = {a + pos + k, runs[r].pbn + k, vs->epoch, (uint32_t)m, 0};
+            rc = overlay(st, t, c, vol, vs, &nw);
+        }
+        pos += runs[r].len;
+    }
+out:
+    free(data);
+    return rc;
+}
+
+int xm_write(xm_store *st, uint32_t vol, uint64_t offset, uint64_t length, const uint8_t *buf)
+{
+    xm_extent recs[BATCH];
+    MDB_txn *t = NULL;
+    MDB_cursor *c = NULL;
+    volstate vs;
+    uint8_t vk[4];
+    MDB_val v;
+    size_t n;
+    int more, rc, redirected = 0;
+    xm_gate_enter(st);
+    if ((rc = check_range(st, vol, offset, length, 1)) || length == 0)
+        goto out;
+    if ((rc = mdb_txn_begin(st->env, NULL, 0, &t)))
+        goto out;
+    be32(vk, vol);
+    if ((rc = kv_get(t, st->dbi[XM_DB_VOLSTATE], vk, 4, &v)))
+        goto out;
+    if (v.mv_size != sizeof vs) {
+        rc = XM_ECORRUPT;
+        goto out;
+    }
+    memcpy(&vs, v.mv_data, sizeof vs);
+    if (offset + length > vs.size_bytes) {
+        rc = XM_ERANGE;
+        goto out;
+    }
+    if ((rc = mdb_cursor_open(t, st->dbi[XM_DB_LIVE], &c)))
+        goto out;
+    uint64_t lo = offset / XM_BLOCK_SIZE, hi = (offset + length + XM_BLOCK_SIZE - 1) / XM_BLOCK_SIZE;
+    if ((rc = scan_live(st, c, vol, lo, hi, recs, BATCH, &n, &more)))
+        goto out;
+    if (more) {
+        rc = XM_ESLOW;
+        goto out;
+    }
+    for (size_t i = 0; i < n; i++)
+        if (recs[i].flags & XM_F_SHARED) {
+            rc = XM_ESLOW;
+            goto out;
+        }
+    /* Walk [lo, hi) by record: write in place what may be, collect runs to redirect. */
+    uint64_t pos = lo, run_a = 0, run_b = 0, end = offset + length;
+    int in_run = 0;
+    size_t i = 0;
+    while (pos < hi) {
+        while (i < n && recs[i].lba + recs[i].len <= pos)
+            i++;
+        uint64_t seg_end;
+        int eligible = 0;
+        if (i < n && recs[i].lba <= pos) {
+            seg_end = recs[i].lba + recs[i].len < hi ? recs[i].lba + recs[i].len : hi;
+            eligible = recs[i].birth > vs.max_snap;
+        } else {
+            seg_end = i < n && recs[i].lba < hi ? recs[i].lba : hi;
+        }
+        if (eligible) {
+            uint64_t s = pos * XM_BLOCK_SIZE > offset ? pos * XM_BLOCK_SIZE : offset;
+            uint64_t x = seg_end * XM_BLOCK_SIZE < end ? seg_end * XM_BLOCK_SIZE : end;
+            if ((rc = pwrite_full(st->pool_fd, buf + (s - offset), x - s,
+                                  (recs[i].pbn + pos - recs[i].lba) * XM_BLOCK_SIZE + s % XM_BLOCK_SIZE)))
+                goto out;
+            if (in_run) {
+                if ((rc = redirect_run(st, t, c, vol, &vs, recs, n, run_a, run_b, offset, length, buf)))
+                    goto out;
+                redirected = 1;
+                in_run = 0;
+            }
+        } else if (in_run && run_b == pos) {
+            run_b = seg_end;
+        } else {
+            run_a = pos;
+            run_b = seg_end;
+            in_run = 1;
+        }
+        pos = seg_end;
+    }
+    if (in_run) {
+        if ((rc = redirect_run(st, t, c, vol, &vs, recs, n, run_a, run_b, offset, length, buf)))
+            goto out;
+        redirected = 1;
+    }
+    if (redirected) {
+        if ((rc = kv_put(t, st->dbi[XM_DB_VOLSTATE], vk, 4, &vs, sizeof vs)))
+            goto out;
+        mdb_cursor_close(c);
+        c = NULL;
+        rc = mdb_txn_commit(t);
+        t = NULL;
+        if (rc == XM_OK)
+            STAT_ADD(st, redirected_writes, 1);
+    }
+out:
+    if (c)
+        mdb_cursor_close(c);
+    if (t)
+        mdb_txn_abort(t);
     xm_gate_leave(st);
     return rc;
 }

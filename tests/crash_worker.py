@@ -74,7 +74,7 @@ def main() -> None:
         else:
             snaps = [s.name for s in e.list_snapshots(vol, with_usage=False)]
             m = rng.random()
-            if m < 0.4 or not snaps:
+            if not snaps or (m < 0.4 and len(snaps) < 40):
                 name = f"s{seq}-{rng.randrange(10**6)}"
                 log(op="snap", v=vol, name=name)
                 e.create_snapshot(vol, name)

@@ -42,12 +42,14 @@ class MVol:
 
 class EngineModel(RuleBasedStateMachine):
     volumes = Bundle("volumes")
+    c_redirect = True  # redirected writes in C (xm_write), or all in the Python twin
 
     def __init__(self) -> None:
         super().__init__()
         self.dir = tempfile.mkdtemp(prefix="snapdisk-model-")
         self.engine = Engine.create(self.dir, StoreConfig(pool_bytes=4096 * BS,
                                                           manual_snapshot_quota=6))
+        self.engine._c_redirect = self.c_redirect
         self.model: dict[str, MVol] = {}
         self.content: dict[int, bytes] = {}
         self.names = itertools.count()
@@ -208,6 +210,7 @@ class EngineModel(RuleBasedStateMachine):
     def reopen(self) -> None:
         self.engine.close()
         self.engine = Engine.open(self.dir)
+        self.engine._c_redirect = self.c_redirect
 
     @precondition(lambda self: self.model)
     @rule(vol=volumes)
@@ -271,6 +274,13 @@ class EngineModel(RuleBasedStateMachine):
 
 EXAMPLES = int(os.environ.get("SNAPDISK_MODEL_EXAMPLES", "200"))
 
+class PythonWritePathModel(EngineModel):
+    c_redirect = False
+
+
+SETTINGS = settings(max_examples=EXAMPLES, stateful_step_count=50, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
 TestEngineModel = EngineModel.TestCase
-TestEngineModel.settings = settings(max_examples=EXAMPLES, stateful_step_count=50, deadline=None,
-                                    suppress_health_check=[HealthCheck.too_slow])
+TestEngineModel.settings = SETTINGS
+TestPythonWritePath = PythonWritePathModel.TestCase
+TestPythonWritePath.settings = SETTINGS

@@ -298,7 +298,8 @@ class NativeStore:
         s = ffi.new("xm_stats *")
         lib.xm_get_stats(self.ptr, s)
         return {f: int(getattr(s, f)) for f in
-                ("records_read", "cursor_steps", "fast_reads", "fast_writes", "slow_writes")}
+                ("records_read", "cursor_steps", "fast_reads", "fast_writes", "slow_writes",
+                 "redirected_writes")}
 
     def env_info(self) -> tuple[int, int, int]:
         a, b, c = ffi.new("uint64_t *"), ffi.new("uint64_t *"), ffi.new("uint64_t *")
@@ -336,6 +337,15 @@ class NativeStore:
         """Write in place if possible; False if the general path must do it."""
         rc = lib.xm_write_fast(self.ptr, vol, offset, len(data), ffi.from_buffer(data))
         if rc == lib.XM_ESLOW:
+            return False
+        check(rc, "write")
+        return True
+
+    def write_redirect(self, vol: int, offset: int, data: Any) -> bool:
+        """Write with redirect-on-write in one C call; False if the general path must do it
+        (shared records, a fragmented request, or a full pool that needs reclaiming)."""
+        rc = lib.xm_write(self.ptr, vol, offset, len(data), ffi.from_buffer(data))
+        if rc in (lib.XM_ESLOW, _errno.ENOSPC):
             return False
         check(rc, "write")
         return True

@@ -19,6 +19,7 @@ Concurrency (nbdkit calls in from many threads, the control server from others):
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 import time
@@ -111,6 +112,9 @@ class Engine:
         self.sd = sd
         self.native = sd.native
         self.pool = Pool(sd.native.pool_fd)
+        # SNAPDISK_WRITE_PATH=python sends every redirected write through the Python twin of
+        # xm_write, so the model test can check both.
+        self._c_redirect = os.environ.get("SNAPDISK_WRITE_PATH") != "python"
         self._recover()
 
     @classmethod
@@ -507,7 +511,10 @@ class Engine:
         self.native.read_into(vol, offset, buf)
 
     def write(self, vol: int, offset: int, data: Any, fua: bool = False) -> None:
-        if not self.native.write_fast(vol, offset, data):
+        """In place (no map change, no LMDB writer lock) when possible; else redirect-on-write
+        in C; else (shared blocks, a full pool) the general path in Python."""
+        if not self.native.write_fast(vol, offset, data) and (
+                not self._c_redirect or not self.native.write_redirect(vol, offset, data)):
             self._gated_write(vol, offset, data)
         if fua:
             self.flush()
