@@ -76,6 +76,13 @@ def free_a_held_block(t: Txn) -> None:
     t.put(DB_FREE, struct.pack(">Q", pbn), struct.pack("<Q", 1))
 
 
+def unflag_shared(t: Txn) -> None:
+    for k, v in t.scan_prefix(DB_LIVE, struct.pack(">I", 2)):  # the clone: all SHARED
+        length, flags, pbn, birth = extmap.REC.unpack(v)
+        t.put(DB_LIVE, k, extmap.REC.pack(length, 0, pbn, birth))
+        return
+
+
 def orphan_dead_record(t: Txn) -> None:
     _, v = first(t, DB_DEAD, struct.pack(">I", 1))
     t.put(DB_DEAD, struct.pack(">IQQ", 1, 60, 1), v)
@@ -90,6 +97,7 @@ DAMAGE: dict[str, tuple[Callable[[Txn], None], str]] = {
     "counter-drift": (counter_drift, "counter"),
     "free-and-held": (free_a_held_block, "held and also free"),
     "orphan-dead": (orphan_dead_record, "missing from the dead index"),
+    "unflagged-shared": (unflag_shared, "not flagged SHARED"),
 }
 
 

@@ -33,6 +33,7 @@ from .native import (
     DB_SNAPS,
     DB_VOLSTATE,
     DB_VOLUMES,
+    F_SHARED,
     MAX_EXTENT,
     Txn,
 )
@@ -136,6 +137,9 @@ def _check_volume(t: Txn, vs: extmap.VolState, meta: dict[str, Any], hwm: int,
             p(f"{where} was born in epoch {birth}, the volume is at {vs.epoch}")
         if pbn + length > hwm:
             p(f"{where} points past the pool's high-water mark ({pbn}+{length} > {hwm})")
+        if not flags & F_SHARED and any(h > 1 for _, _, h in allocator.refs_of(t, pbn, length)):
+            # the hot path writes unflagged records in place: they must be the only holder
+            p(f"{where} shares its blocks but is not flagged SHARED")
         prev_end = lba + length
         live_blocks += length
         held.append((pbn, length, where))
