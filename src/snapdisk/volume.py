@@ -152,7 +152,15 @@ class Engine:
             self._configure(vs)
 
     def _configure(self, vs: VolState) -> None:
+        """Tell the hot path about vs.  Call with the gate closed: the table may be resized."""
         self.native.vol_config(vs.vol, vs.size_bytes, vs.max_snap, True)
+
+    def _configure_gated(self, vs: VolState) -> None:
+        self.native.gate_close()
+        try:
+            self._configure(vs)
+        finally:
+            self.native.gate_open()
 
     # ---- lookups ----------------------------------------------------------------------------
 
@@ -214,7 +222,7 @@ class Engine:
         check_size(size_bytes)
         with self.native.txn(write=True) as t:
             vs = self._new_volume(t, name, size_bytes, None, extra or {})
-        self._configure(vs)
+        self._configure_gated(vs)
         return self.volume_info(name)
 
     def _new_volume(self, t: Txn, name: str, size_bytes: int, origin: dict[str, Any] | None,
@@ -410,11 +418,7 @@ class Engine:
             meta = self._vol_meta(t, vol)
             self._delete_snapshot_locked(t, vs, meta, self._snap_epoch(t, vol, snap), freed)
         # Lowering max_snap only lets more writes go in place; tell the hot path under the gate.
-        self.native.gate_close()
-        try:
-            self._configure(vs)
-        finally:
-            self.native.gate_open()
+        self._configure_gated(vs)
         self._punch(freed)
 
     def _delete_snapshot_locked(self, t: Txn, vs: VolState, meta: dict[str, Any], epoch: int,
@@ -487,7 +491,7 @@ class Engine:
             src.flags |= VS_SHARED
             src.save(t)
             vs.save(t)
-        self._configure(vs)
+        self._configure_gated(vs)
         return self.volume_info(new_name)
 
     def _mark_live_shared(self, t: Txn, vs: VolState, recs: list[Extent], epoch: int) -> None:
