@@ -40,7 +40,6 @@ import signal
 import stat
 import subprocess
 import time
-import urllib.parse
 from collections.abc import Iterator
 from typing import Any
 
@@ -60,9 +59,8 @@ def nbd_socket(store: str) -> str:
 
 
 def export_uri(store: str, export: str) -> str:
-    """The NBD URI of an export of the store's server (nbd+unix, RFC-style percent-encoding)."""
-    return (f"nbd+unix:///{urllib.parse.quote(export, safe='')}"
-            f"?socket={urllib.parse.quote(nbd_socket(store), safe='/')}")
+    from .server import export_uri
+    return export_uri(f"unix:{nbd_socket(store)}", export)
 
 
 def _record_path(store: str, export: str) -> str:

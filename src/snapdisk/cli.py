@@ -118,7 +118,8 @@ def show_volume(v: dict[str, Any]) -> str:
         ("written", format_size(v.get("live_bytes"))), ("created", format_time(v.get("created"))),
         ("origin", _origin(v)),
         ("snapshots", f"{v.get('snapshots', 0)} ({v.get('snapshots_manual', 0)} manual, "
-                      f"{v.get('snapshots_auto', 0)} automatic)")]
+                      f"{v.get('snapshots_auto', 0)} automatic)"),
+        ("connections", v.get("connections"))]
     pairs += [(k, json.dumps(x) if isinstance(x, dict | list) else x)
               for k, x in sorted((v.get("extra") or {}).items())]
     return fields(pairs)
@@ -292,9 +293,10 @@ def cmd_rollback(a: argparse.Namespace, ctx: Context) -> Result:
     args: dict[str, Any] = {"volume": vol, "snapshot": snap}
     if a.force:
         args["force"] = True
-    r = ctx.call("rollback", **args)
-    return (r if r is not None else {"volume": vol, "snapshot": snap}), \
-        f"rolled volume {vol} back to snapshot {snap}"
+    r = ctx.call("rollback", **args) or {"volume": vol, "snapshot": snap}
+    n = r.get("disconnected") or 0
+    return r, (f"rolled volume {vol} back to snapshot {snap}"
+               + (f" ({n} client connection(s) disconnected)" if n else ""))
 
 
 def cmd_clone(a: argparse.Namespace, ctx: Context) -> Result:
@@ -323,22 +325,21 @@ class _CheckFailed(Exception):
 
 def cmd_serve(a: argparse.Namespace, ctx: Context) -> Result:
     from . import server
-    r = server.serve(ctx.store, listen=a.listen, foreground=a.foreground)
-    info = r if isinstance(r, dict) else {"store": ctx.store, "pid": r}
-    sock = os.path.join(ctx.store, "nbd.sock")
-    lines = [f"serving {ctx.store}" + (f" (pid {info['pid']})" if info.get("pid") else ""),
-             f"  volume:   nbd+unix:///VOLUME?socket={sock}",
-             f"  snapshot: nbd+unix:///VOLUME@SNAPSHOT?socket={sock}",
-             f"  control:  {os.path.join(ctx.store, 'control.sock')}"]
-    if a.listen:
-        lines.insert(3, f"  tcp:      nbd://{a.listen.removeprefix('tcp:')}/VOLUME")
+    info = server.serve(ctx.store, listen=a.listen, foreground=a.foreground).to_dict()
+    lines = [f"serving {ctx.store} (pid {info['pid']})",
+             f"  volume:   {server.export_uri(info['listen'], 'VOLUME')}",
+             f"  snapshot: {server.export_uri(info['listen'], 'VOLUME@SNAPSHOT')}"]
+    lines += [f"  control:  {info['control_socket']}"]
+    if info.get("log"):
+        lines += [f"  log:      {info['log']}"]
     return info, "\n".join(lines)
 
 
 def cmd_stop(a: argparse.Namespace, ctx: Context) -> Result:
     from . import server
-    r = server.stop(ctx.store, timeout=a.timeout)
-    return (r if r is not None else {"stopped": ctx.store}), f"stopped the server of {ctx.store}"
+    pid = server.stop(ctx.store, timeout=a.timeout)
+    return {"stopped": True, "pid": pid, "store": ctx.store}, \
+        f"stopped the server of {ctx.store} (pid {pid})"
 
 
 def cmd_status(a: argparse.Namespace, ctx: Context) -> Result:
