@@ -1,0 +1,249 @@
+"""The operations of the control protocol: one table, used by the server (over the socket, in
+the nbdkit process) and by the local backend (the CLI on the store, no server running).
+
+`dispatch(engine, op, args, ctx)` validates `args` against the op's declared arguments (names,
+JSON types, required or optional), runs it on the Engine and returns a JSON-able result.
+Errors are snapdisk errors; the caller turns them into replies (server) or lets them rise
+(local backend).  `ctx` is what only a server has: its NBD connections (so that rollback and
+delete can refuse, or revoke, what clients hold), its status and a way to stop it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .. import errors
+from ..volume import Engine
+
+
+class Registry(Protocol):
+    """The server's NBD connections (control.server.Connections)."""
+
+    def reserve(self, vol: int, what: str, *, live_only: bool = False, epoch: int | None = None,
+                force: bool = False) -> AbstractContextManager[int]:
+        """Hold off new connections to vol while the block runs; refuse (errors.Busy) if
+        matching clients are connected, unless force, which revokes them first.  Yields how
+        many were revoked."""
+        ...
+
+    def count(self, vol: int) -> int: ...
+
+
+@dataclass
+class Context:
+    """What the server gives the ops; all None for the local backend."""
+
+    connections: Registry | None = None
+    status: Callable[[], dict[str, Any]] | None = None
+    stop: Callable[[], None] | None = None
+
+
+@dataclass(frozen=True)
+class Arg:
+    types: tuple[type, ...]
+    required: bool = True
+    default: Any = None
+
+    @property
+    def type_name(self) -> str:
+        names = {str: "string", int: "integer", bool: "boolean"}
+        return " or ".join(names.get(t, t.__name__) for t in self.types)
+
+
+def req(*types: type) -> Arg:
+    return Arg(types)
+
+
+def opt(*types: type, default: Any = None) -> Arg:
+    return Arg(types, required=False, default=default)
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str
+    fn: Callable[..., Any]
+    args: dict[str, Arg] = field(default_factory=dict)
+    server_only: bool = False
+
+
+OPS: dict[str, Op] = {}
+
+
+def _op(op_name: str, /, server_only: bool = False, **args: Arg
+        ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+        OPS[op_name] = Op(op_name, fn, args, server_only)
+        return fn
+    return register
+
+
+def capabilities(server: bool) -> list[str]:
+    return sorted(name for name, op in OPS.items() if server or not op.server_only)
+
+
+def validate(op: Op, args: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments for op.fn, or InvalidArgument naming what is wrong."""
+    if not isinstance(args, dict):
+        raise errors.InvalidArgument(f"{op.name}: args must be an object")
+    unknown = sorted(set(args) - set(op.args))
+    if unknown:
+        takes = ", ".join(op.args) or "no arguments"
+        raise errors.InvalidArgument(f"{op.name}: unknown argument {unknown[0]!r} (takes {takes})")
+    out: dict[str, Any] = {}
+    for name, spec in op.args.items():
+        value = args.get(name)
+        if value is None:
+            if spec.required:
+                raise errors.InvalidArgument(f"{op.name}: missing argument {name!r} "
+                                             f"({spec.type_name})")
+            out[name] = spec.default
+            continue
+        # bool is an int in Python, never in the protocol.
+        if not isinstance(value, spec.types) or (isinstance(value, bool) and bool not in spec.types):
+            raise errors.InvalidArgument(f"{op.name}: argument {name!r} must be {spec.type_name}, "
+                                         f"not {type(value).__name__} {value!r:.60}")
+        out[name] = value
+    return out
+
+
+def dispatch(engine: Engine, op: str, args: dict[str, Any], ctx: Context | None = None) -> Any:
+    ctx = ctx or Context()
+    spec = OPS.get(op)
+    if spec is None:
+        raise errors.Unsupported(f"unknown operation {op!r} (known: {', '.join(sorted(OPS))})")
+    if spec.server_only and ctx.stop is None:
+        raise errors.NotRunning(f"{op}: no snapdisk server is running for {engine.path}")
+    return spec.fn(engine, ctx, **validate(spec, args))
+
+
+def _reserve(ctx: Context, vol: int, what: str, **kw: Any) -> AbstractContextManager[int]:
+    if ctx.connections is None:
+        return nullcontext(0)
+    return ctx.connections.reserve(vol, what, **kw)
+
+
+# ---- volumes ------------------------------------------------------------------------------
+
+def _volume(engine: Engine, ctx: Context, name: str) -> dict[str, Any]:
+    info = engine.volume_info(name).to_dict()
+    info["connections"] = ctx.connections.count(info["id"]) if ctx.connections else 0
+    return info
+
+
+@_op("volume.create", name=req(str), size_bytes=req(int))
+def volume_create(engine: Engine, ctx: Context, name: str, size_bytes: int) -> Any:
+    engine.create_volume(name, size_bytes)
+    return _volume(engine, ctx, name)
+
+
+@_op("volume.list")
+def volume_list(engine: Engine, ctx: Context) -> Any:
+    out = [v.to_dict() for v in engine.list_volumes()]
+    for v in out:
+        v["connections"] = ctx.connections.count(v["id"]) if ctx.connections else 0
+    return out
+
+
+@_op("volume.info", name=req(str))
+def volume_info(engine: Engine, ctx: Context, name: str) -> Any:
+    return _volume(engine, ctx, name)
+
+
+@_op("volume.resize", name=req(str), size_bytes=req(int))
+def volume_resize(engine: Engine, ctx: Context, name: str, size_bytes: int) -> Any:
+    # Connected clients keep the size they negotiated (NBD fixes it at the handshake); new
+    # connections see the new one.  Growing never invalidates what they read.
+    engine.resize_volume(name, size_bytes)
+    return _volume(engine, ctx, name)
+
+
+@_op("volume.delete", name=req(str))
+def volume_delete(engine: Engine, ctx: Context, name: str) -> Any:
+    vol = engine.volume_id(name)
+    with _reserve(ctx, vol, f"delete volume {name!r}"):
+        engine.delete_volume(name)
+    return {"volume": name, "deleted": True}
+
+
+# ---- snapshots ----------------------------------------------------------------------------
+
+@_op("snapshot.create", volume=req(str), name=opt(str), kind=opt(str, default="manual"),
+     policy=opt(str))
+def snapshot_create(engine: Engine, ctx: Context, volume: str, name: str | None, kind: str,
+                    policy: str | None) -> Any:
+    return engine.create_snapshot(volume, name, kind, policy).to_dict()
+
+
+@_op("snapshot.list", volume=req(str))
+def snapshot_list(engine: Engine, ctx: Context, volume: str) -> Any:
+    return [s.to_dict() for s in engine.list_snapshots(volume)]
+
+
+@_op("snapshot.info", volume=req(str), snapshot=req(str, int))
+def snapshot_info(engine: Engine, ctx: Context, volume: str, snapshot: str | int) -> Any:
+    return engine.snapshot_info(volume, snapshot).to_dict()
+
+
+@_op("snapshot.delete", volume=req(str), snapshot=req(str, int))
+def snapshot_delete(engine: Engine, ctx: Context, volume: str, snapshot: str | int) -> Any:
+    vol = engine.volume_id(volume)
+    epoch = engine.snapshot_id(volume, snapshot)
+    with _reserve(ctx, vol, f"delete snapshot {volume}@{snapshot}", epoch=epoch):
+        engine.delete_snapshot(volume, epoch)
+    return {"volume": volume, "snapshot": snapshot, "deleted": True}
+
+
+@_op("rollback", volume=req(str), snapshot=req(str, int), force=opt(bool, default=False))
+def rollback(engine: Engine, ctx: Context, volume: str, snapshot: str | int, force: bool) -> Any:
+    vol = engine.volume_id(volume)
+    epoch = engine.snapshot_id(volume, snapshot)
+    # Clients of the live volume would keep blocks cached from before the rollback: refuse, or
+    # (force) revoke their connections first.  Snapshot exports are unaffected.
+    with _reserve(ctx, vol, f"roll back volume {volume!r}", live_only=True, force=force) as revoked:
+        engine.rollback(volume, epoch)
+    return {"volume": volume, "snapshot": snapshot, "snapshot_id": epoch,
+            "disconnected": revoked}
+
+
+@_op("clone", volume=req(str), snapshot=req(str, int), name=req(str))
+def clone(engine: Engine, ctx: Context, volume: str, snapshot: str | int, name: str) -> Any:
+    engine.clone(volume, snapshot, name)
+    return _volume(engine, ctx, name)
+
+
+# ---- store --------------------------------------------------------------------------------
+
+@_op("usage", volume=opt(str))
+def usage(engine: Engine, ctx: Context, volume: str | None) -> Any:
+    return engine.usage(volume)
+
+
+@_op("check")
+def check(engine: Engine, ctx: Context) -> Any:
+    report = engine.check()
+    return report.to_dict() if hasattr(report, "to_dict") else report
+
+
+@_op("flush")
+def flush(engine: Engine, ctx: Context) -> Any:
+    engine.flush()
+    return None
+
+
+@_op("status")
+def status(engine: Engine, ctx: Context) -> Any:
+    if ctx.status is not None:
+        return ctx.status()
+    return {"running": False, "store": engine.path}
+
+
+@_op("stop", server_only=True)
+def stop(engine: Engine, ctx: Context) -> Any:
+    """Flush, then ask the server to exit once this reply is sent (it closes LMDB on the way)."""
+    engine.flush()
+    assert ctx.stop is not None
+    ctx.stop()
+    return {"stopping": True}
