@@ -107,7 +107,7 @@ def store(tmp_path: Path) -> str:
 def test_offline_lifecycle(store: str) -> None:
     v = run_cli(store, "--json", "volume", "create", "vm1", "64M").json()
     assert (v["name"], v["size_bytes"], v["live_bytes"]) == ("vm1", 64 * MiB, 0)
-    assert "created volume vm1 (64 MiB)" in run_cli(store, "volume", "create", "vm2", "1G").stdout
+    assert "created volume vm2 (1 GiB)" in run_cli(store, "volume", "create", "vm2", "1G").stdout
 
     vols = run_cli(store, "volume", "list", "--json").json()  # --json after the command too
     assert [x["name"] for x in vols] == ["vm1", "vm2"]

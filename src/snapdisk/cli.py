@@ -185,12 +185,6 @@ def show_check(r: dict[str, Any]) -> str:
     return "\n".join([f"store check found {len(problems)} problem(s):"] + [f"  {p}" for p in problems])
 
 
-def show_mapping(d: Any) -> str:
-    if not isinstance(d, dict):
-        return json.dumps(d, indent=2)
-    return fields([(k, json.dumps(v) if isinstance(v, dict | list) else v) for k, v in d.items()])
-
-
 # ---- commands ---------------------------------------------------------------------------------
 # Each takes (args, ctx) and returns (result for --json, text for humans); ctx.backend() opens
 # the backend on first use.
@@ -342,19 +336,36 @@ def cmd_stop(a: argparse.Namespace, ctx: Context) -> Result:
         f"stopped the server of {ctx.store} (pid {pid})"
 
 
+def show_status(st: dict[str, Any]) -> str:
+    if not st.get("running"):
+        head = [("server", "not running"), ("store", st.get("store"))]
+    else:
+        up = st.get("uptime_seconds")
+        head = [("server", f"running, pid {st.get('pid')}"
+                           + (f", up {up:.0f} s" if isinstance(up, int | float) else "")),
+                ("store", st.get("store")), ("nbd", st.get("listen")),
+                ("control", st.get("control_socket")), ("log", st.get("log"))]
+        if st.get("error"):
+            head.append(("error", st["error"]))
+    out = [fields(head)]
+    exports = st.get("exports") or {}
+    if exports:
+        out.append(table(["EXPORT", "CONNECTIONS", "REVOKED"],
+                         [[e, c.get("connections", 0), c.get("revoked", 0)]
+                          for e, c in sorted(exports.items())], right="12"))
+    if st.get("attached"):
+        out.append(table(["ATTACHED", "DEVICE", "METHOD", "MODE", "STATE"],
+                         [[r["export"], r["device"], r["method"], "ro" if r["readonly"] else "rw",
+                           "attached" if r["alive"] else "stale (detach clears it)"]
+                          for r in st["attached"]]))
+    return "\n\n".join(out)
+
+
 def cmd_status(a: argparse.Namespace, ctx: Context) -> Result:
     from . import attach, server
-    st = server.status(ctx.store)
-    st = dict(st) if isinstance(st, dict) else {"status": st}
+    st = dict(server.status(ctx.store))
     st["attached"] = attach.list_attachments(ctx.store)
-    text = show_mapping({k: v for k, v in st.items() if k != "attached"})
-    if st["attached"]:
-        text += "\n\n" + table(["EXPORT", "DEVICE", "METHOD", "MODE", "STATE"],
-                               [[r["export"], r["device"], r["method"],
-                                 "ro" if r["readonly"] else "rw",
-                                 "attached" if r["alive"] else "stale (detach clears it)"]
-                                for r in st["attached"]])
-    return st, text
+    return st, show_status(st)
 
 
 def cmd_attach(a: argparse.Namespace, ctx: Context) -> Result:
