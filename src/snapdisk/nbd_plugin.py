@@ -11,7 +11,7 @@ venv's packages on PYTHONPATH.)  Exports:
     ""                the only volume, when the store has exactly one
 
 Each callback is one delegation to the Engine (snapdisk.volume); exceptions become an errno in
-one place (`_fail`) and are logged once, by nbdkit.  Parameters: `store` (required); `log`: a
+one place (`_failure`) and are logged once, by nbdkit.  Parameters: `store` (required); `log`: a
 file that stderr is sent to after nbdkit forks into the background (nbdkit would otherwise send
 it to /dev/null); `listen`: how nbdkit listens, for the status op only.
 
@@ -30,10 +30,12 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import socket
+import stat
 import sys
 import traceback
 from collections.abc import Callable
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 import nbdkit  # provided by nbdkit's python plugin at run time
 
@@ -59,7 +61,7 @@ class PluginError(Exception):
     """What nbdkit logs: one line naming the callback and the snapdisk error."""
 
 
-def _fail(where: str, exc: BaseException) -> NoReturn:
+def _failure(where: str, exc: BaseException) -> PluginError:
     """The one place an exception becomes an errno for the client (nbdkit turns the errno into
     an NBD error: EROFS and EPERM reach the client as EPERM, ENOSPC and EDQUOT as ENOSPC,
     ESHUTDOWN as ESHUTDOWN, EINVAL and anything it has no code for as EINVAL)."""
@@ -71,23 +73,23 @@ def _fail(where: str, exc: BaseException) -> NoReturn:
     else:  # a bug or an OS error: EIO, with the traceback (logged once, by nbdkit)
         nbdkit.set_error(errno.EIO)
         message = "".join(traceback.format_exception(exc)).rstrip()
-    raise PluginError(f"{where}: {message}") from None
+    return PluginError(f"{where}: {message}")
 
 
 def _guarded(fn: F) -> F:
-    """Non-I/O callbacks: errors through _fail."""
+    """Non-I/O callbacks: errors through _failure."""
     @functools.wraps(fn)
     def call(*args: Any) -> Any:
         try:
             return fn(*args)
         except Exception as e:
-            _fail(fn.__name__, e)
+            raise _failure(fn.__name__, e) from None
     return call  # type: ignore[return-value]
 
 
 def _io(fn: F) -> F:
     """I/O callbacks: counted in flight for the connection registry (a revoked handle fails
-    here), errors through _fail."""
+    here), errors through _failure."""
     @functools.wraps(fn)
     def call(h: Connection, *args: Any) -> Any:
         try:
@@ -97,7 +99,7 @@ def _io(fn: F) -> F:
             finally:
                 _connections.leave(h)
         except Exception as e:
-            _fail(fn.__name__, e)
+            raise _failure(fn.__name__, e) from None
     return call  # type: ignore[return-value]
 
 
@@ -139,10 +141,42 @@ def after_fork() -> None:
     info = {"nbd_socket": _params.get("listen", "").removeprefix("unix:") or None,
             "listen": _params.get("listen")}
     _control = ControlServer(_engine, os.path.join(store, "control.sock"),
-                             connections=_connections, info=info, on_stop=nbdkit.shutdown)
+                             connections=_connections, info=info, on_stop=_stop)
     _control.start()
     sys.stderr.write(f"snapdisk: serving {store} (pid {os.getpid()})\n")
     sys.stderr.flush()
+
+
+def _stop() -> None:
+    """The control op `stop`: nbdkit's shutdown, and the NBD clients' sockets shut down.
+
+    nbdkit 1.32 does not end idle connections on shutdown (SIGTERM or nbdkit.shutdown()): a
+    connection thread stays blocked reading the client's next request, so the server would
+    wait for every client to leave.  The Python plugin cannot reach its connections' sockets,
+    so this finds them in /proc/self/fd: connected sockets whose local address is the NBD
+    listener's (the listener itself, the control socket and nbdkit's pipes are not)."""
+    nbdkit.shutdown()
+    kind, _, where = _params.get("listen", "").partition(":")
+    port = where.rpartition(":")[2]
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            fd = int(name)
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            sock = socket.socket(fileno=fd)
+        except (OSError, ValueError):
+            continue
+        try:
+            addr = sock.getsockname()
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                continue
+            if (kind == "unix" and addr == where) or (
+                    kind == "tcp" and isinstance(addr, tuple) and str(addr[1]) == port):
+                sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        finally:
+            sock.detach()  # the fd stays nbdkit's
 
 
 def cleanup() -> None:

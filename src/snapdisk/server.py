@@ -9,7 +9,7 @@
 The command line (nbdkit_command):
 
     nbdkit --unix STORE/nbd.sock | --ip-addr 127.0.0.1 --port PORT
-           --pidfile STORE/server.pid [-f] [-v]
+           --pidfile STORE/server.pid --log=stderr [--foreground] [--verbose]
            python SNAPDISK/nbd_plugin.py store=STORE [log=STORE/server.log] listen=...
 
 with PYTHONPATH naming the directory holding the snapdisk package and this interpreter's
@@ -33,6 +33,7 @@ import signal
 import site
 import socket
 import stat
+import struct
 import subprocess
 import tempfile
 import time
@@ -45,6 +46,8 @@ from .control.client import Client
 
 PLUGIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nbd_plugin.py")
 NBD_MAGIC = b"NBDMAGIC"
+IHAVEOPT = b"IHAVEOPT"
+NBD_OPT_ABORT = 2
 
 
 @dataclass
@@ -132,7 +135,9 @@ def nbdkit_command(store: str, listen: str | None = None, foreground: bool = Fal
     kind, where, port = parse_listen(listen, p["store"])
     argv = [nbdkit]
     argv += ["--unix", where] if kind == "unix" else ["--ip-addr", where, "--port", str(port)]
-    argv += ["--pidfile", p["pidfile"]]
+    # Errors to stderr, also in the background (where nbdkit's default is syslog): it is
+    # STORE/server.log there (the plugin's log=), the journal under systemd.
+    argv += ["--pidfile", p["pidfile"], "--log=stderr"]
     if foreground:
         argv.append("--foreground")
         if exit_with_parent:  # never in the background: the CLI that started it exits at once
@@ -202,7 +207,8 @@ def _is_socket(path: str) -> bool:
 
 
 def _nbd_answers(kind: str, where: str, port: int) -> bool:
-    """The NBD listener accepts and sends its greeting (NBDMAGIC)."""
+    """The NBD listener answers: read the newstyle greeting, then end the handshake politely
+    (NBD_OPT_ABORT, as `nbdinfo --can connect` would) so nbdkit logs no error."""
     try:
         if kind == "unix":
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -214,7 +220,12 @@ def _nbd_answers(kind: str, where: str, port: int) -> bool:
         with s:
             s.settimeout(2.0)
             s.connect(addr)
-            return s.recv(8, socket.MSG_WAITALL) == NBD_MAGIC
+            hello = s.recv(18, socket.MSG_WAITALL)  # NBDMAGIC, IHAVEOPT, handshake flags
+            if hello[:16] != NBD_MAGIC + IHAVEOPT:
+                return False
+            s.sendall(struct.pack(">I", 1) + IHAVEOPT + struct.pack(">II", NBD_OPT_ABORT, 0))
+            s.recv(20, socket.MSG_WAITALL)  # the ACK (or nothing: either is fine)
+            return True
     except OSError:
         return False
 
