@@ -257,7 +257,9 @@ def cmd_snapshot_create(a: argparse.Namespace, ctx: Context) -> Result:
         return s, f"created snapshot {s['volume']}@{s['name']} (id {s['id']})"
     from . import fsfreeze
     mountpoint = os.path.abspath(a.freeze)
-    fsfreeze.check_freezable(mountpoint, [ctx.store, sys.prefix])
+    # What must stay writable while frozen: the store, and this Python (it may write .pyc).
+    here = os.path.dirname(os.path.abspath(__file__))
+    fsfreeze.check_freezable(mountpoint, [ctx.store, sys.prefix, here])
     backend = ctx.backend()  # connect (or open the store) before the filesystem is frozen
     s = fsfreeze.run_frozen(mountpoint, lambda: backend.call("snapshot.create", **args),
                             a.freeze_timeout)
