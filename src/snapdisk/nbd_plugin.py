@@ -27,6 +27,7 @@ volume fully written first, tmpfs-free ext4 pool): see NOTE_FIO below.
 
 from __future__ import annotations
 
+import builtins
 import errno
 import functools
 import os
@@ -35,6 +36,7 @@ import stat
 import sys
 import traceback
 from collections.abc import Callable
+from contextlib import suppress
 from typing import Any, TypeVar
 
 import nbdkit  # provided by nbdkit's python plugin at run time
@@ -191,6 +193,20 @@ def cleanup() -> None:
         _engine = None
         sys.stderr.write("snapdisk: store closed\n")
         sys.stderr.flush()
+    # nbdkit removes neither its pid file nor its unix socket.
+    store = _params.get("store")
+    kind, _, where = _params.get("listen", "").partition(":")
+    if kind == "unix":
+        with suppress(OSError):
+            os.unlink(where)
+    if store:
+        pidfile = os.path.join(store, "server.pid")
+        mine = False
+        with suppress(OSError), builtins.open(pidfile) as f:
+            mine = f.read().strip() == str(os.getpid())
+        if mine:
+            with suppress(OSError):
+                os.unlink(pidfile)
 
 
 # ---- exports ------------------------------------------------------------------------------

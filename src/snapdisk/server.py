@@ -156,7 +156,9 @@ def nbdkit_command(store: str, listen: str | None = None, foreground: bool = Fal
 # ---- liveness -----------------------------------------------------------------------------
 
 def _alive(pid: int) -> bool:
-    """pid runs (not a zombie) and is an nbdkit (a recycled pid is not ours)."""
+    """pid runs and is an nbdkit (a recycled pid is not ours).  A process that is exiting
+    (its memory, hence its command line, already gone) counts as alive until it is a zombie:
+    only then are its files, and so the store's flock, released."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             state = f.read().rsplit(b")", 1)[1].split()[0]
@@ -164,7 +166,7 @@ def _alive(pid: int) -> bool:
             cmd = f.read()
     except (OSError, IndexError):
         return False
-    return state != b"Z" and b"nbdkit" in cmd
+    return state not in (b"Z", b"X", b"x") and (not cmd or b"nbdkit" in cmd)
 
 
 def _read_pid(pidfile: str) -> int | None:
@@ -190,6 +192,15 @@ def _lock_free(store: str) -> bool:
         return False
     finally:
         os.close(fd)  # releases the lock if taken
+
+
+def _wait_lock_free(store: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        if _lock_free(store):
+            return True
+    return False
 
 
 def _remove_stale(store: str, listen_path: str | None = None) -> None:
@@ -288,7 +299,7 @@ def serve(store: str, listen: str | None = None, foreground: bool = False, *,
     if pid is not None:
         raise errors.StoreLocked(f"a snapdisk server is already serving {store} (pid {pid}); "
                                  "`snapdisk stop` it first")
-    if not _lock_free(store):
+    if not _lock_free(store) and not _wait_lock_free(store, 2.0):  # a server may be exiting
         raise errors.StoreLocked(f"{store} is in use by another process (a snapdisk command "
                                  "working on the store, or a server without a pid file)")
     if kind == "unix" and len(where.encode()) > 107:
@@ -358,7 +369,7 @@ def stop(store: str, timeout: float = 30.0) -> int:
     except errors.SnapdiskError:
         pass  # not answering: signals below
     if not _wait_gone(pid, timeout):
-        _kill(pid, 10.0)
+        _kill(pid, min(10.0, timeout))
     if not _alive(pid):
         _remove_stale(p["store"])
     return pid

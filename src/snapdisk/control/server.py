@@ -166,6 +166,20 @@ def _log(msg: str) -> None:
     sys.stderr.flush()
 
 
+def _drain(sock: socket.socket, max_bytes: int = 64 << 20, seconds: float = 5.0) -> None:
+    """Before closing after an oversized line: read (and drop) what the client is still
+    sending, so the close does not reset the connection and lose the error reply."""
+    sock.shutdown(socket.SHUT_WR)
+    sock.settimeout(0.5)
+    deadline = time.monotonic() + seconds
+    with suppress(OSError):
+        while max_bytes > 0 and time.monotonic() < deadline:
+            chunk = sock.recv(1 << 16)
+            if not chunk:
+                return
+            max_bytes -= len(chunk)
+
+
 class ControlServer:
     """Serves the control protocol on `path` for `engine`, in daemon threads."""
 
@@ -264,6 +278,7 @@ class ControlServer:
                     line = reader.readline()
                 except protocol.Oversized as e:
                     sock.sendall(protocol.encode(protocol.error_reply(None, e)))
+                    _drain(sock)
                     return
                 if line is None:
                     return
