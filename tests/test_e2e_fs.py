@@ -164,6 +164,9 @@ def test_snapshot_attached_read_only(tmp_path: Path, no_leftovers: object,
     (Path(mnt) / "big.bin").unlink()
     run_cli(store, "snapshot", "create", "ro", "--name", "s", "--freeze", mnt)
 
+    for missing in ("nosuch", "ro@nosuch"):
+        r = run_cli(store, "attach", missing, check=False)
+        assert r.returncode == errors.NotFound.exit_code and "nosuch" in r.stderr, r
     sdev = attach(store, "ro@s", teardown)
     assert attach_record(store, "ro@s")["readonly"] is True
     with open(f"/sys/block/{os.path.basename(sdev)}/ro") as f:

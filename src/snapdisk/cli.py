@@ -99,13 +99,6 @@ def fields(pairs: Sequence[tuple[str, Any]]) -> str:
     return "\n".join(f"{k + ':':<{width + 1}} {'-' if v is None else v}" for k, v in pairs)
 
 
-def _items(result: Any, key: str) -> list[dict[str, Any]]:
-    """A list result, whether the op returns the list itself or wraps it as {key: [...]}."""
-    if isinstance(result, dict):
-        return list(result.get(key) or [])
-    return list(result or [])
-
-
 def _origin(info: dict[str, Any]) -> str | None:
     o = info.get("origin")
     return f"{o['volume']}@{o['snapshot']}" if o else None
@@ -229,7 +222,7 @@ def cmd_volume_create(a: argparse.Namespace, ctx: Context) -> Result:
 
 
 def cmd_volume_list(a: argparse.Namespace, ctx: Context) -> Result:
-    vols = _items(ctx.call("volume.list"), "volumes")
+    vols = ctx.call("volume.list")
     return vols, show_volumes(vols)
 
 
@@ -268,7 +261,7 @@ def cmd_snapshot_create(a: argparse.Namespace, ctx: Context) -> Result:
 
 
 def cmd_snapshot_list(a: argparse.Namespace, ctx: Context) -> Result:
-    snaps = _items(ctx.call("snapshot.list", volume=a.volume), "snapshots")
+    snaps = ctx.call("snapshot.list", volume=a.volume)
     return snaps, show_snapshots(snaps, a.volume)
 
 
@@ -289,8 +282,8 @@ def cmd_rollback(a: argparse.Namespace, ctx: Context) -> Result:
     args: dict[str, Any] = {"volume": vol, "snapshot": snap}
     if a.force:
         args["force"] = True
-    r = ctx.call("rollback", **args) or {"volume": vol, "snapshot": snap}
-    n = r.get("disconnected") or 0
+    r = ctx.call("rollback", **args)
+    n = r.get("disconnected", 0)
     return r, (f"rolled volume {vol} back to snapshot {snap}"
                + (f" ({n} client connection(s) disconnected)" if n else ""))
 
