@@ -356,3 +356,47 @@ def test_client_timeout_and_errors(server: Served) -> None:
     c.close()  # idempotent
     with pytest.raises(errors.NotRunning):
         c.call("volume.list")
+
+
+def test_foreground_server_under_a_supervisor(tmp_path: Path) -> None:
+    """What systemd runs (`serve --foreground`): nbdkit -f as a child; SIGTERM ends it cleanly
+    (store closed, control socket removed), with a client still connected."""
+    store = make_store(tmp_path / "store", volumes={"v": MiB})
+    argv, env = srv.nbdkit_command(store, foreground=True, exit_with_parent=True)
+    assert "--foreground" in argv and "--exit-with-parent" in argv
+    proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (os.path.exists(srv.paths(store)["control_socket"])
+                   and os.path.exists(srv.paths(store)["nbd_socket"])):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+            time.sleep(0.02)
+        assert srv.running_pid(store) == proc.pid
+        with Client(srv.paths(store)["control_socket"]) as c:
+            assert c.call("status")["pid"] == proc.pid
+        h = nbd.NBD()
+        h.connect_uri(f"nbd+unix:///v?socket={srv.paths(store)['nbd_socket']}")
+        h.pwrite(b"f" * BS, 0)
+        # A client is connected: nbdkit 1.32 on SIGTERM waits for it; `stop` cuts it off.
+        assert srv.stop(store, timeout=10) == proc.pid
+        assert proc.wait(10) == 0
+        err = proc.stderr.read() if proc.stderr else ""
+        assert "store closed" in err, err
+        assert not os.path.exists(srv.paths(store)["control_socket"])
+        # A plain SIGTERM with no client connected stops it cleanly too.
+        proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while not os.path.exists(srv.paths(store)["control_socket"]):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        assert "store closed" in (proc.stderr.read() if proc.stderr else "")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    with open_backend(store) as b:  # the store was released
+        assert not b.remote
