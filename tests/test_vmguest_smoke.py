@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 import vmguest
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]

@@ -23,7 +23,7 @@ How it works:
   script's stdout+stderr alone) go to files in the run's directory.  /init prints
   ===SNAPDISK-GUEST-END rc=N=== on both and powers off.  QEMU runs in its own process group and
   is SIGKILLed by pid/pgid in a finally (timeout, error, KeyboardInterrupt), as are the socat
-  children it spawned.
+  children it spawned; QEMU also gets PR_SET_PDEATHSIG=SIGKILL, so it dies with its parent.
 
 Environment: SNAPDISK_VM_CACHE (cache dir), SNAPDISK_VM_KVER (kernel version),
 SNAPDISK_VM_ECHO=1 (stream the console to stderr while the guest runs), SNAPDISK_VM_KEEP=1
@@ -33,12 +33,14 @@ SNAPDISK_VM_ECHO=1 (stream the console to stderr while the guest runs), SNAPDISK
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import gzip
 import hashlib
 import io
 import os
 import re
+import shlex
 import shutil
 import signal
 import stat
@@ -155,6 +157,10 @@ def build_initramfs(modules: Sequence[str] = (), force: bool = False) -> Path:
                                stdin=subprocess.DEVNULL, timeout=1800)
             if p.returncode != 0 or not out.exists():
                 raise GuestError(f"build-vm-initramfs failed ({p.returncode}):\n{p.stderr}")
+            for old in d.glob("initramfs-*.cpio.gz"):  # builds superseded a day ago or more
+                with contextlib.suppress(OSError):
+                    if old != out and time.time() - old.stat().st_mtime > 86400:
+                        old.unlink()
     _initramfs_memo[key] = out
     return out
 
@@ -251,6 +257,12 @@ def _kill_qemu(proc: subprocess.Popen[bytes], seen: dict[int, int]) -> None:
                 os.kill(pid, signal.SIGKILL)
 
 
+def _die_with_parent() -> None:
+    """preexec_fn: SIGKILL QEMU if the thread that started it dies (e.g. pytest SIGKILLed)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def _qemu_escape(value: str) -> str:
     return value.replace(",", ",,")
 
@@ -345,7 +357,8 @@ def run_guest_script(sock_path: str | os.PathLike[str] | None, script: str,
         start = time.monotonic()
         with open(qemu_log, "wb") as qlog:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=qlog,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+                                    stderr=subprocess.STDOUT, start_new_session=True,
+                                    preexec_fn=_die_with_parent)
         timed_out = False
         try:
             end_seen: float | None = None
@@ -380,15 +393,18 @@ def run_guest_script(sock_path: str | os.PathLike[str] | None, script: str,
         elapsed = time.monotonic() - start
 
         console_text, output_raw = _read(console), _read(output)
+        where = (f"run dir {run}" if workdir is not None or os.environ.get("SNAPDISK_VM_KEEP")
+                 else "set SNAPDISK_VM_KEEP=1 or pass workdir= to keep the run's files")
         if timed_out:
             raise GuestTimeout(f"guest timed out after {timeout_s:.0f}s (QEMU killed); "
-                               f"run dir {run}", console_text, output_raw)
+                               f"{where}", console_text, output_raw)
         m = END_RE.search(output_raw) or END_RE.search(console_text)
         if m is None:
             raise GuestError(f"guest ended without the end marker (QEMU exit {proc.returncode}; "
-                             f"qemu.log: {_read(qemu_log).strip()!r}); run dir {run}",
+                             f"qemu.log: {_read(qemu_log).strip()!r}); {where}",
                              console_text, output_raw)
-        body = output_raw[:END_RE.search(output_raw).start()] if END_RE.search(output_raw) else ""
+        m_out = END_RE.search(output_raw)
+        body = output_raw[:m_out.start()] if m_out else ""
         if BEGIN_MARKER in body:
             body = body.split(BEGIN_MARKER + "\n", 1)[-1]
         boot = re.search(r"snapdisk-init: eth0 up .*, up ([0-9.]+)s", console_text)
@@ -400,11 +416,11 @@ def run_guest_script(sock_path: str | os.PathLike[str] | None, script: str,
 
 def nbd_connect_cmd(export: str = "", device: str = "/dev/nbd0", block_size: int = 4096,
                     extra: str = "") -> str:
-    """Shell command attaching `device` to `export` of the forwarded NBD socket (newstyle)."""
-    import shlex
-    name = f" -N {shlex.quote(export)}" if export else ""
-    return (f"nbd-client{name} -b {block_size} {extra} {NBD_HOST} {NBD_PORT} "
-            f"{device}").replace("  ", " ")
+    """Shell command attaching `device` to `export` of the forwarded NBD socket: Debian's
+    nbd-client 3.24, newstyle negotiation, netlink by default (add extra="-L" for ioctls)."""
+    args = ["nbd-client"] + (["-N", shlex.quote(export)] if export else [])
+    args += ["-b", str(block_size)] + ([extra] if extra else [])
+    return " ".join(args + [NBD_HOST, str(NBD_PORT), device])
 
 
 def nbd_disconnect_cmd(device: str = "/dev/nbd0") -> str:
