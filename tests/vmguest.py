@@ -284,6 +284,13 @@ def _run_dir(workdir: str | os.PathLike[str] | None) -> Iterator[Path]:
             shutil.rmtree(d, ignore_errors=True)
 
 
+def _last(pattern: re.Pattern[str], text: str) -> re.Match[str] | None:
+    found = None
+    for found in pattern.finditer(text):  # noqa: B007
+        pass
+    return found
+
+
 def _read(path: Path) -> str:
     try:
         return path.read_bytes().decode(errors="replace").replace("\r\n", "\n").replace("\r", "")
@@ -346,7 +353,7 @@ def run_guest_script(sock_path: str | os.PathLike[str] | None, script: str,
             qemu, "-M", "pc", "-accel", "tcg", "-cpu", "max", "-m", str(memory_mb),
             "-smp", str(cpus), "-nodefaults", "-no-user-config", "-display", "none",
             "-no-reboot", "-monitor", "none",
-            "-kernel", str(vmlinuz), "-initrd", _qemu_escape(str(initrd)), "-append", kernel_args,
+            "-kernel", str(vmlinuz), "-initrd", str(initrd), "-append", kernel_args,
             "-chardev", f"file,id=s0,path={_qemu_escape(str(console))}", "-serial", "chardev:s0",
             "-chardev", f"file,id=s1,path={_qemu_escape(str(output))}", "-serial", "chardev:s1",
             "-netdev", netdev, "-device", "e1000,netdev=n0",
@@ -398,12 +405,13 @@ def run_guest_script(sock_path: str | os.PathLike[str] | None, script: str,
         if timed_out:
             raise GuestTimeout(f"guest timed out after {timeout_s:.0f}s (QEMU killed); "
                                f"{where}", console_text, output_raw)
-        m = END_RE.search(output_raw) or END_RE.search(console_text)
+        # The last marker: a script printing one of its own cannot fake the status.
+        m = _last(END_RE, output_raw) or _last(END_RE, console_text)
         if m is None:
             raise GuestError(f"guest ended without the end marker (QEMU exit {proc.returncode}; "
                              f"qemu.log: {_read(qemu_log).strip()!r}); {where}",
                              console_text, output_raw)
-        m_out = END_RE.search(output_raw)
+        m_out = _last(END_RE, output_raw)
         body = output_raw[:m_out.start()] if m_out else ""
         if BEGIN_MARKER in body:
             body = body.split(BEGIN_MARKER + "\n", 1)[-1]
