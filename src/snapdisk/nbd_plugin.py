@@ -113,12 +113,14 @@ def _eng() -> Engine:
 
 # ---- life cycle ---------------------------------------------------------------------------
 
+@_guarded
 def config(key: str, value: str) -> None:
     if key not in ("store", "log", "listen"):
         raise errors.InvalidArgument(f"unknown parameter {key!r} (takes store=, log=, listen=)")
     _params[key] = os.path.abspath(value) if key in ("store", "log") else value
 
 
+@_guarded
 def config_complete() -> None:
     # Checked before the fork, so that `snapdisk serve` can report it from nbdkit's exit status.
     store = _params.get("store")
@@ -132,6 +134,7 @@ def thread_model() -> int:
     return int(nbdkit.THREAD_MODEL_PARALLEL)
 
 
+@_guarded
 def after_fork() -> None:
     global _engine, _control
     if "log" in _params:
