@@ -34,6 +34,7 @@ import os
 import socket
 import stat
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from contextlib import suppress
@@ -52,7 +53,7 @@ NOTE_FIO = "not measured yet"
 _params: dict[str, str] = {}
 _engine: Engine | None = None
 _control: ControlServer | None = None
-_connections = Connections()
+_connections = Connections(on_revoke=lambda hs: _disconnect(hs))
 
 BLOCK_SIZE = (512, 4096, 32 << 20)  # minimum, preferred, maximum request (bytes)
 
@@ -152,21 +153,33 @@ def after_fork() -> None:
     sys.stderr.flush()
 
 
-def _stop() -> None:
-    """The control op `stop`: nbdkit's shutdown, and the NBD clients' sockets shut down.
+# ---- the NBD clients' sockets --------------------------------------------------------------
+#
+# nbdkit 1.32 gives a Python plugin no way to end a connection: nbdkit.disconnect() came later,
+# and on shutdown (SIGTERM or nbdkit.shutdown()) nbdkit does not end idle connections either (a
+# connection thread stays blocked reading the client's next request, so the server would wait
+# for every client to leave).  The plugin finds its clients' sockets itself, in /proc/self/fd:
+# connected sockets whose local address is the NBD listener's (the listener, the control
+# socket and nbdkit's pipes are not), and shuts them down; nbdkit then sees the client gone and
+# closes the connection the usual way.  open() records which socket a handle is on when that is
+# unambiguous (exactly one client socket not yet claimed: true unless several clients are in
+# their handshake at the same moment), so that a forced rollback can disconnect exactly its
+# clients; a handle without a known socket still fails every request (ESHUTDOWN).
 
-    nbdkit 1.32 does not end idle connections on shutdown (SIGTERM or nbdkit.shutdown()): a
-    connection thread stays blocked reading the client's next request, so the server would
-    wait for every client to leave.  The Python plugin cannot reach its connections' sockets,
-    so this finds them in /proc/self/fd: connected sockets whose local address is the NBD
-    listener's (the listener itself, the control socket and nbdkit's pipes are not)."""
-    nbdkit.shutdown()
+_claims: dict[int, Connection] = {}  # socket inode -> the handle on that connection
+_claims_lock = threading.Lock()
+
+
+def _client_sockets() -> dict[int, int]:
+    """{socket inode: fd} of this process's NBD client connections."""
     kind, _, where = _params.get("listen", "").partition(":")
     port = where.rpartition(":")[2]
+    out: dict[int, int] = {}
     for name in os.listdir("/proc/self/fd"):
         try:
             fd = int(name)
-            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            st = os.fstat(fd)
+            if not stat.S_ISSOCK(st.st_mode):
                 continue
             sock = socket.socket(fileno=fd)
         except (OSError, ValueError):
@@ -177,11 +190,47 @@ def _stop() -> None:
                 continue
             if (kind == "unix" and addr == where) or (
                     kind == "tcp" and isinstance(addr, tuple) and str(addr[1]) == port):
-                sock.shutdown(socket.SHUT_RDWR)
+                out[st.st_ino] = fd
         except OSError:
             pass
         finally:
             sock.detach()  # the fd stays nbdkit's
+    return out
+
+
+def _cut(fd: int) -> None:
+    sock = socket.socket(fileno=fd)
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        sock.detach()
+
+
+def _claim_socket(h: Connection) -> None:
+    with _claims_lock:
+        free = [ino for ino in _client_sockets() if ino not in _claims]
+        if len(free) == 1:
+            h.socket_inode = free[0]
+            _claims[free[0]] = h
+
+
+def _disconnect(revoked: list[Connection]) -> None:
+    """Connections.reserve(force=True) calls this once they are revoked and drained."""
+    with _claims_lock:
+        socks = _client_sockets()
+        for h in revoked:
+            if h.socket_inode is not None and _claims.get(h.socket_inode) is h \
+                    and h.socket_inode in socks:
+                _cut(socks[h.socket_inode])
+
+
+def _stop() -> None:
+    """The control op `stop`: nbdkit's shutdown, then every NBD client's socket shut down."""
+    nbdkit.shutdown()
+    for fd in _client_sockets().values():
+        _cut(fd)
 
 
 def cleanup() -> None:
@@ -256,6 +305,7 @@ def open(readonly: bool) -> Connection:
     try:
         if _resolve(export)[:2] != (h.vol, h.epoch):  # deleted or re-made meanwhile
             raise errors.NotFound(f"export {export!r} went away while connecting")
+        _claim_socket(h)
     except BaseException:
         _connections.unregister(h)
         raise
@@ -264,6 +314,10 @@ def open(readonly: bool) -> Connection:
 
 def close(h: Connection) -> None:
     _connections.unregister(h)
+    if h.socket_inode is not None:
+        with _claims_lock:
+            if _claims.get(h.socket_inode) is h:
+                del _claims[h.socket_inode]
 
 
 @_guarded

@@ -8,16 +8,17 @@ NBD connections, so that an operation that would pull data from under connected 
     every I/O with enter()/leave().  `reserve(vol, ...)` holds off new connections to a volume
     while an operation runs, refuses (errors.Busy) when matching clients are connected, or with
     force revokes them: it bumps the generation of the export's (volume, snapshot) key, so their
-    later I/O fails with ESHUTDOWN (StaleConnection), and waits for their in-flight I/O to
-    finish, so no request that started before the revocation lands after it.
+    later I/O fails with ESHUTDOWN (StaleConnection), waits for their in-flight I/O to finish
+    (no request that started before the revocation lands after it), then asks the plugin to
+    disconnect them (on_revoke).
   * `ControlServer` accepts on the unix socket (mode 0600, peers checked with SO_PEERCRED: the
     store owner's uid or root), one thread per client, speaking control/protocol.py, and runs
     each request through control/ops.py.  close() stops accepting, waits for requests in
     progress (so the Engine can be closed safely afterwards) and removes the socket file.
 
 nbdkit 1.32 has no way for a Python plugin to drop one connection (nbdkit.disconnect came in a
-later release; it is used when present), so a revoked client stays connected with every request
-failing until it disconnects.
+later release); the plugin shuts the client's socket down itself where it knows which socket
+that is (see nbd_plugin), and a revoked client it could not disconnect has every request fail.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class Connection:
     """One NBD connection's handle (what the plugin's open() returns)."""
 
     __slots__ = ("export", "vol", "epoch", "size_bytes", "readonly", "generation", "inflight",
-                 "lock", "opened")
+                 "lock", "opened", "socket_inode")
 
     def __init__(self, export: str, vol: int, epoch: int | None, size_bytes: int, readonly: bool):
         self.export = export
@@ -63,12 +64,15 @@ class Connection:
         self.inflight = 0
         self.lock = threading.Lock()
         self.opened = time.time()
+        self.socket_inode: int | None = None  # the plugin's: which client socket, if known
 
 
 class Connections:
     """The NBD connections of this server, shared by the plugin and the control ops."""
 
-    def __init__(self, wait_seconds: float = 60.0):
+    def __init__(self, wait_seconds: float = 60.0,
+                 on_revoke: Callable[[list[Connection]], None] | None = None):
+        self.on_revoke = on_revoke  # the plugin's: disconnect them, where it can
         self._cond = threading.Condition()
         self._open: set[Connection] = set()
         self._generation: dict[tuple[int, int | None], int] = {}
@@ -141,6 +145,8 @@ class Connections:
         try:
             for c in hit:
                 self._drain(c, deadline)
+            if hit and self.on_revoke is not None:
+                self.on_revoke(hit)
             yield len(hit)
         finally:
             with self._cond:
