@@ -102,9 +102,11 @@ def test_filesystem_snapshot_rollback_clone(tmp_path: Path, no_leftovers: object
     s = run_cli(store, "--json", "snapshot", "create", "disk", "--name", "v1",
                 "--freeze", mnt).json()
     assert s["name"] == "v1"
-    # a mounted device cannot be detached
+    # a mounted device cannot be detached, nor the server stopped under it
     r = run_cli(store, "detach", dev, check=False)
     assert r.returncode == errors.Busy.exit_code and "mounted" in r.stderr, r
+    r = run_cli(store, "stop", check=False)
+    assert r.returncode == errors.Busy.exit_code and "attached" in r.stderr, r
 
     # change, add and delete files after the snapshot
     (Path(mnt) / "hello.txt").write_bytes(b"overwritten\n")

@@ -325,7 +325,12 @@ def cmd_serve(a: argparse.Namespace, ctx: Context) -> Result:
 
 
 def cmd_stop(a: argparse.Namespace, ctx: Context) -> Result:
-    from . import server
+    from . import attach, server
+    attached = [r for r in attach.list_attachments(ctx.store) if r["alive"]]
+    if attached and not a.force:
+        devices = ", ".join(f"{r['export']} as {r['device']}" for r in attached)
+        raise errors.Busy(f"still attached: {devices}; their I/O would fail once the server is "
+                          "gone: detach them first (or --force)")
     pid = server.stop(ctx.store, timeout=a.timeout)
     return {"stopped": True, "pid": pid, "store": ctx.store}, \
         f"stopped the server of {ctx.store} (pid {pid})"
@@ -596,8 +601,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "stop", cmd_stop, "stop the server", """
         Flushes, disconnects clients, closes the store and waits for the server to exit.
-        Detach attached devices first.""", """
-        snapdisk stop""")
+        While devices made by `snapdisk attach` are attached it refuses (exit code 7): their
+        I/O would fail once the server is gone.  Detach them first, or --force.""", """
+        snapdisk stop
+        snapdisk stop --force --timeout 60""")
+    p.add_argument("--force", action="store_true",
+                   help="stop even while devices are attached (their I/O will fail)")
     p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
                    help="how long to wait for a clean exit (default: 30)")
 
