@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -211,3 +213,42 @@ def test_attach_needs_a_server(tmp_path: Path) -> None:
     assert r.returncode == errors.NotRunning.exit_code and "snapdisk serve" in r.stderr, r
     r = run_cli(store, "detach", "v", check=False)
     assert r.returncode == errors.NotFound.exit_code, r
+
+
+FROZEN_SLOW_OP = """
+import sys, time
+from snapdisk import fsfreeze
+def op():
+    print("frozen", flush=True)
+    time.sleep(3)
+    return "done"
+print(fsfreeze.run_frozen(sys.argv[1], op), flush=True)
+"""
+
+
+def test_freeze_thaws_on_interrupt(tmp_path: Path, no_leftovers: object,
+                                   teardown: Teardown, served: str) -> None:  # noqa: F811
+    """Ctrl-C while the filesystem is frozen: the signal waits for the thaw; the process then
+    ends as interrupted, and the filesystem takes writes."""
+    store = served
+    run_cli(store, "volume", "create", "fi", "64M")
+    dev = attach(store, "fi", teardown)
+    subprocess.run(["mkfs.ext4", "-q", "-F", dev], check=True, capture_output=True)
+    mnt = mount(dev, str(tmp_path / "mnt"), teardown)
+    p = subprocess.Popen([sys.executable, "-c", FROZEN_SLOW_OP, mnt], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None and p.stdout.readline().strip() == "frozen"
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode != 0 and "KeyboardInterrupt" in err, (out, err)
+    assert "done" in out  # the op finished and the thaw ran before the signal was taken
+    r = subprocess.run(["timeout", "10", "sh", "-c", f"echo ok > {mnt}/after && sync"],
+                       capture_output=True)
+    assert r.returncode == 0, "the filesystem stayed frozen"
+    umount(mnt)
+    run_cli(store, "detach", "fi")
