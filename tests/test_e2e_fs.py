@@ -221,7 +221,8 @@ from snapdisk import fsfreeze
 def op():
     print("frozen", flush=True)
     time.sleep(3)
-    return "done"
+    print("op done", flush=True)
+    return "returned"
 print(fsfreeze.run_frozen(sys.argv[1], op), flush=True)
 """
 
@@ -246,7 +247,9 @@ def test_freeze_thaws_on_interrupt(tmp_path: Path, no_leftovers: object,
             p.kill()
             p.wait()
     assert p.returncode != 0 and "KeyboardInterrupt" in err, (out, err)
-    assert "done" in out  # the op finished and the thaw ran before the signal was taken
+    # the op finished, and the signal was taken only after the thaw (so run_frozen raised
+    # KeyboardInterrupt instead of returning)
+    assert "op done" in out and "returned" not in out, (out, err)
     r = subprocess.run(["timeout", "10", "sh", "-c", f"echo ok > {mnt}/after && sync"],
                        capture_output=True)
     assert r.returncode == 0, "the filesystem stayed frozen"
