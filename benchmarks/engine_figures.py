@@ -117,7 +117,7 @@ def main() -> None:
             return m / (time.perf_counter() - t)
 
         r0 = [read_rate() for _ in range(3)]
-        for i in range(255):
+        for _ in range(255):
             e.create_snapshot("reads")
             for b in rng.sample(range(65536), 16):
                 e.write(reads, b * BS, BLOCK)
@@ -189,7 +189,8 @@ def print_table(r: dict[str, Any]) -> None:
           f"{w['after_snapshot_per_s']:,.0f}/s right after a snapshot (redirected)")
     for rb in r["rollback"]:
         print(f"rollback of {rb['volume_bytes'] >> 20} MiB with {rb['changed']:.0%} changed: "
-              f"{rb['rollback_s'] * 1e3:.0f} ms; delete of the later snapshot {rb['delete_snapshot_s'] * 1e3:.0f} ms")
+              f"{rb['rollback_s'] * 1e3:.0f} ms; delete of the later snapshot "
+              f"{rb['delete_snapshot_s'] * 1e3:.0f} ms")
     print(f"integrity check after all of it: {'ok' if r['check_ok'] else 'FAILED'}")
 
 

@@ -1,0 +1,1 @@
+"""snapdisk's benchmark suite: `scripts/bench` (python -m benchmarks.run); see benchmarks/run.py."""

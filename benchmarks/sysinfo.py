@@ -1,0 +1,64 @@
+"""What the benchmarks ran on: cores, memory, kernel, disk, tool versions, load."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from typing import Any
+
+from benchmarks import fio, peers
+
+
+def loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "?"
+
+
+def _meminfo() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def _disk(path: str) -> str:
+    probe = path
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe.rstrip("/")) or "/"
+    try:
+        out = subprocess.run(["df", "-h", "--output=source,fstype,size,avail", probe], capture_output=True,
+                             text=True, timeout=10).stdout.splitlines()
+        return " ".join(out[-1].split()) if len(out) > 1 else "?"
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+
+
+def machine(workdir: str) -> dict[str, Any]:
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": _cpu(),
+        "mem_bytes": _meminfo(),
+        "kernel": platform.release(),
+        "disk": _disk(workdir),
+        "python": platform.python_version(),
+        "nbdkit": peers.version(["nbdkit", "--version"]),
+        "qemu": peers.version(["qemu-img", "--version"]),
+        "fio": fio.version(),
+        "loadavg_start": loadavg(),
+    }
