@@ -314,7 +314,8 @@ class _CheckFailed(Exception):
 
 def cmd_serve(a: argparse.Namespace, ctx: Context) -> Result:
     from . import server
-    info = server.serve(ctx.store, listen=a.listen, foreground=a.foreground).to_dict()
+    info = server.serve(ctx.store, listen=a.listen, foreground=a.foreground,
+                        threads=a.threads).to_dict()
     lines = [f"serving {ctx.store} (pid {info['pid']})",
              f"  volume:   {server.export_uri(info['listen'], 'VOLUME')}",
              f"  snapshot: {server.export_uri(info['listen'], 'VOLUME@SNAPSHOT')}"]
@@ -598,6 +599,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", metavar="tcp:127.0.0.1:PORT",
                    help="also listen on TCP (loopback only)")
     p.add_argument("--foreground", action="store_true", help="do not go to the background")
+    p.add_argument("--threads", choices=("serialized", "parallel"), default=None,
+                   help="nbdkit's thread model: serialized (the default: one request at a "
+                   "time, the fastest for a Python plugin, see benchmarks/report.md) or "
+                   "parallel (requests overlap in syscalls: better when the pool's disk is "
+                   "slow and reads miss the page cache)")
 
     p = _command(sub, "stop", cmd_stop, "stop the server", """
         Flushes, disconnects clients, closes the store and waits for the server to exit.

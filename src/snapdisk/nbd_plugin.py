@@ -19,20 +19,26 @@ nbdkit forks (into the background) after loading this module and before serving,
 (LMDB environment, flock on STORE/lock, the C core's thread pool) and the control server's
 threads start in after_fork, never at import or in config.
 
-Threads: PARALLEL.  The Engine is thread-safe (see volume.py: live reads and in-place writes are
-one C call each that releases the GIL; map changes serialize in LMDB's write transaction).
+Threads: `threads=serialized` (the default; nbdkit's SERIALIZE_REQUESTS: one request at a time
+on each connection, connections side by side) or `threads=parallel`.  The Engine is thread-safe
+either way (live reads and in-place writes are one C call each that releases the GIL; map
+changes serialize in LMDB's write transaction), so this is a speed choice, made by measurement
+(fio --ioengine=nbd, 4 KiB random at QD16 on a 2-core machine, page-cache-resident pool;
+benchmarks/report.md has the current run):
+    serialized: randread 30k IOPS (0.87-0.95x the bare Python passthrough plugin), randwrite 0.98x
+    parallel:   randread 12k IOPS: nbdkit's 16 worker threads per connection take turns at the
+                GIL, and every request then pays a GIL hand-over between threads (a futex
+                wake and a context switch); the bare passthrough plugin loses the same way.
+Not SERIALIZE_ALL_REQUESTS, though it measures the same for one connection: nbdkit 1.32 holds
+its all-requests lock through each client's handshake, so one client stalled in its handshake
+would stop every other connection.  What serialized costs: a slow request (a FLUSH's
+fdatasync, a read that misses the page cache on a slow disk) holds up the others behind it.
+`snapdisk serve --threads parallel` is there for a pool on slow storage with a working set
+larger than memory.
 
-Measured (fio 3.33 --ioengine=nbd, 4 KiB random, iodepth 16, 1 job, unix socket, 10 s; 256 MiB
-volume written in full first; ext4 on virtio; a 2-core VM shared with other jobs (load 2-6), so
-the spread is wide; each round ran the three servers back to back):
-    snapdisk (this plugin)      randread 19-37k IOPS   randwrite 17-32k IOPS
-    nbdkit python, no-op plugin randread 37-56k IOPS   randwrite 43-55k IOPS
-    nbdkit file (C), same disk  randread 85-115k IOPS  randwrite 46-79k IOPS
-In process, this shim adds 0.65 us to the engine's 1.4 us 4 KiB read (a page-cache hit); the
-rest is nbdkit's Python plugin itself (a callback costs ~20 us at this depth, mostly the GIL
-changing hands between nbdkit's 16 worker threads), which is the ceiling a Python plugin has
-here.  Changing sys.setswitchinterval or nbdkit --threads (2, 4, 16) made no difference beyond
-the noise.
+The hot path (pread, pwrite) is written flat, with the Engine's callables bound per connection at
+open(): in process it costs 3.0 us a 4 KiB read (os.preadv alone: 1.0 us), of which 0.5 us is the
+C core's map lookup and 0.3 us cffi's from_buffer.
 """
 
 from __future__ import annotations
@@ -63,7 +69,11 @@ _engine: Engine | None = None
 _control: ControlServer | None = None
 _connections = Connections(on_revoke=lambda hs: _disconnect(hs))
 
-BLOCK_SIZE = (512, 4096, 32 << 20)  # minimum, preferred, maximum request (bytes)
+BLOCK_SIZE = (512, 4096, 32 << 20)
+_FUA = nbdkit.FLAG_FUA
+THREAD_MODELS = {"parallel": nbdkit.THREAD_MODEL_PARALLEL,
+                 "serialized": nbdkit.THREAD_MODEL_SERIALIZE_REQUESTS}
+DEFAULT_THREADS = "serialized"  # minimum, preferred, maximum request (bytes)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -124,8 +134,11 @@ def _eng() -> Engine:
 
 @_guarded
 def config(key: str, value: str) -> None:
-    if key not in ("store", "log", "listen"):
-        raise errors.InvalidArgument(f"unknown parameter {key!r} (takes store=, log=, listen=)")
+    if key not in ("store", "log", "listen", "threads"):
+        raise errors.InvalidArgument(
+            f"unknown parameter {key!r} (takes store=, log=, listen=, threads=)")
+    if key == "threads" and value not in THREAD_MODELS:
+        raise errors.InvalidArgument(f"threads={value!r}: one of {', '.join(THREAD_MODELS)}")
     _params[key] = os.path.abspath(value) if key in ("store", "log") else value
 
 
@@ -140,7 +153,7 @@ def config_complete() -> None:
 
 
 def thread_model() -> int:
-    return int(nbdkit.THREAD_MODEL_PARALLEL)
+    return int(THREAD_MODELS[_params.get("threads", DEFAULT_THREADS)])
 
 
 @_guarded
@@ -313,6 +326,10 @@ def open(readonly: bool) -> Connection:
     try:
         if _resolve(export)[:2] != (h.vol, h.epoch):  # deleted or re-made meanwhile
             raise errors.NotFound(f"export {export!r} went away while connecting")
+        if h.epoch is None:
+            h.read, h.write = _eng().live_io(h.vol)
+        else:
+            h.read = _eng().snapshot_reader(h.vol, h.epoch)
         _claim_socket(h)
     except BaseException:
         _connections.unregister(h)
@@ -389,24 +406,42 @@ def can_multi_conn(h: Connection) -> bool:
 
 
 # ---- I/O: one delegation each -------------------------------------------------------------
+#
+# pread and pwrite are the hot path: written out flat (no decorator, the engine's callables
+# bound at open) because every Python call is ~0.1 us of a per-request budget of a few us.
 
-@_io
+_enter = _connections.enter
+_leave = _connections.leave
+
+
 def pread(h: Connection, buf: Any, offset: int, flags: int) -> None:
-    if h.epoch is None:
-        _eng().read_into(h.vol, offset, buf)
-    else:
-        buf[:] = _eng().read_snapshot(h.vol, h.epoch, offset, len(buf))
+    try:
+        _enter(h)
+        try:
+            h.read(offset, buf)  # type: ignore[misc]
+        finally:
+            _leave(h)
+    except Exception as e:
+        raise _failure("pread", e) from None
+
+
+def pwrite(h: Connection, buf: Any, offset: int, flags: int) -> None:
+    try:
+        _enter(h)
+        try:
+            if h.write is None:
+                _writable(h)
+            h.write(offset, buf, flags & _FUA)  # type: ignore[misc]
+        finally:
+            _leave(h)
+    except Exception as e:
+        raise _failure("pwrite", e) from None
 
 
 def _writable(h: Connection) -> int:
     if h.epoch is not None:
         raise errors.ReadOnly(f"export {h.export!r} is a snapshot: read-only")
     return h.vol
-
-
-@_io
-def pwrite(h: Connection, buf: Any, offset: int, flags: int) -> None:
-    _eng().write(_writable(h), offset, buf, fua=bool(flags & nbdkit.FLAG_FUA))
 
 
 @_io

@@ -129,7 +129,8 @@ def python_path() -> list[str]:
 
 def nbdkit_command(store: str, listen: str | None = None, foreground: bool = False, *,
                    log: str | None = None, verbose: bool = False, exit_with_parent: bool = False,
-                   nbdkit: str = "nbdkit") -> tuple[list[str], dict[str, str]]:
+                   nbdkit: str = "nbdkit", threads: str | None = None
+                   ) -> tuple[list[str], dict[str, str]]:
     """The argv and environment that serve a store."""
     p = paths(store)
     kind, where, port = parse_listen(listen, p["store"])
@@ -147,6 +148,8 @@ def nbdkit_command(store: str, listen: str | None = None, foreground: bool = Fal
     argv += ["python", PLUGIN, f"store={p['store']}", f"listen={_listen_str(kind, where, port)}"]
     if log:
         argv.append(f"log={os.path.abspath(log)}")
+    if threads:
+        argv.append(f"threads={threads}")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(python_path())
     env.pop("PYTHONHOME", None)  # a venv's would point nbdkit's python at the wrong stdlib
@@ -284,7 +287,8 @@ def _kill(pid: int, timeout: float) -> None:
 # ---- serve, stop, status ------------------------------------------------------------------
 
 def serve(store: str, listen: str | None = None, foreground: bool = False, *,
-          timeout: float = 30.0, verbose: bool = False, nbdkit: str = "nbdkit") -> ServerInfo:
+          timeout: float = 30.0, verbose: bool = False, nbdkit: str = "nbdkit",
+          threads: str | None = None) -> ServerInfo:
     """Serve every volume of store over NBD, with the control socket.
 
     Background (default): returns once the NBD listener and the control socket answer, or
@@ -306,7 +310,8 @@ def serve(store: str, listen: str | None = None, foreground: bool = False, *,
         raise errors.InvalidArgument(f"socket path {where!r} is too long for a unix socket")
     _remove_stale(store, where if kind == "unix" else None)
     log = None if foreground else p["log"]
-    argv, env = nbdkit_command(store, listen, foreground, log=log, verbose=verbose, nbdkit=nbdkit)
+    argv, env = nbdkit_command(store, listen, foreground, log=log, verbose=verbose, nbdkit=nbdkit,
+                               threads=threads)
     if foreground:
         os.execvpe(argv[0], argv, env)
     log_start = os.path.getsize(p["log"]) if os.path.exists(p["log"]) else 0
