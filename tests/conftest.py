@@ -73,10 +73,11 @@ def _reap(pid: int) -> None:
 
 
 @contextlib.contextmanager
-def served_store(store: str, listen: str | None = None) -> Iterator[Served]:
+def served_store(store: str, listen: str | None = None,
+                 threads: str | None = None) -> Iterator[Served]:
     pids: list[int] = []
     try:
-        info = srv.serve(store, listen=listen, timeout=30)
+        info = srv.serve(store, listen=listen, timeout=30, threads=threads)
         pids.append(info.pid)
         yield Served(store, info.pid, info.nbd_socket, info.control_socket, info, pids)
     finally:
@@ -95,12 +96,12 @@ def served_store(store: str, listen: str | None = None) -> Iterator[Served]:
 
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[Callable[..., Served]]:
-    """served(store, listen=None) -> Served: start a server on a store the test made; it is
-    stopped by pid at teardown."""
+    """served(store, listen=None, threads=None) -> Served: start a server on a store the test
+    made; it is stopped by pid at teardown."""
     stack = contextlib.ExitStack()
 
-    def start(store: str, listen: str | None = None) -> Served:
-        return stack.enter_context(served_store(store, listen))
+    def start(store: str, listen: str | None = None, threads: str | None = None) -> Served:
+        return stack.enter_context(served_store(store, listen, threads))
 
     with stack:
         yield start

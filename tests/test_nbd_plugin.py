@@ -191,8 +191,11 @@ def test_snapshot_export_is_read_only_and_keeps_old_data(two_volumes: Served) ->
     assert s.connect(f"vm1@{sid}").pread(512, 0) == old[:512]
 
 
-def test_several_connections_at_once(two_volumes: Served) -> None:
-    s = two_volumes
+@pytest.mark.parametrize("threads", ["serialized", "parallel"])
+def test_several_connections_at_once(tmp_path: Path, served: Callable[..., Served],
+                                     threads: str) -> None:
+    """Both thread models (serve --threads) keep every connection's writes."""
+    s = served(make_store(tmp_path / "store", volumes={"vm1": 64 * MiB}), threads=threads)
     nthreads, chunk, rounds = 4, 64 * 1024, 16
     errors: list[BaseException] = []
 
@@ -217,6 +220,24 @@ def test_several_connections_at_once(two_volumes: Served) -> None:
     for t in range(nthreads):
         for r in range(rounds):
             assert h.pread(chunk, (t * rounds + r) * chunk) == pattern(t * 100 + r, chunk), (t, r)
+
+
+def test_a_stalled_handshake_does_not_stop_other_clients(two_volumes: Served) -> None:
+    """Why the default thread model is per-connection serialization, not nbdkit's
+    SERIALIZE_ALL_REQUESTS: under that, a client that connects and says nothing holds the
+    server's one request lock, and every other client hangs."""
+    import socket
+    lurker = socket.socket(socket.AF_UNIX)
+    lurker.connect(two_volumes.nbd_socket or "")
+    try:
+        result: list[bytes] = []
+        t = threading.Thread(target=lambda: result.append(two_volumes.connect("vm1").pread(BS, 0)),
+                             daemon=True)
+        t.start()
+        t.join(20)
+        assert result == [bytes(BS)], "a second client could not connect while one stalled"
+    finally:
+        lurker.close()
 
 
 def test_exports_follow_the_store(two_volumes: Served) -> None:
