@@ -144,7 +144,14 @@ int xm_open(const char *dir_path, const char *pool_path, unsigned flags, uint64_
     mdb_env_set_maxreaders(st->env, 1024);
     if ((rc = mdb_env_set_mapsize(st->env, map_bytes)))
         goto fail;
-    unsigned eflags = MDB_NOTLS | MDB_NORDAHEAD;
+    /* MDB_WRITEMAP: a commit updates the map's pages in place in the shared mapping instead of
+     * pwrite()ing each dirty page (about 11 page writes per redirected 4 KiB write: measured
+     * 25k -> 40k redirected writes/s in process).  Crash semantics are unchanged: a
+     * transaction only ever writes pages that no committed meta page references, so a process
+     * killed mid-transaction leaves garbage only in free pages.  The price: data.mdb is
+     * ftruncate()d to the map size (sparse: `du` shows what it uses), and a stray pointer in
+     * this process could scribble on the map (LMDB's caveat; no Python code can reach it). */
+    unsigned eflags = MDB_NOTLS | MDB_NORDAHEAD | MDB_WRITEMAP;
     if (!(flags & XM_OPEN_SYNC_COMMITS))
         eflags |= MDB_NOSYNC;
     if ((rc = mdb_env_open(st->env, dir_path, eflags, 0600)))
