@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--workdir", help="backing files, stores, sockets' logs, fio output "
                                       "(default /var/tmp/snapdisk-bench; emptied first, removed after)")
     ap.add_argument("--rounds", type=int, help="interleaved rounds per scenario (default 3)")
-    ap.add_argument("--seconds", type=float, help="length of one steady-state fio run (default 4)")
+    ap.add_argument("--seconds", type=float, help="length of one steady-state fio run (default 3)")
     ap.add_argument("--only", help="comma-separated scenarios: " + ",".join(scenarios.SCENARIOS))
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     return ap.parse_args(argv)
@@ -70,14 +70,55 @@ def selected(only: str | None) -> list[str]:
     return [n for n in scenarios.SCENARIOS if n in names]
 
 
-def take_lock() -> int:
+def _ancestors() -> set[int]:
+    out, pid = set(), os.getppid()
+    while pid > 1 and pid not in out:
+        out.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                pid = int(f.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return out
+
+
+def _holders(path: str) -> set[int]:
+    """Pids holding a flock on path (from /proc/locks)."""
+    st = os.stat(path)
+    want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    out = set()
+    try:
+        with open("/proc/locks") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 6 and parts[1] == "FLOCK" and parts[5] == want:
+                    out.add(int(parts[4]))
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+def take_lock() -> int | None:
+    """The exclusive flock on LOCK for the whole run; None if one of our ancestors already holds
+    it (`flock /tmp/snapdisk-bench.lock scripts/bench`), which would otherwise deadlock."""
     fd = os.open(LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd
     except BlockingIOError:
-        print(f"bench: waiting for {LOCK} (another measurement is running)", file=sys.stderr, flush=True)
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        if _holders(LOCK) & _ancestors():
+            os.close(fd)
+            return None
+    print(f"bench: waiting for {LOCK} (another measurement is running)", file=sys.stderr, flush=True)
+    fcntl.flock(fd, fcntl.LOCK_EX)
     return fd
+
+
+def _save(out: str, results: dict[str, Any]) -> None:
+    tmp = os.path.join(out, "results.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, os.path.join(out, "results.json"))
 
 
 def _terminate(signum: int, frame: Any) -> None:
@@ -106,23 +147,28 @@ def run(args: argparse.Namespace) -> int:
                 t0 = time.monotonic()
                 try:
                     results["scenarios"][name] = scenarios.SCENARIOS[name](lab)
+                except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: report what ran, stop
+                    results["errors"][name] = f"interrupted ({e or 'SIGINT'})"
+                    break
                 except Exception:
                     results["errors"][name] = traceback.format_exc()
                     print(f"bench: {name} failed:\n{results['errors'][name]}", file=sys.stderr, flush=True)
                     lab.stop_all()
-                results["seconds"][name] = round(time.monotonic() - t0, 1)
+                finally:
+                    results["seconds"][name] = round(time.monotonic() - t0, 1)
+                    results["prep_seconds"] = lab.prep_seconds
+                    _save(out, results)  # so that a crash later still leaves the data
                 print(f"bench: {name} done in {results['seconds'][name]} s", file=sys.stderr, flush=True)
-            results["prep_seconds"] = lab.prep_seconds
         finally:
             lab.close()
     finally:
-        os.close(lock)
+        if lock is not None:
+            os.close(lock)
     results["total_seconds"] = round(time.monotonic() - t_start, 1)
     results["machine"]["loadavg_end"] = sysinfo.loadavg()
     results["pids"] = list(peers.STARTED)
     results["leftovers"] = peers.leftovers()
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    _save(out, results)
     report.write(out, results)
     print(f"bench: report in {os.path.join(out, 'report.md')} ({results['total_seconds']} s)",
           file=sys.stderr)

@@ -41,7 +41,7 @@ class Settings:
     workdir: str = "/var/tmp/snapdisk-bench"
     keep: bool = False
     rounds: int = 3
-    seconds: float = 4.0  # one steady-state fio run (after ramp_s)
+    seconds: float = 3.0  # one steady-state fio run (after ramp_s)
     ramp_s: float = 1.0
     size: int = 4 * GIB  # every volume
     nsnaps: int = 255
@@ -51,7 +51,8 @@ class Settings:
     small_written: int = 64 * MIB  # scenario 4
     latency_seconds: float = 5.0  # scenario 4: one fio run with snapshots every interval
     latency_interval: float = 0.2
-    fractions: tuple[float, ...] = (0.01, 0.10, 0.50)  # scenario 5
+    fractions: tuple[float, ...] = (0.01, 0.10, 0.50)  # scenario 5, of a volume of rollback_size
+    rollback_size: int = 1 * GIB
     rss_written: int = 4 * GIB  # scenario 6
     core_seconds: float = 0.3  # scenario 7 (per timed batch)
 
@@ -59,7 +60,7 @@ class Settings:
     def quick_mode(cls, workdir: str) -> Settings:
         return cls(quick=True, workdir=workdir, rounds=1, seconds=0.5, ramp_s=0.0, size=64 * MIB,
                    nsnaps=8, first_write_bytes=4 * MIB, live_seconds=2.0, live_region=64 * MIB,
-                   small_written=4 * MIB, latency_seconds=1.5, latency_interval=0.2,
+                   small_written=4 * MIB, latency_seconds=1.5, latency_interval=0.2, rollback_size=64 * MIB,
                    rss_written=64 * MIB, core_seconds=0.02)
 
     def to_dict(self) -> dict[str, Any]:
@@ -407,16 +408,17 @@ def rollback_delete(lab: Lab) -> dict[str, Any]:
     st0 = lab.store(0)
     sd = lab.snapdisk(st0, name="snapdisk")
     vol = "rb"
+    size = min(s.rollback_size, s.size)
     rows: list[dict[str, Any]] = []
     rw, rr = fio.WORKLOADS["randwrite"], fio.WORKLOADS["randread"]
     try:
         sd.start()
         if vol not in [v["name"] for v in sd.call("volume.list")]:
-            sd.call("volume.create", name=vol, size_bytes=s.size)
-        fio.run(sd.target(vol), fio.WORKLOADS["seqwrite"], lab.fio_dir, "s5-fill", io_size=s.size)
+            sd.call("volume.create", name=vol, size_bytes=size)
+        fio.run(sd.target(vol), fio.WORKLOADS["seqwrite"], lab.fio_dir, "s5-fill", io_size=size)
         for r in range(s.rounds):
             for f in rotate(list(s.fractions), r):
-                changed = max(4096, int(f * s.size) // 4096 * 4096)
+                changed = max(4096, int(f * size) // 4096 * 4096)
                 tag = f"s5-r{r}-{round(f * 100)}"
                 # delete: snapshot a, change f of the volume (distinct random 4 KiB blocks), then
                 # delete a (it owns exactly what changed) while fio reads.
@@ -452,7 +454,7 @@ def rollback_delete(lab: Lab) -> dict[str, Any]:
                              "delete_log": [(t - t0, v) for t, v in io.log]})
     finally:
         lab.stop_all()
-    return {"volume_bytes": s.size, "rows": rows}
+    return {"volume_bytes": size, "rows": rows}
 
 
 # ---- 6. server RSS while writing ------------------------------------------------------------
