@@ -2,6 +2,7 @@
 
     python -m benchmarks.run [--quick] [--out DIR] [--workdir DIR] [--rounds N] [--seconds S]
                              [--only SCENARIO,...] [--keep]
+    python -m benchmarks.run --report-only OUT/results.json    # the report again, nothing measured
 
 Writes OUT/report.md, OUT/*.png and OUT/results.json (every number the report shows, and the
 pids of every server it started).  The full run's OUT is benchmarks/ (the committed report);
@@ -46,6 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seconds", type=float, help="length of one steady-state fio run (default 3)")
     ap.add_argument("--only", help="comma-separated scenarios: " + ",".join(scenarios.SCENARIOS))
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--report-only", metavar="RESULTS_JSON",
+                    help="measure nothing: rewrite the report (in --out, default beside the file) from a "
+                         "results.json")
     return ap.parse_args(argv)
 
 
@@ -125,7 +129,17 @@ def _terminate(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")  # so that every finally stops its servers
 
 
+def rewrite_report(results_json: str, out: str | None) -> int:
+    with open(results_json) as f:
+        results = json.load(f)
+    path = report.write(out or os.path.dirname(os.path.abspath(results_json)), results)
+    print(f"bench: report in {path}", file=sys.stderr)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.report_only:
+        return rewrite_report(args.report_only, args.out)
     missing = [t for t in TOOLS if shutil.which(t) is None]
     if missing:
         print(f"bench: missing {', '.join(missing)} (run scripts/setup)", file=sys.stderr)
