@@ -59,6 +59,7 @@ U32_BE = struct.Struct(">I")
 U32 = struct.Struct("<I")
 KINDS = ("manual", "auto")
 MAX_VOLUME_BYTES = 1 << 50
+PUNCH_BULK_MIN_BLOCKS = 256  # 1 MiB: see Engine._punch
 
 
 def check_name(name: str, what: str) -> None:
@@ -294,7 +295,7 @@ class Engine:
             self.native.vol_forget(vol)
         finally:
             self.native.gate_open()
-        self._punch(freed)
+        self._punch(freed, PUNCH_BULK_MIN_BLOCKS)
 
     # ---- snapshots --------------------------------------------------------------------------
 
@@ -331,7 +332,7 @@ class Engine:
             self._configure(vs)
         finally:
             self.native.gate_open()
-        self._punch(freed)
+        self._punch(freed, PUNCH_BULK_MIN_BLOCKS)
         return SnapshotInfo(volume, epoch, name, snap["created"], kind, policy, vs.size_bytes,
                             snap["referenced_blocks"] * BLOCK_SIZE)
 
@@ -420,7 +421,7 @@ class Engine:
             self._delete_snapshot_locked(t, vs, meta, self._snap_epoch(t, vol, snap), freed)
         # Lowering max_snap only lets more writes go in place; tell the hot path under the gate.
         self._configure_gated(vs)
-        self._punch(freed)
+        self._punch(freed, PUNCH_BULK_MIN_BLOCKS)
 
     def _delete_snapshot_locked(self, t: Txn, vs: VolState, meta: dict[str, Any], epoch: int,
                                 freed: list[tuple[int, int]]) -> None:
@@ -468,7 +469,7 @@ class Engine:
             self._configure(vs)
         finally:
             self.native.gate_open()
-        self._punch(freed)
+        self._punch(freed, PUNCH_BULK_MIN_BLOCKS)
 
     def clone(self, volume: str, snap: str | int, new_name: str) -> VolumeInfo:
         """A new volume whose content is the snapshot's, sharing its blocks: O(metadata of the
@@ -702,9 +703,15 @@ class Engine:
         self.native.sync()
         return self._release_pending(seq) > 0
 
-    def _punch(self, freed: list[tuple[int, int]]) -> None:
+    def _punch(self, freed: list[tuple[int, int]], min_blocks: int = 1) -> None:
+        """Give freed runs' space back to the pool's filesystem.  Bulk frees (snapshot and
+        volume delete, rollback) pass min_blocks=PUNCH_BULK_MIN_BLOCKS: ext4 takes ~0.4 ms a
+        punch (measured: 6 of the 8 s of deleting a snapshot that owned 32k scattered
+        blocks), and each small hole splits pool.dat's extent tree.  Smaller freed runs stay
+        allocated in the file; they are free in the allocator and the next writes reuse them."""
         for pbn, n in extmap.merge_ranges([(p, p + n) for p, n in freed]):
-            self.pool.punch(pbn, n - pbn)
+            if n - pbn >= min_blocks:
+                self.pool.punch(pbn, n - pbn)
 
     def block_status(self, vol: int, offset: int, length: int) -> list[tuple[int, int, bool]]:
         """(offset, length, allocated) runs covering [offset, offset+length), block-aligned
