@@ -553,6 +553,17 @@ def section_core(doc: Doc, d: dict[str, Any], targets: list[Target]) -> None:
 
 # ---- the whole report -----------------------------------------------------------------------------
 
+def _code(code: dict[str, str]) -> str:
+    """The code version(s) the run measured: one, or each scenario's when it changed mid-run."""
+    versions = list(dict.fromkeys(code.values()))
+    if not versions:
+        return "not recorded"
+    if len(versions) == 1:
+        return versions[0]
+    return ("**changed during the run** (the servers load the work tree when they start): "
+            + "; ".join(f"{k}: {v}" for k, v in code.items()))
+
+
 def header(doc: Doc, res: dict[str, Any]) -> None:
     m, s = res["machine"], res["settings"]
     total = res.get("total_seconds") or sum(res.get("seconds", {}).values())
@@ -571,6 +582,7 @@ def header(doc: Doc, res: dict[str, Any]) -> None:
                     f"kernel {m['kernel']}"],
         ["disk (work directory)", m["disk"]],
         ["tools", f"{m['nbdkit']}; {m['qemu']}; {m['fio']}; Python {m['python']}"],
+        ["code", _code(res.get("code", {}))],
         ["load average", f"{m['loadavg_start']} at start, {m.get('loadavg_end', '?')} at end"],
         ["volume", f"{human_bytes(s['size'])}, 4 KiB blocks; {s['nsnaps']} snapshots where it says so"],
         ["rounds", f"{s['rounds']}; steady-state runs {s['seconds']} s after {s['ramp_s']} s of ramp"],

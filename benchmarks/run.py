@@ -158,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             for name in names:
                 print(f"bench: {name} ...", file=sys.stderr, flush=True)
+                results.setdefault("code", {})[name] = sysinfo.code_version()
                 t0 = time.monotonic()
                 try:
                     results["scenarios"][name] = scenarios.SCENARIOS[name](lab)
@@ -180,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
             os.close(lock)
     results["total_seconds"] = round(time.monotonic() - t_start, 1)
     results["machine"]["loadavg_end"] = sysinfo.loadavg()
+    results.setdefault("code", {})["end"] = sysinfo.code_version()
     results["pids"] = list(peers.STARTED)
     results["leftovers"] = peers.leftovers()
     _save(out, results)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import subprocess
@@ -47,6 +48,27 @@ def _disk(path: str) -> str:
         return " ".join(out[-1].split()) if len(out) > 1 else "?"
     except (OSError, subprocess.TimeoutExpired):
         return "?"
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def code_version() -> str:
+    """The code under test: HEAD, plus a digest of uncommitted changes to src/ and native/ (the
+    servers load whatever the work tree holds when they start)."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                                  timeout=30).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    diff = git("diff", "HEAD", "--", "src", "native")
+    if not diff:
+        return head
+    files = git("diff", "HEAD", "--name-only", "--", "src", "native").split()
+    digest = hashlib.sha1(diff.encode()).hexdigest()[:8]
+    return f"{head} + uncommitted {digest} ({', '.join(files)})"
 
 
 def machine(workdir: str) -> dict[str, Any]:
