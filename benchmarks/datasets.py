@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import random
 import subprocess
+from collections.abc import Callable
 
 from benchmarks import peers
 
@@ -43,7 +44,7 @@ def qcow2_from_raw(raw: str, image: str) -> None:
                    capture_output=True)
 
 
-def _nbd_writes(uri: str, size: int, nsnaps: int, snapshot: object, seed: int,
+def _nbd_writes(uri: str, size: int, nsnaps: int, snapshot: Callable[[str], None], seed: int,
                 rewrite: bool) -> None:
     """Through libnbd: before each of nsnaps snapshots, SNAP_WRITES random 4 KiB writes; then,
     if rewrite, the whole export rewritten in 1 MiB pieces."""
@@ -57,7 +58,7 @@ def _nbd_writes(uri: str, size: int, nsnaps: int, snapshot: object, seed: int,
             for _ in range(SNAP_WRITES):
                 h.pwrite(rng.randbytes(4096), rng.randrange(nblocks) * 4096)
             h.flush()
-            snapshot(f"s{i + 1}")  # type: ignore[operator]
+            snapshot(f"s{i + 1}")
         if rewrite:
             piece = rng.randbytes(MIB)
             for off in range(0, size, MIB):

@@ -199,9 +199,3 @@ def version() -> str:
         return subprocess.run(["fio", "--version"], capture_output=True, text=True).stdout.strip()
     except OSError:
         return "not installed"
-
-
-def describe() -> str:
-    """The fio options every job shares, for the report."""
-    return ("fio --ioengine=nbd --uri=nbd+unix:///EXPORT?socket=SOCK (or io_uring, buffered, on the raw "
-            "file) " + " ".join(COMMON[:-1]) + " --randrepeat=0")

@@ -24,7 +24,6 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import time
 from typing import Any
 
@@ -114,7 +113,8 @@ class Peer:
 
 
 class RawFile(Peer):
-    def __init__(self, path: str, name: str = "raw-fio", label: str = "fio on the raw file (io_uring)"):
+    def __init__(self, path: str, name: str = "raw-fio",
+                 label: str = "fio on the raw file (io_uring)") -> None:
         self.path, self.name, self.label = path, name, label
 
     def target(self, export: str = EXPORT) -> Target:
@@ -366,7 +366,3 @@ def version(cmd: list[str]) -> str:
     except (OSError, subprocess.TimeoutExpired):
         return "not installed"
     return out.splitlines()[0] if out else "unknown"
-
-
-def python_for_nbdkit() -> str:
-    return sys.executable
