@@ -54,15 +54,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def code_version() -> str:
-    """The code under test: HEAD, plus a digest of uncommitted changes to src/ and native/ (the
-    servers load whatever the work tree holds when they start)."""
+    """The code under test: the last commit that changed src/ or native/, plus a digest of their
+    uncommitted changes (the servers load whatever the work tree holds when they start)."""
     def git(*args: str) -> str:
         try:
             return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
                                   timeout=30).stdout.strip()
         except (OSError, subprocess.TimeoutExpired):
             return ""
-    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    head = git("log", "-1", "--format=%h", "--", "src", "native") or "unknown"  # last commit touching them
     diff = git("diff", "HEAD", "--", "src", "native")
     if not diff:
         return head
