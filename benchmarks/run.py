@@ -41,8 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="tiny sizes, one round: checks the suite runs")
     ap.add_argument("--out", help="where report.md, the PNGs and results.json go "
                                   "(default: benchmarks/, or a temporary directory with --quick)")
-    ap.add_argument("--workdir", help="backing files, stores, sockets' logs, fio output "
-                                      "(default /var/tmp/snapdisk-bench; emptied first, removed after)")
+    ap.add_argument("--workdir", help="backing files, stores, servers' logs, fio output (default "
+                                      "/var/tmp/snapdisk-bench; emptied first if the suite made it, "
+                                      "removed after unless --keep)")
     ap.add_argument("--rounds", type=int, help="interleaved rounds per scenario (default 3)")
     ap.add_argument("--seconds", type=float, help="length of one steady-state fio run (default 3)")
     ap.add_argument("--only", help="comma-separated scenarios: " + ",".join(scenarios.SCENARIOS))

@@ -32,6 +32,7 @@ from benchmarks import datasets, fio, peers
 MIB = 1 << 20
 GIB = 1 << 30
 HERE = os.path.dirname(os.path.abspath(__file__))
+MARKER = ".snapdisk-bench"
 P = TypeVar("P")
 
 
@@ -91,8 +92,12 @@ class Lab:
         self.s = s
         self.dir = os.path.abspath(s.workdir)
         if os.path.exists(self.dir):
+            # Only a directory this suite made (or an empty one) is emptied: never a user's.
+            if os.listdir(self.dir) and not os.path.exists(os.path.join(self.dir, MARKER)):
+                raise RuntimeError(f"--workdir {self.dir} is not empty and was not made by the benchmarks")
             shutil.rmtree(self.dir)
         os.makedirs(self.dir)
+        open(os.path.join(self.dir, MARKER), "w").close()
         self.fio_dir = os.path.join(self.dir, "fio")
         os.makedirs(self.fio_dir)
         # Unix socket paths are limited to 107 bytes: the daemons' sockets go in a short dir.
