@@ -526,8 +526,8 @@ class Engine:
 
         def write(offset: int, data: Any, fua: bool) -> None:
             if not write_fast(offset, data):
-                self.write(vol, offset, data, fua)  # the redirect and general paths
-            elif fua:
+                self._write_moved(vol, offset, data)
+            if fua:
                 self.flush()
 
         return read, write
@@ -541,11 +541,15 @@ class Engine:
     def write(self, vol: int, offset: int, data: Any, fua: bool = False) -> None:
         """In place (no map change, no LMDB writer lock) when possible; else redirect-on-write
         in C; else (shared blocks, a full pool) the general path in Python."""
-        if not self.native.write_fast(vol, offset, data) and (
-                not self._c_redirect or not self.native.write_redirect(vol, offset, data)):
-            self._gated_write(vol, offset, data)
+        if not self.native.write_fast(vol, offset, data):
+            self._write_moved(vol, offset, data)
         if fua:
             self.flush()
+
+    def _write_moved(self, vol: int, offset: int, data: Any) -> None:
+        """The write the in-place path declined: redirect-on-write in C, else in Python."""
+        if not self._c_redirect or not self.native.write_redirect(vol, offset, data):
+            self._gated_write(vol, offset, data)
 
     def _gated_write(self, vol: int, offset: int, data: Any) -> None:
         for attempt in (0, 1):
