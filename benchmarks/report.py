@@ -218,29 +218,24 @@ def section_steady(doc: Doc, d: dict[str, Any], targets: list[Target]) -> None:
     ax.legend(fontsize=7, ncol=2)
     doc.figure("steady_state.png", fig, "steady state")
 
-    snap_n, snap_0 = f"snapdisk-{n}-{mode}", f"snapdisk-0-{mode}"
+    snap_n = f"snapdisk-{n}-{mode}"
     other = [m for m in d["thread_models"] if m != mode]
-    for w in wl:
-        note = ""
-        if other:
-            alt = steady_ratios(d, f"snapdisk-{n}-{other[0]}", best_passthrough(d), w)
-            note = f"threads={other[0]}: {fmt_span(alt)}"
-        targets.append(Target(f"{wl[w]}: snapdisk, {n} snapshots / Python passthrough (better mode)",
-                              steady_ratios(d, snap_n, best_passthrough(d), w), lo=0.9, note=note))
-    for w in wl:
-        note = ""
-        if other:
-            note = f"threads={other[0]}: " + fmt_span(steady_ratios(d, f"snapdisk-{n}-{other[0]}",
-                                                                     f"qemu-nbd-qcow2-{n}", w))
-        targets.append(Target(f"{wl[w]}: snapdisk, {n} snapshots / qemu-nbd qcow2, {n} snapshots",
-                              steady_ratios(d, snap_n, f"qemu-nbd-qcow2-{n}", w), lo=1.0, note=note))
-    for w in wl:
-        note = ""
-        if other:
-            note = f"threads={other[0]}: " + fmt_span(steady_ratios(d, f"snapdisk-{n}-{other[0]}",
-                                                                     f"snapdisk-0-{other[0]}", w))
-        targets.append(Target(f"{wl[w]}: snapdisk live volume, {n} snapshots / none",
-                              steady_ratios(d, snap_n, snap_0, w), lo=0.95, note=note))
+    # (what against, its peer name for a given thread model, goal): the default thread model is
+    # the target; the other one's ratio goes in the note.
+    comparisons = [
+        ("Python passthrough (better mode)", lambda m: best_passthrough(d), 0.9),
+        (f"qemu-nbd qcow2, {n} snapshots", lambda m: f"qemu-nbd-qcow2-{n}", 1.0),
+        ("none", lambda m: f"snapdisk-0-{m}", 0.95),
+    ]
+    for against, peer_for, goal in comparisons:
+        subject = "snapdisk live volume" if against == "none" else "snapdisk"
+        for w in wl:
+            note = ""
+            if other:
+                alt = steady_ratios(d, f"snapdisk-{n}-{other[0]}", peer_for(other[0]), w)
+                note = f"threads={other[0]}: {fmt_span(alt)}"
+            targets.append(Target(f"{wl[w]}: {subject}, {n} snapshots / {against}",
+                                  steady_ratios(d, snap_n, peer_for(mode), w), lo=goal, note=note))
     raw_w = [metric(r, "randwrite") for r in d["rows"]
              if r["peer"] == "raw-fio" and r["workload"] == "randwrite"]
     doc(f"The targets use snapdisk's default thread model (threads={mode}); the other model's "
@@ -252,6 +247,14 @@ def section_steady(doc: Doc, d: dict[str, Any], targets: list[Target]) -> None:
         "servers themselves.", "")
 
 
+def grouped(rows: list[dict[str, Any]], key: str) -> dict[Any, list[dict[str, Any]]]:
+    """rows by their value of key, in first-seen order."""
+    out: dict[Any, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        out[r[key]].append(r)
+    return out
+
+
 # ---- 2. first writes after a snapshot ---------------------------------------------------------
 
 def section_first_writes(doc: Doc, d: dict[str, Any], steady: dict[str, Any] | None,
@@ -259,9 +262,7 @@ def section_first_writes(doc: Doc, d: dict[str, Any], steady: dict[str, Any] | N
     rows = d["rows"]
     writes, clusters = d["bytes"] / 4096, volume_bytes / (64 << 10)
     fresh = clusters / writes * (1 - math.exp(-writes / clusters)) if writes else 0.0
-    by_peer: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in rows:
-        by_peer[r["peer"]].append(r)
+    by_peer = grouped(rows, "peer")
     doc("## 2. First writes after a snapshot", "",
         f"A snapshot, then {human_bytes(d['bytes'])} of 4 KiB random writes at QD16 (fio's random map: "
         "each block once) to blocks the snapshot shares.  snapdisk takes the snapshot through its "
@@ -325,9 +326,7 @@ def section_live(doc: Doc, d: dict[str, Any], targets: list[Target]) -> list[flo
         "")
     table = []
     sd_lat: list[float] = []
-    by: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in rows:
-        by[r["peer"]].append(r)
+    by = grouped(rows, "peer")
     for p in d["peers"]:
         rs = by[p["name"]]
         ratios = [r["snap"]["iops"] / r["none"]["iops"] for r in rs if r["none"]["iops"]]
@@ -426,9 +425,7 @@ def section_latency(doc: Doc, d: dict[str, Any], live: dict[str, Any] | None, li
 
 def section_rollback(doc: Doc, d: dict[str, Any], targets: list[Target]) -> None:
     rows = d["rows"]
-    by: dict[float, list[dict[str, Any]]] = defaultdict(list)
-    for r in rows:
-        by[r["fraction"]].append(r)
+    by = grouped(rows, "fraction")
     doc("## 5. Rollback and snapshot delete against the data changed", "",
         f"A fresh {human_bytes(d['volume_bytes'])} volume written in full.  For each fraction, each round: "
         "snapshot *a*, change that fraction of the volume (distinct random 4 KiB blocks), delete *a* (it "
@@ -571,7 +568,7 @@ def header(doc: Doc, res: dict[str, Any]) -> None:
     total = res.get("total_seconds") or sum(res.get("seconds", {}).values())
     doc("# snapdisk benchmarks", "",
         f"Generated by `scripts/bench{' --quick' if s['quick'] else ''}` on "
-        f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC in {total / 60:.1f} min"
+        f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(res.get('finished_at')))} UTC in {total / 60:.1f} min"
         + (" (**quick mode: tiny sizes, one round; the numbers mean nothing**)" if s["quick"] else "")
         + ".", "",
         "## What was measured, on what", "",

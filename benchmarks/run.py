@@ -181,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
         if lock is not None:
             os.close(lock)
     results["total_seconds"] = round(time.monotonic() - t_start, 1)
+    results["finished_at"] = time.time()
     results["machine"]["loadavg_end"] = sysinfo.loadavg()
     results.setdefault("code", {})["end"] = sysinfo.code_version()
     results["pids"] = list(peers.STARTED)
