@@ -17,7 +17,6 @@ snapdisk in the background as `snapdisk serve` does, stopped through its control
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import os
 import signal
@@ -276,21 +275,12 @@ class QemuStorageDaemon(Daemon):
         self.qmp.execute("blockdev-snapshot-delete-internal-sync", device="disk", name=name)
 
 
-def _serve_takes_threads() -> bool:
-    from snapdisk import server as srv
-    return "threads" in inspect.signature(srv.serve).parameters
-
-
 class Snapdisk(Peer):
     """snapdisk serving a store (every volume an export), as `snapdisk serve` does."""
 
     def __init__(self, store: str, threads: str | None, name: str, label: str) -> None:
         self.store, self.threads, self.name, self.label = store, threads, name, label
         self.info: Any = None
-
-    @staticmethod
-    def thread_models_supported() -> bool:
-        return _serve_takes_threads()
 
     @property
     def pid(self) -> int | None:
@@ -300,8 +290,7 @@ class Snapdisk(Peer):
         from snapdisk import server as srv
         if self.info is not None and alive(self.info.pid):
             return
-        kw: dict[str, Any] = {"threads": self.threads} if self.threads and _serve_takes_threads() else {}
-        self.info = srv.serve(self.store, timeout=timeout, **kw)
+        self.info = srv.serve(self.store, timeout=timeout, threads=self.threads)
         STARTED.append(self.info.pid)
 
     def stop(self) -> None:

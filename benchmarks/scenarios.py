@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
 from benchmarks import datasets, fio, peers
+from snapdisk.server import DEFAULT_THREADS, THREAD_MODELS
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -71,18 +72,6 @@ class Settings:
 def rotate(items: list[P], k: int) -> list[P]:
     k %= max(1, len(items))
     return items[k:] + items[:k]
-
-
-def default_threads() -> str:
-    """The plugin's default thread model, read from its source (it imports nbdkit, so it cannot
-    be imported here)."""
-    path = os.path.join(os.path.dirname(HERE), "src", "snapdisk", "nbd_plugin.py")
-    try:
-        with open(path) as f:
-            m = re.search(r'^DEFAULT_THREADS\s*=\s*"(\w+)"', f.read(), re.M)
-    except OSError:
-        m = None
-    return m.group(1) if m else "parallel"
 
 
 class Lab:
@@ -164,7 +153,7 @@ class Lab:
                 p.stop()
 
     def snapdisk(self, store: str, threads: str | None = None, name: str = "snapdisk") -> peers.Snapdisk:
-        return self.track(peers.Snapdisk(store, threads or default_threads(), name, name))
+        return self.track(peers.Snapdisk(store, threads or DEFAULT_THREADS, name, name))
 
     def close(self) -> None:
         self.stop_all()
@@ -201,7 +190,7 @@ def steady_state(lab: Lab) -> dict[str, Any]:
                       lab.log(f"qemu-nbd-{n}")),
     ]
     groups: dict[str, peers.Shared] = {}
-    modes = ["parallel", "serialized"] if peers.Snapdisk.thread_models_supported() else [default_threads()]
+    modes = list(THREAD_MODELS)
     for k, store in ((0, st0), (n, stn)):
         groups[store] = peers.Shared()
         for mode in modes:
@@ -231,7 +220,7 @@ def steady_state(lab: Lab) -> dict[str, Any]:
     lab.drop(f"snapdisk-{n}")
     return {"peers": [{"name": p.name, "label": p.label} for p in ps],
             "workloads": {w.name: w.label for w in fio.WORKLOADS.values()},
-            "thread_models": modes, "default_threads": default_threads(), "nsnaps": n,
+            "thread_models": modes, "default_threads": DEFAULT_THREADS, "nsnaps": n,
             "rows": rows, "cache_before": cache_before, "cache_after": cache_after}
 
 

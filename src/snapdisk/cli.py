@@ -464,6 +464,7 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .server import THREAD_MODELS
     parser = argparse.ArgumentParser(
         prog="snapdisk", formatter_class=_Formatter, description=MAIN_DESCRIPTION,
         epilog=MAIN_EXAMPLES + "\n" + exit_codes_text())
@@ -599,7 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", metavar="tcp:127.0.0.1:PORT",
                    help="also listen on TCP (loopback only)")
     p.add_argument("--foreground", action="store_true", help="do not go to the background")
-    p.add_argument("--threads", choices=("serialized", "parallel"), default=None,
+    p.add_argument("--threads", choices=THREAD_MODELS, default=None,
                    help="nbdkit's thread model: serialized (the default: one request at a "
                    "time, the fastest for a Python plugin, see benchmarks/report.md) or "
                    "parallel (requests overlap in syscalls: better when the pool's disk is "

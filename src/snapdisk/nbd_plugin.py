@@ -60,6 +60,7 @@ import nbdkit  # provided by nbdkit's python plugin at run time
 
 from snapdisk import errors
 from snapdisk.control.server import Connection, Connections, ControlServer, StaleConnection
+from snapdisk.server import DEFAULT_THREADS, THREAD_MODELS
 from snapdisk.volume import Engine
 
 API_VERSION = 2
@@ -69,11 +70,10 @@ _engine: Engine | None = None
 _control: ControlServer | None = None
 _connections = Connections(on_revoke=lambda hs: _disconnect(hs))
 
-BLOCK_SIZE = (512, 4096, 32 << 20)
+BLOCK_SIZE = (512, 4096, 32 << 20)  # minimum, preferred, maximum request (bytes)
 _FUA = nbdkit.FLAG_FUA
-THREAD_MODELS = {"parallel": nbdkit.THREAD_MODEL_PARALLEL,
-                 "serialized": nbdkit.THREAD_MODEL_SERIALIZE_REQUESTS}
-DEFAULT_THREADS = "serialized"  # minimum, preferred, maximum request (bytes)
+_NBDKIT_THREAD_MODELS = {"parallel": nbdkit.THREAD_MODEL_PARALLEL,
+                         "serialized": nbdkit.THREAD_MODEL_SERIALIZE_REQUESTS}
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -153,7 +153,7 @@ def config_complete() -> None:
 
 
 def thread_model() -> int:
-    return int(THREAD_MODELS[_params.get("threads", DEFAULT_THREADS)])
+    return int(_NBDKIT_THREAD_MODELS[_params.get("threads", DEFAULT_THREADS)])
 
 
 @_guarded

@@ -44,6 +44,10 @@ from typing import Any
 from . import errors
 from .control.client import Client
 
+# nbdkit's thread model for the plugin (`serve --threads`); why the default: nbd_plugin's docstring.
+THREAD_MODELS = ("serialized", "parallel")
+DEFAULT_THREADS = "serialized"
+
 PLUGIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nbd_plugin.py")
 NBD_MAGIC = b"NBDMAGIC"
 IHAVEOPT = b"IHAVEOPT"
