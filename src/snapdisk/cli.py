@@ -395,7 +395,7 @@ def exit_codes_text() -> str:
     for cls in errors.ALL.values():
         by_code.setdefault(cls.exit_code, []).append(cls.code)
     by_code.setdefault(2, []).insert(0, "usage")
-    by_code[EXIT_INTERRUPTED] = ["interrupted (Ctrl-C)"]
+    by_code.setdefault(EXIT_INTERRUPTED, []).append("interrupted (Ctrl-C)")
     lines = ["exit codes:"]
     lines += [f"  {code:<4} {', '.join(dict.fromkeys(names))}" for code, names in sorted(by_code.items())]
     return "\n".join(lines)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno as _errno
 import os
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 from . import errors
@@ -19,6 +20,10 @@ BLOCK_SIZE: int = lib.XM_BLOCK_SIZE
 MAX_EXTENT: int = lib.XM_MAX_EXTENT
 HOLE: int = lib.XM_HOLE
 F_SHARED: int = lib.XM_F_SHARED
+VS_BIRTH_INDEXED: int = lib.XM_VS_BIRTH_INDEXED
+VS_SHARED: int = lib.XM_VS_SHARED
+INFINITY: int = lib.XM_INFINITY
+FORMAT_VERSION: int = lib.XM_FORMAT_VERSION
 
 DB_META: int = lib.XM_DB_META
 DB_VOLUMES: int = lib.XM_DB_VOLUMES
@@ -51,12 +56,8 @@ class Extent(NamedTuple):
         return self.lba + self.len
 
 
-class NativeError(errors.SnapdiskError):
-    """The C core or LMDB failed."""
-
-    def __init__(self, rc: int, what: str):
-        self.rc = rc
-        super().__init__(f"{what}: {ffi.string(lib.xm_strerror(rc)).decode()} ({rc})")
+def native_error(rc: int, what: str) -> errors.NativeError:
+    return errors.NativeError(f"{what}: {ffi.string(lib.xm_strerror(rc)).decode()} ({rc})", rc)
 
 
 def check(rc: int, what: str) -> None:
@@ -73,7 +74,7 @@ def check(rc: int, what: str) -> None:
         raise errors.ReadOnly(f"{what}: read-only")
     if rc == lib.XM_ECORRUPT:
         raise errors.Corrupt(f"{what}: corrupt map record")
-    raise NativeError(rc, what)
+    raise native_error(rc, what)
 
 
 # ---- extent arrays ------------------------------------------------------------------------
@@ -319,6 +320,25 @@ class NativeStore:
     def gate_open(self) -> None:
         lib.xm_gate_open(self.ptr)
 
+    @contextmanager
+    def gate_shared(self) -> Iterator[None]:
+        """Hold the I/O gate shared (I/O): snapshot and rollback wait for the block to end."""
+        lib.xm_gate_enter(self.ptr)
+        try:
+            yield
+        finally:
+            lib.xm_gate_leave(self.ptr)
+
+    @contextmanager
+    def gate_exclusive(self) -> Iterator[None]:
+        """Hold the I/O gate exclusively: waits for in-flight I/O and keeps new I/O out.  Not
+        recursive: code inside must not enter a gated entry point."""
+        lib.xm_gate_close(self.ptr)
+        try:
+            yield
+        finally:
+            lib.xm_gate_open(self.ptr)
+
     def vol_config(self, vol: int, size_bytes: int, max_snap: int, writable: bool) -> None:
         check(lib.xm_vol_config(self.ptr, vol, size_bytes, max_snap, 1 if writable else 0),
               "volume config")
@@ -342,6 +362,13 @@ class NativeStore:
                 return False
             check(rc, "write")
         return True
+
+    # The names the reshape settles on (xm_write_inplace / xm_write_row in C).
+    def write_inplace(self, vol: int, offset: int, data: Any) -> bool:
+        return self.write_fast(vol, offset, data)
+
+    def write_row(self, vol: int, offset: int, data: Any) -> bool:
+        return self.write_redirect(vol, offset, data)
 
     def write_redirect(self, vol: int, offset: int, data: Any) -> bool:
         """Write with redirect-on-write in one C call; False if the general path must do it

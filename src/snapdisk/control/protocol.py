@@ -19,7 +19,6 @@ beyond reading one bounded line.
 
 from __future__ import annotations
 
-import errno as _errno
 import json
 import socket
 from dataclasses import dataclass
@@ -57,20 +56,9 @@ def error_reply(req_id: JSONScalar, exc: errors.SnapdiskError) -> dict[str, Any]
     return {"id": req_id, "ok": False, "error": {"code": exc.code, "message": exc.message}}
 
 
-class BadRequest(errors.SnapdiskError):
-    """The request is not a valid control-protocol message."""
-
-    code = "invalid-argument"  # errors.InvalidArgument's: clients raise that class
-    errno = _errno.EINVAL
-    exit_code = 2
-
-    def __init__(self, message: str, req_id: JSONScalar = None):
-        super().__init__(message)
-        self.req_id = req_id
-
-
-class Oversized(BadRequest):
-    """A request line is longer than the protocol allows; the connection is closed after."""
+# Defined with every other error in errors.py; named here too for the protocol's users.
+BadRequest = errors.BadRequest
+Oversized = errors.Oversized
 
 
 @dataclass

@@ -23,7 +23,6 @@ that is (see nbd_plugin), and a revoked client it could not disconnect has every
 
 from __future__ import annotations
 
-import errno as _errno
 import os
 import socket
 import struct
@@ -40,12 +39,7 @@ from .. import errors
 from ..volume import Engine
 from . import ops, protocol
 
-
-class StaleConnection(errors.SnapdiskError):
-    """This NBD connection was revoked (the volume was rolled back with force); reconnect."""
-
-    errno = _errno.ESHUTDOWN
-    code = "stale-connection"
+StaleConnection = errors.StaleConnection
 
 
 class Connection:
