@@ -68,7 +68,7 @@ class BadRequest(InvalidArgument):
     # Replies carry invalid-argument: clients raise InvalidArgument for it.
     code = "invalid-argument"
 
-    def __init__(self, message: str, req_id: object = None):
+    def __init__(self, message: str, req_id: str | int | float | bool | None = None):
         super().__init__(message)
         self.req_id = req_id
 
