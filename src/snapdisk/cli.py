@@ -203,7 +203,11 @@ class ProgressView:
         elif self.mode == "bar" and event.get("event") == "job.progress":
             total = event.get("total") or None  # 0: not known yet
             if self.bar is None:
-                from tqdm import tqdm
+                try:
+                    from tqdm import tqdm
+                except ImportError:  # a source checkout without its dependencies: no bar
+                    self.mode = "none"
+                    return
                 self.bar = tqdm(total=total, desc=self.desc, file=self.file, leave=False,
                                 dynamic_ncols=True)
             self.bar.total = total
@@ -522,8 +526,10 @@ as an NBD export named after it, and each snapshot read-only as VOLUME@SNAPSHOT:
 `snapdisk attach VOLUME` turns an export into a block device to put a filesystem on.
 
 Commands work through the running server's control socket, or on the store directly when no
-server runs (one writer at a time: a second gets exit code 7).  Sizes take binary units:
-4096, 512M, 10G, 1.5T (1K = 1024).  `snapdisk COMMAND --help` describes each command."""
+server runs (one writer at a time: a second gets exit code 7).  Long operations (rollback,
+delete, clone) show their progress on a terminal (JSON lines on stderr with --json); Ctrl-C
+cancels them (exit code 130).  Sizes take binary units: 4096, 512M, 10G, 1.5T (1K = 1024).
+`snapdisk COMMAND --help` describes each command."""
 
 MAIN_EXAMPLES = """\
 examples:
