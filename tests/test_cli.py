@@ -340,3 +340,124 @@ def test_online_refusals(store: str, teardown: Teardown) -> None:  # noqa: F811
         with contextlib.suppress(Exception):  # the forced rollback may have cut it
             h.shutdown()  # type: ignore[attr-defined]
     run_cli(store, "volume", "delete", "vm")
+
+
+# ---- long operations as jobs: progress and Ctrl-C -------------------------------------------
+
+def test_progress_view_modes() -> None:
+    import io
+    import json
+    ev = [{"event": "job.progress", "job": 1, "done": 0, "total": 0},
+          {"event": "job.progress", "job": 1, "done": 3, "total": 4},
+          {"event": "job.finished", "job": 1, "ok": True, "result": {}}]
+    out = io.StringIO()
+    view = cli.ProgressView("json", "roll back", out)
+    for e in ev:
+        view.event(e)
+    view.close()
+    assert [json.loads(line) for line in out.getvalue().splitlines()] == ev
+    out = io.StringIO()
+    view = cli.ProgressView("bar", "roll back web", out)
+    for e in ev:
+        view.event(e)
+    view.note("cancelling")
+    view.close()
+    assert "roll back web" in out.getvalue() and "3/4" in out.getvalue(), out.getvalue()
+    out = io.StringIO()
+    view = cli.ProgressView("none", "x", out)
+    view.event(ev[1])
+    view.close()
+    assert out.getvalue() == ""
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert cli.progress_mode(True, Tty()) == "json"
+    assert cli.progress_mode(False, Tty()) == "bar"
+    assert cli.progress_mode(False, io.StringIO()) == "none"
+
+
+def test_json_progress_lines_on_stderr(store: str) -> None:
+    import json
+    run_cli(store, "volume", "create", "vm", "16M")
+    run_cli(store, "snapshot", "create", "vm", "--name", "s")
+    for args in (["rollback", "vm@s"], ["clone", "vm@s", "c"], ["snapshot", "delete", "vm@s"],
+                 ["volume", "delete", "c"]):
+        r = run_cli(store, "--json", *args)
+        result = r.json()  # stdout: the one result document
+        events = [json.loads(line) for line in r.stderr.splitlines()]
+        assert events and events[-1]["event"] == "job.finished" and events[-1]["ok"] is True, r
+        assert all(e["event"] == "job.progress" for e in events[:-1])
+        assert events[-2]["done"] == events[-2]["total"] == 1
+        assert result
+    r = run_cli(store, "rollback", "vm@s", check=False)  # the snapshot is gone: the job's error
+    assert_error(r, errors.SnapshotNotFound.exit_code, "s")
+
+
+def test_ctrl_c_cancels_the_job(store: str, monkeypatch: pytest.MonkeyPatch,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C while a long operation runs: job.cancel, wait for its end, exit 130, and the
+    operation did not happen.  (Offline: the job runs in this process; the engine method is
+    made slow and progress-reporting, as the engine's long methods will be.)"""
+    import _thread
+    import threading
+    import time
+
+    from snapdisk.volume import Engine
+
+    run_cli(store, "volume", "create", "vm", "16M")
+    run_cli(store, "snapshot", "create", "vm", "--name", "s")
+    started = threading.Event()
+    real = Engine.rollback
+    reports: list[int] = []
+    rolled: list[str] = []
+
+    def slow_rollback(self: Engine, volume: str, snap: str | int, progress=None):  # type: ignore[no-untyped-def]
+        for i in range(1000):
+            progress(i, 1000)
+            reports.append(i)
+            started.set()
+            time.sleep(0.01)
+        progress(1000, 1000)
+        rolled.append(volume)
+        return real(self, volume, snap)
+
+    monkeypatch.setattr(Engine, "rollback", slow_rollback)
+    threading.Thread(target=lambda: (started.wait(10), time.sleep(0.1),
+                                     _thread.interrupt_main()), daemon=True).start()
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--store", store, "rollback", "vm@s"])
+    assert e.value.code == 130
+    err = capsys.readouterr().err
+    assert "cancelled" in err and "Traceback" not in err, err
+    assert 0 < len(reports) < 1000 and not rolled
+
+
+def test_ctrl_c_after_the_job_finished(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job that completes before the cancel takes effect: still exit 130, saying so."""
+    class Job:
+        id, op = 1, "rollback"
+        cancelled = False
+
+        def events(self) -> Iterator[dict[str, object]]:
+            yield {"event": "job.progress", "job": 1, "done": 0, "total": 1}
+            raise KeyboardInterrupt
+
+        def cancel(self) -> None:
+            self.cancelled = True
+
+        def wait(self, timeout: float | None = None) -> dict[str, object]:
+            return {"state": "finished", "ok": True, "result": {}}
+
+    job = Job()
+
+    class Backend:
+        def start_job(self, op: str, **args: object) -> Job:
+            return job
+
+    ctx = cli.Context("/nonexistent")
+    ctx._backend = Backend()
+    with pytest.raises(errors.Cancelled, match="already completed"):
+        ctx.run_job("roll back", "rollback", volume="v", snapshot="s")
+    assert job.cancelled

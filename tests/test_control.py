@@ -425,3 +425,76 @@ def test_foreground_server_under_a_supervisor(tmp_path: Path) -> None:
             proc.wait()
     with open_backend(store) as b:  # the store was released
         assert not b.remote
+
+
+def test_replies_over_a_mebibyte(tmp_path: Path, served: Callable[..., Served]) -> None:
+    """usage with 14 volumes at both snapshot quotas (256 manual + 256 automatic each, long
+    names) is a reply of about 2 MiB, past the request-line limit: the client reads it."""
+    vols = {f"vol{i:02d}-{'x' * 50}": MiB for i in range(14)}
+    store = make_store(tmp_path / "store", volumes=vols)
+    with _engine(store) as e:
+        for name in vols:
+            for k in range(256):
+                e.create_snapshot(name, f"manual-{k:03d}-{'y' * 50}", "manual")
+                e.create_snapshot(name, f"auto-{k:03d}-{'z' * 50}", "auto", "hourly")
+        with pytest.raises(errors.QuotaExceeded):  # (at the quota indeed)
+            e.create_snapshot(next(iter(vols)), "one-more", "manual")
+    s = served(store)
+    with s.client() as c:
+        u = c.call("usage")
+        assert len(protocol.encode(u)) > protocol.MAX_LINE_BYTES
+        assert len(u["volumes"]) == 14 and all(len(v["snapshots"]) == 512 for v in u["volumes"])
+        assert len(c.call("snapshot.list", volume=next(iter(vols)))) == 512
+        assert c.call("status")["running"]  # the connection is still in step
+
+
+def _engine(store: str) -> Any:
+    from snapdisk.volume import Engine
+    return Engine.open(store)
+
+
+def test_200_concurrent_clients(server: Served) -> None:
+    """A burst of clients past any small listen backlog: every one connects (the server
+    listens with SOMAXCONN, the client retries EAGAIN within its timeout) and is answered."""
+    import threading
+    results: list[object] = []
+    errs: list[BaseException] = []
+    go = threading.Event()
+
+    def one() -> None:
+        go.wait()
+        try:
+            with Client(server.control_socket, timeout=60) as c:
+                results.append(c.call("volume.list"))
+        except BaseException as e:  # noqa: BLE001  (reported below)
+            errs.append(e)
+
+    threads = [threading.Thread(target=one) for _ in range(200)]
+    for t in threads:
+        t.start()
+    go.set()
+    for t in threads:
+        t.join(120)
+    assert not errs, f"{len(errs)} of 200 failed: {errs[:3]}"
+    assert results == [[]] * 200
+
+
+def test_jobs_in_the_server(server: Served) -> None:
+    """The long ops as jobs in the nbdkit process: events, the result, the same errors."""
+    with server.client() as c:
+        c.call("volume.create", name="vm1", size_bytes=8 * MiB)
+        c.call("snapshot.create", volume="vm1", name="s1")
+        job = c.start_job("rollback", volume="vm1", snapshot="s1")
+        events = list(job.events())
+        assert events[-1] == {"event": "job.finished", "job": job.id, "ok": True,
+                              "result": job.outcome()}
+        assert job.outcome()["snapshot_id"] == 1
+        h = server.connect("vm1")
+        with pytest.raises(errors.Busy):  # the connected-clients rule holds for jobs too
+            c.start_job("rollback", volume="vm1", snapshot="s1").outcome()
+        h.shutdown()
+        assert c.start_job("clone", volume="vm1", snapshot="s1", name="c1").outcome()["name"] == "c1"
+        assert c.start_job("snapshot.delete", volume="vm1", snapshot="s1").outcome()["deleted"]
+        assert c.start_job("volume.delete", name="c1").outcome()["deleted"]
+        assert [j["op"] for j in c.call("job.list")] == [
+            "rollback", "rollback", "clone", "snapshot.delete", "volume.delete"]

@@ -5,6 +5,11 @@ the server's control socket when a server runs, on the store directly when none 
 module only parses arguments, renders results (human tables, or `--json`), and turns errors
 into one line on stderr and the exit code their class declares (errors.py).  `init` creates a
 store, `serve`/`stop`/`status` drive snapdisk.server, `attach`/`detach` snapdisk.attach.
+
+Long operations (rollback, snapshot delete, volume delete, clone) run as jobs, in the server or
+in this process: their progress shows as a bar on a terminal (tqdm, on stderr), as JSON event
+lines on stderr with --json (stdout keeps the one result document), and Ctrl-C cancels the job
+and waits for it to end (exit 130).
 """
 
 from __future__ import annotations
@@ -182,9 +187,59 @@ def show_check(r: dict[str, Any]) -> str:
 # Each takes (args, ctx) and returns (result for --json, text for humans); ctx.backend() opens
 # the backend on first use.
 
+class ProgressView:
+    """A job's events as the user sees them: mode "bar" (a tqdm bar on stderr, for a
+    terminal), "json" (each event as one JSON line on stderr) or "none"."""
+
+    def __init__(self, mode: str, desc: str, file: Any = None):
+        self.mode = mode
+        self.desc = desc
+        self.file = file if file is not None else sys.stderr
+        self.bar: Any = None
+
+    def event(self, event: dict[str, Any]) -> None:
+        if self.mode == "json":
+            print(json.dumps(event), file=self.file, flush=True)
+        elif self.mode == "bar" and event.get("event") == "job.progress":
+            total = event.get("total") or None  # 0: not known yet
+            if self.bar is None:
+                try:
+                    from tqdm import tqdm
+                except ImportError:  # a source checkout without its dependencies: no bar
+                    self.mode = "none"
+                    return
+                self.bar = tqdm(total=total, desc=self.desc, file=self.file, leave=False,
+                                dynamic_ncols=True)
+            self.bar.total = total
+            self.bar.n = event.get("done", 0)
+            self.bar.refresh()
+
+    def note(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description(f"{self.desc} ({text})")
+        elif self.mode == "bar":
+            print(f"snapdisk: {text}", file=self.file, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def progress_mode(json_output: bool, stream: Any = None) -> str:
+    stream = stream if stream is not None else sys.stderr
+    if json_output:
+        return "json"
+    try:
+        return "bar" if stream.isatty() else "none"
+    except (AttributeError, ValueError):
+        return "none"
+
+
 class Context:
-    def __init__(self, store: str):
+    def __init__(self, store: str, progress: str = "none"):
         self.store = store
+        self.progress = progress  # a ProgressView mode
         self._backend: Any = None
 
     def backend(self) -> Any:
@@ -195,6 +250,31 @@ class Context:
 
     def call(self, op: str, **args: Any) -> Any:
         return self.backend().call(op, **args)
+
+    def run_job(self, desc: str, op: str, **args: Any) -> Any:
+        """Run op as a job (in the server, or in this process), showing its progress; its
+        result, or its error raised.  Ctrl-C cancels it and waits for its end: Cancelled
+        (exit 130), also when it had finished before the cancel could take effect."""
+        job = self.backend().start_job(op, **args)
+        view = ProgressView(self.progress, desc)
+        try:
+            try:
+                for event in job.events():
+                    view.event(event)
+            except KeyboardInterrupt:
+                view.note("cancelling")
+                job.cancel()
+                final = job.wait()
+                if final.get("ok"):
+                    raise errors.Cancelled(f"interrupted, but {desc} had already completed "
+                                           "before the cancel could take effect") from None
+                code = (final.get("error") or {}).get("code")
+                if code == errors.Cancelled.code:
+                    raise errors.Cancelled(f"interrupted: {desc} was cancelled") from None
+                # It ended with an error of its own: report that one.
+        finally:
+            view.close()
+        return job.outcome()
 
     def close(self) -> None:
         if self._backend is not None:
@@ -237,7 +317,7 @@ def cmd_volume_resize(a: argparse.Namespace, ctx: Context) -> Result:
 
 
 def cmd_volume_delete(a: argparse.Namespace, ctx: Context) -> Result:
-    ctx.call("volume.delete", name=a.name)
+    ctx.run_job(f"delete volume {a.name}", "volume.delete", name=a.name)
     return {"deleted": a.name}, f"deleted volume {a.name}"
 
 
@@ -273,7 +353,7 @@ def cmd_snapshot_info(a: argparse.Namespace, ctx: Context) -> Result:
 
 def cmd_snapshot_delete(a: argparse.Namespace, ctx: Context) -> Result:
     vol, snap = split_ref(a.ref)
-    ctx.call("snapshot.delete", volume=vol, snapshot=snap)
+    ctx.run_job(f"delete snapshot {a.ref}", "snapshot.delete", volume=vol, snapshot=snap)
     return {"deleted": a.ref}, f"deleted snapshot {a.ref}"
 
 
@@ -282,7 +362,7 @@ def cmd_rollback(a: argparse.Namespace, ctx: Context) -> Result:
     args: dict[str, Any] = {"volume": vol, "snapshot": snap}
     if a.force:
         args["force"] = True
-    r = ctx.call("rollback", **args)
+    r = ctx.run_job(f"roll back {vol} to {snap}", "rollback", **args)
     n = r.get("disconnected", 0)
     return r, (f"rolled volume {vol} back to snapshot {snap}"
                + (f" ({n} client connection(s) disconnected)" if n else ""))
@@ -290,7 +370,7 @@ def cmd_rollback(a: argparse.Namespace, ctx: Context) -> Result:
 
 def cmd_clone(a: argparse.Namespace, ctx: Context) -> Result:
     vol, snap = split_ref(a.ref)
-    v = ctx.call("clone", volume=vol, snapshot=snap, name=a.new)
+    v = ctx.run_job(f"clone {a.ref} as {a.new}", "clone", volume=vol, snapshot=snap, name=a.new)
     return v, f"created volume {v['name']} ({format_size(v['size_bytes'])}) from {a.ref}"
 
 
@@ -446,8 +526,10 @@ as an NBD export named after it, and each snapshot read-only as VOLUME@SNAPSHOT:
 `snapdisk attach VOLUME` turns an export into a block device to put a filesystem on.
 
 Commands work through the running server's control socket, or on the store directly when no
-server runs (one writer at a time: a second gets exit code 7).  Sizes take binary units:
-4096, 512M, 10G, 1.5T (1K = 1024).  `snapdisk COMMAND --help` describes each command."""
+server runs (one writer at a time: a second gets exit code 7).  Long operations (rollback,
+delete, clone) show their progress on a terminal (JSON lines on stderr with --json); Ctrl-C
+cancels them (exit code 130).  Sizes take binary units: 4096, 512M, 10G, 1.5T (1K = 1024).
+`snapdisk COMMAND --help` describes each command."""
 
 MAIN_EXAMPLES = """\
 examples:
@@ -666,7 +748,7 @@ def _emit(a: argparse.Namespace, result: Any, text: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    ctx = Context(resolve_store(a.store))
+    ctx = Context(resolve_store(a.store), progress_mode(a.json))
     try:
         result, text = a.func(a, ctx)
         _emit(a, result, text)

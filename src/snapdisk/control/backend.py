@@ -9,6 +9,9 @@ volumes it serves.  Otherwise it is a LocalBackend: this process opens the store
 (Engine.open takes the store's exclusive flock, so a second writer, local or server, gets
 errors.StoreLocked) and runs the same op through control.ops.dispatch.  Either way results are
 plain JSON values and failures the same snapdisk errors.
+
+Long operations can run as jobs either way (`start_job`): a RemoteJob on the server, or a
+jobs.Job in a thread of this process; both report progress events and take a cancel.
 """
 
 from __future__ import annotations
@@ -16,15 +19,35 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
 from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
 
 from .. import errors
 from ..volume import Engine
-from . import ops
+from . import jobs, ops
 from .client import DEFAULT_TIMEOUT, Client
 
-__all__ = ["Backend", "LocalBackend", "open_backend"]
+__all__ = ["Backend", "JobHandle", "LocalBackend", "open_backend"]
+
+
+class JobHandle(Protocol):
+    """A job as start_job returns it: client.RemoteJob or jobs.Job."""
+
+    id: int
+    op: str
+
+    def events(self) -> Iterator[dict[str, Any]]:
+        """Progress events, then the job.finished event."""
+        ...
+
+    def wait(self, timeout: float | None = None) -> dict[str, Any]: ...
+
+    def cancel(self) -> Any: ...
+
+    def outcome(self) -> Any:
+        """Wait for the end: the op's result, or its error raised."""
+        ...
 
 
 @runtime_checkable
@@ -34,6 +57,8 @@ class Backend(Protocol):
     remote: bool
 
     def call(self, op: str, **args: Any) -> Any: ...
+
+    def start_job(self, op: str, **args: Any) -> JobHandle: ...
 
     def close(self) -> None: ...
 
@@ -57,16 +82,25 @@ class LocalBackend:
                 f"{self.store} is in use by another process: another snapdisk command is "
                 "working on it (one writer at a time), or a server is starting; try again") from None
         self.capabilities = ops.capabilities(server=False)
+        self.jobs = jobs.Jobs()
+        self.ctx = ops.Context(jobs=self.jobs)
 
-    def call(self, op: str, **args: Any) -> Any:
+    def _engine(self) -> Engine:
         if self.engine is None:
             raise errors.InvalidArgument("the local backend is closed")
-        result = ops.dispatch(self.engine, op, args, ops.Context())
-        # What a server would send: JSON values only (tuples become lists, and so on).
-        return json.loads(json.dumps(result))
+        return self.engine
+
+    def call(self, op: str, **args: Any) -> Any:
+        result = ops.dispatch(self._engine(), op, args, self.ctx)
+        return _as_json(result)
+
+    def start_job(self, op: str, **args: Any) -> jobs.Job:
+        """Run op in a thread of this process; the same events and cancel as a server's job."""
+        return ops.start_job(self._engine(), op, args, self.ctx, wrap=_as_json)
 
     def close(self) -> None:
         if self.engine is not None:
+            self.jobs.close()  # cancel and wait: nothing may use the Engine once it is closed
             self.engine.close()
             self.engine = None
 
@@ -76,6 +110,11 @@ class LocalBackend:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def _as_json(result: Any) -> Any:
+    # What a server would send: JSON values only (tuples become lists, and so on).
+    return json.loads(json.dumps(result))
 
 
 def open_backend(store_path: str, timeout: float = DEFAULT_TIMEOUT,

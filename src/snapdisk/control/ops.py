@@ -6,17 +6,26 @@ JSON types, required or optional), runs it on the Engine and returns a JSON-able
 Errors are snapdisk errors; the caller turns them into replies (server) or lets them rise
 (local backend).  `ctx` is what only a server has: its NBD connections (so that rollback and
 delete can refuse, or revoke, what clients hold), its status and a way to stop it.
+
+An op declared with `engine_call=` (the Engine method doing its work) may also run as a job
+(`start_job`: a worker thread, progress, cancellation; see control/jobs.py); the same function
+runs either way, with ctx.progress set for a job.  The job.* ops manage the jobs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from .. import errors
 from ..volume import Engine
+from .jobs import Job, Jobs, Progress, accepts_progress, call_with_progress
+
+# job.wait's longest wait (seconds): a larger timeout is cut to this (the reply then says the
+# job is still running); it also keeps the value within what threading's waits accept.
+MAX_WAIT = 86400.0
 
 
 class Registry(Protocol):
@@ -39,6 +48,9 @@ class Context:
     connections: Registry | None = None
     status: Callable[[], dict[str, Any]] | None = None
     stop: Callable[[], None] | None = None
+    jobs: Jobs | None = None  # the server's (or the local backend's) jobs
+    emit: Callable[[dict[str, Any]], None] | None = None  # send an event line to this client
+    progress: Progress | None = None  # set when the op runs as a job
 
 
 @dataclass(frozen=True)
@@ -49,7 +61,7 @@ class Arg:
 
     @property
     def type_name(self) -> str:
-        names = {str: "string", int: "integer", bool: "boolean"}
+        names = {str: "string", int: "integer", bool: "boolean", float: "number"}
         return " or ".join(names.get(t, t.__name__) for t in self.types)
 
 
@@ -67,17 +79,22 @@ class Op:
     fn: Callable[..., Any]
     args: dict[str, Arg] = field(default_factory=dict)
     server_only: bool = False
+    engine_call: str | None = None  # the Engine method doing the work: the op may run as a job
 
 
 OPS: dict[str, Op] = {}
 
 
-def _op(op_name: str, /, server_only: bool = False, **args: Arg
+def _op(op_name: str, /, server_only: bool = False, engine_call: str | None = None, **args: Arg
         ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:
-        OPS[op_name] = Op(op_name, fn, args, server_only)
+        OPS[op_name] = Op(op_name, fn, args, server_only, engine_call)
         return fn
     return register
+
+
+def job_ops() -> list[str]:
+    return sorted(name for name, op in OPS.items() if op.engine_call)
 
 
 def capabilities(server: bool) -> list[str]:
@@ -109,14 +126,38 @@ def validate(op: Op, args: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def dispatch(engine: Engine, op: str, args: dict[str, Any], ctx: Context | None = None) -> Any:
-    ctx = ctx or Context()
+def _prepare(engine: Engine, op: str, args: dict[str, Any], ctx: Context
+             ) -> tuple[Op, dict[str, Any]]:
     spec = OPS.get(op)
     if spec is None:
         raise errors.Unsupported(f"unknown operation {op!r} (known: {', '.join(sorted(OPS))})")
     if spec.server_only and ctx.stop is None:
         raise errors.NotRunning(f"{op}: no snapdisk server is running for {engine.path}")
-    return spec.fn(engine, ctx, **validate(spec, args))
+    return spec, validate(spec, args)
+
+
+def dispatch(engine: Engine, op: str, args: dict[str, Any], ctx: Context | None = None) -> Any:
+    ctx = ctx or Context()
+    spec, kw = _prepare(engine, op, args, ctx)
+    return spec.fn(engine, ctx, **kw)
+
+
+def start_job(engine: Engine, op: str, args: dict[str, Any], ctx: Context,
+              wrap: Callable[[Any], Any] = lambda r: r) -> Job:
+    """Validate, then run op in a job (ctx.jobs) and return it at once; errors in the request
+    itself are raised here, not reported by the job.  wrap is applied to the op's result."""
+    spec, kw = _prepare(engine, op, args, ctx)
+    if spec.engine_call is None:
+        raise errors.InvalidArgument(f"{op} does not run as a job (jobs: {', '.join(job_ops())})")
+    if ctx.jobs is None:
+        raise errors.Unsupported(f"{op}: jobs need a server or a local backend")
+    cancellable = accepts_progress(getattr(engine, spec.engine_call))
+    job_ctx = replace(ctx, emit=None)
+
+    def run(progress: Progress) -> Any:
+        return wrap(spec.fn(engine, replace(job_ctx, progress=progress), **kw))
+
+    return ctx.jobs.start(op, args, run, cancellable)
 
 
 def _reserve(ctx: Context, vol: int, what: str, **kw: Any) -> AbstractContextManager[int]:
@@ -160,11 +201,11 @@ def volume_resize(engine: Engine, ctx: Context, name: str, size_bytes: int) -> A
     return _volume(engine, ctx, name)
 
 
-@_op("volume.delete", name=req(str))
+@_op("volume.delete", engine_call="delete_volume", name=req(str))
 def volume_delete(engine: Engine, ctx: Context, name: str) -> Any:
     vol = engine.volume_id(name)
     with _reserve(ctx, vol, f"delete volume {name!r}"):
-        engine.delete_volume(name)
+        call_with_progress(engine.delete_volume, name, progress=ctx.progress)
     return {"volume": name, "deleted": True}
 
 
@@ -187,30 +228,31 @@ def snapshot_info(engine: Engine, ctx: Context, volume: str, snapshot: str | int
     return engine.snapshot_info(volume, snapshot).to_dict()
 
 
-@_op("snapshot.delete", volume=req(str), snapshot=req(str, int))
+@_op("snapshot.delete", engine_call="delete_snapshot", volume=req(str), snapshot=req(str, int))
 def snapshot_delete(engine: Engine, ctx: Context, volume: str, snapshot: str | int) -> Any:
     vol = engine.volume_id(volume)
     epoch = engine.snapshot_id(volume, snapshot)
     with _reserve(ctx, vol, f"delete snapshot {volume}@{snapshot}", epoch=epoch):
-        engine.delete_snapshot(volume, epoch)
+        call_with_progress(engine.delete_snapshot, volume, epoch, progress=ctx.progress)
     return {"volume": volume, "snapshot": snapshot, "deleted": True}
 
 
-@_op("rollback", volume=req(str), snapshot=req(str, int), force=opt(bool, default=False))
+@_op("rollback", engine_call="rollback", volume=req(str), snapshot=req(str, int),
+     force=opt(bool, default=False))
 def rollback(engine: Engine, ctx: Context, volume: str, snapshot: str | int, force: bool) -> Any:
     vol = engine.volume_id(volume)
     epoch = engine.snapshot_id(volume, snapshot)
     # Clients of the live volume would keep blocks cached from before the rollback: refuse, or
     # (force) revoke their connections first.  Snapshot exports are unaffected.
     with _reserve(ctx, vol, f"roll back volume {volume!r}", live_only=True, force=force) as revoked:
-        engine.rollback(volume, epoch)
+        call_with_progress(engine.rollback, volume, epoch, progress=ctx.progress)
     return {"volume": volume, "snapshot": snapshot, "snapshot_id": epoch,
             "disconnected": revoked}
 
 
-@_op("clone", volume=req(str), snapshot=req(str, int), name=req(str))
+@_op("clone", engine_call="clone", volume=req(str), snapshot=req(str, int), name=req(str))
 def clone(engine: Engine, ctx: Context, volume: str, snapshot: str | int, name: str) -> Any:
-    engine.clone(volume, snapshot, name)
+    call_with_progress(engine.clone, volume, snapshot, name, progress=ctx.progress)
     return _volume(engine, ctx, name)
 
 
@@ -247,3 +289,37 @@ def stop(engine: Engine, ctx: Context) -> Any:
     assert ctx.stop is not None
     ctx.stop()
     return {"stopping": True}
+
+
+# ---- jobs ---------------------------------------------------------------------------------
+
+def _jobs(ctx: Context) -> Jobs:
+    if ctx.jobs is None:
+        raise errors.Unsupported("jobs need a server or a local backend")
+    return ctx.jobs
+
+
+@_op("job.list")
+def job_list(engine: Engine, ctx: Context) -> Any:
+    return [j.to_dict() for j in _jobs(ctx).list()]
+
+
+@_op("job.cancel", job=req(int))
+def job_cancel(engine: Engine, ctx: Context, job: int) -> Any:
+    """Ask a job to stop; returns at once (job.wait for the end)."""
+    j = _jobs(ctx).get(job)
+    j.cancel()
+    return j.to_dict()
+
+
+@_op("job.wait", job=req(int), timeout=opt(int, float), events=opt(bool, default=False))
+def job_wait(engine: Engine, ctx: Context, job: int, timeout: float | None, events: bool) -> Any:
+    """Wait for a job to finish (or timeout seconds); with events, send its progress and
+    finished events to this client while waiting.  The reply is the job object."""
+    j = _jobs(ctx).get(job)
+    limit = MAX_WAIT if timeout is None else min(max(float(timeout), 0.0), MAX_WAIT)
+    if events and ctx.emit is not None:
+        for event in j.events(limit):  # ends with the finished event, or at the limit
+            ctx.emit(event)
+        return j.to_dict()
+    return j.wait(limit)

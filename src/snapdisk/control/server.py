@@ -13,8 +13,9 @@ NBD connections, so that an operation that would pull data from under connected 
     disconnect them (on_revoke).
   * `ControlServer` accepts on the unix socket (mode 0600, peers checked with SO_PEERCRED: the
     store owner's uid or root), one thread per client, speaking control/protocol.py, and runs
-    each request through control/ops.py.  close() stops accepting, waits for requests in
-    progress (so the Engine can be closed safely afterwards) and removes the socket file.
+    each request through control/ops.py, or as a job (control/jobs.py) when it asks to.
+    close() stops accepting, cancels jobs and waits for them and for requests in progress (so
+    the Engine can be closed safely afterwards) and removes the socket file.
 
 nbdkit 1.32 has no way for a Python plugin to drop one connection (nbdkit.disconnect came in a
 later release); the plugin shuts the client's socket down itself where it knows which socket
@@ -33,11 +34,12 @@ import traceback
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import replace
 from typing import Any
 
 from .. import errors
 from ..volume import Engine
-from . import ops, protocol
+from . import jobs, ops, protocol
 
 StaleConnection = errors.StaleConnection
 
@@ -173,7 +175,7 @@ def _log(msg: str) -> None:
     sys.stderr.flush()
 
 
-def _drain(sock: socket.socket, max_bytes: int = 64 << 20, seconds: float = 5.0) -> None:
+def _discard_input(sock: socket.socket, max_bytes: int = 64 << 20, seconds: float = 5.0) -> None:
     """Before closing after an oversized line: read (and drop) what the client is still
     sending, so the close does not reset the connection and lose the error reply."""
     sock.shutdown(socket.SHUT_WR)
@@ -185,6 +187,10 @@ def _drain(sock: socket.socket, max_bytes: int = 64 << 20, seconds: float = 5.0)
             if not chunk:
                 return
             max_bytes -= len(chunk)
+
+
+class _ClientGone(Exception):
+    """Sending an event line failed: the client is gone; end its connection."""
 
 
 class ControlServer:
@@ -205,8 +211,9 @@ class ControlServer:
         self._active = 0
         self._closing = False
         self._stop_requested = False
+        self.jobs = jobs.Jobs(log=_log)
         self.ctx = ops.Context(connections=connections, status=self.status,
-                               stop=self._request_stop if on_stop else None)
+                               stop=self._request_stop if on_stop else None, jobs=self.jobs)
         self.capabilities = ops.capabilities(server=on_stop is not None)
 
     def start(self) -> None:
@@ -220,7 +227,9 @@ class ControlServer:
         try:
             sock.bind(tmp)
             os.chmod(tmp, 0o600)
-            sock.listen(16)
+            # The kernel's largest backlog: a burst of clients (200 at once in the tests) waits
+            # in the queue instead of failing with EAGAIN (the client also retries that).
+            sock.listen(socket.SOMAXCONN)
             os.rename(tmp, self.path)
         except BaseException:
             sock.close()
@@ -280,30 +289,39 @@ class ControlServer:
                 return
             sock.sendall(protocol.encode(protocol.greeting(self.capabilities)))
             reader = protocol.LineReader(sock)
+
+            def emit(event: dict[str, Any]) -> None:
+                try:
+                    sock.sendall(protocol.encode(event))
+                except OSError as e:
+                    raise _ClientGone() from e
+
+            ctx = replace(self.ctx, emit=emit)
             while not self._closing:
                 try:
                     line = reader.readline()
                 except protocol.Oversized as e:
                     sock.sendall(protocol.encode(protocol.error_reply(None, e)))
-                    _drain(sock)
+                    _discard_input(sock)
                     return
                 if line is None:
                     return
                 if not line.strip():
                     continue
-                sock.sendall(self._handle(line))
+                sock.sendall(self._handle(line, ctx))
                 if self._stop_requested and self.on_stop is not None:
                     _log("stop requested over the control socket")
                     self.on_stop()
                     return
-        except OSError:
+        except (OSError, _ClientGone):
             pass  # the client went away, or close() shut the socket down
         finally:
             with self._cond:
                 self._clients.discard(sock)
             sock.close()
 
-    def _handle(self, line: bytes) -> bytes:
+    def _handle(self, line: bytes, ctx: ops.Context) -> bytes:
+        """The one reply line to a request line (an op whose request is invalid never runs)."""
         try:
             req = protocol.parse_request(line)
         except protocol.BadRequest as e:
@@ -314,22 +332,28 @@ class ControlServer:
                     req.id, errors.NotRunning("the server is stopping")))
             self._active += 1
         try:
-            result = ops.dispatch(self.engine, req.op, req.args, self.ctx)
-            return protocol.encode(protocol.ok_reply(req.id, result))
+            if req.job:
+                job = ops.start_job(self.engine, req.op, req.args, ctx)
+                reply = protocol.ok_reply(req.id, {"job": job.id})
+            else:
+                reply = protocol.ok_reply(req.id, ops.dispatch(self.engine, req.op, req.args, ctx))
         except errors.SnapdiskError as e:
-            return protocol.encode(protocol.error_reply(req.id, e))
+            reply = protocol.error_reply(req.id, e)
+        except _ClientGone:
+            raise
         except Exception as e:
             _log(f"{req.op} failed unexpectedly:\n{traceback.format_exc()}")
-            return protocol.encode(protocol.error_reply(
-                req.id, errors.ServerError(f"{req.op}: internal error: {e!r}")))
+            reply = protocol.error_reply(req.id, errors.ServerError(f"{req.op}: internal error: {e!r}"))
         finally:
             with self._cond:
                 self._active -= 1
                 self._cond.notify_all()
+        return _encode_reply(req, reply)
 
     def close(self, timeout: float = 30.0) -> bool:
-        """Stop accepting, cut idle clients off, wait for requests in progress (True if none
-        is left), remove the socket file."""
+        """Stop accepting, cut idle clients off, cancel jobs, wait for them and for requests
+        in progress (True if none is left), remove the socket file."""
+        deadline = time.monotonic() + timeout
         with self._cond:
             self._closing = True
             clients = list(self._clients)
@@ -340,8 +364,26 @@ class ControlServer:
         for sock in clients:
             with suppress(OSError):
                 sock.shutdown(socket.SHUT_RD)  # wakes a reader; a reply being sent still goes
+        jobs_done = self.jobs.close(timeout)  # (job.wait requests end with their jobs)
         with self._cond:
-            done = self._cond.wait_for(lambda: self._active == 0, timeout)
+            done = self._cond.wait_for(lambda: self._active == 0,
+                                       max(0.0, deadline - time.monotonic()))
         with suppress(FileNotFoundError):
             os.unlink(self.path)
-        return done
+        return done and jobs_done
+
+
+def _encode_reply(req: protocol.Request, reply: dict[str, Any]) -> bytes:
+    """reply as a line; a result that cannot be sent (not JSON, or longer than the protocol's
+    reply limit) becomes an error reply, so every request still gets exactly one."""
+    try:
+        data = protocol.encode(reply)
+    except (TypeError, ValueError) as e:
+        _log(f"{req.op}: unencodable reply: {e!r}")
+        return protocol.encode(protocol.error_reply(
+            req.id, errors.ServerError(f"{req.op}: internal error: the result is not JSON ({e})")))
+    if len(data) > protocol.MAX_REPLY_BYTES:
+        return protocol.encode(protocol.error_reply(req.id, errors.ServerError(
+            f"{req.op}: the reply would be {len(data)} bytes, more than the protocol's "
+            f"{protocol.MAX_REPLY_BYTES}: ask for less (e.g. usage VOLUME)")))
+    return data
