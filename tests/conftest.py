@@ -1,6 +1,6 @@
 """Fixtures for the tests that run the real server: nbdkit with snapdisk's plugin, per test.
 
-`server` makes a store in the test's tmp dir, starts the server through snapdisk.server.serve
+`server` makes a store in the test's tmp dir, starts the server through snapdisk.daemon.serve
 (in the background, as `snapdisk serve` does) and always stops it by pid afterwards, even when
 the test failed: control-socket stop, then SIGKILL by pid; teardown fails the test if an
 nbdkit it started is still alive.  `served(store)` does the same for a store a test made.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from snapdisk import server as srv
+from snapdisk import daemon as srv
 from snapdisk.control.client import Client
 from snapdisk.store import StoreConfig
 from snapdisk.volume import Engine

@@ -20,8 +20,8 @@ import nbd
 import pytest
 from conftest import Served, make_store
 
+from snapdisk import daemon as srv
 from snapdisk import errors
-from snapdisk import server as srv
 from snapdisk.control import ops, protocol
 from snapdisk.control.backend import LocalBackend, open_backend
 from snapdisk.control.client import Client
