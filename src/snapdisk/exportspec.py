@@ -10,8 +10,9 @@ Every part is checked by a full match (a trailing newline is not a name), so tha
 engine is handed is a name it could have made or an id that fits its u64 keys.  The name rule
 is the catalog's (volume.NAME_RE: 1-64 ASCII letters, digits, '.', '_' or '-', starting with a
 letter or digit), repeated here so that this module imports nothing but errors (the nbdkit
-plugin loads it before the store is open).  A snapshot whose name is all digits and beyond
-2**64-1 cannot be named here: such text is refused as an out-of-range id.
+plugin loads it before the store is open).  Two kinds of name the catalog allows cannot be
+named here: one that is all digits beyond 2**64-1 (refused as an out-of-range id), and a
+snapshot name holding ".." (read as a range); the catalog should stop making them.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class ExportSpec:
             raise errors.InvalidArgument(f"{text!r} names a snapshot: expected {want}")
         first, dots, last = rest.partition("..")
         if dots:
-            if not first or not last:
+            if not first or not last or ".." in last:
                 raise errors.InvalidArgument(
                     f"invalid range {text!r}: expected VOLUME@SNAPSHOT..SNAPSHOT")
             _check_snapshot(first)
