@@ -146,3 +146,24 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
             srv.serve(store, listen=f"tcp:127.0.0.1:{port}", timeout=30)
         assert "in use" in e.value.message
     assert srv.running_pid(store) is None
+
+
+def test_a_killed_server_leaves_no_tcp_listener_behind(tmp_path: Path,
+                                                       served: Callable[..., Served]) -> None:
+    """nbdkit's --exit-with-parent waits for idle clients; the next serve ends that forwarder
+    (by STORE/tcp.pid: pid and start time) and takes the port."""
+    store = make_store(tmp_path / "store", volumes={"v": MiB})
+    port = free_port()
+    s = served(store, listen=f"tcp:127.0.0.1:{port}")
+    tcp_pid = s.call("status")["tcp_pid"]  # type: ignore[index]
+    h = tls_handle(port, s.info.tls_psk_file or "", "v")
+    os.kill(s.pid, 9)
+    assert srv._wait_gone(s.pid, 10)
+    try:
+        s2 = served(store, listen=f"tcp:127.0.0.1:{port}")
+        assert not alive(tcp_pid)
+        assert tls_handle(port, s2.info.tls_psk_file or "", "v").get_size() == MiB
+    finally:
+        if alive(tcp_pid):
+            os.kill(tcp_pid, 9)
+    del h

@@ -92,7 +92,8 @@ def paths(store: str) -> dict[str, str]:
     return {"store": store, "nbd_socket": os.path.join(store, "nbd.sock"),
             "control_socket": os.path.join(store, "control.sock"),
             "pidfile": os.path.join(store, "server.pid"), "log": os.path.join(store, "server.log"),
-            "lock": os.path.join(store, "lock"), "tls_psk": os.path.join(store, "tls.psk")}
+            "lock": os.path.join(store, "lock"), "tls_psk": os.path.join(store, "tls.psk"),
+            "tcp_pidfile": os.path.join(store, "tcp.pid")}
 
 
 def check_store(store: str) -> str:
@@ -187,9 +188,17 @@ def _wait_lock_free(store: str, timeout: float) -> bool:
 
 
 def _remove_stale(store: str, listen_path: str | None = None) -> None:
+    """What a dead server left: its pid file, sockets, and a TCP forwarder that outlived it
+    (it waits for idle clients: see service.py), ended if STORE/tcp.pid names it exactly."""
     p = paths(store)
-    for path in (p["pidfile"], p["nbd_socket"], p["control_socket"], listen_path):
-        if path and os.path.lexists(path) and (path == p["pidfile"] or _is_socket(path)):
+    fwd = _read_pid(p["tcp_pidfile"])
+    if fwd is not None and pidfile_names(p["tcp_pidfile"], fwd):
+        start = read_pidfile(p["tcp_pidfile"])
+        _kill(fwd, 0.5, start[1] if start else None)
+    for path in (p["pidfile"], p["tcp_pidfile"], p["nbd_socket"], p["control_socket"],
+                 listen_path):
+        if path and os.path.lexists(path) and (path in (p["pidfile"], p["tcp_pidfile"])
+                                               or _is_socket(path)):
             os.unlink(path)
 
 

@@ -73,6 +73,7 @@ class Service:
         self.scheduler: threading.Thread | None = None  # next: snapshot policies, run here
         self.keyring: Any = None  # next: the keys of encrypted volumes
         self.pidfile = daemon.paths(self.store)["pidfile"]
+        self.tcp_pidfile = daemon.paths(self.store)["tcp_pidfile"]
 
     # ---- life cycle ---------------------------------------------------------------------
 
@@ -127,7 +128,10 @@ class Service:
 
     def forwarder_command(self) -> list[str]:
         kind, host, port = parse_listen(self.tcp, self.socket_path)
-        argv = [os.readlink("/proc/self/exe") if os.path.exists("/proc/self/exe") else "nbdkit",
+        # --exit-with-parent: nbdkit ends when this process does.  It then waits for its idle
+        # clients, though (nbdkit 1.32 does not end them), keeping the port: STORE/tcp.pid
+        # (pid and start time) lets the next serve or stop end it (daemon._remove_stale).
+        argv = [os.readlink("/proc/self/exe"),  # this process is an nbdkit
                 "--foreground", "--exit-with-parent", "--log=stderr",
                 "--ip-addr", host, "--port", str(port)]
         if self.tls_psk:
@@ -146,6 +150,7 @@ class Service:
         # stderr is ours (the log); nbdkit's exe is ours too, since this runs inside nbdkit.
         self.forwarder = subprocess.Popen(self.forwarder_command(), stdin=subprocess.DEVNULL,
                                           stdout=subprocess.DEVNULL)
+        write_pidfile(self.tcp_pidfile, self.forwarder.pid)
         deadline = time.monotonic() + FORWARDER_READY_S
         while True:
             if self.forwarder.poll() is not None:
@@ -164,7 +169,10 @@ class Service:
         p, self.forwarder = self.forwarder, None
         if p is None:
             return
-        for sig, wait in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)):
+        if pidfile_names(self.tcp_pidfile, p.pid):
+            with suppress(OSError):
+                os.unlink(self.tcp_pidfile)
+        for sig, wait in ((signal.SIGTERM, 0.5), (signal.SIGKILL, 5.0)):
             with suppress(ProcessLookupError):
                 p.send_signal(sig)
             with suppress(subprocess.TimeoutExpired):
