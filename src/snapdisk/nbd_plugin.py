@@ -20,17 +20,9 @@ unix socket, as nbdkit's --unix; `tcp` and `tls-psk`: what the Service's TCP lis
 with (no tls-psk: plain text, only when asked for by name).
 
 Threads: nbdkit's SERIALIZE_REQUESTS (one request at a time on each connection, connections
-side by side), the only model.  The Engine is thread-safe either way, so this was a speed
-choice, made by measurement (fio --ioengine=nbd, 4 KiB random at QD16 on a 2-core machine,
-page-cache-resident pool; benchmarks/report.md): serialized reads ran at 30k IOPS (0.87-0.95x
-the bare Python passthrough plugin), PARALLEL at 12k (nbdkit's 16 worker threads a connection
-take turns at the GIL, and every request pays a GIL hand-over between threads).  PARALLEL is
-also unsafe in nbdkit 1.32.5: a client that disconnects with pipelined writes in flight can
-make the server abort (an assertion in raw_send_socket), so `threads=parallel` is refused.
-Not SERIALIZE_ALL_REQUESTS, though it measures the same for one connection: nbdkit 1.32 holds
-its all-requests lock through each client's handshake, so one client stalled in its handshake
-would stop every other connection.  What serialized costs: a slow request (a FLUSH's
-fdatasync, a read that misses the page cache on a slow disk) holds up the others behind it.
+side by side), the only model: PARALLEL was slower for a Python plugin (a GIL hand-over per
+request) and nbdkit 1.32.5 can abort under it when a client disconnects with pipelined writes in
+flight, so `threads=parallel` is refused (docs/design.md, "Concurrency", has the measurements).
 
 The hot path (pread, pwrite) is written flat, with the Engine's callables bound per connection at
 open(): in process it costs 3.0 us a 4 KiB read (os.preadv alone: 1.0 us), of which 0.5 us is the
@@ -212,22 +204,14 @@ def can_write(h: Connection) -> bool:
     return not h.readonly
 
 
+can_trim = can_zero = can_write
+# Zeroing unmaps whole blocks (a map change) and writes at most two partial edge blocks: never
+# slower than the write it replaces.
+can_fast_zero = can_write
+
+
 def can_flush(h: Connection) -> bool:
     return h.epoch is None
-
-
-def can_trim(h: Connection) -> bool:
-    return not h.readonly
-
-
-def can_zero(h: Connection) -> bool:
-    return not h.readonly
-
-
-def can_fast_zero(h: Connection) -> bool:
-    # Zeroing unmaps whole blocks (a map change) and writes at most two partial edge blocks:
-    # never slower than the write it replaces.
-    return not h.readonly
 
 
 def can_fua(h: Connection) -> int:
