@@ -127,7 +127,7 @@ class Service:
     # ---- TCP ----------------------------------------------------------------------------
 
     def forwarder_command(self) -> list[str]:
-        kind, host, port = parse_listen(self.tcp, self.socket_path)
+        _, host, port = parse_listen(self.tcp, self.socket_path)
         # --exit-with-parent: nbdkit ends when this process does.  It then waits for its idle
         # clients, though (nbdkit 1.32 does not end them), keeping the port: STORE/tcp.pid
         # (pid and start time) lets the next serve or stop end it (daemon._remove_stale).
