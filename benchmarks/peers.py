@@ -6,7 +6,7 @@
 Peers: `RawFile` (no server: fio on the file, the machine's limit), `NbdkitFile`,
 `Passthrough` (benchmarks/passthrough_plugin.py, mode=serialized|parallel: the ceiling of any
 Python plugin), `QemuNbd` (qcow2), `QemuStorageDaemon` (qcow2 with a QMP monitor, for live
-internal snapshots), `Snapdisk` (snapdisk.server.serve, threads=parallel|serialized).
+internal snapshots), `Snapdisk` (snapdisk.daemon.serve, threads=parallel|serialized).
 
 Every pid started here goes into STARTED, so the run and the tests can check that nothing is
 left behind; `stop()` always ends its process by pid (SIGTERM, then SIGKILL).  The daemons run
@@ -287,14 +287,14 @@ class Snapdisk(Peer):
         return self.info.pid if self.info else None
 
     def start(self, timeout: float = 60.0) -> None:
-        from snapdisk import server as srv
+        from snapdisk import daemon as srv
         if self.info is not None and alive(self.info.pid):
             return
         self.info = srv.serve(self.store, timeout=timeout, threads=self.threads)
         STARTED.append(self.info.pid)
 
     def stop(self) -> None:
-        from snapdisk import server as srv
+        from snapdisk import daemon as srv
         if self.info is None:
             return
         pid = self.info.pid

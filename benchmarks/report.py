@@ -595,7 +595,7 @@ def header(doc: Doc, res: dict[str, Any]) -> None:
         "plugin) with `mode=serialized` and `mode=parallel`; `qemu-nbd -f qcow2 --cache=writeback "
         "--aio=threads --persistent --shared=8` on a qcow2 made by `qemu-img convert` from the raw file "
         "(64 KiB clusters, default L2 cache), with 0 and with N internal snapshots; snapdisk "
-        "(`snapdisk.server.serve`, the plugin's `threads=parallel|serialized`) with 0 and N snapshots.  "
+        "(`snapdisk.daemon.serve`, the plugin's `threads=parallel|serialized`) with 0 and N snapshots.  "
         "The N-snapshot qcow2 and store had 16 random 4 KiB writes before each snapshot (each snapshot "
         "owns some blocks), then were rewritten in full, so their live data is their own: scenario 1 "
         "measures what *having* N snapshots costs, scenario 2 what the first writes after one cost.  "

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
 from benchmarks import datasets, fio, peers
-from snapdisk.server import DEFAULT_THREADS, THREAD_MODELS
+from snapdisk.daemon import DEFAULT_THREADS, THREAD_MODELS
 
 MIB = 1 << 20
 GIB = 1 << 30

@@ -1,6 +1,6 @@
 """Fixtures for the tests that run the real server: nbdkit with snapdisk's plugin, per test.
 
-`server` makes a store in the test's tmp dir, starts the server through snapdisk.server.serve
+`server` makes a store in the test's tmp dir, starts the server through snapdisk.daemon.serve
 (in the background, as `snapdisk serve` does) and always stops it by pid afterwards, even when
 the test failed: control-socket stop, then SIGKILL by pid; teardown fails the test if an
 nbdkit it started is still alive.  `served(store)` does the same for a store a test made.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from snapdisk import server as srv
+from snapdisk import daemon as srv
 from snapdisk.control.client import Client
 from snapdisk.store import StoreConfig
 from snapdisk.volume import Engine
@@ -74,10 +74,10 @@ def _reap(pid: int) -> None:
 
 @contextlib.contextmanager
 def served_store(store: str, listen: str | None = None,
-                 threads: str | None = None) -> Iterator[Served]:
+                 threads: str | None = None, **serve_args: bool) -> Iterator[Served]:
     pids: list[int] = []
     try:
-        info = srv.serve(store, listen=listen, timeout=30, threads=threads)
+        info = srv.serve(store, listen=listen, timeout=30, threads=threads, **serve_args)
         pids.append(info.pid)
         yield Served(store, info.pid, info.nbd_socket, info.control_socket, info, pids)
     finally:
@@ -100,8 +100,9 @@ def served(tmp_path: Path) -> Iterator[Callable[..., Served]]:
     made; it is stopped by pid at teardown."""
     stack = contextlib.ExitStack()
 
-    def start(store: str, listen: str | None = None, threads: str | None = None) -> Served:
-        return stack.enter_context(served_store(store, listen, threads))
+    def start(store: str, listen: str | None = None, threads: str | None = None,
+              **serve_args: bool) -> Served:
+        return stack.enter_context(served_store(store, listen, threads, **serve_args))
 
     with stack:
         yield start

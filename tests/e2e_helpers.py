@@ -116,10 +116,10 @@ def init_store(store: str, pool: str = "2G") -> str:
     return store
 
 
-def start_server(store: str, teardown: Teardown) -> int:
-    """`snapdisk serve`, and a teardown that runs `snapdisk stop` and then makes sure, by pid,
-    that the server is gone."""
-    run_cli(store, "serve")
+def start_server(store: str, teardown: Teardown, *serve_args: str) -> int:
+    """`snapdisk serve [ARGS]`, and a teardown that runs `snapdisk stop` and then makes sure,
+    by pid, that the server is gone."""
+    run_cli(store, "serve", *serve_args)
     pid = server_pid(store)
     assert pid is not None, "serve left no server.pid"
 

@@ -206,6 +206,35 @@ def test_freeze_thaws_on_error(tmp_path: Path, no_leftovers: object,
     run_cli(store, "detach", "fz")
 
 
+def test_attach_while_serving_tcp(tmp_path: Path, no_leftovers: object,
+                                  teardown: Teardown) -> None:  # noqa: F811
+    """--listen adds TCP beside the unix socket: attach (which uses the unix socket) works
+    while TLS clients use TCP, and both see the same volume."""
+    import socket
+
+    import nbd
+    store = init_store(str(tmp_path / "store"))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    start_server(store, teardown, "--listen", f"tcp:127.0.0.1:{port}")
+    run_cli(store, "volume", "create", "t", "16M")
+    dev = attach(store, "t", teardown)
+    data = os.urandom(1 << 16)
+    with open(dev, "r+b", buffering=0) as f:
+        f.write(data)
+        os.fsync(f.fileno())
+    h = nbd.NBD()
+    h.set_tls(nbd.TLS_REQUIRE)
+    h.set_tls_psk_file(os.path.join(store, "tls.psk"))
+    h.set_tls_username("snapdisk")
+    h.set_export_name("t")
+    h.connect_tcp("127.0.0.1", str(port))
+    assert h.pread(len(data), 0) == data
+    h.shutdown()
+    run_cli(store, "detach", "t")
+
+
 def test_attach_needs_a_server(tmp_path: Path) -> None:
     store = init_store(str(tmp_path / "store"))
     run_cli(store, "volume", "create", "v", "1M")

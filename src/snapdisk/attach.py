@@ -15,6 +15,9 @@ Two ways to a block device, chosen by what the kernel has:
           device does direct I/O on the file, so nothing it acknowledged waits in FUSE's page
           cache (a snapshot sees it) and data is not cached twice.
 
+Both go through the store's unix socket (STORE/nbd.sock, which a server always listens on, TCP
+or not): no TLS is needed there, the store directory's mode is the protection.
+
 Snapshot exports (VOLUME@SNAPSHOT) are attached read-only (nbd-client -readonly; nbdfuse -r and
 losetup -r).
 
@@ -46,6 +49,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from . import errors
+from .exportspec import ExportSpec
 
 METHODS = ("auto", "nbd", "loop")
 READY_TIMEOUT_S = 15.0
@@ -61,7 +65,7 @@ def nbd_socket(store: str) -> str:
 
 
 def export_uri(store: str, export: str) -> str:
-    from .server import export_uri
+    from .listen import export_uri
     return export_uri(f"unix:{nbd_socket(store)}", export)
 
 
@@ -76,9 +80,8 @@ def attach(store: str, export: str, method: str = "auto", readonly: bool = False
     device and return its path.  Snapshots are always read-only."""
     if method not in METHODS:
         raise errors.InvalidArgument(f"attach method must be one of {METHODS}, not {method!r}")
-    if "/" in export or export.startswith("."):
-        raise errors.InvalidName(f"invalid export name {export!r}")
-    readonly = readonly or "@" in export
+    spec = ExportSpec.parse(export)  # also what makes it safe as a file name in STORE/attach
+    readonly = readonly or spec.snapshot is not None
     _require_root("attach")
     if not _server_listening(store):
         raise errors.NotRunning(
@@ -93,6 +96,9 @@ def attach(store: str, export: str, method: str = "auto", readonly: bool = False
             _forget(store, export)
         if method == "auto":
             method = "nbd" if _have_nbd_driver() else "loop"
+        elif method == "nbd" and not _have_nbd_driver():
+            raise errors.Unsupported("this kernel has no nbd driver (modprobe nbd failed): "
+                                     "use --method loop (nbdfuse and a loop device)")
         if method == "nbd":
             rec = _attach_nbd(store, export, readonly)
         else:
@@ -277,6 +283,8 @@ def _have_nbd_driver() -> bool:
 def _free_nbd_device() -> str:
     names = sorted((n for n in os.listdir("/sys/block") if n.startswith("nbd")),
                    key=lambda n: int(n[3:]))
+    if not names:
+        raise errors.Unsupported("the nbd driver has no devices (load it with nbds_max=N)")
     for name in names:
         if not os.path.exists(f"/sys/block/{name}/pid") and _sysfs_int(f"/sys/block/{name}/size") == 0:
             return f"/dev/{name}"

@@ -4,7 +4,7 @@ Every volume and snapshot command is one backend call (`snapdisk.control.backend
 the server's control socket when a server runs, on the store directly when none does.  This
 module only parses arguments, renders results (human tables, or `--json`), and turns errors
 into one line on stderr and the exit code their class declares (errors.py).  `init` creates a
-store, `serve`/`stop`/`status` drive snapdisk.server, `attach`/`detach` snapdisk.attach.
+store, `serve`/`stop`/`status` drive snapdisk.daemon, `attach`/`detach` snapdisk.attach.
 
 Long operations (rollback, snapshot delete, volume delete, clone) run as jobs, in the server or
 in this process: their progress shows as a bar on a terminal (tqdm, on stderr), as JSON event
@@ -65,13 +65,10 @@ def format_size(n: int | None) -> str:
 
 
 def split_ref(text: str, need_snapshot: bool = True) -> tuple[str, str | None]:
-    """'VOL@SNAP' -> ('VOL', 'SNAP').  Names cannot hold '@', so the split is unambiguous."""
-    vol, at, snap = text.partition("@")
-    if not vol or (at and not snap):
-        raise errors.InvalidArgument(f"invalid reference {text!r}: expected VOLUME@SNAPSHOT")
-    if need_snapshot and not at:
-        raise errors.InvalidArgument(f"{text!r} names no snapshot: expected VOLUME@SNAPSHOT")
-    return vol, (snap or None)
+    """'VOL@SNAP' -> ('VOL', 'SNAP'), checked by snapdisk.exportspec (names, ids in range)."""
+    from .exportspec import ExportSpec
+    spec = ExportSpec.parse(text, snapshot=True if need_snapshot else None)
+    return spec.volume, spec.snapshot
 
 
 def _size_arg(text: str) -> int:
@@ -393,26 +390,29 @@ class _CheckFailed(Exception):
 
 
 def cmd_serve(a: argparse.Namespace, ctx: Context) -> Result:
-    from . import server
-    info = server.serve(ctx.store, listen=a.listen, foreground=a.foreground,
-                        threads=a.threads).to_dict()
-    lines = [f"serving {ctx.store} (pid {info['pid']})",
-             f"  volume:   {server.export_uri(info['listen'], 'VOLUME')}",
-             f"  snapshot: {server.export_uri(info['listen'], 'VOLUME@SNAPSHOT')}"]
-    lines += [f"  control:  {info['control_socket']}"]
-    if info.get("log"):
-        lines += [f"  log:      {info['log']}"]
-    return info, "\n".join(lines)
+    from . import daemon
+    info = daemon.serve(ctx.store, listen=a.listen, foreground=a.foreground, threads=a.threads,
+                        insecure_plaintext_tcp=a.insecure_plaintext_tcp)
+    lines = [f"serving {ctx.store} (pid {info.pid})",
+             f"  volume:   {info.uri('VOLUME')}",
+             f"  snapshot: {info.uri('VOLUME@SNAPSHOT')}"]
+    if info.tcp:
+        lines += [f"  tcp:      {info.tcp_uri('VOLUME')}"
+                  + ("" if info.tls_psk_file else "  (plain text: INSECURE, any local user)")]
+    lines += [f"  control:  {info.control_socket}"]
+    if info.log:
+        lines += [f"  log:      {info.log}"]
+    return info.to_dict(), "\n".join(lines)
 
 
 def cmd_stop(a: argparse.Namespace, ctx: Context) -> Result:
-    from . import attach, server
+    from . import attach, daemon
     attached = [r for r in attach.list_attachments(ctx.store) if r["alive"]]
     if attached and not a.force:
         devices = ", ".join(f"{r['export']} as {r['device']}" for r in attached)
         raise errors.Busy(f"still attached: {devices}; their I/O would fail once the server is "
                           "gone: detach them first (or --force)")
-    pid = server.stop(ctx.store, timeout=a.timeout)
+    pid = daemon.stop(ctx.store, timeout=a.timeout)
     return {"stopped": True, "pid": pid, "store": ctx.store}, \
         f"stopped the server of {ctx.store} (pid {pid})"
 
@@ -443,15 +443,17 @@ def show_status(st: dict[str, Any]) -> str:
 
 
 def cmd_status(a: argparse.Namespace, ctx: Context) -> Result:
-    from . import attach, server
-    st = dict(server.status(ctx.store))
+    from . import attach, daemon
+    st = dict(daemon.status(ctx.store))
     st["attached"] = attach.list_attachments(ctx.store)
     return st, show_status(st)
 
 
 def cmd_attach(a: argparse.Namespace, ctx: Context) -> Result:
     from . import attach
-    vol, snap = split_ref(a.export, need_snapshot=False)
+    from .exportspec import ExportSpec
+    spec = ExportSpec.parse(a.export)
+    vol, snap = spec.volume, spec.snapshot
     if snap is None:  # a clear "no such volume" before any process is started
         ctx.call("volume.info", name=vol)
     else:
@@ -546,7 +548,6 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .server import THREAD_MODELS
     parser = argparse.ArgumentParser(
         prog="snapdisk", formatter_class=_Formatter, description=MAIN_DESCRIPTION,
         epilog=MAIN_EXAMPLES + "\n" + exit_codes_text())
@@ -672,21 +673,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "serve", cmd_serve, "start the NBD and control server", """
         Starts nbdkit with snapdisk's plugin: every volume is an NBD export named after it,
         every snapshot a read-only export VOLUME@SNAPSHOT, on the unix socket STORE/nbd.sock
-        (and TCP on loopback with --listen); the control socket STORE/control.sock takes
-        every other command while volumes stay served.  Runs in the background (pid file
-        STORE/server.pid) unless --foreground (for systemd).  A second server on one store
-        is refused (exit code 7).""", """
+        (reachable by the store's owner and root); the control socket STORE/control.sock
+        takes every other command while volumes stay served.  --listen tcp:127.0.0.1:PORT
+        adds TCP on loopback beside the unix socket, where clients must use TLS with the
+        pre-shared key in STORE/tls.psk (made owner-only at the first TCP serve; see
+        docs/security.md); plain-text TCP, which any local user can reach, only with
+        --insecure-plaintext-tcp.  Runs in the background (pid file STORE/server.pid)
+        unless --foreground (for systemd).  A second server on one store is refused (exit
+        code 7).""", """
         snapdisk serve
         snapdisk serve --listen tcp:127.0.0.1:10809
+        nbdinfo 'nbds://snapdisk@127.0.0.1:10809/web?tls-psk-file=/srv/disks/tls.psk'
         snapdisk serve --foreground       # e.g. from contrib/snapdisk.service""")
     p.add_argument("--listen", metavar="tcp:127.0.0.1:PORT",
-                   help="also listen on TCP (loopback only)")
+                   help="also listen on TCP (loopback only; TLS-PSK required)")
+    p.add_argument("--insecure-plaintext-tcp", action="store_true",
+                   help="serve --listen's TCP without TLS: every local user can then read "
+                        "and write every volume")
     p.add_argument("--foreground", action="store_true", help="do not go to the background")
-    p.add_argument("--threads", choices=THREAD_MODELS, default=None,
-                   help="nbdkit's thread model: serialized (the default: one request at a "
-                   "time, the fastest for a Python plugin, see benchmarks/report.md) or "
-                   "parallel (requests overlap in syscalls: better when the pool's disk is "
-                   "slow and reads miss the page cache)")
+    # Gone: nbdkit 1.32's parallel model could abort the server; daemon.serve says so.
+    p.add_argument("--threads", default=None, help=argparse.SUPPRESS)
 
     p = _command(sub, "stop", cmd_stop, "stop the server", """
         Flushes, disconnects clients, closes the store and waits for the server to exit.
@@ -731,7 +737,13 @@ def build_parser() -> argparse.ArgumentParser:
 # ---- main -------------------------------------------------------------------------------------
 
 def resolve_store(given: str | None) -> str:
-    return os.path.abspath(given or os.environ.get("SNAPDISK_STORE") or DEFAULT_STORE)
+    """--store, else $SNAPDISK_STORE, else the default.  An empty one is refused, never read
+    as "unset": `--store "$DIR" volume delete x` with DIR unset must not reach the default."""
+    env = os.environ.get("SNAPDISK_STORE")
+    if given == "" or (given is None and env == ""):
+        raise errors.InvalidArgument("the store path is empty (--store or SNAPDISK_STORE): "
+                                     "name a store directory")
+    return os.path.abspath(given or env or DEFAULT_STORE)
 
 
 def _fail(message: str, code: int) -> NoReturn:
@@ -748,7 +760,10 @@ def _emit(a: argparse.Namespace, result: Any, text: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    ctx = Context(resolve_store(a.store), progress_mode(a.json))
+    try:
+        ctx = Context(resolve_store(a.store), progress_mode(a.json))
+    except errors.SnapdiskError as e:
+        _fail(e.message, e.exit_code)
     try:
         result, text = a.func(a, ctx)
         _emit(a, result, text)

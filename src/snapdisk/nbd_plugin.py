@@ -1,40 +1,28 @@
-"""nbdkit plugin: every snapdisk volume of one store as an NBD export.  A shim.
+"""nbdkit plugin: every snapdisk volume of one store as an NBD export.  Callbacks only.
 
     nbdkit --unix STORE/nbd.sock python /path/to/snapdisk/nbd_plugin.py store=STORE \\
-        [log=FILE] [listen=DESCRIPTION]
+        listen=unix:STORE/nbd.sock [log=FILE] [tcp=tcp:HOST:PORT [tls-psk=FILE]]
 
-(snapdisk.server builds this command line; nbdkit's embedded Python needs snapdisk and the
-venv's packages on PYTHONPATH.)  Exports:
+(snapdisk.daemon builds this command line; nbdkit's embedded Python needs snapdisk and the
+venv's packages on PYTHONPATH.)  Exports (snapdisk.exportspec):
 
     VOLUME            the live volume, read-write
     VOLUME@SNAPSHOT   a snapshot (by name, or by id), read-only
     ""                the only volume, when the store has exactly one
 
-Each callback is one delegation to the Engine (snapdisk.volume); exceptions become an errno in
-one place (`_failure`) and are logged once, by nbdkit.  Parameters: `store` (required); `log`: a
-file that stderr is sent to after nbdkit forks into the background (nbdkit would otherwise send
-it to /dev/null); `listen`: how nbdkit listens, for the status op only.
+The server process is a snapdisk.service.Service (the Engine, the NBD connection registry, the
+control server, the TCP forwarder), built in after_fork: nbdkit forks into the background after
+loading this module and before serving, so nothing of it may start at import or in config.
+Each callback is one delegation into the Service or the Engine; exceptions become an errno in
+one place (`_failure`) and are logged once, by nbdkit.  Parameters: `store` (required); `log`:
+a file that stderr is sent to after the fork (nbdkit would send it to /dev/null); `listen`: the
+unix socket, as nbdkit's --unix; `tcp` and `tls-psk`: what the Service's TCP listener serves
+with (no tls-psk: plain text, only when asked for by name).
 
-nbdkit forks (into the background) after loading this module and before serving, so the Engine
-(LMDB environment, flock on STORE/lock, the C core's thread pool) and the control server's
-threads start in after_fork, never at import or in config.
-
-Threads: `threads=serialized` (the default; nbdkit's SERIALIZE_REQUESTS: one request at a time
-on each connection, connections side by side) or `threads=parallel`.  The Engine is thread-safe
-either way (live reads and in-place writes are one C call each that releases the GIL; map
-changes serialize in LMDB's write transaction), so this is a speed choice, made by measurement
-(fio --ioengine=nbd, 4 KiB random at QD16 on a 2-core machine, page-cache-resident pool;
-benchmarks/report.md has the current run):
-    serialized: randread 30k IOPS (0.87-0.95x the bare Python passthrough plugin), randwrite 0.98x
-    parallel:   randread 12k IOPS: nbdkit's 16 worker threads per connection take turns at the
-                GIL, and every request then pays a GIL hand-over between threads (a futex
-                wake and a context switch); the bare passthrough plugin loses the same way.
-Not SERIALIZE_ALL_REQUESTS, though it measures the same for one connection: nbdkit 1.32 holds
-its all-requests lock through each client's handshake, so one client stalled in its handshake
-would stop every other connection.  What serialized costs: a slow request (a FLUSH's
-fdatasync, a read that misses the page cache on a slow disk) holds up the others behind it.
-`snapdisk serve --threads parallel` is there for a pool on slow storage with a working set
-larger than memory.
+Threads: nbdkit's SERIALIZE_REQUESTS (one request at a time on each connection, connections
+side by side), the only model: PARALLEL was slower for a Python plugin (a GIL hand-over per
+request) and nbdkit 1.32.5 can abort under it when a client disconnects with pipelined writes in
+flight, so `threads=parallel` is refused (docs/design.md, "Concurrency", has the measurements).
 
 The hot path (pread, pwrite) is written flat, with the Engine's callables bound per connection at
 open(): in process it costs 3.0 us a 4 KiB read (os.preadv alone: 1.0 us), of which 0.5 us is the
@@ -43,37 +31,31 @@ C core's map lookup and 0.3 us cffi's from_buffer.
 
 from __future__ import annotations
 
-import builtins
 import errno
 import functools
 import os
-import socket
-import stat
-import sys
-import threading
 import traceback
 from collections.abc import Callable
-from contextlib import suppress
 from typing import Any, TypeVar
 
 import nbdkit  # provided by nbdkit's python plugin at run time
 
 from snapdisk import errors
-from snapdisk.control.server import Connection, Connections, ControlServer, StaleConnection
-from snapdisk.server import DEFAULT_THREADS, THREAD_MODELS
-from snapdisk.volume import Engine
+from snapdisk.connections import Connection
+from snapdisk.daemon import THREAD_MODELS, UNSAFE_THREAD_MODELS
+from snapdisk.service import Service, open_log
 
 API_VERSION = 2
+PARAMS = ("store", "log", "listen", "tcp", "tls-psk", "threads")
 
 _params: dict[str, str] = {}
-_engine: Engine | None = None
-_control: ControlServer | None = None
-_connections = Connections(on_revoke=lambda hs: _disconnect(hs))
+_svc: Service | None = None
+_enter: Callable[[Connection], None]  # the registry's, bound in after_fork
+_leave: Callable[[Connection], None]
 
 BLOCK_SIZE = (512, 4096, 32 << 20)  # minimum, preferred, maximum request (bytes)
 _FUA = nbdkit.FLAG_FUA
-_NBDKIT_THREAD_MODELS = {"parallel": nbdkit.THREAD_MODEL_PARALLEL,
-                         "serialized": nbdkit.THREAD_MODEL_SERIALIZE_REQUESTS}
+_HOLE = nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -89,7 +71,7 @@ def _failure(where: str, exc: BaseException) -> PluginError:
     if isinstance(exc, errors.SnapdiskError):
         nbdkit.set_error(exc.errno)
         message = f"{type(exc).__name__}: {exc.message}"
-        if isinstance(exc, StaleConnection) and hasattr(nbdkit, "disconnect"):
+        if isinstance(exc, errors.StaleConnection) and hasattr(nbdkit, "disconnect"):
             nbdkit.disconnect(True)  # nbdkit >= 1.34: drop the client now
     else:  # a bug or an OS error: EIO, with the traceback (logged once, by nbdkit)
         nbdkit.set_error(errno.EIO)
@@ -114,235 +96,91 @@ def _io(fn: F) -> F:
     @functools.wraps(fn)
     def call(h: Connection, *args: Any) -> Any:
         try:
-            _connections.enter(h)
+            _enter(h)
             try:
                 return fn(h, *args)
             finally:
-                _connections.leave(h)
+                _leave(h)
         except Exception as e:
             raise _failure(fn.__name__, e) from None
     return call  # type: ignore[return-value]
 
 
-def _eng() -> Engine:
-    if _engine is None:
+def _service() -> Service:
+    if _svc is None:
         raise errors.ServerError("the store is not open (after_fork did not run or failed)")
-    return _engine
+    return _svc
 
 
 # ---- life cycle ---------------------------------------------------------------------------
 
 @_guarded
 def config(key: str, value: str) -> None:
-    if key not in ("store", "log", "listen", "threads"):
-        raise errors.InvalidArgument(
-            f"unknown parameter {key!r} (takes store=, log=, listen=, threads=)")
+    if key not in PARAMS:
+        raise errors.InvalidArgument(f"unknown parameter {key!r} (takes "
+                                     f"{', '.join(p + '=' for p in PARAMS)})")
+    if key == "threads" and value in UNSAFE_THREAD_MODELS:
+        raise errors.Unsupported(f"threads={value}: {UNSAFE_THREAD_MODELS[value]}")
     if key == "threads" and value not in THREAD_MODELS:
         raise errors.InvalidArgument(f"threads={value!r}: one of {', '.join(THREAD_MODELS)}")
-    _params[key] = os.path.abspath(value) if key in ("store", "log") else value
+    _params[key] = os.path.abspath(value) if key in ("store", "log", "tls-psk") else value
 
 
 @_guarded
 def config_complete() -> None:
     # Checked before the fork, so that `snapdisk serve` can report it from nbdkit's exit status.
-    store = _params.get("store")
-    if store is None:
+    if "store" not in _params:
         raise errors.InvalidArgument("store=DIR is required")
-    if not os.path.exists(os.path.join(store, "meta", "data.mdb")):
-        raise errors.StoreNotFound(f"no snapdisk store in {store}")
+    from snapdisk.daemon import check_store
+    check_store(_params["store"])
 
 
 def thread_model() -> int:
-    return int(_NBDKIT_THREAD_MODELS[_params.get("threads", DEFAULT_THREADS)])
+    return int(nbdkit.THREAD_MODEL_SERIALIZE_REQUESTS)
 
 
 @_guarded
 def after_fork() -> None:
-    global _engine, _control
+    global _svc, _enter, _leave
     if "log" in _params:
-        fd = os.open(_params["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        os.dup2(fd, 2)  # dup2 leaves fd 2 inheritable, as stderr should be
-        os.close(fd)
+        open_log(_params["log"])
     store = _params["store"]
-    _engine = Engine.open(store)
-    info = {"nbd_socket": _params.get("listen", "").removeprefix("unix:") or None,
-            "listen": _params.get("listen")}
-    _control = ControlServer(_engine, os.path.join(store, "control.sock"),
-                             connections=_connections, info=info, on_stop=_stop)
-    _control.start()
-    sys.stderr.write(f"snapdisk: serving {store} (pid {os.getpid()})\n")
-    sys.stderr.flush()
-
-
-# ---- the NBD clients' sockets --------------------------------------------------------------
-#
-# nbdkit 1.32 gives a Python plugin no way to end a connection: nbdkit.disconnect() came later,
-# and on shutdown (SIGTERM or nbdkit.shutdown()) nbdkit does not end idle connections either (a
-# connection thread stays blocked reading the client's next request, so the server would wait
-# for every client to leave).  The plugin finds its clients' sockets itself, in /proc/self/fd:
-# connected sockets whose local address is the NBD listener's (the listener, the control
-# socket and nbdkit's pipes are not), and shuts them down; nbdkit then sees the client gone and
-# closes the connection the usual way.  open() records which socket a handle is on when that is
-# unambiguous (exactly one client socket not yet claimed: true unless several clients are in
-# their handshake at the same moment), so that a forced rollback can disconnect exactly its
-# clients; a handle without a known socket still fails every request (ESHUTDOWN).
-
-_claims: dict[int, Connection] = {}  # socket inode -> the handle on that connection
-_claims_lock = threading.Lock()
-
-
-def _client_sockets() -> dict[int, int]:
-    """{socket inode: fd} of this process's NBD client connections."""
-    kind, _, where = _params.get("listen", "").partition(":")
-    port = where.rpartition(":")[2]
-    out: dict[int, int] = {}
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            fd = int(name)
-            st = os.fstat(fd)
-            if not stat.S_ISSOCK(st.st_mode):
-                continue
-            sock = socket.socket(fileno=fd)
-        except (OSError, ValueError):
-            continue
-        try:
-            addr = sock.getsockname()
-            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-                continue
-            if (kind == "unix" and addr == where) or (
-                    kind == "tcp" and isinstance(addr, tuple) and str(addr[1]) == port):
-                out[st.st_ino] = fd
-        except OSError:
-            pass
-        finally:
-            sock.detach()  # the fd stays nbdkit's
-    return out
-
-
-def _cut(fd: int) -> None:
-    sock = socket.socket(fileno=fd)
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    finally:
-        sock.detach()
-
-
-def _claim_socket(h: Connection) -> None:
-    with _claims_lock:
-        free = [ino for ino in _client_sockets() if ino not in _claims]
-        if len(free) == 1:
-            h.socket_inode = free[0]
-            _claims[free[0]] = h
-
-
-def _disconnect(revoked: list[Connection]) -> None:
-    """Connections.reserve(force=True) calls this once they are revoked and drained."""
-    with _claims_lock:
-        socks = _client_sockets()
-        for h in revoked:
-            if h.socket_inode is not None and _claims.get(h.socket_inode) is h \
-                    and h.socket_inode in socks:
-                _cut(socks[h.socket_inode])
-
-
-def _stop() -> None:
-    """The control op `stop`: nbdkit's shutdown, then every NBD client's socket shut down."""
-    nbdkit.shutdown()
-    for fd in _client_sockets().values():
-        _cut(fd)
+    sock = _params.get("listen", "").removeprefix("unix:") or os.path.join(store, "nbd.sock")
+    svc = Service(store, socket_path=sock, tcp=_params.get("tcp"),
+                  tls_psk=_params.get("tls-psk"), on_stop=nbdkit.shutdown)
+    _enter, _leave = svc.connections.enter, svc.connections.leave
+    _svc = svc
+    svc.start()
 
 
 def cleanup() -> None:
-    # nbdkit calls this once every connection is closed: stop the control server (it waits for
-    # requests in progress), then flush and close the store (LMDB, the flock).
-    global _engine, _control
-    if _control is not None:
-        _control.close()
-        _control = None
-    if _engine is not None:
-        _engine.close()
-        _engine = None
-        sys.stderr.write("snapdisk: store closed\n")
-        sys.stderr.flush()
-    # nbdkit removes neither its pid file nor its unix socket.
-    store = _params.get("store")
-    kind, _, where = _params.get("listen", "").partition(":")
-    if kind == "unix":
-        with suppress(OSError):
-            os.unlink(where)
-    if store:
-        pidfile = os.path.join(store, "server.pid")
-        mine = False
-        with suppress(OSError), builtins.open(pidfile) as f:
-            mine = f.read().strip() == str(os.getpid())
-        if mine:
-            with suppress(OSError):
-                os.unlink(pidfile)
+    # nbdkit calls this once every connection is closed.
+    global _svc
+    if _svc is not None:
+        _svc.close()
+        _svc = None
 
 
 # ---- exports ------------------------------------------------------------------------------
 
-def _resolve(export: str) -> tuple[int, int | None, int]:
-    """(volume id, snapshot id or None, size in bytes) of an export name."""
-    e = _eng()
-    volume, at, snap = export.partition("@")
-    vol = e.volume_id(volume)
-    if not at:
-        return vol, None, e.volume_size(vol)
-    epoch = e.snapshot_id(volume, snap)
-    return vol, epoch, e.snapshot_size(vol, epoch)
-
-
 @_guarded
 def list_exports(readonly: bool, is_tls: bool) -> list[tuple[str, str]]:
-    # Read from the store at each call: volumes created or deleted while serving show up or
-    # disappear for the next client.
-    e = _eng()
-    out = []
-    for v in e.list_volumes():
-        out.append((v.name, f"volume, {v.size_bytes} bytes"))
-        for s in e.list_snapshots(v.name, with_usage=False):
-            out.append((f"{v.name}@{s.name}",
-                        f"snapshot {s.id} of {v.name} ({s.kind}), {s.size_bytes} bytes, read-only"))
-    return out
+    return _service().list_exports()
 
 
 @_guarded
 def default_export(readonly: bool, is_tls: bool) -> str:
-    names = [v.name for v in _eng().list_volumes()]
-    if len(names) != 1:
-        raise errors.InvalidArgument(
-            f"the store has {len(names)} volumes: name the export (VOLUME or VOLUME@SNAPSHOT)")
-    return names[0]
+    return _service().default_export()
 
 
 @_guarded
 def open(readonly: bool) -> Connection:
-    export = nbdkit.export_name()  # after default_export: the canonical name
-    h = Connection(export, *_resolve(export), readonly)
-    _connections.register(h)  # waits while a rollback or delete holds the volume
-    try:
-        if _resolve(export)[:2] != (h.vol, h.epoch):  # deleted or re-made meanwhile
-            raise errors.NotFound(f"export {export!r} went away while connecting")
-        if h.epoch is None:
-            h.read, h.write = _eng().live_io(h.vol)
-        else:
-            h.read = _eng().snapshot_reader(h.vol, h.epoch)
-        _claim_socket(h)
-    except BaseException:
-        _connections.unregister(h)
-        raise
-    return h
+    return _service().open_export(nbdkit.export_name(), readonly)  # the canonical name
 
 
 def close(h: Connection) -> None:
-    _connections.unregister(h)
-    if h.socket_inode is not None:
-        with _claims_lock:
-            if _claims.get(h.socket_inode) is h:
-                del _claims[h.socket_inode]
+    if _svc is not None:
+        _svc.close_export(h)
 
 
 @_guarded
@@ -366,22 +204,14 @@ def can_write(h: Connection) -> bool:
     return not h.readonly
 
 
+can_trim = can_zero = can_write
+# Zeroing unmaps whole blocks (a map change) and writes at most two partial edge blocks: never
+# slower than the write it replaces.
+can_fast_zero = can_write
+
+
 def can_flush(h: Connection) -> bool:
     return h.epoch is None
-
-
-def can_trim(h: Connection) -> bool:
-    return not h.readonly
-
-
-def can_zero(h: Connection) -> bool:
-    return not h.readonly
-
-
-def can_fast_zero(h: Connection) -> bool:
-    # Zeroing unmaps whole blocks (a map change) and writes at most two partial edge blocks:
-    # never slower than the write it replaces.
-    return not h.readonly
 
 
 def can_fua(h: Connection) -> int:
@@ -408,11 +238,8 @@ def can_multi_conn(h: Connection) -> bool:
 # ---- I/O: one delegation each -------------------------------------------------------------
 #
 # pread and pwrite are the hot path: written out flat (no decorator, the engine's callables
-# bound at open) because every Python call is ~0.1 us of a per-request budget of a few us.
-
-_enter = _connections.enter
-_leave = _connections.leave
-
+# bound at open, the registry's enter/leave module globals) because every Python call is
+# ~0.1 us of a per-request budget of a few us.
 
 def pread(h: Connection, buf: Any, offset: int, flags: int) -> None:
     try:
@@ -446,29 +273,27 @@ def _writable(h: Connection) -> int:
 
 @_io
 def flush(h: Connection, flags: int) -> None:
-    _eng().flush()
+    _service().require_engine().flush()
 
 
 @_io
 def trim(h: Connection, count: int, offset: int, flags: int) -> None:
-    _eng().trim(_writable(h), offset, count, fua=bool(flags & nbdkit.FLAG_FUA))
+    _service().require_engine().trim(_writable(h), offset, count, fua=bool(flags & _FUA))
 
 
 @_io
 def zero(h: Connection, count: int, offset: int, flags: int) -> None:
     # FLAG_MAY_TRIM is moot (zeroed whole blocks are always unmapped) and FLAG_FAST_ZERO is
     # always met (see can_fast_zero).
-    _eng().zero(_writable(h), offset, count, fua=bool(flags & nbdkit.FLAG_FUA))
-
-
-_HOLE = nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO
+    _service().require_engine().zero(_writable(h), offset, count, fua=bool(flags & _FUA))
 
 
 @_io
 def extents(h: Connection, count: int, offset: int, flags: int) -> list[tuple[int, int, int]]:
     # Runs come block-aligned outwards; nbdkit clips them to [offset, offset+count).
-    runs = (_eng().block_status(h.vol, offset, count) if h.epoch is None
-            else _eng().snapshot_block_status(h.vol, h.epoch, offset, count))
+    e = _service().require_engine()
+    runs = (e.block_status(h.vol, offset, count) if h.epoch is None
+            else e.snapshot_block_status(h.vol, h.epoch, offset, count))
     if flags & nbdkit.FLAG_REQ_ONE:
         runs = runs[:1]
     return [(o, n, 0 if allocated else _HOLE) for o, n, allocated in runs]

@@ -123,9 +123,9 @@ def open_backend(store_path: str, timeout: float = DEFAULT_TIMEOUT,
 
     A server whose pid is alive but whose control socket does not answer yet (it is starting)
     is waited for up to start_wait seconds."""
-    from ..server import paths, running_pid  # late: server imports control.client
+    from ..daemon import check_store, paths, running_pid  # late: daemon imports control.client
 
-    p = paths(store_path)
+    p = paths(check_store(store_path))  # EACCES is "permission denied", not "no store"
     deadline = time.monotonic() + start_wait
     while True:
         if os.path.exists(p["control_socket"]):

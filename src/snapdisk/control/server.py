@@ -4,13 +4,9 @@ It shares the plugin's Engine (one store, one LMDB environment per process) and 
 NBD connections, so that an operation that would pull data from under connected clients
 (rollback, volume or snapshot delete) can see them:
 
-  * `Connections` is that registry.  The plugin registers each NBD handle in open() and brackets
-    every I/O with enter()/leave().  `reserve(vol, ...)` holds off new connections to a volume
-    while an operation runs, refuses (errors.Busy) when matching clients are connected, or with
-    force revokes them: it bumps the generation of the export's (volume, snapshot) key, so their
-    later I/O fails with ESHUTDOWN (StaleConnection), waits for their in-flight I/O to finish
-    (no request that started before the revocation lands after it), then asks the plugin to
-    disconnect them (on_revoke).
+  * `Connections` (snapdisk.connections) is that registry: `reserve(vol, ...)` holds off new
+    connections to a volume while an operation runs, refuses (errors.Busy) when matching
+    clients are connected, or with force revokes and disconnects them.
   * `ControlServer` accepts on the unix socket (mode 0600, peers checked with SO_PEERCRED: the
     store owner's uid or root), one thread per client, speaking control/protocol.py, and runs
     each request through control/ops.py, or as a job (control/jobs.py) when it asks to.
@@ -18,8 +14,9 @@ NBD connections, so that an operation that would pull data from under connected 
     the Engine can be closed safely afterwards) and removes the socket file.
 
 nbdkit 1.32 has no way for a Python plugin to drop one connection (nbdkit.disconnect came in a
-later release); the plugin shuts the client's socket down itself where it knows which socket
-that is (see nbd_plugin), and a revoked client it could not disconnect has every request fail.
+later release); the service shuts the client's socket down itself where it knows which socket
+that is (see snapdisk.connections), and a revoked client it could not disconnect has every
+request fail.
 """
 
 from __future__ import annotations
@@ -31,141 +28,17 @@ import sys
 import threading
 import time
 import traceback
-from collections import Counter, deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import replace
 from typing import Any
 
 from .. import errors
+from ..connections import Connection, Connections
 from ..volume import Engine
 from . import jobs, ops, protocol
 
-StaleConnection = errors.StaleConnection
-
-
-class Connection:
-    """One NBD connection's handle (what the plugin's open() returns)."""
-
-    __slots__ = ("export", "vol", "epoch", "key", "size_bytes", "readonly", "generation",
-                 "inflight", "opened", "socket_inode", "read", "write")
-
-    def __init__(self, export: str, vol: int, epoch: int | None, size_bytes: int, readonly: bool):
-        self.export = export
-        self.vol = vol
-        self.epoch = epoch  # None: the live volume; else the snapshot's id
-        self.size_bytes = size_bytes
-        self.readonly = readonly or epoch is not None
-        self.key = (vol, epoch)  # what a forced rollback revokes: see Connections.reserve
-        self.generation = 0
-        # One item per request in flight.  A deque because append and pop are atomic (the
-        # documented thread-safe deque operations), so the hot path takes no lock.
-        self.inflight: deque[None] = deque()
-        self.opened = time.time()
-        self.socket_inode: int | None = None  # the plugin's: which client socket, if known
-        # The plugin's hot path, bound at open (Engine.live_io / snapshot_reader).
-        self.read: Callable[[int, Any], None] | None = None
-        self.write: Callable[[int, Any, bool], None] | None = None
-
-
-class Connections:
-    """The NBD connections of this server, shared by the plugin and the control ops."""
-
-    def __init__(self, wait_seconds: float = 60.0,
-                 on_revoke: Callable[[list[Connection]], None] | None = None):
-        self.on_revoke = on_revoke  # the plugin's: disconnect them, where it can
-        self._cond = threading.Condition()
-        self._open: set[Connection] = set()
-        self._generation: dict[tuple[int, int | None], int] = {}
-        self._reserved: dict[int, str] = {}  # volume -> what holds it
-        self.wait_seconds = wait_seconds
-
-    # ---- the plugin's side ----------------------------------------------------------------
-
-    def register(self, c: Connection) -> None:
-        """Add c; waits while an operation holds its volume (the caller then re-checks that
-        the export still exists)."""
-        with self._cond:
-            if not self._cond.wait_for(lambda: c.vol not in self._reserved, self.wait_seconds):
-                raise errors.Busy(f"export {c.export!r}: {self._reserved.get(c.vol)} is in progress")
-            c.generation = self._generation.get((c.vol, c.epoch), 0)
-            self._open.add(c)
-
-    def unregister(self, c: Connection) -> None:
-        with self._cond:
-            self._open.discard(c)
-
-    def enter(self, c: Connection) -> None:
-        """Before each I/O: count the request in flight, then refuse a revoked connection.
-
-        No lock: the count comes first and the check second, and reserve() bumps the
-        generation first and reads the count second, so either reserve() sees this request
-        in flight (and waits for it) or this request sees the new generation (and fails)."""
-        c.inflight.append(None)
-        if c.generation != self._generation.get(c.key, 0):
-            c.inflight.pop()
-            raise StaleConnection(
-                f"export {c.export!r} was rolled back with force while this client was "
-                "connected: what it has cached is stale; reconnect")
-
-    def leave(self, c: Connection) -> None:
-        c.inflight.pop()
-
-    # ---- the ops' side --------------------------------------------------------------------
-
-    def _current(self, c: Connection) -> bool:
-        return c.generation == self._generation.get((c.vol, c.epoch), 0)
-
-    def count(self, vol: int) -> int:
-        """Connections (not revoked) to vol or its snapshots."""
-        with self._cond:
-            return sum(1 for c in self._open if c.vol == vol and self._current(c))
-
-    def by_export(self) -> dict[str, dict[str, int]]:
-        with self._cond:
-            live: Counter[str] = Counter(c.export for c in self._open if self._current(c))
-            stale: Counter[str] = Counter(c.export for c in self._open if not self._current(c))
-        return {e: {"connections": live[e], "revoked": stale[e]} for e in sorted(live | stale)}
-
-    @contextmanager
-    def reserve(self, vol: int, what: str, *, live_only: bool = False, epoch: int | None = None,
-                force: bool = False) -> Iterator[int]:
-        deadline = time.monotonic() + self.wait_seconds
-        with self._cond:
-            if not self._cond.wait_for(lambda: vol not in self._reserved, self.wait_seconds):
-                raise errors.Busy(f"cannot {what}: {self._reserved.get(vol)} is in progress")
-            hit = [c for c in self._open if c.vol == vol and self._current(c)
-                   and (c.epoch is None if live_only else epoch is None or c.epoch == epoch)]
-            if hit and not force:
-                exports = ", ".join(sorted({c.export for c in hit}))
-                n = len(hit)
-                raise errors.Busy(
-                    f"cannot {what}: {n} NBD client{'s are' if n > 1 else ' is'} connected "
-                    f"({exports}); disconnect {'them' if n > 1 else 'it'} first"
-                    + (", or force it (connected clients are cut off)" if live_only else ""))
-            self._reserved[vol] = what
-            for key in {(c.vol, c.epoch) for c in hit}:
-                self._generation[key] = self._generation.get(key, 0) + 1
-        try:
-            for c in hit:
-                self._drain(c, deadline)
-            if hit and self.on_revoke is not None:
-                self.on_revoke(hit)
-            yield len(hit)
-        finally:
-            with self._cond:
-                del self._reserved[vol]
-                self._cond.notify_all()
-
-    @staticmethod
-    def _drain(c: Connection, deadline: float) -> None:
-        """Wait for the requests c started before its revocation."""
-        while True:
-            if not c.inflight:
-                return
-            if time.monotonic() > deadline:
-                raise errors.Busy(f"export {c.export!r}: requests still in flight after revocation")
-            time.sleep(0.001)
+__all__ = ["Connection", "Connections", "ControlServer"]
 
 
 def _log(msg: str) -> None:

@@ -1,70 +1,87 @@
 """Start, stop and query the server of a store: nbdkit running snapdisk's Python plugin.
 
-    serve(store)                 nbdkit in the background; returns once both sockets answer
+    serve(store)                 nbdkit in the background; returns once its sockets answer
     serve(store, foreground=True)  replaces this process with nbdkit -f (systemd, containers)
+    serve(store, listen="tcp:127.0.0.1:10809")   also TCP, TLS with a pre-shared key required
     stop(store)                  over the control socket (flush, close LMDB, exit), then
                                  SIGTERM, then SIGKILL, each after a timeout
     status(store)                pid file, liveness and the server's own `status` op
 
 The command line (nbdkit_command):
 
-    nbdkit --unix STORE/nbd.sock | --ip-addr 127.0.0.1 --port PORT
-           --pidfile STORE/server.pid --log=stderr [--foreground] [--verbose]
-           python SNAPDISK/nbd_plugin.py store=STORE [log=STORE/server.log] listen=...
+    nbdkit --unix STORE/nbd.sock --pidfile STORE/server.pid --log=stderr [--foreground]
+           python SNAPDISK/nbd_plugin.py store=STORE listen=unix:STORE/nbd.sock
+           [log=STORE/server.log] [tcp=tcp:HOST:PORT [tls-psk=STORE/tls.psk]]
 
 with PYTHONPATH naming the directory holding the snapdisk package and this interpreter's
 site-packages: nbdkit embeds Debian's /usr/bin/python3 (3.11), which must import snapdisk, its
 compiled core and cffi from our venv.  In the background nbdkit forks and sends stderr to
 /dev/null, so the plugin sends it to STORE/server.log (log=); start-up errors are read back from
-there, and errors before the fork from nbdkit's own stderr.
+there, and errors before the fork from nbdkit's own stderr.  The unix socket is always served;
+TCP is added beside it by a second nbdkit that the server starts (snapdisk.service explains
+why), and requires TLS with the pre-shared key in STORE/tls.psk (made owner-only at the first
+TCP serve) unless plain text is asked for by name (docs/security.md).
 
-One server per store: a live pid file, or the store's flock held by anyone (a CLI command
-working on the store directly), refuses a second serve.  Stale pid files and sockets left by a
-killed server are removed (nbdkit removes neither).  TCP is for loopback only: the protocol has
-no authentication or TLS here.
+One server per store: a live server in the pid file, or the store's flock held by anyone (a CLI
+command working on the store directly), refuses a second serve.  The pid file holds the
+server's pid and its start time (field 22 of /proc/PID/stat, written by the server itself):
+a process is the server only if both match, never because of its name, so a stale pid file
+naming an unrelated process is stale.  Stale pid files and sockets left by a killed server are
+removed (nbdkit removes neither), and only from a store nobody holds.
 """
 
 from __future__ import annotations
 
 import fcntl
-import ipaddress
 import os
-import signal
 import site
-import socket
 import stat
-import struct
 import subprocess
 import tempfile
 import time
-import urllib.parse
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from . import errors
 from .control.client import Client
+from .listen import ensure_psk, export_uri, listen_str, nbd_answers, parse_listen
+from .pidfile import alive as _alive
+from .pidfile import kill_process as _kill
+from .pidfile import pidfile_names, read_pidfile
+from .pidfile import read_pid as _read_pid
+from .pidfile import same_process as _same
+from .pidfile import wait_gone as _wait_gone
 
-# nbdkit's thread model for the plugin (`serve --threads`); why the default: nbd_plugin's docstring.
-THREAD_MODELS = ("serialized", "parallel")
+# nbdkit's thread model for the plugin; why: nbd_plugin's docstring.  PARALLEL is refused.
+THREAD_MODELS = ("serialized",)
 DEFAULT_THREADS = "serialized"
+UNSAFE_THREAD_MODELS = {
+    "parallel": "refused: nbdkit 1.32's parallel thread model can abort the server when a "
+                "client disconnects with pipelined writes in flight (an assertion in "
+                "raw_send_socket), and it was slower for this plugin anyway (see "
+                "benchmarks/report.md)"}
 
 PLUGIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nbd_plugin.py")
-NBD_MAGIC = b"NBDMAGIC"
-IHAVEOPT = b"IHAVEOPT"
-NBD_OPT_ABORT = 2
 
 
 @dataclass
 class ServerInfo:
     store: str
     pid: int
-    listen: str  # "unix:PATH" or "tcp:HOST:PORT"
-    nbd_socket: str | None  # the unix socket, None for TCP
+    listen: str  # "unix:PATH": the NBD unix socket, always served
+    nbd_socket: str  # that socket's path
     control_socket: str
     log: str | None
+    tcp: str | None = None  # "tcp:HOST:PORT" when TCP is served too
+    tls_psk_file: str | None = None  # what a TCP client needs (None: plain text, insecure)
 
     def uri(self, export: str = "") -> str:
+        """The export's URI on the unix socket."""
         return export_uri(self.listen, export)
+
+    def tcp_uri(self, export: str = "") -> str | None:
+        """The export's URI on TCP (nbds:// with the PSK file when TLS is on), if served."""
+        return export_uri(self.tcp, export, self.tls_psk_file) if self.tcp else None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,50 +92,30 @@ def paths(store: str) -> dict[str, str]:
     return {"store": store, "nbd_socket": os.path.join(store, "nbd.sock"),
             "control_socket": os.path.join(store, "control.sock"),
             "pidfile": os.path.join(store, "server.pid"), "log": os.path.join(store, "server.log"),
-            "lock": os.path.join(store, "lock")}
+            "lock": os.path.join(store, "lock"), "tls_psk": os.path.join(store, "tls.psk"),
+            "tcp_pidfile": os.path.join(store, "tcp.pid")}
 
 
-def parse_listen(listen: str | None, store: str) -> tuple[str, str, int]:
-    """("unix", path, 0) or ("tcp", host, port).  None means the store's nbd.sock."""
-    if listen is None or listen == "unix":
-        return "unix", paths(store)["nbd_socket"], 0
-    kind, _, rest = listen.partition(":")
-    if kind == "unix" and rest:
-        return "unix", os.path.abspath(rest), 0
-    if kind == "tcp":
-        host, _, port_s = rest.rpartition(":")
-        host = host.strip("[]")
+def check_store(store: str) -> str:
+    """store's absolute path if it is a snapdisk store this user may open: StoreNotFound if it
+    is none, PermissionDenied if this user cannot look (EACCES is not absence)."""
+    if not store:
+        raise errors.InvalidArgument("the store path is empty: name a store directory")
+    store = os.path.abspath(store)
+    try:
+        os.stat(os.path.join(store, "meta", "data.mdb"))
+        os.stat(os.path.join(store, "pool.dat"))
+    except PermissionError:
         try:
-            port = int(port_s)
-            addr = ipaddress.ip_address("127.0.0.1" if host == "localhost" else host)
-        except ValueError:
-            raise errors.InvalidArgument(
-                f"invalid listen address {listen!r}: use tcp:127.0.0.1:PORT") from None
-        if not addr.is_loopback:
-            raise errors.InvalidArgument(
-                f"refusing to listen on {host}: only loopback addresses are allowed (NBD here "
-                "has no authentication or encryption; tunnel it, e.g. over ssh)")
-        if not 0 < port < 65536:
-            raise errors.InvalidArgument(f"invalid port {port} in {listen!r}")
-        return "tcp", str(addr), port
-    raise errors.InvalidArgument(f"invalid listen address {listen!r}: use unix:PATH or "
-                                 "tcp:127.0.0.1:PORT")
-
-
-def _listen_str(kind: str, where: str, port: int) -> str:
-    if kind == "unix":
-        return f"unix:{where}"
-    return f"tcp:[{where}]:{port}" if ":" in where else f"tcp:{where}:{port}"
-
-
-def export_uri(listen: str, export: str = "") -> str:
-    """The NBD URI of an export: nbd+unix:///VOL@SNAP?socket=PATH or nbd://127.0.0.1:PORT/VOL."""
-    kind, where, port = parse_listen(listen, "/")
-    name = urllib.parse.quote(export, safe="@")
-    if kind == "unix":
-        return f"nbd+unix:///{name}?socket={where}"
-    host = f"[{where}]" if ":" in where else where
-    return f"nbd://{host}:{port}/{name}"
+            owner = f" (owned by uid {os.stat(store).st_uid})"
+        except OSError:
+            owner = ""
+        raise errors.PermissionDenied(f"permission denied: {store}{owner}: a store is its "
+                                      "owner's and root's only") from None
+    except OSError:
+        raise errors.StoreNotFound(f"no snapdisk store in {store} (run `snapdisk init`)") \
+            from None
+    return store
 
 
 def python_path() -> list[str]:
@@ -133,13 +130,14 @@ def python_path() -> list[str]:
 
 def nbdkit_command(store: str, listen: str | None = None, foreground: bool = False, *,
                    log: str | None = None, verbose: bool = False, exit_with_parent: bool = False,
-                   nbdkit: str = "nbdkit", threads: str | None = None
+                   nbdkit: str = "nbdkit", tls_psk: str | None = None
                    ) -> tuple[list[str], dict[str, str]]:
-    """The argv and environment that serve a store."""
+    """The argv and environment that serve a store: its unix socket (listen=unix:PATH moves
+    it), and TCP beside it with listen=tcp:HOST:PORT (TLS with tls_psk, else plain text)."""
     p = paths(store)
-    kind, where, port = parse_listen(listen, p["store"])
-    argv = [nbdkit]
-    argv += ["--unix", where] if kind == "unix" else ["--ip-addr", where, "--port", str(port)]
+    kind, where, port = parse_listen(listen, p["nbd_socket"])
+    sock = where if kind == "unix" else p["nbd_socket"]
+    argv = [nbdkit, "--unix", sock]
     # Errors to stderr, also in the background (where nbdkit's default is syslog): it is
     # STORE/server.log there (the plugin's log=), the journal under systemd.
     argv += ["--pidfile", p["pidfile"], "--log=stderr"]
@@ -149,45 +147,24 @@ def nbdkit_command(store: str, listen: str | None = None, foreground: bool = Fal
             argv.append("--exit-with-parent")
     if verbose:
         argv.append("--verbose")
-    argv += ["python", PLUGIN, f"store={p['store']}", f"listen={_listen_str(kind, where, port)}"]
+    argv += ["python", PLUGIN, f"store={p['store']}", f"listen=unix:{sock}"]
+    if kind == "tcp":
+        argv.append(f"tcp={listen_str(kind, where, port)}")
+        if tls_psk:
+            argv.append(f"tls-psk={tls_psk}")
     if log:
         argv.append(f"log={os.path.abspath(log)}")
-    if threads:
-        argv.append(f"threads={threads}")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(python_path())
     env.pop("PYTHONHOME", None)  # a venv's would point nbdkit's python at the wrong stdlib
     return argv, env
 
 
-# ---- liveness -----------------------------------------------------------------------------
-
-def _alive(pid: int) -> bool:
-    """pid runs and is an nbdkit (a recycled pid is not ours).  A process that is exiting
-    (its memory, hence its command line, already gone) counts as alive until it is a zombie:
-    only then are its files, and so the store's flock, released."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmd = f.read()
-    except (OSError, IndexError):
-        return False
-    return state not in (b"Z", b"X", b"x") and (not cmd or b"nbdkit" in cmd)
-
-
-def _read_pid(pidfile: str) -> int | None:
-    try:
-        with open(pidfile) as f:
-            return int(f.read().strip())
-    except (OSError, ValueError):
-        return None
-
-
 def running_pid(store: str) -> int | None:
     """The pid of the live server of store, if any."""
-    pid = _read_pid(paths(store)["pidfile"])
-    return pid if pid is not None and _alive(pid) else None
+    pidfile = paths(store)["pidfile"]
+    pid = _read_pid(pidfile)
+    return pid if pid is not None and pidfile_names(pidfile, pid) else None
 
 
 def _lock_free(store: str) -> bool:
@@ -211,39 +188,23 @@ def _wait_lock_free(store: str, timeout: float) -> bool:
 
 
 def _remove_stale(store: str, listen_path: str | None = None) -> None:
+    """What a dead server left: its pid file, sockets, and a TCP forwarder that outlived it
+    (it waits for idle clients: see service.py), ended if STORE/tcp.pid names it exactly."""
     p = paths(store)
-    for path in (p["pidfile"], p["nbd_socket"], p["control_socket"], listen_path):
-        if path and os.path.lexists(path) and (path == p["pidfile"] or _is_socket(path)):
+    fwd = _read_pid(p["tcp_pidfile"])
+    if fwd is not None and pidfile_names(p["tcp_pidfile"], fwd):
+        start = read_pidfile(p["tcp_pidfile"])
+        _kill(fwd, 0.5, start[1] if start else None)
+    for path in (p["pidfile"], p["tcp_pidfile"], p["nbd_socket"], p["control_socket"],
+                 listen_path):
+        if path and os.path.lexists(path) and (path in (p["pidfile"], p["tcp_pidfile"])
+                                               or _is_socket(path)):
             os.unlink(path)
 
 
 def _is_socket(path: str) -> bool:
     try:
         return stat.S_ISSOCK(os.lstat(path).st_mode)
-    except OSError:
-        return False
-
-
-def _nbd_answers(kind: str, where: str, port: int) -> bool:
-    """The NBD listener answers: read the newstyle greeting, then end the handshake politely
-    (NBD_OPT_ABORT, as `nbdinfo --can connect` would) so nbdkit logs no error."""
-    try:
-        if kind == "unix":
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            addr: Any = where
-        else:
-            s = socket.socket(socket.AF_INET6 if ":" in where else socket.AF_INET,
-                              socket.SOCK_STREAM)
-            addr = (where, port)
-        with s:
-            s.settimeout(2.0)
-            s.connect(addr)
-            hello = s.recv(18, socket.MSG_WAITALL)  # NBDMAGIC, IHAVEOPT, handshake flags
-            if hello[:16] != NBD_MAGIC + IHAVEOPT:
-                return False
-            s.sendall(struct.pack(">I", 1) + IHAVEOPT + struct.pack(">II", NBD_OPT_ABORT, 0))
-            s.recv(20, socket.MSG_WAITALL)  # the ACK (or nothing: either is fine)
-            return True
     except OSError:
         return False
 
@@ -266,43 +227,28 @@ def _tail(path: str, max_bytes: int = 4000) -> str:
         return ""
 
 
-def _wait_gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while _alive(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
-def _kill(pid: int, timeout: float) -> None:
-    """SIGTERM, then SIGKILL after timeout."""
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-        if not _alive(pid):
-            return
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return
-        if _wait_gone(pid, wait):
-            return
-
-
 # ---- serve, stop, status ------------------------------------------------------------------
 
 def serve(store: str, listen: str | None = None, foreground: bool = False, *,
           timeout: float = 30.0, verbose: bool = False, nbdkit: str = "nbdkit",
-          threads: str | None = None) -> ServerInfo:
-    """Serve every volume of store over NBD, with the control socket.
+          threads: str | None = None, insecure_plaintext_tcp: bool = False) -> ServerInfo:
+    """Serve every volume of store over NBD, with the control socket: on the unix socket, and
+    with listen="tcp:127.0.0.1:PORT" on TCP too, where clients need TLS with the key in
+    STORE/tls.psk (made now if missing) unless insecure_plaintext_tcp.
 
-    Background (default): returns once the NBD listener and the control socket answer, or
+    Background (default): returns once the NBD listeners and the control socket answer, or
     raises ServerError with nbdkit's error output.  foreground=True replaces this process with
     nbdkit (it does not return); stop it with SIGTERM or `stop`."""
+    store = check_store(store)
     p = paths(store)
-    store = p["store"]
-    if not os.path.exists(os.path.join(store, "meta", "data.mdb")):
-        raise errors.StoreNotFound(f"no snapdisk store in {store} (run `snapdisk init`)")
-    kind, where, port = parse_listen(listen, store)
+    if threads in UNSAFE_THREAD_MODELS:
+        raise errors.Unsupported(f"--threads {threads}: {UNSAFE_THREAD_MODELS[threads]}")
+    if threads not in (None, *THREAD_MODELS):
+        raise errors.InvalidArgument(f"threads={threads!r}: one of {', '.join(THREAD_MODELS)}")
+    kind, where, port = parse_listen(listen, p["nbd_socket"])
+    if insecure_plaintext_tcp and kind != "tcp":
+        raise errors.InvalidArgument("--insecure-plaintext-tcp goes with --listen tcp:HOST:PORT")
+    sock = where if kind == "unix" else p["nbd_socket"]
     pid = running_pid(store)
     if pid is not None:
         raise errors.StoreLocked(f"a snapdisk server is already serving {store} (pid {pid}); "
@@ -310,12 +256,15 @@ def serve(store: str, listen: str | None = None, foreground: bool = False, *,
     if not _lock_free(store) and not _wait_lock_free(store, 2.0):  # a server may be exiting
         raise errors.StoreLocked(f"{store} is in use by another process (a snapdisk command "
                                  "working on the store, or a server without a pid file)")
-    if kind == "unix" and len(where.encode()) > 107:
-        raise errors.InvalidArgument(f"socket path {where!r} is too long for a unix socket")
-    _remove_stale(store, where if kind == "unix" else None)
+    if len(sock.encode()) > 107:
+        raise errors.InvalidArgument(f"socket path {sock!r} is too long for a unix socket")
+    psk = None
+    if kind == "tcp" and not insecure_plaintext_tcp:
+        psk = ensure_psk(p["tls_psk"], os.stat(store).st_uid)
+    _remove_stale(store, sock)
     log = None if foreground else p["log"]
     argv, env = nbdkit_command(store, listen, foreground, log=log, verbose=verbose, nbdkit=nbdkit,
-                               threads=threads)
+                               tls_psk=psk)
     if foreground:
         os.execvpe(argv[0], argv, env)
     log_start = os.path.getsize(p["log"]) if os.path.exists(p["log"]) else 0
@@ -347,12 +296,15 @@ def serve(store: str, listen: str | None = None, foreground: bool = False, *,
 
     deadline = time.monotonic() + timeout
     while True:
+        # nbdkit writes its pid before the plugin's after_fork, which rewrites the file with
+        # the start time: until then only liveness is known (the file is this start's).
         pid = _read_pid(p["pidfile"])
         if pid is not None and not _alive(pid):
-            _remove_stale(store, where if kind == "unix" else None)
+            _remove_stale(store, sock)
             raise errors.ServerError(f"the server exited while starting: {since_start()}")
-        if (pid is not None and _control_answers(p["control_socket"])
-                and _nbd_answers(kind, where, port)):
+        if (pid is not None and running_pid(store) == pid
+                and _control_answers(p["control_socket"]) and nbd_answers("unix", sock, 0)
+                and (kind != "tcp" or nbd_answers(kind, where, port))):
             break
         if time.monotonic() > deadline:
             if pid is not None:
@@ -360,36 +312,42 @@ def serve(store: str, listen: str | None = None, foreground: bool = False, *,
             raise errors.ServerError(f"the server did not answer within {timeout}s: "
                                      f"{since_start()}")
         time.sleep(0.05)
-    return ServerInfo(store, pid, _listen_str(kind, where, port),
-                      where if kind == "unix" else None, p["control_socket"], log)
+    return ServerInfo(store, pid, f"unix:{sock}", sock, p["control_socket"], log,
+                      listen_str(kind, where, port) if kind == "tcp" else None, psk)
 
 
 def stop(store: str, timeout: float = 30.0) -> int:
     """Stop the server of store: the control op `stop` (flush, close LMDB, exit); SIGTERM if
-    it is not gone after timeout; SIGKILL 10 s later.  Returns its pid; NotRunning if none."""
+    it is not gone after timeout; SIGKILL 10 s later.  Returns its pid; NotRunning if none
+    (then stale files are removed, if nobody holds the store)."""
+    store = check_store(store)
     p = paths(store)
+    rec = read_pidfile(p["pidfile"])
     pid = running_pid(store)
-    if pid is None:
-        _remove_stale(p["store"])
-        raise errors.NotRunning(f"no snapdisk server is running for {p['store']}")
+    if pid is None or rec is None:
+        if _lock_free(store):
+            _remove_stale(store)
+        raise errors.NotRunning(f"no snapdisk server is running for {store}")
+    start = rec[1]
     try:
         with Client(p["control_socket"], timeout=min(timeout, 30.0)) as c:
             c.call("stop")
     except errors.SnapdiskError:
         pass  # not answering: signals below
-    if not _wait_gone(pid, timeout):
-        _kill(pid, min(10.0, timeout))
-    if not _alive(pid):
-        _remove_stale(p["store"])
+    if not _wait_gone(pid, timeout, start):
+        _kill(pid, min(10.0, timeout), start)
+    if not _same(pid, start) and _lock_free(store):
+        _remove_stale(store)
     return pid
 
 
 def status(store: str, timeout: float = 5.0) -> dict[str, Any]:
     """{"running": bool, "pid", "store", ...} plus, when it answers, the server's own status
     (uptime, sockets, connections per export)."""
+    store = check_store(store)
     p = paths(store)
     pid = running_pid(store)
-    out: dict[str, Any] = {"running": pid is not None, "pid": pid, "store": p["store"],
+    out: dict[str, Any] = {"running": pid is not None, "pid": pid, "store": store,
                            "control_socket": p["control_socket"], "pidfile": p["pidfile"],
                            "log": p["log"]}
     if pid is None:
