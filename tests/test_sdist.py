@@ -3,8 +3,9 @@ tarball into a fresh venv, far from the source tree, must give a working C core 
 
 This is what catches a file the build needs but MANIFEST.in forgets (native/xm.h and
 native/build_ffi.py were once missing).  pip builds the wheel with build isolation, as a user's
-pip would: setuptools, wheel and cffi come from the configured package index.  About 20 s, most
-of it compiling the C core; marked slow.
+pip would: setuptools, wheel and cffi come from the configured package index.  20 to 45 s on a
+2-core machine (more the busier it is), most of it compiling the C core; and it needs the index:
+marked slow, so the default selection stays quick and offline.
 """
 
 from __future__ import annotations
