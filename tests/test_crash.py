@@ -27,6 +27,7 @@ from snapdisk.volume import Engine
 
 sys.path.insert(0, os.path.dirname(__file__))
 from crash_worker import NBLOCKS, decode  # noqa: E402
+from waiting import wait_until  # noqa: E402
 
 KILLS = int(os.environ.get("SNAPDISK_CRASH_KILLS", "50"))
 State = dict[str, Any]  # {"vols": {vol: {lba: seq}}, "snaps": {vol: {name: {lba: seq}}}}
@@ -154,10 +155,10 @@ def test_kill9_at_random_moments(tmp_path: Path) -> None:
                                  str(rng.randrange(1 << 30)), str(seq)],
                                 stderr=subprocess.PIPE)
         try:
-            # let it get going (interpreter start-up is ~0.3 s), then kill at a random moment
-            deadline = time.monotonic() + 10
-            while log_path.stat().st_size == 0 and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.01)
+            # let it get going (interpreter start-up is ~0.3 s), then kill at a random moment:
+            # the random sleep is the point of the test, not a wait for a condition
+            wait_until(lambda p=proc: log_path.stat().st_size > 0 or p.poll() is not None, 30, 0.01,
+                       "the worker's first logged operation")
             time.sleep(rng.uniform(0.0, 0.4))
             assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
         finally:

@@ -34,6 +34,7 @@ from pathlib import Path
 import pytest
 import vmguest
 from conftest import Served
+from waiting import wait_until
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
@@ -112,15 +113,14 @@ def _copy_out(server: Served, export: str, dest: Path) -> None:
 
 def _wait_no_connections(server: Served, timeout: float = 15.0) -> None:
     """The guest detached and powered off: the server must see no client left."""
-    deadline = time.monotonic() + timeout
-    while True:
+    def busy() -> dict[str, object]:
         exports = server.call("status")["exports"]  # type: ignore[index]
-        busy = {e: v for e, v in exports.items() if v.get("connections")}
-        if not busy:
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"NBD connections still counted after the guest detached: {busy}")
-        time.sleep(0.2)
+        return {e: v for e, v in exports.items() if v.get("connections")}
+
+    try:
+        wait_until(lambda: not busy(), timeout, 0.2, "no NBD connection counted")
+    except AssertionError:
+        pytest.fail(f"NBD connections still counted after the guest detached: {busy()}")
 
 
 def _check_snapshot_read_only(server: Served) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import vmguest
+from waiting import wait_until
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
@@ -50,13 +51,12 @@ def nbdkit_memory(tmp_path: Path) -> Iterator[str]:
         ["nbdkit", "--unix", str(sock), "-f", "--exit-with-parent", "memory", "256M"],
         stdin=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.monotonic() + 30
-        while not sock.exists():
+        def listening() -> bool:
             if proc.poll() is not None:
                 pytest.fail(f"nbdkit exited {proc.returncode} before listening")
-            if time.monotonic() > deadline:
-                pytest.fail("nbdkit did not create its socket in 30s")
-            time.sleep(0.05)
+            return sock.exists()
+
+        wait_until(listening, 30, 0.05, f"nbdkit to create {sock}")
         yield str(sock)
     finally:
         if proc.poll() is None:
