@@ -6,7 +6,12 @@
         snapshots, rollbacks, clones, snapshot and volume deletes.  Unlike crash_worker.py, a
         control operation is NOT followed by a flush: issue 9 requires that an operation that
         returned success survives a power cut by itself.
-    powercut_worker.py dump STORE
+    powercut_worker.py ref|ref-nosync FILE LOG SEED SECONDS
+        the harness's controls: the same writes, FUA writes, trims (zeros) and flushes on one
+        plain 64-block file (pwrite, fdatasync), which is power-cut safe by construction (ext4
+        orders and flushes it), so the test can pass; ref-nosync "flushes" without
+        fdatasync, so the test must fail.
+    powercut_worker.py dump STORE | refdump FILE
         open the store as a reboot would, run the integrity check, and print JSON: every
         volume's and snapshot's blocks as [lba, seq] stamps (null: torn or garbage).
 
@@ -103,6 +108,47 @@ def run(store: str, log_path: str, seed: int, sync: bool, seconds: float) -> Non
     log(op="end")
 
 
+def run_ref(path: str, log_path: str, seed: int, seconds: float, sync: bool) -> None:
+    rng = random.Random(seed)
+    lfd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+
+    def log(**rec: object) -> None:
+        os.write(lfd, (json.dumps({**rec, "t": time.monotonic()}) + "\n").encode())
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    os.ftruncate(fd, NBLOCKS * BLOCK_SIZE)
+    os.fsync(fd)
+    dfd = os.open(os.path.dirname(path), os.O_RDONLY)
+    os.fsync(dfd)  # the file's name too
+    os.close(dfd)
+    log(op="ready")
+    seq, end = 0, time.monotonic() + seconds
+    while time.monotonic() < end:
+        r = rng.random()
+        lba = rng.randrange(NBLOCKS)
+        if r < 0.7:
+            n = rng.randint(1, min(4, NBLOCKS - lba))
+            seqs = list(range(seq + 1, seq + n + 1))
+            seq += n
+            fua = rng.random() < 0.15
+            log(op="w", v="a", lba=lba, seqs=seqs, fua=fua)
+            os.pwrite(fd, b"".join(block(lba + i, s) for i, s in enumerate(seqs)),
+                      lba * BLOCK_SIZE)
+            if fua and sync:
+                os.fdatasync(fd)
+        elif r < 0.8:
+            n = rng.randint(1, min(8, NBLOCKS - lba))
+            log(op="t", v="a", lba=lba, n=n)
+            os.pwrite(fd, bytes(n * BLOCK_SIZE), lba * BLOCK_SIZE)
+        else:
+            log(op="f")
+            if sync:
+                os.fdatasync(fd)
+        log(op="done")
+    os.close(fd)
+    log(op="end")
+
+
 def stamps(data: bytes) -> list[list[int] | None]:
     out: list[list[int] | None] = []
     for b in range(NBLOCKS):
@@ -130,8 +176,19 @@ def dump(store: str) -> None:
     print(json.dumps(state))
 
 
+def refdump(path: str) -> None:
+    with open(path, "rb") as f:
+        data = f.read()
+    print(json.dumps({"problems": [], "vols": {"a": stamps(data)}, "snaps": {"a": {}}}))
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "run":
         run(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == "1", float(sys.argv[6]))
+    elif sys.argv[1] in ("ref", "ref-nosync"):
+        run_ref(sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]),
+                sys.argv[1] == "ref")
+    elif sys.argv[1] == "refdump":
+        refdump(sys.argv[2])
     else:
         dump(sys.argv[2])
