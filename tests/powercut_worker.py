@@ -1,7 +1,10 @@
 """The two child processes of tests/test_powercut.py.
 
-    powercut_worker.py run STORE LOG SEED SYNC SECONDS
-        create a store (sync_commits=SYNC) and volumes a and b, log {"op": "ready"}, then run a
+    powercut_worker.py run STORE LOG SEED MODE SECONDS
+        create a store (MODE default, sync: sync_commits, or sync-data: sync_commits plus
+        every redirected write's data fdatasync()ed before its map commits, by sending
+        redirected writes through the Python write path with a syncing Pool.write: what a
+        data-before-map fix would do) and volumes a and b, log {"op": "ready"}, then run a
         seeded workload on the engine for SECONDS: writes (some FUA), trims, FLUSHes,
         snapshots, rollbacks, clones, snapshot and volume deletes.  Unlike crash_worker.py, a
         control operation is NOT followed by a flush: issue 9 requires that an operation that
@@ -32,6 +35,7 @@ import time
 from typing import Any
 
 from snapdisk.native import BLOCK_SIZE
+from snapdisk.pool import Pool
 from snapdisk.store import StoreConfig
 from snapdisk.volume import Engine
 
@@ -43,14 +47,27 @@ MAX_SNAPS = 12
 MAX_VOLS = 4
 
 
-def run(store: str, log_path: str, seed: int, sync: bool, seconds: float) -> None:
+def _sync_pool_writes() -> None:
+    os.environ["SNAPDISK_WRITE_PATH"] = "python"  # read by Engine(); no C redirect
+    plain = Pool.write
+
+    def write(self: Pool, pbn: int, data: Any, offset_in_block: int = 0) -> None:
+        plain(self, pbn, data, offset_in_block)
+        os.fdatasync(self.fd)
+
+    Pool.write = write  # type: ignore[method-assign]
+
+
+def run(store: str, log_path: str, seed: int, mode: str, seconds: float) -> None:
     rng = random.Random(seed)
+    if mode == "sync-data":
+        _sync_pool_writes()
     fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
 
     def log(**rec: object) -> None:
         os.write(fd, (json.dumps({**rec, "t": time.monotonic()}) + "\n").encode())
 
-    e = Engine.create(store, StoreConfig(pool_bytes=POOL_BYTES, sync_commits=sync))
+    e = Engine.create(store, StoreConfig(pool_bytes=POOL_BYTES, sync_commits=mode != "default"))
     for name in ("a", "b"):
         e.create_volume(name, NBLOCKS * BLOCK_SIZE)
     e.flush()
@@ -184,7 +201,7 @@ def refdump(path: str) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1] == "run":
-        run(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == "1", float(sys.argv[6]))
+        run(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], float(sys.argv[6]))
     elif sys.argv[1] in ("ref", "ref-nosync"):
         run_ref(sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]),
                 sys.argv[1] == "ref")
