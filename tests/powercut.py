@@ -34,7 +34,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -82,17 +82,17 @@ class Cleanup:
     """Undo actions run in reverse; a failing one does not stop the rest."""
 
     def __init__(self) -> None:
-        self.stack: list[tuple[str, object]] = []
+        self.stack: list[tuple[str, Callable[[], object]]] = []
         self.errors: list[str] = []
 
-    def push(self, what: str, fn: object) -> None:
+    def push(self, what: str, fn: Callable[[], object]) -> None:
         self.stack.append((what, fn))
 
     def run(self) -> None:
         while self.stack:
             what, fn = self.stack.pop()
             try:
-                fn()  # type: ignore[operator]
+                fn()
             except Exception as e:
                 self.errors.append(f"{what}: {e!r}")
 
@@ -186,9 +186,9 @@ def _fuse_unmount(fuse_dir: str) -> None:
         _run(["fusermount3", "-u", fuse_dir])
 
 
-def _wait_for(cond: object, proc: subprocess.Popen[bytes], what: str) -> None:
+def _wait_for(cond: Callable[[], bool], proc: subprocess.Popen[bytes], what: str) -> None:
     deadline = time.monotonic() + 30
-    while not cond():  # type: ignore[operator]
+    while not cond():
         if proc.poll() is not None:
             raise RuntimeError(f"{what}: process exited with {proc.returncode}")
         if time.monotonic() > deadline:
