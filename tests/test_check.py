@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from snapdisk import extmap
+from snapdisk import layout
 from snapdisk.native import BLOCK_SIZE, DB_COUNTERS, DB_DEAD, DB_FREE, DB_LIVE, DB_NAMES, DB_SNAPS, Txn
 from snapdisk.store import StoreConfig, StoreDir
 from snapdisk.volume import Engine
@@ -52,8 +52,8 @@ def double_own(t: Txn) -> None:
 
 def point_past_pool(t: Txn) -> None:
     k, v = first(t, DB_LIVE, Z)
-    length, flags, pbn, birth = extmap.REC.unpack(v)
-    t.put(DB_LIVE, k, extmap.REC.pack(length, flags, 10_000, birth))
+    length, flags, pbn, birth = layout.REC.unpack(v)
+    t.put(DB_LIVE, k, layout.REC.pack(length, flags, 10_000, birth))
 
 
 def drop_snapshot_record(t: Txn) -> None:
@@ -72,14 +72,14 @@ def counter_drift(t: Txn) -> None:
 
 def free_a_held_block(t: Txn) -> None:
     _, v = first(t, DB_LIVE, Z)
-    pbn = extmap.REC.unpack(v)[2]
+    pbn = layout.REC.unpack(v)[2]
     t.put(DB_FREE, struct.pack(">Q", pbn), struct.pack("<Q", 1))
 
 
 def unflag_shared(t: Txn) -> None:
     for k, v in t.scan_prefix(DB_LIVE, struct.pack(">I", 2)):  # the clone: all SHARED
-        length, flags, pbn, birth = extmap.REC.unpack(v)
-        t.put(DB_LIVE, k, extmap.REC.pack(length, 0, pbn, birth))
+        length, flags, pbn, birth = layout.REC.unpack(v)
+        t.put(DB_LIVE, k, layout.REC.pack(length, 0, pbn, birth))
         return
 
 
