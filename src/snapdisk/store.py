@@ -14,9 +14,9 @@ runs); a second one gets StoreLocked.  Within that process the C core owns the L
 Creation is atomic (issue 10 item 5): `create` takes the lock first, so of two racing inits
 one builds the store and the other gets StoreLocked, or AlreadyExists once the first is done.
 The new environment and pool are built in STORE/.init and renamed into place, `meta/` last:
-a store exists exactly when meta/data.mdb does.  A failed init leaves nothing behind (a
-directory it made is removed, an existing one keeps its mode; it is chmod-ed 0700 only on
-success).
+a store exists exactly when meta/data.mdb does.  A failed init leaves nothing behind: what
+it made is removed (a directory only if empty: another init may have won it meanwhile), and
+an existing directory keeps its mode (it is chmod-ed 0700 only on success).
 
 Format migration: a store of an older format is upgraded on open, in one write transaction
 (all of it or none), by the functions of MIGRATIONS in turn; a newer one is refused.
@@ -137,8 +137,9 @@ class StoreDir:
         try:
             lock_fd = cls._lock(p["lock"])
         except BaseException:
-            if made_dir:
-                shutil.rmtree(path, ignore_errors=True)
+            if made_dir:  # the winner of a race may be building its store in it: rmdir only
+                with contextlib.suppress(OSError):
+                    os.rmdir(path)
             raise
         built = False
         try:
@@ -158,11 +159,12 @@ class StoreDir:
                 shutil.rmtree(p["meta"], ignore_errors=True)
                 with contextlib.suppress(OSError):
                     os.unlink(p["pool.dat"])
-            if made_dir:
-                shutil.rmtree(path, ignore_errors=True)
-            elif made_lock:
+            if made_lock:
                 with contextlib.suppress(OSError):
                     os.unlink(p["lock"])
+            if made_dir:  # never rmtree: another init may have won the directory meanwhile
+                with contextlib.suppress(OSError):
+                    os.rmdir(path)
             os.close(lock_fd)
             raise
 
