@@ -40,6 +40,7 @@ from .layout import (
     FORMAT_VERSION,
 )
 from .native import Txn
+from .store import StoreConfig
 
 Report = Callable[[str], None]
 T = TypeVar("T")
@@ -83,12 +84,17 @@ def _check_store(t: Txn, rep: CheckReport) -> None:
     version = layout.decode_u32(t.get(layout.DB_META, layout.META_FORMAT), "format version")
     if version != FORMAT_VERSION:
         p(f"format version {version}, this snapdisk writes {FORMAT_VERSION}")
+    _check_meta(t, p)
     hwm, cap, free_total, pending_total = allocator.totals(t)
     if hwm > cap:
         p(f"allocator: high-water mark {hwm} beyond the pool's {cap} blocks")
     held: list[tuple[int, int, str]] = []  # (pbn, len, who)
     states = _by_volume(t, DB_VOLSTATE, VolState.decode, p)  # None: present, unreadable
     metas = _by_volume(t, DB_VOLUMES, lambda vol, v: VolumeRecord.decode(v, vol), p)
+    next_vol = t.get(layout.DB_META, layout.META_NEXT_VOL)
+    if next_vol is not None and any(v >= layout.decode_u32(next_vol, "next volume id")
+                                    for v in states):
+        p(f"next volume id {layout.decode_u32(next_vol, 'next volume id')} is already used")
     for vol in set(states) ^ set(metas):
         p(f"volume {vol}: catalog and state records disagree (one is missing)")
     for k, v in _records(t, DB_NAMES, b"v", p, "volume names"):
@@ -124,6 +130,9 @@ def _check_store(t: Txn, rep: CheckReport) -> None:
             continue
         if t.get(DB_SNAPS, layout.snap_key(vol, epoch)) is None:
             p(f"snapshot name {name!r} of volume {vol} points at no snapshot")
+    for k, _ in _records(t, DB_NAMES, b"", p, "names"):
+        if k[:1] not in (b"v", b"s"):
+            p(f"name record {k!r} is neither a volume's nor a snapshot's")
     for db, what in ((DB_LIVE, "live"), (DB_DEAD, "dead"), (DB_DEADIDX, "dead index"),
                      (DB_LIVEBIRTH, "birth index"), (DB_COUNTERS, "counter")):
         for k, _ in _records(t, db, b"", p, what):
@@ -131,6 +140,27 @@ def _check_store(t: Txn, rep: CheckReport) -> None:
                 p(f"{what} record of missing volume {k[:4].hex()}")
                 break
     _check_blocks(t, hwm, free_total, pending_total, held, p, rep.stats)
+
+
+def _check_meta(t: Txn, p: Report) -> None:
+    seen = set()
+    for k, v in _records(t, layout.DB_META, b"", p, "META"):
+        seen.add(k)
+        try:
+            if k not in layout.META_RECORDS:
+                p(f"META record {k!r} is not one of this format's")
+                continue
+            fmt = layout.META_RECORDS[k]
+            if fmt is None:
+                StoreConfig.from_json(v)
+            else:
+                value = layout.unpack(fmt, v, f"META {k.decode()}")
+                if k == layout.META_BLOCK_SIZE and value[0] != BLOCK_SIZE:
+                    p(f"block size {value[0]}, not {BLOCK_SIZE}")
+        except errors.Corrupt as e:
+            p(str(e))
+    for k in layout.META_RECORDS.keys() - seen:
+        p(f"META record {k.decode()} is missing")
 
 
 def _by_volume(t: Txn, db: int, decode: Callable[[int, bytes], T], p: Report
@@ -157,10 +187,13 @@ def _snapshot_kinds(t: Txn, vs: VolState, name: str, p: Report) -> tuple[list[in
         try:
             _, e = layout.parse_snap_key(k)
             epochs.append(e)
-            kinds[SnapshotRecord.decode(v, vs.vol, e).kind] += 1
+            rec = SnapshotRecord.decode(v, vs.vol, e)
         except errors.Corrupt as err:
             p(str(err))
             continue
+        kinds[rec.kind] += 1
+        if t.get(DB_NAMES, layout.snap_name_key(vs.vol, rec.name)) != layout.NAME_EPOCH.pack(e):
+            p(f"volume {name}: snapshot {e} ({rec.name!r}) has no name record")
         if e >= vs.epoch:
             p(f"volume {name}: snapshot {e} is not older than the volume's epoch {vs.epoch}")
     return epochs, kinds

@@ -116,6 +116,12 @@ U64 = struct.Struct("<Q")  # COUNTERS, FREE, PENDING values; META pool_blocks, s
 U64x2 = struct.Struct("<QQ")  # REFS value; META alloc, blocks
 VOLSTATE = struct.Struct("<QQQQII")
 
+# Each META record's value: a struct, or None for JSON.
+META_RECORDS: dict[bytes, struct.Struct | None] = {
+    META_FORMAT: U32, META_BLOCK_SIZE: U32, META_ALLOC: U64x2, META_POOL_BLOCKS: U64,
+    META_NEXT_VOL: U32, META_SEQ: U64, META_BLOCKS: U64x2, META_CONFIG: None,
+}
+
 
 def unpack(s: struct.Struct, raw: bytes | None, what: str) -> tuple[Any, ...]:
     """s.unpack(raw), or errors.Corrupt saying what could not be read."""
