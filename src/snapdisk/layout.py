@@ -62,21 +62,6 @@ import struct
 from typing import Any
 
 from . import errors, native
-from .native import (  # noqa: F401  (re-exported: the database numbers are part of the format)
-    DB_COUNTERS,
-    DB_DEAD,
-    DB_DEADIDX,
-    DB_FREE,
-    DB_LIVE,
-    DB_LIVEBIRTH,
-    DB_META,
-    DB_NAMES,
-    DB_PENDING,
-    DB_REFS,
-    DB_SNAPS,
-    DB_VOLSTATE,
-    DB_VOLUMES,
-)
 
 FORMAT_VERSION: int = native.FORMAT_VERSION
 BLOCK_SIZE: int = native.BLOCK_SIZE
@@ -87,6 +72,21 @@ VS_BIRTH_INDEXED: int = native.VS_BIRTH_INDEXED
 VS_SHARED: int = native.VS_SHARED
 U32_MAX = (1 << 32) - 1
 U64_MAX = (1 << 64) - 1
+
+# The databases (LMDB named sub-databases), numbered by the C core.
+DB_META: int = native.DB_META
+DB_VOLUMES: int = native.DB_VOLUMES
+DB_VOLSTATE: int = native.DB_VOLSTATE
+DB_NAMES: int = native.DB_NAMES
+DB_SNAPS: int = native.DB_SNAPS
+DB_LIVE: int = native.DB_LIVE
+DB_LIVEBIRTH: int = native.DB_LIVEBIRTH
+DB_DEAD: int = native.DB_DEAD
+DB_DEADIDX: int = native.DB_DEADIDX
+DB_REFS: int = native.DB_REFS
+DB_FREE: int = native.DB_FREE
+DB_PENDING: int = native.DB_PENDING
+DB_COUNTERS: int = native.DB_COUNTERS
 
 # ---- META key names ---------------------------------------------------------------------------
 META_FORMAT = b"format"
