@@ -46,12 +46,12 @@ from .native import Txn
 
 def _meta_pair(t: Txn, key: bytes) -> tuple[int, int]:
     raw = t.get(DB_META, key)
-    return decode_pair(raw, f"META {key.decode()}") if raw is not None else (0, 0)
+    return decode_pair(raw, "allocator META record") if raw is not None else (0, 0)
 
 
 def _meta_u64(t: Txn, key: bytes) -> int:
     raw = t.get(DB_META, key)
-    return decode_u64(raw, f"META {key.decode()}") if raw is not None else 0
+    return decode_u64(raw, "allocator META record") if raw is not None else 0
 
 
 def _totals(t: Txn) -> tuple[int, int]:
@@ -87,7 +87,7 @@ def allocate(t: Txn, nblocks: int) -> list[tuple[int, int]]:
                 pbn = parse_pbn_key(item[0])
                 if start == 0 and pbn >= hint:
                     break
-                length = decode_u64(item[1], f"free run at {pbn}")
+                length = decode_u64(item[1], "free run")
                 take = min(length, need)
                 cur.delete()
                 if take < length:
@@ -226,7 +226,7 @@ def release_pending(t: Txn, upto_seq: int | None = None) -> int:
         seq, pbn = layout.parse_pending_key(k)
         if upto_seq is not None and seq > upto_seq:
             break
-        items.append((k, pbn, decode_u64(v, f"pending run at {pbn}")))
+        items.append((k, pbn, decode_u64(v, "pending run")))
     for k, pbn, n in items:
         t.delete(DB_PENDING, k)
         free_run(t, pbn, n)
@@ -242,12 +242,12 @@ def free_run(t: Txn, pbn: int, n: int) -> None:
         before = cur.seek_le(pbn_key(pbn))
         if before is not None:
             bp = parse_pbn_key(before[0])
-            bl = decode_u64(before[1], f"free run at {bp}")
+            bl = decode_u64(before[1], "free run")
             if bp + bl == pbn:
                 t.delete(DB_FREE, before[0])
                 pbn, n = bp, bl + n
     after = t.get(DB_FREE, pbn_key(pbn + n))
     if after is not None:
         t.delete(DB_FREE, pbn_key(pbn + n))
-        n += decode_u64(after, f"free run at {pbn + n}")
+        n += decode_u64(after, "free run")
     t.put(DB_FREE, pbn_key(pbn), encode_u64(n))

@@ -63,8 +63,7 @@ def freed_if_dropped(t: Txn, vol: int, dead: list[tuple[int, int]]) -> int:
 
 
 def _dead(t: Txn, vol: int, lba: int, birth: int) -> tuple[int, int, int, int]:
-    return layout.decode_rec(t.get(DB_DEAD, layout.dead_key(vol, lba, birth)),
-                             f"volume {vol} dead record at block {lba}")
+    return layout.decode_rec(t.get(DB_DEAD, layout.dead_key(vol, lba, birth)), "dead record")
 
 
 def list_snapshots(t: Txn, volume: str, with_usage: bool) -> list[SnapshotInfo]:

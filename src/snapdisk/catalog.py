@@ -181,7 +181,7 @@ def vol_id(t: Txn, name: str) -> int:
     raw = t.get(DB_NAMES, layout.vol_name_key(name))
     if raw is None:
         raise errors.VolumeNotFound(f"no volume named {name!r}")
-    return int(layout.unpack(layout.NAME_VOL, raw, f"name record of volume {name!r}")[0])
+    return int(layout.unpack(layout.NAME_VOL, raw, "volume name record")[0])
 
 
 def state(t: Txn, vol: int) -> VolState:
@@ -211,7 +211,7 @@ def snap_epoch(t: Txn, vol: int, snap: str | int) -> int:
     if isinstance(snap, str):
         raw = t.get(DB_NAMES, layout.snap_name_key(vol, snap))
         if raw is not None:
-            return int(layout.unpack(layout.NAME_EPOCH, raw, f"snapshot name {snap!r}")[0])
+            return int(layout.unpack(layout.NAME_EPOCH, raw, "snapshot name record")[0])
         if not DIGITS_RE.fullmatch(snap):  # str.isdigit() is true for '²'
             raise errors.SnapshotNotFound(f"no snapshot named {snap!r}")
         snap = int(snap)

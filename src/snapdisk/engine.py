@@ -165,9 +165,9 @@ class Engine:
             with self.native.txn(write=True) as t:
                 vol = catalog.vol_id(t, name)
                 prefix = layout.vol_key(vol)
-                held = [layout.decode_rec(v, f"volume {vol} live record")
+                held = [layout.decode_rec(v, "live record")
                         for _, v in t.scan_prefix(DB_LIVE, prefix)]
-                held += [layout.decode_rec(v, f"volume {vol} dead record")
+                held += [layout.decode_rec(v, "dead record")
                          for _, v in t.scan_prefix(DB_DEAD, prefix)]
                 steps = Steps(len(held), progress, cancel)
                 for length, _, pbn, _ in held:

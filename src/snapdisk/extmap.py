@@ -142,14 +142,14 @@ def dead_record(t: Txn, vol: int, lba: int, birth: int) -> Extent:
     if raw is None:
         from .errors import Corrupt
         raise Corrupt(f"volume {vol}: DEADIDX names a missing dead record at block {lba}")
-    length, flags, pbn, _ = layout.decode_rec(raw, f"volume {vol} dead record at block {lba}")
+    length, flags, pbn, _ = layout.decode_rec(raw, "dead record")
     return Extent(lba, pbn, birth, length, flags)
 
 
 def _count(t: Txn, vol: int, death: int, birth: int, delta: int) -> None:
     key = layout.counter_key(vol, death, birth)
     raw = t.get(DB_COUNTERS, key)
-    n = (layout.decode_u64(raw, f"volume {vol} counter") if raw else 0) + delta
+    n = (layout.decode_u64(raw, "dead block counter") if raw else 0) + delta
     if n:
         t.put(DB_COUNTERS, key, layout.encode_u64(n))
     elif raw:
@@ -190,7 +190,7 @@ def counted_blocks(t: Txn, vol: int, death_lo: int, death_hi: int, birth_lo: int
             break
         _, death, birth = layout.parse_triple(k, "counter key")
         if birth_lo <= birth <= birth_hi and death_lo <= death <= death_hi:
-            total += layout.decode_u64(v, f"volume {vol} counter")
+            total += layout.decode_u64(v, "dead block counter")
     return total
 
 
@@ -209,7 +209,7 @@ def view_at(t: Txn, vol: int, epoch: int, lo: int, hi: int) -> list[Extent]:
     stop = layout.dead_key(vol, hi, 0)
     for k, v in t.scan(DB_DEAD, start, stop):
         _, lba, birth = layout.parse_triple(k, "dead record key")
-        length, flags, pbn, death = layout.decode_rec(v, f"volume {vol} dead record at {lba}")
+        length, flags, pbn, death = layout.decode_rec(v, "dead record")
         if birth <= epoch < death and lba + length > lo:
             recs.append(Extent(lba, pbn, birth, length, flags))
     recs.sort()
