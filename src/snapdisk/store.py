@@ -130,9 +130,11 @@ class StoreDir:
         p = cls.paths(path)
         if os.path.exists(os.path.join(p["meta"], "data.mdb")):  # checked again under the lock
             raise errors.AlreadyExists(f"a store already exists in {path}")
-        made_dir = not os.path.isdir(path)
-        if made_dir:
+        try:  # not isdir() then makedirs(): racing inits would fail on EEXIST
             os.makedirs(path, mode=0o700)
+            made_dir = True
+        except FileExistsError:
+            made_dir = False
         made_lock = not os.path.exists(p["lock"])
         try:
             lock_fd = cls._lock(p["lock"])
