@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from snapdisk import errors, layout
+from snapdisk.check import CheckReport
 from snapdisk.native import (
     BLOCK_SIZE,
     DB_COUNTERS,
@@ -119,18 +120,22 @@ DAMAGE: dict[str, tuple[Callable[[Txn], None], str]] = {
 }
 
 
-@pytest.mark.parametrize("kind", sorted(DAMAGE))
-def test_check_reports_damage(tmp_path: Path, kind: str) -> None:
-    make_store(tmp_path)
-    damage, phrase = DAMAGE[kind]
-    sd = StoreDir.open(str(tmp_path))
+def damaged_report(path: Path, damage: Callable[[Txn], None]) -> CheckReport:
+    make_store(path)
+    sd = StoreDir.open(str(path))
     try:
         with sd.txn(write=True) as t:
             damage(t)
     finally:
         sd.close()
-    with Engine.open(str(tmp_path)) as e:
-        report = e.check()
+    with Engine.open(str(path)) as e:
+        return e.check()
+
+
+@pytest.mark.parametrize("kind", sorted(DAMAGE))
+def test_check_reports_damage(tmp_path: Path, kind: str) -> None:
+    damage, phrase = DAMAGE[kind]
+    report = damaged_report(tmp_path, damage)
     assert not report.ok
     assert any(phrase in p for p in report.problems), report.problems
 
@@ -167,16 +172,8 @@ UNREADABLE: dict[str, tuple[Callable[[Txn], None], str]] = {
 
 @pytest.mark.parametrize("kind", sorted(UNREADABLE))
 def test_check_reports_records_it_cannot_read(tmp_path: Path, kind: str) -> None:
-    make_store(tmp_path)
     damage, phrase = UNREADABLE[kind]
-    sd = StoreDir.open(str(tmp_path))
-    try:
-        with sd.txn(write=True) as t:
-            damage(t)
-    finally:
-        sd.close()
-    with Engine.open(str(tmp_path)) as e:
-        report = e.check()
+    report = damaged_report(tmp_path, damage)
     assert any(phrase in p for p in report.problems), report.problems
     assert errors.Corrupt.exit_code == 10  # what `snapdisk check` exits with when not ok
 
