@@ -113,7 +113,7 @@ class Engine:
     def __init__(self, sd: StoreDir):
         self.sd = sd
         self.native = sd.native
-        self.pool = Pool(sd.native.pool_fd)
+        self.pool = Pool(sd.native)
         # SNAPDISK_WRITE_PATH=python sends every redirected write through the Python twin of
         # xm_write, so the model test can check both.
         self._c_redirect = os.environ.get("SNAPDISK_WRITE_PATH") != "python"
@@ -522,7 +522,7 @@ class Engine:
         per NBD connection: per request they cost one Python call over the C call (the
         nbdkit Python plugin's whole budget is ~20 us a request; see nbd_plugin)."""
         read = functools.partial(self.native.read_into, vol)
-        write_fast = functools.partial(self.native.write_fast, vol)
+        write_fast = functools.partial(self.native.write_inplace, vol)
 
         def write(offset: int, data: Any, fua: bool) -> None:
             if not write_fast(offset, data):
@@ -541,14 +541,14 @@ class Engine:
     def write(self, vol: int, offset: int, data: Any, fua: bool = False) -> None:
         """In place (no map change, no LMDB writer lock) when possible; else redirect-on-write
         in C; else (shared blocks, a full pool) the general path in Python."""
-        if not self.native.write_fast(vol, offset, data):
+        if not self.native.write_inplace(vol, offset, data):
             self._write_moved(vol, offset, data)
         if fua:
             self.flush()
 
     def _write_moved(self, vol: int, offset: int, data: Any) -> None:
         """The write the in-place path declined: redirect-on-write in C, else in Python."""
-        if not self._c_redirect or not self.native.write_redirect(vol, offset, data):
+        if not self._c_redirect or not self.native.write_row(vol, offset, data):
             self._gated_write(vol, offset, data)
 
     def _gated_write(self, vol: int, offset: int, data: Any) -> None:
