@@ -111,7 +111,8 @@ int xm_extents(const xm_extent *ext, size_t n, uint64_t lba, uint64_t nblocks,
 
 /* ---- the store ------------------------------------------------------------------------- */
 
-/* Open (XM_OPEN_CREATE: create) the LMDB environment in dir_path and the pool file. */
+/* Open (XM_OPEN_CREATE: create) the LMDB environment in dir_path and the pool file.  The
+ * environment's page structure is verified first (xm_verify): XM_ECORRUPT if it is damaged. */
 int xm_open(const char *dir_path, const char *pool_path, unsigned flags, uint64_t map_bytes,
             xm_store **out);
 /* Close everything; no call may be in flight. */
@@ -131,6 +132,11 @@ uint64_t xm_map_size(xm_store *st);
  * the new size.  Only this process may have the environment open (snapdisk's flock ensures it;
  * another process would see MDB_MAP_RESIZED). */
 int xm_set_mapsize(xm_store *st, uint64_t map_bytes);
+
+/* Check the structure of every LMDB page reachable from the current meta page (xm_verify.c):
+ * XM_ECORRUPT, with the first damaged page in *bad_pgno, for damage that could crash LMDB's own
+ * cursor code.  O(metadata pages); call it before walking a store that may be damaged. */
+int xm_verify(xm_store *st, uint64_t *bad_pgno);
 
 /* The I/O gate: the hot path and the Python data path hold it shared; snapshot, rollback, clone,
  * volume config changes and the release of freed blocks hold it exclusive, which waits for

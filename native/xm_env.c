@@ -156,7 +156,9 @@ int xm_open(const char *dir_path, const char *pool_path, unsigned flags, uint64_
         eflags |= MDB_NOSYNC;
     if ((rc = mdb_env_open(st->env, dir_path, eflags, 0600)))
         goto fail;
-    if ((rc = open_dbs(st, flags)) || (rc = refresh_map(st)))
+    /* The structure first: opening the databases already walks the main B-tree. */
+    uint64_t bad_pgno;
+    if ((rc = refresh_map(st)) || (rc = xm_verify(st, &bad_pgno)) || (rc = open_dbs(st, flags)))
         goto fail;
     st->pool_fd = open(pool_path, O_RDWR | O_CLOEXEC | ((flags & XM_OPEN_CREATE) ? O_CREAT : 0), 0600);
     if (st->pool_fd < 0) {

@@ -291,8 +291,11 @@ class NativeStore:
                  map_bytes: int):
         flags = (lib.XM_OPEN_CREATE if create else 0) | (lib.XM_OPEN_SYNC_COMMITS if sync_commits else 0)
         p = ffi.new("xm_store **")
-        check(lib.xm_open(meta_dir.encode(), pool_path.encode(), flags, map_bytes, p),
-              f"open store {os.path.dirname(meta_dir)}")
+        rc = lib.xm_open(meta_dir.encode(), pool_path.encode(), flags, map_bytes, p)
+        if rc == lib.XM_ECORRUPT:
+            raise errors.Corrupt(f"open store {os.path.dirname(meta_dir)}: the metadata's page "
+                                 "structure (LMDB) is damaged: restore the store from a copy")
+        check(rc, f"open store {os.path.dirname(meta_dir)}")
         self.ptr: Any = p[0]
 
     def close(self) -> None:
@@ -317,6 +320,16 @@ class NativeStore:
         a, b, c = ffi.new("uint64_t *"), ffi.new("uint64_t *"), ffi.new("uint64_t *")
         check(lib.xm_env_info(self.ptr, a, b, c), "env info")
         return int(a[0]), int(b[0]), int(c[0])
+
+    def verify(self) -> None:
+        """Raise Corrupt if an LMDB page reachable from the current meta page is damaged in a
+        way that could crash LMDB itself (xm_verify); `check` and the server's start call it
+        before walking the store."""
+        bad = ffi.new("uint64_t *")
+        rc = lib.xm_verify(self.ptr, bad)
+        if rc == lib.XM_ECORRUPT:
+            raise errors.Corrupt(f"metadata page {bad[0]} is damaged (LMDB structure)")
+        check(rc, "verify")
 
     def map_size(self) -> int:
         """LMDB's map size in bytes: the most metadata the store holds until it is grown."""
