@@ -202,9 +202,10 @@ int xm_write_inplace(xm_store *st, uint32_t vol, uint64_t offset, uint64_t lengt
 /* Write [offset, offset+length) of vol's live view with redirect-on-write, in one write
  * transaction: blocks xm_write_inplace could write are written in place, the others go to newly
  * allocated blocks (the covered records become dead records for the snapshots that hold them).
- * XM_ESLOW or ENOSPC (pool full), with nothing written, when a record involved is SHARED, the
- * request spans too many records or the free space is too fragmented: the general (Python) path
- * handles those.  Every such decision is made before the first in-place write. */
+ * XM_ESLOW or ENOSPC (pool or filesystem full), with no map change and nothing written over
+ * the volume's blocks, when a record involved is SHARED, the request spans too many records or
+ * the free space is too fragmented: the general (Python) path handles those.  Every such
+ * decision, and the commit, come before the first in-place write. */
 int xm_write_row(xm_store *st, uint32_t vol, uint64_t offset, uint64_t length, const uint8_t *buf);
 /* Block status of [lba, lba+nblocks) of the live view, at most cap runs. */
 int xm_block_status(xm_store *st, uint32_t vol, uint64_t lba, uint64_t nblocks,

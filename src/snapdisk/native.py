@@ -83,8 +83,8 @@ def check(rc: int, what: str) -> None:
         raise errors.PoolFull(f"{what}: no space left on the pool's filesystem")
     if rc == lib.XM_EMAPFULL:
         raise errors.MetadataFull(
-            f"{what}: the store's metadata map is full: delete snapshots or volumes to make room, "
-            "or reopen the store with a larger map size")
+            f"{what}: the store's metadata map (LMDB) is full: delete snapshots or volumes to "
+            "make room, or give the store a larger map")
     if rc == _errno.EROFS:
         raise errors.ReadOnly(f"{what}: read-only")
     if rc == lib.XM_ECORRUPT:
