@@ -141,7 +141,7 @@ def _ours(rec: dict[str, Any]) -> bool:
     if not dev:
         return False
     if rec["method"] == "loop":
-        return loop.backing(dev) == rec["file"]
+        return bool(loop.backing(dev) == rec["file"])
     return nbd.connected(dev)
 
 
