@@ -41,7 +41,7 @@
 #define XM_VS_BIRTH_INDEXED 1     /* VOLSTATE flag: LIVEBIRTH may hold records of the volume */
 #define XM_VS_SHARED 2            /* VOLSTATE flag: some record was copied by rollback or clone */
 #define XM_INFINITY 18446744073709551615ULL /* death epoch of a live record: UINT64_MAX */
-#define XM_FORMAT_VERSION 1       /* on-disk format version this build writes */
+#define XM_FORMAT_VERSION 2       /* on-disk format version this build writes */
 
 #define XM_OK 0
 #define XM_ENOTFOUND -30990       /* key not found */

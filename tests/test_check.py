@@ -2,14 +2,33 @@
 
 from __future__ import annotations
 
+import os
+import random
 import struct
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from snapdisk import extmap
-from snapdisk.native import BLOCK_SIZE, DB_COUNTERS, DB_DEAD, DB_FREE, DB_LIVE, DB_NAMES, DB_SNAPS, Txn
+from snapdisk import errors, layout
+from snapdisk.check import CheckReport
+from snapdisk.native import (
+    BLOCK_SIZE,
+    DB_COUNTERS,
+    DB_DEAD,
+    DB_DEADIDX,
+    DB_FREE,
+    DB_LIVE,
+    DB_LIVEBIRTH,
+    DB_META,
+    DB_NAMES,
+    DB_PENDING,
+    DB_REFS,
+    DB_SNAPS,
+    DB_VOLSTATE,
+    DB_VOLUMES,
+    Txn,
+)
 from snapdisk.store import StoreConfig, StoreDir
 from snapdisk.volume import Engine
 
@@ -52,8 +71,8 @@ def double_own(t: Txn) -> None:
 
 def point_past_pool(t: Txn) -> None:
     k, v = first(t, DB_LIVE, Z)
-    length, flags, pbn, birth = extmap.REC.unpack(v)
-    t.put(DB_LIVE, k, extmap.REC.pack(length, flags, 10_000, birth))
+    length, flags, pbn, birth = layout.REC.unpack(v)
+    t.put(DB_LIVE, k, layout.REC.pack(length, flags, 10_000, birth))
 
 
 def drop_snapshot_record(t: Txn) -> None:
@@ -72,14 +91,14 @@ def counter_drift(t: Txn) -> None:
 
 def free_a_held_block(t: Txn) -> None:
     _, v = first(t, DB_LIVE, Z)
-    pbn = extmap.REC.unpack(v)[2]
+    pbn = layout.REC.unpack(v)[2]
     t.put(DB_FREE, struct.pack(">Q", pbn), struct.pack("<Q", 1))
 
 
 def unflag_shared(t: Txn) -> None:
     for k, v in t.scan_prefix(DB_LIVE, struct.pack(">I", 2)):  # the clone: all SHARED
-        length, flags, pbn, birth = extmap.REC.unpack(v)
-        t.put(DB_LIVE, k, extmap.REC.pack(length, 0, pbn, birth))
+        length, flags, pbn, birth = layout.REC.unpack(v)
+        t.put(DB_LIVE, k, layout.REC.pack(length, 0, pbn, birth))
         return
 
 
@@ -101,18 +120,22 @@ DAMAGE: dict[str, tuple[Callable[[Txn], None], str]] = {
 }
 
 
-@pytest.mark.parametrize("kind", sorted(DAMAGE))
-def test_check_reports_damage(tmp_path: Path, kind: str) -> None:
-    make_store(tmp_path)
-    damage, phrase = DAMAGE[kind]
-    sd = StoreDir.open(str(tmp_path))
+def damaged_report(path: Path, damage: Callable[[Txn], None]) -> CheckReport:
+    make_store(path)
+    sd = StoreDir.open(str(path))
     try:
         with sd.txn(write=True) as t:
             damage(t)
     finally:
         sd.close()
-    with Engine.open(str(tmp_path)) as e:
-        report = e.check()
+    with Engine.open(str(path)) as e:
+        return e.check()
+
+
+@pytest.mark.parametrize("kind", sorted(DAMAGE))
+def test_check_reports_damage(tmp_path: Path, kind: str) -> None:
+    damage, phrase = DAMAGE[kind]
+    report = damaged_report(tmp_path, damage)
     assert not report.ok
     assert any(phrase in p for p in report.problems), report.problems
 
@@ -123,3 +146,72 @@ def test_clean_store_passes(tmp_path: Path) -> None:
         report = e.check()
     assert report.ok, report.problems
     assert report.stats["live_records"] > 0 and report.stats["dead_records"] > 0
+
+
+def unreadable_volume_record(t: Txn) -> None:
+    k, _ = first(t, DB_VOLUMES)
+    t.put(DB_VOLUMES, k, b'{"name": 7')
+
+
+def short_live_record(t: Txn) -> None:
+    k, v = first(t, DB_LIVE, Z)
+    t.put(DB_LIVE, k, v[:-1])
+
+
+def short_snapshot_key(t: Txn) -> None:
+    k, v = first(t, DB_SNAPS)
+    t.put(DB_SNAPS, k[:-1], v)
+
+
+UNREADABLE: dict[str, tuple[Callable[[Txn], None], str]] = {
+    "volume-json": (unreadable_volume_record, "cannot read volume 1 record: not JSON"),
+    "live-size": (short_live_record, "cannot read volume z: live record at block 0"),
+    "snapshot-key": (short_snapshot_key, "cannot read snapshot key"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(UNREADABLE))
+def test_check_reports_records_it_cannot_read(tmp_path: Path, kind: str) -> None:
+    damage, phrase = UNREADABLE[kind]
+    report = damaged_report(tmp_path, damage)
+    assert any(phrase in p for p in report.problems), report.problems
+    assert errors.Corrupt.exit_code == 10  # what `snapdisk check` exits with when not ok
+
+
+ALL_DBS = [DB_META, DB_VOLUMES, DB_VOLSTATE, DB_NAMES, DB_SNAPS, DB_LIVE, DB_LIVEBIRTH, DB_DEAD,
+           DB_DEADIDX, DB_REFS, DB_FREE, DB_PENDING, DB_COUNTERS]
+
+
+@pytest.mark.parametrize("seed", range(int(os.environ.get("FUZZ_SEEDS", "8"))))
+def test_random_damage_in_every_database_is_reported_never_a_traceback(tmp_path: Path,
+                                                                       seed: int) -> None:
+    """Random bytes in one record of each database in turn (value or key): opening the store
+    refuses with Corrupt (exit 10) or FormatError, or check reports the damage; nothing else
+    is raised."""
+    rng = random.Random(seed)
+    for db in ALL_DBS:
+        path = tmp_path / f"db{db}"  # made afresh: a copy of data.mdb would not be sparse
+        make_store(path)
+        sd = StoreDir.open(str(path))
+        try:
+            with sd.txn(write=True) as t:
+                items = list(t.scan(db, b""))
+                if not items:
+                    continue
+                k, v = rng.choice(items)
+                junk = v
+                while len(junk) == len(v):  # a value of the right size may be a valid one
+                    junk = rng.randbytes(rng.randrange(1, 48))
+                if rng.random() < 0.7:
+                    t.put(db, k, junk)
+                else:
+                    t.delete(db, k)
+                    t.put(db, junk, v)
+        finally:
+            sd.close()
+        try:
+            with Engine.open(str(path)) as e:
+                report = e.check()
+        except (errors.Corrupt, errors.FormatError):  # exit 10, or 9 for a lost format record
+            continue
+        assert not report.ok, (db, k, junk)

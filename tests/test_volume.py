@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import os
 import struct
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from snapdisk import errors
+from snapdisk.engine import Engine
 from snapdisk.native import BLOCK_SIZE, DB_LIVE, DB_META
-from snapdisk.store import StoreConfig, StoreDir
-from snapdisk.volume import Engine
+from snapdisk.store import StoreConfig
 
 BS = BLOCK_SIZE
 MiB = 1 << 20
@@ -265,29 +263,3 @@ def test_reopen_keeps_everything(tmp_path: Path) -> None:
         assert e.read(v, 0, BS) == b"q" * BS
         assert e.read_snapshot(v, e.snapshot_id("v", "s"), 0, BS) == b"p" * BS
         assert e.check().ok
-
-
-def test_second_writer_process_is_refused(tmp_path: Path) -> None:
-    path = str(tmp_path / "s")
-    with Engine.create(path, StoreConfig(pool_bytes=16 * MiB)):
-        code = f"from snapdisk.volume import Engine; Engine.open({path!r})"
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-        assert out.returncode != 0 and "StoreLocked" in out.stderr and "in use" in out.stderr
-        with pytest.raises(errors.StoreLocked):  # and in this process too
-            Engine.open(path)
-
-
-def test_unknown_format_version_is_refused(tmp_path: Path) -> None:
-    path = str(tmp_path / "s")
-    Engine.create(path, StoreConfig(pool_bytes=16 * MiB)).close()
-    sd = StoreDir.open(path)
-    with sd.txn(write=True) as t:
-        t.put(DB_META, b"format", struct.pack("<I", 99))
-    sd.close()
-    with pytest.raises(errors.FormatError, match="format 99"):
-        Engine.open(path)
-
-
-def test_missing_store_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(errors.StoreNotFound, match="snapdisk init"):
-        Engine.open(str(tmp_path / "nothing"))

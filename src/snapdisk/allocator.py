@@ -1,9 +1,11 @@
 """Pool space: free extents, blocks waiting to be reused, and reference counts of shared blocks.
 
-Databases (keys big-endian so LMDB's order is numeric order):
-    FREE     pbn:u64                  -> len:u64       free runs, coalesced
-    PENDING  seq:u64 pbn:u64          -> len:u64       freed, not yet reusable
-    REFS     pbn:u64                  -> len:u64 refs:u64   runs held by refs >= 2 map records
+Databases (encodings in layout.py):
+    FREE     pbn -> len          free runs, coalesced
+    PENDING  (seq, pbn) -> len   freed, not yet reusable
+    REFS     pbn -> (len, refs)  runs held by refs >= 2 map records
+META `alloc` (high-water mark, next-fit hint), `pool_blocks`, `seq` and `blocks` (FREE and
+PENDING totals) are this module's too.
 
 A block is in exactly one of: FREE, PENDING, held by map records, or at or above the high-water
 mark (never used).  Holders of a block: the live and dead map records whose pbn range covers it;
@@ -20,32 +22,51 @@ PENDING is released: whatever map state survived a crash no longer refers to it.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Iterator
 
-from . import errors
-from .native import DB_FREE, DB_META, DB_PENDING, DB_REFS, Txn
+from . import errors, layout
+from .layout import (
+    DB_FREE,
+    DB_META,
+    DB_PENDING,
+    DB_REFS,
+    META_ALLOC,
+    META_BLOCKS,
+    META_POOL_BLOCKS,
+    META_SEQ,
+    decode_pair,
+    decode_u64,
+    encode_pair,
+    encode_u64,
+    parse_pbn_key,
+    pbn_key,
+)
+from .native import Txn
 
-KEY = struct.Struct(">Q")
-KEY2 = struct.Struct(">QQ")
-U64 = struct.Struct("<Q")
-U64x2 = struct.Struct("<QQ")
+
+def _meta_pair(t: Txn, key: bytes) -> tuple[int, int]:
+    raw = t.get(DB_META, key)
+    return decode_pair(raw, "allocator META record") if raw is not None else (0, 0)
 
 
-def _totals(t: Txn) -> list[int]:
-    raw = t.get(DB_META, b"blocks")
-    return list(U64x2.unpack(raw)) if raw else [0, 0]
+def _meta_u64(t: Txn, key: bytes) -> int:
+    raw = t.get(DB_META, key)
+    return decode_u64(raw, "allocator META record") if raw is not None else 0
+
+
+def _totals(t: Txn) -> tuple[int, int]:
+    return _meta_pair(t, META_BLOCKS)
 
 
 def _add_totals(t: Txn, free: int = 0, pending: int = 0) -> None:
     f, p = _totals(t)
-    t.put(DB_META, b"blocks", U64x2.pack(f + free, p + pending))
+    t.put(DB_META, META_BLOCKS, encode_pair(f + free, p + pending))
 
 
 def totals(t: Txn) -> tuple[int, int, int, int]:
     """(high-water mark, pool capacity, free, pending) in blocks."""
-    hwm, _ = U64x2.unpack(t.get(DB_META, b"alloc") or U64x2.pack(0, 0))
-    cap = U64.unpack(t.get(DB_META, b"pool_blocks") or U64.pack(0))[0]
+    hwm, _ = _meta_pair(t, META_ALLOC)
+    cap = _meta_u64(t, META_POOL_BLOCKS)
     f, p = _totals(t)
     return hwm, cap, f, p
 
@@ -53,7 +74,7 @@ def totals(t: Txn) -> tuple[int, int, int, int]:
 def allocate(t: Txn, nblocks: int) -> list[tuple[int, int]]:
     """nblocks of pool space as (pbn, len) runs, contiguous where possible: free runs from the
     next-fit hint onwards first, then fresh space at the high-water mark."""
-    hwm, hint = U64x2.unpack(t.get(DB_META, b"alloc") or U64x2.pack(0, 0))
+    hwm, hint = _meta_pair(t, META_ALLOC)
     runs: list[tuple[int, int]] = []
     need = nblocks
     taken = 0
@@ -61,30 +82,30 @@ def allocate(t: Txn, nblocks: int) -> list[tuple[int, int]]:
         if need == 0:
             break
         with t.cursor(DB_FREE) as cur:
-            item = cur.seek(KEY.pack(start))
+            item = cur.seek(pbn_key(start))
             while item is not None and need > 0:
-                pbn = KEY.unpack(item[0])[0]
+                pbn = parse_pbn_key(item[0])
                 if start == 0 and pbn >= hint:
                     break
-                length = U64.unpack(item[1])[0]
+                length = decode_u64(item[1], "free run")
                 take = min(length, need)
                 cur.delete()
                 if take < length:
-                    t.put(DB_FREE, KEY.pack(pbn + take), U64.pack(length - take))
+                    t.put(DB_FREE, pbn_key(pbn + take), encode_u64(length - take))
                 runs.append((pbn, take))
                 need -= take
                 taken += take
                 hint = pbn + take
-                item = cur.seek(KEY.pack(pbn + take))
+                item = cur.seek(pbn_key(pbn + take))
     if need:
-        cap = U64.unpack(t.get(DB_META, b"pool_blocks") or U64.pack(0))[0]
+        cap = _meta_u64(t, META_POOL_BLOCKS)
         if hwm + need > cap:
             raise errors.PoolFull(
                 f"pool full: {need} more blocks needed, {cap - hwm} left at the end of the pool")
         runs.append((hwm, need))
         hwm += need
         hint = hwm
-    t.put(DB_META, b"alloc", U64x2.pack(hwm, hint))
+    t.put(DB_META, META_ALLOC, encode_pair(hwm, hint))
     if taken:
         _add_totals(t, free=-taken)
     merged: list[tuple[int, int]] = []
@@ -100,14 +121,14 @@ def _refs_overlapping(t: Txn, pbn: int, end: int) -> list[tuple[int, int, int]]:
     """REFS runs (start, len, refs) overlapping [pbn, end), in order."""
     out = []
     with t.cursor(DB_REFS) as cur:
-        item = cur.seek_le(KEY.pack(pbn))
+        item = cur.seek_le(pbn_key(pbn))
         if item is None:
-            item = cur.seek(KEY.pack(pbn))
+            item = cur.seek(pbn_key(pbn))
         while item is not None:
-            s = KEY.unpack(item[0])[0]
+            s = parse_pbn_key(item[0])
             if s >= end:
                 break
-            length, refs = U64x2.unpack(item[1])
+            length, refs = layout.decode_refs(item[1])
             if s + length > pbn:
                 out.append((s, length, refs))
             item = cur.next()
@@ -136,13 +157,13 @@ def _split(pbn: int, end: int, runs: list[tuple[int, int, int]]
 def _set_refs(t: Txn, run: tuple[int, int, int], start: int, stop: int, refs: int) -> None:
     """Within REFS run `run`, give [start, stop) the count refs (1: drop it from REFS)."""
     s, length, old = run
-    t.delete(DB_REFS, KEY.pack(s))
+    t.delete(DB_REFS, pbn_key(s))
     if s < start:
-        t.put(DB_REFS, KEY.pack(s), U64x2.pack(start - s, old))
+        t.put(DB_REFS, pbn_key(s), encode_pair(start - s, old))
     if refs >= 2:
-        t.put(DB_REFS, KEY.pack(start), U64x2.pack(stop - start, refs))
+        t.put(DB_REFS, pbn_key(start), encode_pair(stop - start, refs))
     if stop < s + length:
-        t.put(DB_REFS, KEY.pack(stop), U64x2.pack(s + length - stop, old))
+        t.put(DB_REFS, pbn_key(stop), encode_pair(s + length - stop, old))
 
 
 def share(t: Txn, pbn: int, nblocks: int) -> None:
@@ -150,7 +171,7 @@ def share(t: Txn, pbn: int, nblocks: int) -> None:
     end = pbn + nblocks
     for start, stop, run in list(_split(pbn, end, _refs_overlapping(t, pbn, end))):
         if run is None:
-            t.put(DB_REFS, KEY.pack(start), U64x2.pack(stop - start, 2))
+            t.put(DB_REFS, pbn_key(start), encode_pair(stop - start, 2))
         else:
             _set_refs(t, run, start, stop, run[2] + 1)
 
@@ -173,7 +194,7 @@ def release(t: Txn, pbn: int, nblocks: int, freed: list[tuple[int, int]]) -> Non
             continue
         if seq is None:
             seq = _txn_seq(t)
-        t.put(DB_PENDING, KEY2.pack(seq, start), U64.pack(stop - start))
+        t.put(DB_PENDING, layout.pending_key(seq, start), encode_u64(stop - start))
         _add_totals(t, pending=stop - start)
         freed.append((start, stop - start))
 
@@ -183,14 +204,14 @@ def _txn_seq(t: Txn) -> int:
     cached = getattr(t, "_free_seq", None)
     if cached is not None:
         return int(cached)
-    seq = U64.unpack(t.get(DB_META, b"seq") or U64.pack(0))[0] + 1
-    t.put(DB_META, b"seq", U64.pack(seq))
+    seq = _meta_u64(t, META_SEQ) + 1
+    t.put(DB_META, META_SEQ, encode_u64(seq))
     t._free_seq = seq  # type: ignore[attr-defined]
     return seq
 
 
 def committed_seq(t: Txn) -> int:
-    return int(U64.unpack(t.get(DB_META, b"seq") or U64.pack(0))[0])
+    return _meta_u64(t, META_SEQ)
 
 
 def pending_blocks(t: Txn) -> int:
@@ -202,10 +223,10 @@ def release_pending(t: Txn, upto_seq: int | None = None) -> int:
     moved = 0
     items = []
     for k, v in t.scan(DB_PENDING, b""):
-        seq, pbn = KEY2.unpack(k)
+        seq, pbn = layout.parse_pending_key(k)
         if upto_seq is not None and seq > upto_seq:
             break
-        items.append((k, pbn, U64.unpack(v)[0]))
+        items.append((k, pbn, decode_u64(v, "pending run")))
     for k, pbn, n in items:
         t.delete(DB_PENDING, k)
         free_run(t, pbn, n)
@@ -218,15 +239,15 @@ def release_pending(t: Txn, upto_seq: int | None = None) -> int:
 def free_run(t: Txn, pbn: int, n: int) -> None:
     """Insert [pbn, pbn+n) into FREE, coalescing with its neighbours (totals not touched)."""
     with t.cursor(DB_FREE) as cur:
-        before = cur.seek_le(KEY.pack(pbn))
+        before = cur.seek_le(pbn_key(pbn))
         if before is not None:
-            bp = KEY.unpack(before[0])[0]
-            bl = U64.unpack(before[1])[0]
+            bp = parse_pbn_key(before[0])
+            bl = decode_u64(before[1], "free run")
             if bp + bl == pbn:
                 t.delete(DB_FREE, before[0])
                 pbn, n = bp, bl + n
-    after = t.get(DB_FREE, KEY.pack(pbn + n))
+    after = t.get(DB_FREE, pbn_key(pbn + n))
     if after is not None:
-        t.delete(DB_FREE, KEY.pack(pbn + n))
-        n += U64.unpack(after)[0]
-    t.put(DB_FREE, KEY.pack(pbn), U64.pack(n))
+        t.delete(DB_FREE, pbn_key(pbn + n))
+        n += decode_u64(after, "free run")
+    t.put(DB_FREE, pbn_key(pbn), encode_u64(n))

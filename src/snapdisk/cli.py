@@ -285,7 +285,7 @@ Result = tuple[Any, str]
 def cmd_init(a: argparse.Namespace, ctx: Context) -> Result:
     from .store import StoreConfig
     from .volume import Engine
-    config = StoreConfig(pool_bytes=a.pool_size or 0, sync_commits=a.sync_commits)
+    config = StoreConfig(pool_bytes=a.pool_size, sync_commits=a.sync_commits)
     Engine.create(ctx.store, config).close()
     result = {"store": ctx.store, "pool_bytes": config.pool_bytes,
               "sync_commits": config.sync_commits}

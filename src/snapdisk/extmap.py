@@ -41,12 +41,7 @@ killed.  Cost: O(changed since t), whatever the volume size.  Later snapshots su
 Clone of snapshot t: a new volume whose live map is a copy of t's view (SHARED, holders raised):
 O(metadata of t), no data copied.  Blocks stay alive until their last holder goes (allocator.py).
 
-Databases (keys big-endian; values little-endian, fixed layouts):
-    LIVE       vol:u32 lba:u64                 -> len:u32 flags:u32 pbn:u64 birth:u64
-    LIVEBIRTH  vol:u32 birth:u64 lba:u64       -> len:u32
-    DEAD       vol:u32 lba:u64 birth:u64       -> len:u32 flags:u32 pbn:u64 death:u64
-    DEADIDX    vol:u32 death:u64 birth:u64 lba:u64 -> len:u32
-    COUNTERS   vol:u32 death:u64 birth:u64     -> blocks:u64 (dead records' blocks)
+Databases: LIVE, LIVEBIRTH, DEAD, DEADIDX, COUNTERS; their keys and values are in layout.py.
 
 Invariants (checked by check.py): live records of a volume are disjoint, no longer than
 MAX_EXTENT, inside the volume, born at or before its epoch; each dead record is needed by an
@@ -60,88 +55,43 @@ new data is written to its new blocks before the transaction that points at them
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
 
-from . import allocator
-from .native import (
+from . import allocator, layout
+from .catalog import VolState
+from .layout import (
     DB_COUNTERS,
     DB_DEAD,
     DB_DEADIDX,
     DB_LIVE,
     DB_LIVEBIRTH,
     DB_REFS,
-    DB_VOLSTATE,
     F_SHARED,
-    HOLE,
+    INFINITY,
     MAX_EXTENT,
-    Extent,
-    Txn,
-    insert,
+    VS_BIRTH_INDEXED,
+    VS_SHARED,
 )
-
-LIVE_KEY = struct.Struct(">IQ")
-TRIPLE_KEY = struct.Struct(">IQQ")  # DEAD (vol, lba, birth), LIVEBIRTH and COUNTERS
-DEADIDX_KEY = struct.Struct(">IQQQ")
-REC = struct.Struct("<IIQQ")
-U32 = struct.Struct("<I")
-U64 = struct.Struct("<Q")
-INFINITY = (1 << 64) - 1
-
-VS_BIRTH_INDEXED = 1  # LIVEBIRTH may hold records of this volume
-VS_SHARED = 2  # some record of this volume was copied by rollback or clone
-
-
-@dataclass
-class VolState:
-    """The hot, fixed-size part of a volume's record (VOLSTATE vol:u32)."""
-
-    vol: int
-    size_bytes: int
-    epoch: int
-    max_snap: int  # newest snapshot's epoch, 0: none
-    live_blocks: int
-    nsnaps: int
-    flags: int = 0
-
-    FMT = struct.Struct("<QQQQII")
-
-    def pack(self) -> bytes:
-        return self.FMT.pack(self.size_bytes, self.epoch, self.max_snap, self.live_blocks,
-                             self.nsnaps, self.flags)
-
-    @classmethod
-    def load(cls, t: Txn, vol: int) -> VolState | None:
-        raw = t.get(DB_VOLSTATE, U32_BE.pack(vol))
-        if raw is None:
-            return None
-        return cls(vol, *cls.FMT.unpack(raw))
-
-    def save(self, t: Txn) -> None:
-        t.put(DB_VOLSTATE, U32_BE.pack(self.vol), self.pack())
-
-
-U32_BE = struct.Struct(">I")
+from .native import HOLE, Extent, Txn, insert
 
 
 def vol_prefix(vol: int) -> bytes:
-    return U32_BE.pack(vol)
+    return layout.vol_key(vol)
 
 
 # ---- live records ---------------------------------------------------------------------------
 
 def put_live(t: Txn, vs: VolState, e: Extent) -> None:
-    t.put(DB_LIVE, LIVE_KEY.pack(vs.vol, e.lba), REC.pack(e.len, e.flags, e.pbn, e.birth))
+    t.put(DB_LIVE, layout.live_key(vs.vol, e.lba), layout.encode_rec(e.len, e.flags, e.pbn, e.birth))
     if vs.nsnaps > 0:  # only a rollback to an existing snapshot can ask for it
-        t.put(DB_LIVEBIRTH, TRIPLE_KEY.pack(vs.vol, e.birth, e.lba), U32.pack(e.len))
+        t.put(DB_LIVEBIRTH, layout.livebirth_key(vs.vol, e.birth, e.lba), layout.encode_len(e.len))
         vs.flags |= VS_BIRTH_INDEXED
 
 
 def del_live(t: Txn, vs: VolState, e: Extent) -> None:
-    t.delete(DB_LIVE, LIVE_KEY.pack(vs.vol, e.lba))
+    t.delete(DB_LIVE, layout.live_key(vs.vol, e.lba))
     if vs.flags & VS_BIRTH_INDEXED:
-        t.delete(DB_LIVEBIRTH, TRIPLE_KEY.pack(vs.vol, e.birth, e.lba))
+        t.delete(DB_LIVEBIRTH, layout.livebirth_key(vs.vol, e.birth, e.lba))
 
 
 def overlay(t: Txn, vs: VolState, new: Extent) -> list[Extent]:
@@ -172,35 +122,36 @@ def kill(t: Txn, vs: VolState, piece: Extent, freed: list[tuple[int, int]]) -> N
 # ---- dead records ---------------------------------------------------------------------------
 
 def add_dead(t: Txn, vol: int, e: Extent, death: int) -> None:
-    t.put(DB_DEAD, TRIPLE_KEY.pack(vol, e.lba, e.birth), REC.pack(e.len, e.flags, e.pbn, death))
-    t.put(DB_DEADIDX, DEADIDX_KEY.pack(vol, death, e.birth, e.lba), U32.pack(e.len))
+    t.put(DB_DEAD, layout.dead_key(vol, e.lba, e.birth),
+          layout.encode_rec(e.len, e.flags, e.pbn, death))
+    t.put(DB_DEADIDX, layout.deadidx_key(vol, death, e.birth, e.lba), layout.encode_len(e.len))
     _count(t, vol, death, e.birth, e.len)
 
 
 def drop_dead(t: Txn, vol: int, lba: int, birth: int, death: int) -> Extent:
     """Forget a dead record (its blocks are the caller's to release); returns it."""
     e = dead_record(t, vol, lba, birth)
-    t.delete(DB_DEAD, TRIPLE_KEY.pack(vol, lba, birth))
-    t.delete(DB_DEADIDX, DEADIDX_KEY.pack(vol, death, birth, lba))
+    t.delete(DB_DEAD, layout.dead_key(vol, lba, birth))
+    t.delete(DB_DEADIDX, layout.deadidx_key(vol, death, birth, lba))
     _count(t, vol, death, birth, -e.len)
     return e
 
 
 def dead_record(t: Txn, vol: int, lba: int, birth: int) -> Extent:
-    raw = t.get(DB_DEAD, TRIPLE_KEY.pack(vol, lba, birth))
+    raw = t.get(DB_DEAD, layout.dead_key(vol, lba, birth))
     if raw is None:
         from .errors import Corrupt
         raise Corrupt(f"volume {vol}: DEADIDX names a missing dead record at block {lba}")
-    length, flags, pbn, _ = REC.unpack(raw)
+    length, flags, pbn, _ = layout.decode_rec(raw, "dead record")
     return Extent(lba, pbn, birth, length, flags)
 
 
 def _count(t: Txn, vol: int, death: int, birth: int, delta: int) -> None:
-    key = TRIPLE_KEY.pack(vol, death, birth)
+    key = layout.counter_key(vol, death, birth)
     raw = t.get(DB_COUNTERS, key)
-    n = (U64.unpack(raw)[0] if raw else 0) + delta
+    n = (layout.decode_u64(raw, "dead block counter") if raw else 0) + delta
     if n:
-        t.put(DB_COUNTERS, key, U64.pack(n))
+        t.put(DB_COUNTERS, key, layout.encode_u64(n))
     elif raw:
         t.delete(DB_COUNTERS, key)
 
@@ -212,19 +163,19 @@ def window(t: Txn, vol: int, death_lo: int, death_hi: int, birth_lo: int, birth_
     what it returns plus one seek per death epoch in range."""
     out = []
     with t.cursor(DB_DEADIDX) as cur:
-        item = cur.seek(DEADIDX_KEY.pack(vol, death_lo, birth_lo, 0))
+        item = cur.seek(layout.deadidx_key(vol, death_lo, birth_lo, 0))
         while item is not None:
-            v, death, birth, lba = DEADIDX_KEY.unpack(item[0])
+            v, death, birth, lba = layout.parse_deadidx_key(item[0])
             if v != vol or death > death_hi:
                 break
             if birth < birth_lo:
-                item = cur.seek(DEADIDX_KEY.pack(vol, death, birth_lo, 0))
+                item = cur.seek(layout.deadidx_key(vol, death, birth_lo, 0))
             elif birth > birth_hi:
                 if death >= INFINITY:
                     break
-                item = cur.seek(DEADIDX_KEY.pack(vol, death + 1, birth_lo, 0))
+                item = cur.seek(layout.deadidx_key(vol, death + 1, birth_lo, 0))
             else:
-                out.append((death, birth, lba, U32.unpack(item[1])[0]))
+                out.append((death, birth, lba, layout.decode_len(item[1], "dead index entry")))
                 item = cur.next()
     return out
 
@@ -233,13 +184,13 @@ def counted_blocks(t: Txn, vol: int, death_lo: int, death_hi: int, birth_lo: int
                    birth_hi: int) -> int:
     """Sum of COUNTERS over the window: dead blocks, no map scan."""
     total = 0
-    hi_key = TRIPLE_KEY.pack(vol, death_hi, birth_hi)
-    for k, v in t.scan(DB_COUNTERS, TRIPLE_KEY.pack(vol, death_lo, 0)):
+    hi_key = layout.counter_key(vol, death_hi, birth_hi)
+    for k, v in t.scan(DB_COUNTERS, layout.counter_key(vol, death_lo, 0)):
         if k > hi_key:
             break
-        _, death, birth = TRIPLE_KEY.unpack(k)
+        _, death, birth = layout.parse_triple(k, "counter key")
         if birth_lo <= birth <= birth_hi and death_lo <= death <= death_hi:
-            total += U64.unpack(v)[0]
+            total += layout.decode_u64(v, "dead block counter")
     return total
 
 
@@ -254,11 +205,11 @@ def view_at(t: Txn, vol: int, epoch: int, lo: int, hi: int) -> list[Extent]:
     """Records of snapshot `epoch`'s view overlapping [lo, hi), sorted (not clipped)."""
     recs = [e for e in t.live_overlap(vol, lo, hi - lo)
             if e.birth <= epoch and e.lba < hi and e.lba + e.len > lo]
-    start = TRIPLE_KEY.pack(vol, max(0, lo - MAX_EXTENT + 1), 0)
-    stop = TRIPLE_KEY.pack(vol, hi, 0)
+    start = layout.dead_key(vol, max(0, lo - MAX_EXTENT + 1), 0)
+    stop = layout.dead_key(vol, hi, 0)
     for k, v in t.scan(DB_DEAD, start, stop):
-        _, lba, birth = TRIPLE_KEY.unpack(k)
-        length, flags, pbn, death = REC.unpack(v)
+        _, lba, birth = layout.parse_triple(k, "dead record key")
+        length, flags, pbn, death = layout.decode_rec(v, "dead record")
         if birth <= epoch < death and lba + length > lo:
             recs.append(Extent(lba, pbn, birth, length, flags))
     recs.sort()
@@ -277,10 +228,10 @@ def clip(recs: list[Extent], lo: int, hi: int) -> list[Extent]:
 def live_ranges_born_after(t: Txn, vs: VolState, epoch: int) -> Iterator[tuple[int, int]]:
     if not vs.flags & VS_BIRTH_INDEXED:
         return
-    stop = TRIPLE_KEY.pack(vs.vol, INFINITY, INFINITY)
-    for k, v in t.scan(DB_LIVEBIRTH, TRIPLE_KEY.pack(vs.vol, epoch + 1, 0), stop):
-        _, _, lba = TRIPLE_KEY.unpack(k)
-        yield lba, lba + U32.unpack(v)[0]
+    stop = layout.livebirth_key(vs.vol, INFINITY, INFINITY)
+    for k, v in t.scan(DB_LIVEBIRTH, layout.livebirth_key(vs.vol, epoch + 1, 0), stop):
+        _, _, lba = layout.parse_triple(k, "birth index key")
+        yield lba, lba + layout.decode_len(v, "birth index entry")
 
 
 def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

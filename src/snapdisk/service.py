@@ -41,10 +41,10 @@ from typing import Any
 from . import daemon, errors
 from .connections import ClientSockets, Connection, Connections
 from .control.server import ControlServer
+from .engine import Engine
 from .exportspec import ExportSpec
 from .listen import parse_listen
 from .pidfile import pidfile_names, write_pidfile
-from .volume import Engine
 
 FORWARDER_READY_S = 10.0
 

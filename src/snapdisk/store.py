@@ -1,7 +1,7 @@
-"""The store directory: what is in it, how it is opened, and who may write it.
+"""The store directory: what is in it, how it is made and opened, and who may write it.
 
     STORE/
-      meta/data.mdb, meta/lock.mdb   LMDB environment: catalog and block maps (see extmap.py)
+      meta/data.mdb, meta/lock.mdb   LMDB environment: catalog and block maps (layout.py)
       pool.dat                       data pool: block N at byte N*4096, sparse
       lock                           flock()ed exclusively by the one process that writes
       nbd.sock, control.sock         the server's sockets (serve)
@@ -9,61 +9,104 @@
 
 One process at a time opens a store for writing (the server, or a CLI command when no server
 runs); a second one gets StoreLocked.  Within that process the C core owns the LMDB environment
-(native/xm_store.c); nothing else opens it.
+(native/xm_store.c); nothing else opens it.  The META records are listed in layout.py.
 
-META records (keys are ASCII):
-    format      u32   on-disk format version (FORMAT_VERSION)
-    block_size  u32   4096
-    alloc       hwm:u64 hint:u64  high-water mark of the pool, next-fit allocation hint
-    pool_blocks u64   the pool's capacity in blocks
-    next_vol    u32   the next volume id
-    seq         u64   bumped by each transaction that frees blocks (see allocator.py)
-    blocks      free:u64 pending:u64  totals of the FREE and PENDING databases
-    config      JSON  store options (sync mode, quotas)
+Creation is atomic (issue 10 item 5): `create` takes the lock first, so of two racing inits
+one builds the store and the other gets StoreLocked, or AlreadyExists once the first is done.
+The new environment and pool are built in STORE/.init and renamed into place, `meta/` last:
+a store exists exactly when meta/data.mdb does.  A failed init leaves nothing behind: what
+it made is removed (a directory only if empty: another init may have won it meanwhile), and
+an existing directory keeps its mode (it is chmod-ed 0700 only on success).
+
+Format migration: a store of an older format is upgraded on open, in one write transaction
+(all of it or none), by the functions of MIGRATIONS in turn; a newer one is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
-import json
 import os
 import shutil
-import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import errors
-from .native import BLOCK_SIZE, DB_META, NativeStore, Txn
+from . import errors, layout
+from .layout import BLOCK_SIZE, DB_META, DB_VOLUMES, FORMAT_VERSION
+from .native import NativeStore, Txn
 
-FORMAT_VERSION = 1
 DEFAULT_MAP_BYTES = 64 << 30
-U32 = struct.Struct("<I")
-U64 = struct.Struct("<Q")
-U64x2 = struct.Struct("<QQ")
+MIN_MAP_BYTES = 1 << 20
+MIN_POOL_BYTES = BLOCK_SIZE * 16
 
 
 @dataclass
 class StoreConfig:
-    """Options fixed at `init` (and some changeable later)."""
+    """Options fixed at `init` (and some changeable later): META `config`, JSON."""
 
-    pool_bytes: int = 0  # 0: the free space of the filesystem at init
+    pool_bytes: int | None = None  # None: the free space of the filesystem at init
     sync_commits: bool = False
     manual_snapshot_quota: int = 256
     auto_snapshot_quota: int = 256
+    map_bytes: int = DEFAULT_MAP_BYTES  # LMDB map size: the most metadata the store can hold
     extra: dict[str, Any] = field(default_factory=dict)
 
+    KNOWN = ("pool_bytes", "sync_commits", "manual_snapshot_quota", "auto_snapshot_quota",
+             "map_bytes")
+
     def to_json(self) -> bytes:
-        return json.dumps({"pool_bytes": self.pool_bytes, "sync_commits": self.sync_commits,
-                           "manual_snapshot_quota": self.manual_snapshot_quota,
-                           "auto_snapshot_quota": self.auto_snapshot_quota,
-                           **self.extra}).encode()
+        return layout.encode_json({k: getattr(self, k) for k in self.KNOWN} | self.extra)
 
     @classmethod
-    def from_json(cls, raw: bytes) -> StoreConfig:
-        d = json.loads(raw)
-        known = {k: d.pop(k) for k in ("pool_bytes", "sync_commits", "manual_snapshot_quota",
-                                       "auto_snapshot_quota") if k in d}
-        return cls(**known, extra=d)
+    def from_json(cls, raw: bytes | None) -> StoreConfig:
+        what = "store config"
+        d = layout.decode_json(raw, what)
+        f = layout.field
+        known = {"pool_bytes": f(d, "pool_bytes", int, what),
+                 "sync_commits": f(d, "sync_commits", bool, what, False),
+                 "manual_snapshot_quota": f(d, "manual_snapshot_quota", int, what, 256),
+                 "auto_snapshot_quota": f(d, "auto_snapshot_quota", int, what, 256),
+                 "map_bytes": f(d, "map_bytes", int, what, DEFAULT_MAP_BYTES)}
+        return cls(**known, extra={k: v for k, v in d.items() if k not in cls.KNOWN})
+
+    def validate(self) -> None:
+        if not isinstance(self.pool_bytes, int) or self.pool_bytes < MIN_POOL_BYTES:
+            raise errors.InvalidSize(f"pool size {self.pool_bytes} is too small "
+                                     f"(at least {MIN_POOL_BYTES} bytes)")
+        if (not isinstance(self.map_bytes, int) or self.map_bytes < MIN_MAP_BYTES
+                or self.map_bytes % BLOCK_SIZE):
+            raise errors.InvalidSize(f"map size {self.map_bytes}: a multiple of {BLOCK_SIZE} "
+                                     f"bytes, at least {MIN_MAP_BYTES}")
+
+
+# ---- format migrations ----------------------------------------------------------------------
+
+def _migrate_1_to_2(t: Txn) -> None:
+    """Format 2: `config` gains map_bytes (the map size format 1 always used), VOLUMES records
+    gain encryption (null: not encrypted)."""
+    config = layout.decode_json(t.get(DB_META, layout.META_CONFIG), "store config")
+    config.setdefault("map_bytes", DEFAULT_MAP_BYTES)
+    t.put(DB_META, layout.META_CONFIG, layout.encode_json(config))
+    for k, v in list(t.scan(DB_VOLUMES, b"")):
+        rec = layout.decode_json(v, f"volume {layout.parse_vol_key(k)} record")
+        rec.setdefault("encryption", None)
+        t.put(DB_VOLUMES, k, layout.encode_json(rec))
+
+
+# MIGRATIONS[v] upgrades a store of format v to v + 1, inside the caller's transaction.
+MIGRATIONS: dict[int, Callable[[Txn], None]] = {1: _migrate_1_to_2}
+
+
+def migrate(t: Txn, version: int, path: str) -> None:
+    """Upgrade from `version` to FORMAT_VERSION in t (FormatError if there is no way)."""
+    if version > FORMAT_VERSION or any(v not in MIGRATIONS for v in range(version, FORMAT_VERSION)):
+        raise errors.FormatError(
+            f"{path}: on-disk format {version}, this snapdisk reads {FORMAT_VERSION}"
+            + (" (and migrates from 1)" if version < FORMAT_VERSION else ""))
+    for v in range(version, FORMAT_VERSION):
+        MIGRATIONS[v](t)
+    t.put(DB_META, layout.META_FORMAT, layout.encode_u32(FORMAT_VERSION))
 
 
 class StoreDir:
@@ -78,70 +121,124 @@ class StoreDir:
     @staticmethod
     def paths(path: str) -> dict[str, str]:
         return {name: os.path.join(path, name) for name in
-                ("meta", "pool.dat", "lock", "nbd.sock", "control.sock", "server.pid")}
+                ("meta", "pool.dat", "lock", "nbd.sock", "control.sock", "server.pid", ".init")}
 
     @classmethod
     def create(cls, path: str, config: StoreConfig | None = None) -> StoreDir:
         config = config or StoreConfig()
         path = os.path.abspath(path)
         p = cls.paths(path)
-        if os.path.exists(os.path.join(p["meta"], "data.mdb")):
+        if os.path.exists(os.path.join(p["meta"], "data.mdb")):  # checked again under the lock
             raise errors.AlreadyExists(f"a store already exists in {path}")
-        os.makedirs(p["meta"], mode=0o700, exist_ok=True)
-        os.chmod(path, 0o700)
-        if config.pool_bytes == 0:
-            config.pool_bytes = shutil.disk_usage(path).free
-        if config.pool_bytes < BLOCK_SIZE * 16:
-            raise errors.InvalidSize(f"pool size {config.pool_bytes} is too small")
-        lock_fd = cls._lock(p["lock"])
+        try:  # not isdir() then makedirs(): racing inits would fail on EEXIST
+            os.makedirs(path, mode=0o700)
+            made_dir = True
+        except FileExistsError:
+            made_dir = False
+        made_lock = not os.path.exists(p["lock"])
         try:
-            native = NativeStore(p["meta"], p["pool.dat"], True, config.sync_commits,
-                                 DEFAULT_MAP_BYTES)
+            lock_fd = cls._lock(p["lock"])
         except BaseException:
+            if made_dir:  # the winner of a race may be building its store in it: rmdir only
+                with contextlib.suppress(OSError):
+                    os.rmdir(path)
+            raise
+        built = False
+        try:
+            if os.path.exists(os.path.join(p["meta"], "data.mdb")):
+                made_lock = False  # the lock file is the existing store's
+                raise errors.AlreadyExists(f"a store already exists in {path}")
+            if config.pool_bytes is None:
+                config.pool_bytes = shutil.disk_usage(path).free
+            config.validate()
+            built = True
+            cls._build(p, config)
+            os.chmod(path, 0o700)
+            return cls.open(path, lock_fd=lock_fd)
+        except BaseException:
+            shutil.rmtree(p[".init"], ignore_errors=True)
+            if built:  # nobody else can have used it: we hold the lock
+                shutil.rmtree(p["meta"], ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    os.unlink(p["pool.dat"])
+            if made_lock:
+                with contextlib.suppress(OSError):
+                    os.unlink(p["lock"])
+            if made_dir:  # never rmtree: another init may have won the directory meanwhile
+                with contextlib.suppress(OSError):
+                    os.rmdir(path)
             os.close(lock_fd)
             raise
-        with native.txn(write=True) as t:
-            t.put(DB_META, b"format", U32.pack(FORMAT_VERSION))
-            t.put(DB_META, b"block_size", U32.pack(BLOCK_SIZE))
-            t.put(DB_META, b"alloc", U64x2.pack(0, 0))
-            t.put(DB_META, b"pool_blocks", U64.pack(config.pool_bytes // BLOCK_SIZE))
-            t.put(DB_META, b"next_vol", U32.pack(1))
-            t.put(DB_META, b"seq", U64.pack(0))
-            t.put(DB_META, b"blocks", U64x2.pack(0, 0))
-            t.put(DB_META, b"config", config.to_json())
-        native.sync()
-        return cls(path, native, lock_fd, config)
+
+    @staticmethod
+    def _build(p: dict[str, str], config: StoreConfig) -> None:
+        """Make the environment and pool in STORE/.init, then rename them into place."""
+        tmp = p[".init"]
+        shutil.rmtree(tmp, ignore_errors=True)  # a crashed init's leftovers (we hold the lock)
+        os.makedirs(os.path.join(tmp, "meta"), mode=0o700)
+        native = NativeStore(os.path.join(tmp, "meta"), os.path.join(tmp, "pool.dat"), True,
+                             config.sync_commits, config.map_bytes)
+        try:
+            with native.txn(write=True) as t:
+                put = t.put
+                put(DB_META, layout.META_FORMAT, layout.encode_u32(FORMAT_VERSION))
+                put(DB_META, layout.META_BLOCK_SIZE, layout.encode_u32(BLOCK_SIZE))
+                put(DB_META, layout.META_ALLOC, layout.encode_pair(0, 0))
+                put(DB_META, layout.META_POOL_BLOCKS,
+                    layout.encode_u64((config.pool_bytes or 0) // BLOCK_SIZE))
+                put(DB_META, layout.META_NEXT_VOL, layout.encode_u32(1))
+                put(DB_META, layout.META_SEQ, layout.encode_u64(0))
+                put(DB_META, layout.META_BLOCKS, layout.encode_pair(0, 0))
+                put(DB_META, layout.META_CONFIG, config.to_json())
+            native.sync()
+        finally:
+            native.close()
+        os.replace(os.path.join(tmp, "pool.dat"), p["pool.dat"])
+        os.rename(os.path.join(tmp, "meta"), p["meta"])  # the commit point
+        os.rmdir(tmp)
 
     @classmethod
-    def open(cls, path: str) -> StoreDir:
+    def open(cls, path: str, lock_fd: int | None = None) -> StoreDir:
         path = os.path.abspath(path)
         p = cls.paths(path)
         if not os.path.exists(os.path.join(p["meta"], "data.mdb")):
             raise errors.StoreNotFound(f"no snapdisk store in {path} (run `snapdisk init`)")
-        lock_fd = cls._lock(p["lock"])
+        own_lock = lock_fd is None
+        if lock_fd is None:
+            lock_fd = cls._lock(p["lock"])
         try:
             native = NativeStore(p["meta"], p["pool.dat"], False, False, DEFAULT_MAP_BYTES)
             try:
-                with native.txn() as t:
-                    raw_format = t.get(DB_META, b"format")
-                    raw_config = t.get(DB_META, b"config")
-                if raw_format is None or raw_config is None:
-                    raise errors.FormatError(f"{path}: not a snapdisk store (no format record)")
-                version = U32.unpack(raw_format)[0]
-                if version != FORMAT_VERSION:
-                    raise errors.FormatError(
-                        f"{path}: on-disk format {version}, this snapdisk reads {FORMAT_VERSION}")
-                config = StoreConfig.from_json(raw_config)
-                if config.sync_commits:  # reopen with the store's own durability setting
+                config = cls._read_format(native, path)
+                if config.sync_commits or config.map_bytes != DEFAULT_MAP_BYTES:
+                    # reopen with the store's own durability setting and map size
                     native.close()
-                    native = NativeStore(p["meta"], p["pool.dat"], False, True, DEFAULT_MAP_BYTES)
+                    native = NativeStore(p["meta"], p["pool.dat"], False, config.sync_commits,
+                                         config.map_bytes)
             except BaseException:
                 native.close()
                 raise
         except BaseException:
-            os.close(lock_fd)
+            if own_lock:
+                os.close(lock_fd)
             raise
         return cls(path, native, lock_fd, config)
+
+    @staticmethod
+    def _read_format(native: NativeStore, path: str) -> StoreConfig:
+        """Check the format record, migrating an older format; returns the config."""
+        with native.txn() as t:
+            raw_format = t.get(DB_META, layout.META_FORMAT)
+            raw_config = t.get(DB_META, layout.META_CONFIG)
+        if raw_format is None or raw_config is None:
+            raise errors.FormatError(f"{path}: not a snapdisk store (no format record)")
+        version = layout.decode_u32(raw_format, "format version")
+        if version != FORMAT_VERSION:
+            with native.txn(write=True) as t:
+                migrate(t, version, path)
+                raw_config = t.get(DB_META, layout.META_CONFIG)
+            native.sync()
+        return StoreConfig.from_json(raw_config)
 
     @staticmethod
     def _lock(lock_path: str) -> int:
@@ -165,4 +262,4 @@ class StoreDir:
         return self.native.txn(write)
 
     def save_config(self, t: Txn) -> None:
-        t.put(DB_META, b"config", self.config.to_json())
+        t.put(DB_META, layout.META_CONFIG, self.config.to_json())

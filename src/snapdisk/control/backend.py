@@ -24,7 +24,7 @@ from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
 
 from .. import errors
-from ..volume import Engine
+from ..engine import Engine
 from . import jobs, ops
 from .client import DEFAULT_TIMEOUT, Client
 

@@ -53,7 +53,17 @@ def call_with_progress(fn: Callable[..., Any], *args: Any, progress: Progress | 
     if progress is None:
         return fn(*args, **kw)
     if accepts_progress(fn):
-        return fn(*args, progress=progress, **kw)
+        last = [0, 0]
+
+        def report(done: int, total: int) -> None:
+            progress(done, total)
+            last[:] = [done, total]
+
+        result = fn(*args, progress=report, **kw)
+        if last[0] < last[1] or last[1] == 0:  # always end on a complete report (a bar at 100 %)
+            whole = max(last[1], 1)
+            progress(whole, whole)
+        return result
     progress(0, 1)
     result = fn(*args, **kw)
     progress(1, 1)

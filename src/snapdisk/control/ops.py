@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from .. import errors
-from ..volume import Engine
+from ..engine import Engine
 from .jobs import Job, Jobs, Progress, accepts_progress, call_with_progress
 
 # job.wait's longest wait (seconds): a larger timeout is cut to this (the reply then says the

@@ -35,7 +35,7 @@ from typing import Any
 
 from .. import errors
 from ..connections import Connection, Connections
-from ..volume import Engine
+from ..engine import Engine
 from . import jobs, ops, protocol
 
 __all__ = ["Connection", "Connections", "ControlServer"]

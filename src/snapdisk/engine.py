@@ -1,0 +1,247 @@
+"""The engine: one open store, the API the NBD plugin, the control server and the CLI call.
+
+A facade: it opens, recovers and closes the store, manages volumes, and delegates the rest to
+    catalog.py    names, ids, typed records
+    snapshots.py  snapshot create/delete, rollback, clone (and quotas)
+    capacity.py   usage, referenced and exclusive bytes
+    volume.py     the data path (read, write, trim, zero, flush, block status, snapshot reads)
+It keeps no state of its own beyond the open store: everything is read from LMDB inside the
+transaction that uses it.  Concurrency: see volume.py.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from . import allocator, capacity, catalog, errors, layout
+from .catalog import SnapshotInfo, VolumeInfo
+from .check import CheckReport, check_store
+from .layout import (
+    DB_COUNTERS,
+    DB_DEAD,
+    DB_DEADIDX,
+    DB_LIVE,
+    DB_LIVEBIRTH,
+    DB_NAMES,
+    DB_SNAPS,
+    DB_VOLSTATE,
+    DB_VOLUMES,
+)
+from .pool import Pool
+from .snapshots import Cancel, Progress, Snapshots, Steps
+from .store import StoreConfig, StoreDir
+from .volume import PUNCH_BULK_MIN_BLOCKS, DataPath, Freed, configure
+
+
+class Engine:
+    """An open store.  Create with Engine.create(path) or Engine.open(path); close() at the end."""
+
+    def __init__(self, sd: StoreDir):
+        self.sd = sd
+        self.native = sd.native
+        self.pool = Pool(sd.native.pool_fd)
+        self.io = DataPath(self.native, self.pool,
+                           os.environ.get("SNAPDISK_WRITE_PATH") != "python")
+        self.snapshots = Snapshots(self.native, sd.config, self.io)
+        self._recover()
+
+    @classmethod
+    def create(cls, path: str, config: StoreConfig | None = None) -> Engine:
+        return cls(StoreDir.create(path, config))
+
+    @classmethod
+    def open(cls, path: str) -> Engine:
+        return cls(StoreDir.open(path))
+
+    def close(self) -> None:
+        try:
+            self.native.sync()
+        finally:
+            self.sd.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @property
+    def path(self) -> str:
+        return self.sd.path
+
+    @property
+    def config(self) -> StoreConfig:
+        return self.sd.config
+
+    @property
+    def _c_redirect(self) -> bool:  # the model test switches the write path
+        return self.io.c_redirect
+
+    @_c_redirect.setter
+    def _c_redirect(self, on: bool) -> None:
+        self.io.c_redirect = on
+
+    def _recover(self) -> None:
+        """After open: nothing else runs yet, so every pending block can be reused, and the hot
+        path learns the volumes."""
+        with self.native.txn(write=True) as t:
+            allocator.release_pending(t)
+            states = [catalog.VolState.decode(layout.parse_vol_key(k), v)
+                      for k, v in t.scan(DB_VOLSTATE, b"")]
+        for vs in states:
+            configure(self.native, vs)
+
+    def _configure_gated(self, vs: catalog.VolState) -> None:
+        with self.native.gate_exclusive():
+            configure(self.native, vs)
+
+    # ---- lookups ----------------------------------------------------------------------------
+
+    def volume_id(self, name: str) -> int:
+        with self.native.txn() as t:
+            return catalog.vol_id(t, name)
+
+    def snapshot_id(self, volume: str, snap: str | int) -> int:
+        with self.native.txn() as t:
+            return catalog.snap_epoch(t, catalog.vol_id(t, volume), snap)
+
+    def volume_info(self, name: str) -> VolumeInfo:
+        with self.native.txn() as t:
+            return catalog.info(t, catalog.vol_id(t, name))
+
+    def list_volumes(self) -> list[VolumeInfo]:
+        with self.native.txn() as t:
+            return sorted((catalog.info(t, v) for v in catalog.volume_ids(t)),
+                          key=lambda i: i.name)
+
+    def list_snapshots(self, volume: str, with_usage: bool = True) -> list[SnapshotInfo]:
+        with self.native.txn() as t:
+            return capacity.list_snapshots(t, volume, with_usage)
+
+    def snapshot_info(self, volume: str, snap: str | int) -> SnapshotInfo:
+        with self.native.txn() as t:
+            return capacity.snapshot_info(t, volume, snap)
+
+    def usage(self, volume: str | None = None) -> dict[str, Any]:
+        with self.native.txn() as t:
+            return capacity.usage(t, self.pool, volume)
+
+    def check(self) -> CheckReport:
+        with self.native.txn() as t:
+            return check_store(t)
+
+    # ---- volumes ----------------------------------------------------------------------------
+
+    def create_volume(self, name: str, size_bytes: int, extra: dict[str, Any] | None = None
+                      ) -> VolumeInfo:
+        catalog.check_name(name, "volume")
+        catalog.check_size(size_bytes)
+        with self.native.txn(write=True) as t:
+            vs = catalog.new_volume(t, name, size_bytes, None, extra or {})
+        self._configure_gated(vs)
+        return self.volume_info(name)
+
+    def resize_volume(self, name: str, size_bytes: int) -> VolumeInfo:
+        catalog.check_size(size_bytes)
+        with self.native.gate_exclusive():
+            with self.native.txn(write=True) as t:
+                vs = catalog.state(t, catalog.vol_id(t, name))
+                if size_bytes < vs.size_bytes:
+                    raise errors.InvalidSize(
+                        f"volume {name!r} is {vs.size_bytes} bytes: shrinking to {size_bytes} "
+                        "would drop data and is not supported")
+                vs.size_bytes = size_bytes
+                vs.save(t)
+            configure(self.native, vs)
+        return self.volume_info(name)
+
+    def delete_volume(self, name: str, progress: Progress | None = None,
+                      cancel: Cancel | None = None) -> None:
+        """Drop the volume, its snapshots and names; release every block only it held."""
+        freed: Freed = []
+        with self.native.gate_exclusive():
+            with self.native.txn(write=True) as t:
+                vol = catalog.vol_id(t, name)
+                prefix = layout.vol_key(vol)
+                held = [layout.decode_rec(v, "live record")
+                        for _, v in t.scan_prefix(DB_LIVE, prefix)]
+                held += [layout.decode_rec(v, "dead record")
+                         for _, v in t.scan_prefix(DB_DEAD, prefix)]
+                steps = Steps(len(held), progress, cancel)
+                for length, _, pbn, _ in held:
+                    allocator.release(t, pbn, length, freed)
+                    steps.step()
+                steps.finish()
+                for db in (DB_LIVE, DB_LIVEBIRTH, DB_DEAD, DB_DEADIDX, DB_COUNTERS, DB_SNAPS):
+                    t.delete_prefix(db, prefix)
+                t.delete_prefix(DB_NAMES, layout.snap_name_prefix(vol))
+                t.delete(DB_NAMES, layout.vol_name_key(name))
+                t.delete(DB_VOLUMES, prefix)
+                t.delete(DB_VOLSTATE, prefix)
+            self.native.vol_forget(vol)
+        self.io.punch(freed, PUNCH_BULK_MIN_BLOCKS)
+
+    # ---- snapshots (snapshots.py) -----------------------------------------------------------
+
+    def create_snapshot(self, volume: str, name: str | None = None, kind: str = "manual",
+                        policy: str | None = None) -> SnapshotInfo:
+        return self.snapshots.create(volume, name, kind, policy)
+
+    def delete_snapshot(self, volume: str, snap: str | int, progress: Progress | None = None,
+                        cancel: Cancel | None = None) -> None:
+        self.snapshots.delete(volume, snap, progress, cancel)
+
+    def rollback(self, volume: str, snap: str | int, progress: Progress | None = None,
+                 cancel: Cancel | None = None) -> None:
+        self.snapshots.rollback(volume, snap, progress, cancel)
+
+    def clone(self, volume: str, snap: str | int, new_name: str,
+              progress: Progress | None = None, cancel: Cancel | None = None) -> VolumeInfo:
+        self.snapshots.clone(volume, snap, new_name, progress, cancel)
+        return self.volume_info(new_name)
+
+    # ---- the data path (volume.py) ----------------------------------------------------------
+
+    def read(self, vol: int, offset: int, length: int) -> bytes:
+        return self.io.read(vol, offset, length)
+
+    def read_into(self, vol: int, offset: int, buf: Any) -> None:
+        self.native.read_into(vol, offset, buf)
+
+    def write(self, vol: int, offset: int, data: Any, fua: bool = False) -> None:
+        self.io.write(vol, offset, data, fua)
+
+    def live_io(self, vol: int) -> tuple[Callable[[int, Any], None],
+                                         Callable[[int, Any, bool], None]]:
+        return self.io.live_io(vol)
+
+    def trim(self, vol: int, offset: int, length: int, zero: bool = False, fua: bool = False
+             ) -> None:
+        self.io.trim(vol, offset, length, zero, fua)
+
+    def zero(self, vol: int, offset: int, length: int, fua: bool = False) -> None:
+        self.io.zero(vol, offset, length, fua)
+
+    def flush(self) -> None:
+        self.io.flush()
+
+    def block_status(self, vol: int, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        return self.io.block_status(vol, offset, length)
+
+    def volume_size(self, vol: int) -> int:
+        return self.io.volume_size(vol)
+
+    def read_snapshot(self, vol: int, epoch: int, offset: int, length: int) -> bytes:
+        return self.io.read_snapshot(vol, epoch, offset, length)
+
+    def snapshot_reader(self, vol: int, epoch: int) -> Callable[[int, Any], None]:
+        return self.io.snapshot_reader(vol, epoch)
+
+    def snapshot_block_status(self, vol: int, epoch: int, offset: int, length: int
+                              ) -> list[tuple[int, int, bool]]:
+        return self.io.snapshot_block_status(vol, epoch, offset, length)
+
+    def snapshot_size(self, vol: int, epoch: int) -> int:
+        return self.io.snapshot_size(vol, epoch)
