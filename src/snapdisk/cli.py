@@ -114,9 +114,12 @@ def show_volume(v: dict[str, Any]) -> str:
         ("origin", _origin(v)),
         ("snapshots", f"{v.get('snapshots', 0)} ({v.get('snapshots_manual', 0)} manual, "
                       f"{v.get('snapshots_auto', 0)} automatic)"),
-        ("connections", v.get("connections"))]
+        ("connections", v.get("connections")), ("policy", v.get("policy")),
+        ("next slot", v.get("next_slot")),
+        ("quotas", f"{v.get('manual_quota')} manual, {v.get('auto_quota')} automatic")]
     pairs += [(k, json.dumps(x) if isinstance(x, dict | list) else x)
-              for k, x in sorted((v.get("extra") or {}).items())]
+              for k, x in sorted((v.get("extra") or {}).items())
+              if k not in ("policy", "manual_quota", "auto_quota")]
     return fields(pairs)
 
 
@@ -283,12 +286,14 @@ Result = tuple[Any, str]
 
 
 def cmd_init(a: argparse.Namespace, ctx: Context) -> Result:
+    from .schedule import local_zone_name, zone
     from .store import StoreConfig
     from .volume import Engine
-    config = StoreConfig(pool_bytes=a.pool_size, sync_commits=a.sync_commits)
+    config = StoreConfig(pool_bytes=a.pool_size, sync_commits=a.sync_commits,
+                         timezone=zone(a.timezone or local_zone_name()).key)
     Engine.create(ctx.store, config).close()
     result = {"store": ctx.store, "pool_bytes": config.pool_bytes,
-              "sync_commits": config.sync_commits}
+              "sync_commits": config.sync_commits, "timezone": config.timezone}
     return result, (f"created store {ctx.store} (pool {format_size(config.pool_bytes)}, "
                     f"sync commits {'on' if config.sync_commits else 'off'})")
 
@@ -392,7 +397,7 @@ class _CheckFailed(Exception):
 def cmd_serve(a: argparse.Namespace, ctx: Context) -> Result:
     from . import daemon
     info = daemon.serve(ctx.store, listen=a.listen, foreground=a.foreground, threads=a.threads,
-                        insecure_plaintext_tcp=a.insecure_plaintext_tcp)
+                        insecure_plaintext_tcp=a.insecure_plaintext_tcp, clock=a.clock)
     lines = [f"serving {ctx.store} (pid {info.pid})",
              f"  volume:   {info.uri('VOLUME')}",
              f"  snapshot: {info.uri('VOLUME@SNAPSHOT')}"]
@@ -572,6 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sync-commits", action="store_true",
                    help="make every metadata commit durable at once (slower); by default "
                         "durability comes with each NBD FLUSH")
+    p.add_argument("--timezone", metavar="ZONE", help="IANA time zone of snapshot policy slots "
+                   "(default: the system's local zone)")
 
     vsub = _group(sub, "volume", "create, list, describe, resize and delete volumes")
     p = _command(vsub, "create", cmd_volume_create, "create a volume (a virtual disk)", """
@@ -602,6 +609,9 @@ def build_parser() -> argparse.ArgumentParser:
         that is attached or has connected clients is refused (exit code 7).""", """
         snapdisk volume delete scratch""")
     p.add_argument("name", metavar="NAME")
+
+    from . import cli_policy  # policy, config, volume set
+    cli_policy.add_parsers(sub, vsub)
 
     ssub = _group(sub, "snapshot", "create, list, describe and delete snapshots")
     p = _command(ssub, "create", cmd_snapshot_create, "take a snapshot of a volume", """
@@ -691,6 +701,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve --listen's TCP without TLS: every local user can then read "
                         "and write every volume")
     p.add_argument("--foreground", action="store_true", help="do not go to the background")
+    p.add_argument("--clock", metavar="FILE", help="for tests: the scheduler reads the time "
+                   "from FILE (one ISO-8601 line with offset), not the system clock")
     # Gone: nbdkit 1.32's parallel model could abort the server; daemon.serve says so.
     p.add_argument("--threads", default=None, help=argparse.SUPPRESS)
 

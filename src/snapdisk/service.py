@@ -10,8 +10,8 @@ A `Service` builds and owns what the server process is made of: the `Engine` (th
 the pool, the flock on STORE/lock), the registry of NBD connections (snapdisk.connections), the
 control server (STORE/control.sock), the TCP listener, the scheduler thread of snapshot
 policies (scheduler.py), and a slot for what comes next (a keyring for encrypted volumes).
-The nbdkit plugin (snapdisk.nbd_plugin) is a thin layer of callbacks over it.  Nothing here imports nbdkit, so
-the composition can be built in a test without one.
+The nbdkit plugin (snapdisk.nbd_plugin) is a thin layer of callbacks over it.  Nothing here
+imports nbdkit, so the composition can be built in a test without one.
 
 TCP.  nbdkit 1.32 listens on one kind of socket per process (`--unix` and `--port` refuse to
 be combined), so the store's server always listens on its unix socket (attach and every local
