@@ -82,8 +82,10 @@ class Scheduler:
         self.connections = connections
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.evaluations = 0
-        self.last: dict[str, Any] = {}
+        # What the status op shows (the same dict, updated in place, keys fixed: the control
+        # server may be encoding it meanwhile).
+        self.state: dict[str, Any] = {"clock": clock.path or "system", "evaluations": 0,
+                                      "now": None, "actions": []}
 
     def start(self) -> threading.Thread:
         self.engine.policies.clock = self.clock.now
@@ -142,8 +144,9 @@ class Scheduler:
                 # (a manual snapshot took the name): decided again at the next evaluation.
                 done.append({"skipped": str(a), "error": e.code})
                 _log(f"skipped {a}: {e}")
-        self.evaluations += 1
-        self.last = {"now": now.isoformat(), "actions": done}
+        self.state["now"] = now.isoformat()
+        self.state["actions"] = done
+        self.state["evaluations"] += 1
         return done
 
     def _delete(self, a: S.Delete) -> None:

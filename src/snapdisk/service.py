@@ -84,11 +84,12 @@ class Service:
         the TCP forwarder.  Runs in nbdkit's after_fork (never before: nbdkit forks)."""
         write_pidfile(self.pidfile, os.getpid())
         self.engine = Engine.open(self.store)
+        self.scheduler = Scheduler(self.engine, Clock(self.clock), self.connections)
         self.control = ControlServer(
             self.engine, daemon.paths(self.store)["control_socket"],
-            connections=self.connections, info=self.info(), on_stop=self.stop)
+            connections=self.connections, info=self.info() | {"scheduler": self.scheduler.state},
+            on_stop=self.stop)
         self.control.start()
-        self.scheduler = Scheduler(self.engine, Clock(self.clock), self.connections)
         self.scheduler.start()
         if self.tcp:
             self._start_forwarder()
