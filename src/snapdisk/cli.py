@@ -157,6 +157,9 @@ def show_usage(u: dict[str, Any]) -> str:
         out.append(f"volume {v['volume']}: size {format_size(v['size_bytes'])}, written "
                    f"{format_size(v['live_bytes'])}, snapshots {format_size(v['snapshots_bytes'])}"
                    f" ({len(snaps)})")
+        if "manual_quota" in v:
+            out.append(f"  manual {v['snapshots_manual']}/{v['manual_quota']}, automatic "
+                       f"{v['snapshots_auto']}/{v['auto_quota']}, policy {v['policy'] or '-'}")
         if snaps:
             out.append(textwrap.indent(table(
                 ["ID", "SNAPSHOT", "CREATED", "KIND", "REFERENCED", "EXCLUSIVE"],

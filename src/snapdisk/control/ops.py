@@ -262,7 +262,12 @@ def clone(engine: Engine, ctx: Context, volume: str, snapshot: str | int, name: 
 
 @_op("usage", volume=opt(str))
 def usage(engine: Engine, ctx: Context, volume: str | None) -> Any:
-    return engine.usage(volume)
+    u = engine.usage(volume)
+    for v in u["volumes"]:  # the snapshot counts against both quotas, and the policy
+        view = engine.policies.volume_view(v["volume"])
+        v.update({k: view[k] for k in ("snapshots_manual", "snapshots_auto", "manual_quota",
+                                       "auto_quota", "policy")})
+    return u
 
 
 @_op("check")
