@@ -2,6 +2,7 @@
 
     nbdkit --unix STORE/nbd.sock python /path/to/snapdisk/nbd_plugin.py store=STORE \\
         listen=unix:STORE/nbd.sock [log=FILE] [tcp=tcp:HOST:PORT [tls-psk=FILE]]
+        [clock=FILE]   (tests: the policy scheduler's time from FILE, see scheduler.py)
 
 (snapdisk.daemon builds this command line; nbdkit's embedded Python needs snapdisk and the
 venv's packages on PYTHONPATH.)  Exports (snapdisk.exportspec):

@@ -96,10 +96,13 @@ class Policies:
         if d is None:
             S.check_policy_name(name)
             raise errors.NotFound(f"no policy named {name!r} (`snapdisk policy list` shows them)")
-        return S.Policy.from_dict(d)
+        return self.all()[name]
 
     def all(self) -> dict[str, S.Policy]:
-        return {n: S.Policy.from_dict(d) for n, d in self.sd.config.policies.items()}
+        try:
+            return {n: S.Policy.from_dict(d) for n, d in self.sd.config.policies.items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise errors.Corrupt(f"cannot read the store's policies: {e!r}") from None
 
     def create(self, name: str, hours: str, days: str, retain: str) -> dict[str, Any]:
         p = S.Policy(name, S.parse_hours(hours), S.parse_days(days), S.parse_retain(retain),
