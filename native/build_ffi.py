@@ -1,8 +1,9 @@
 """cffi (API mode) build of the C core: snapdisk._xm.
 
-The declarations are read from native/xm.h between its cdef markers, so the header stays the one
-place they are written; `#define NAME value` lines become `#define NAME ...` and cffi takes the
-values from the compiler, never from a copy.
+The declarations are read from native/xm_layout.h (the on-disk format) and native/xm.h (the API)
+between their cdef markers, so the headers stay the one place they are written; `#define NAME
+value` lines become `#define NAME ...` and cffi takes the values from the compiler, never from a
+copy.
 """
 
 import os
@@ -13,8 +14,12 @@ from cffi import FFI
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def cdef_text() -> str:
-    with open(os.path.join(HERE, "xm.h")) as f:
+HEADERS = ["xm_layout.h", "xm.h"]  # in include order
+SOURCES = ["xm_map.c", "xm_env.c", "xm_kv.c", "xm_pool.c", "xm_io.c", "xm_row.c", "xm_verify.c"]
+
+
+def cdef_section(name: str) -> str:
+    with open(os.path.join(HERE, name)) as f:
         text = f.read()
     body = text.split("/* cdef-begin")[1].split("/* cdef-end */")[0]
     body = body.split("*/", 1)[1]  # the rest of the marker comment
@@ -22,12 +27,17 @@ def cdef_text() -> str:
     return re.sub(r"^#define\s+(\w+)\s+.*$", r"#define \1 ...", body, flags=re.M)
 
 
+def cdef_text() -> str:
+    return "\n".join(cdef_section(h) for h in HEADERS)
+
+
 ffibuilder = FFI()
 ffibuilder.cdef(cdef_text())
 ffibuilder.set_source(
     "snapdisk._xm",
     '#include "xm.h"',
-    sources=[os.path.join("native", "xm_map.c"), os.path.join("native", "xm_store.c")],
+    sources=[os.path.join("native", name) for name in SOURCES],
+    depends=[os.path.join("native", name) for name in [*HEADERS, "xm_internal.h"]],
     include_dirs=[HERE],
     libraries=["lmdb", "pthread"],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-std=gnu11"],

@@ -10,12 +10,14 @@
  *     touch LMDB or files; each has a plain-Python twin in snapdisk/extmap_ref.py, and the
  *     differential tests check that both agree.
  *  2. The store: this process's one LMDB environment (LMDB forbids opening an environment twice
- *     in one process), the pool file, a read-transaction pool and the I/O gate; a thin
- *     key/value API the Python engine builds its metadata operations on; and the hot path
- *     (xm_read, xm_write_fast, xm_block_status), one call per NBD request.
+ *     in one process), the pool file, a read-transaction pool and the I/O gate (xm_env.c); a
+ *     thin key/value API the Python engine builds its metadata operations on (xm_kv.c); the pool
+ *     seam, the only code that touches the pool file (xm_pool.c); and the hot path, one call per
+ *     NBD request: xm_read, xm_write_inplace, xm_block_status (xm_io.c) and xm_write_row, the
+ *     redirect-on-write write (xm_row.c).
  *
- * The on-disk layout and the invariants are described in src/snapdisk/extmap.py and
- * docs/design.md; the encodings that both sides must agree on are fixed here.
+ * The on-disk format (databases, keys, values, byte order) is xm_layout.h, the C mirror of
+ * src/snapdisk/layout.py; the invariants are described in docs/design.md.
  *
  * Caveats:
  *  - xm_txn handles obey LMDB's rules: a write transaction must be committed or aborted on the
@@ -30,18 +32,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "xm_layout.h" /* the on-disk format: constants, databases, encodings */
+
 /* cdef-begin: everything down to cdef-end is also read by native/build_ffi.py */
-
-#define XM_BLOCK_SIZE 4096        /* bytes per map block */
-#define XM_MAX_EXTENT 1024        /* longest extent in blocks (bounds snapshot-read scans) */
-#define XM_HOLE 18446744073709551615ULL /* pbn of a hole in a plan: UINT64_MAX */
-
-#define XM_F_SHARED 1             /* record's blocks may have other holders: check refs first */
-
-#define XM_VS_BIRTH_INDEXED 1     /* VOLSTATE flag: LIVEBIRTH may hold records of the volume */
-#define XM_VS_SHARED 2            /* VOLSTATE flag: some record was copied by rollback or clone */
-#define XM_INFINITY 18446744073709551615ULL /* death epoch of a live record: UINT64_MAX */
-#define XM_FORMAT_VERSION 2       /* on-disk format version this build writes */
 
 #define XM_OK 0
 #define XM_ENOTFOUND -30990       /* key not found */
@@ -51,22 +44,7 @@
 #define XM_ECORRUPT -30994        /* a map record failed validation */
 #define XM_ESPACE -30995          /* an output array is too small */
 #define XM_EBUSY -30996           /* store already open in this process */
-
-/* Databases (LMDB named sub-databases) the key/value API addresses by number. */
-#define XM_DB_META 0
-#define XM_DB_VOLUMES 1
-#define XM_DB_VOLSTATE 2
-#define XM_DB_NAMES 3
-#define XM_DB_SNAPS 4
-#define XM_DB_LIVE 5
-#define XM_DB_LIVEBIRTH 6
-#define XM_DB_DEAD 7
-#define XM_DB_DEADIDX 8
-#define XM_DB_REFS 9
-#define XM_DB_FREE 10
-#define XM_DB_PENDING 11
-#define XM_DB_COUNTERS 12
-#define XM_DB_COUNT 13
+#define XM_EMAPFULL -30997        /* LMDB MDB_MAP_FULL: the metadata map is full (xm_set_mapsize) */
 
 /* Cursor operations for xm_cur_get. */
 #define XM_FIRST 0
@@ -99,10 +77,10 @@ typedef struct {
 typedef struct {
     uint64_t records_read;   /* map records decoded by the hot path and xm_live_overlap */
     uint64_t cursor_steps;   /* cursor positionings (seek or step) by the key/value API */
-    uint64_t fast_reads;
-    uint64_t fast_writes;
-    uint64_t slow_writes;    /* xm_write_fast calls answered XM_ESLOW */
-    uint64_t redirected_writes; /* xm_write calls that allocated */
+    uint64_t fast_reads;     /* xm_read calls */
+    uint64_t fast_writes;    /* xm_write_inplace calls that wrote */
+    uint64_t slow_writes;    /* xm_write_inplace calls answered XM_ESLOW */
+    uint64_t redirected_writes; /* xm_write_row calls that allocated */
 } xm_stats;
 
 typedef struct xm_store xm_store;
@@ -133,19 +111,32 @@ int xm_extents(const xm_extent *ext, size_t n, uint64_t lba, uint64_t nblocks,
 
 /* ---- the store ------------------------------------------------------------------------- */
 
-/* Open (XM_OPEN_CREATE: create) the LMDB environment in dir_path and the pool file. */
+/* Open (XM_OPEN_CREATE: create) the LMDB environment in dir_path and the pool file.  The
+ * environment's page structure is verified first (xm_verify): XM_ECORRUPT if it is damaged. */
 int xm_open(const char *dir_path, const char *pool_path, unsigned flags, uint64_t map_bytes,
             xm_store **out);
 /* Close everything; no call may be in flight. */
 void xm_close(xm_store *st);
 /* fdatasync the pool, then sync the LMDB environment: what a FLUSH needs. */
 int xm_sync(xm_store *st);
-/* The pool file's descriptor (owned by the store). */
-int xm_pool_fd(xm_store *st);
 /* Copy and reset-free read of the work counters. */
 void xm_get_stats(xm_store *st, xm_stats *out);
 /* LMDB's last committed transaction id and the env's page counts, for capacity reports. */
 int xm_env_info(xm_store *st, uint64_t *last_txnid, uint64_t *map_pages_used, uint64_t *page_size);
+/* The LMDB map size in bytes (the most metadata the store can hold until it is grown). */
+uint64_t xm_map_size(xm_store *st);
+/* Grow (or shrink) the LMDB map to map_bytes, after XM_EMAPFULL.  LMDB's caveat
+ * (mdb_env_set_mapsize): no transaction may be active in this process, so the caller must hold
+ * the gate closed (no hot-path call in flight) and have ended every xm_txn; the map is remapped,
+ * so every xm_val from before is invalid.  With MDB_WRITEMAP, data.mdb is extended (sparse) to
+ * the new size.  Only this process may have the environment open (snapdisk's flock ensures it;
+ * another process would see MDB_MAP_RESIZED). */
+int xm_set_mapsize(xm_store *st, uint64_t map_bytes);
+
+/* Check the structure of every LMDB page reachable from the current meta page (xm_verify.c):
+ * XM_ECORRUPT, with the first damaged page in *bad_pgno, for damage that could crash LMDB's own
+ * cursor code.  O(metadata pages); call it before walking a store that may be damaged. */
+int xm_verify(xm_store *st, uint64_t *bad_pgno);
 
 /* The I/O gate: the hot path and the Python data path hold it shared; snapshot, rollback, clone,
  * volume config changes and the release of freed blocks hold it exclusive, which waits for
@@ -182,19 +173,40 @@ int xm_cur_del(xm_cur *cur);
 int xm_live_overlap(xm_txn *txn, uint32_t vol, uint64_t lba, uint64_t nblocks,
                     xm_extent *out, size_t cap, size_t *nout);
 
+/* ---- the pool seam (xm_pool.c) ---------------------------------------------------------
+ *
+ * The only code that touches the pool file: every C path and Python's Pool go through these.
+ * Addresses are blocks (pbn) plus a byte offset into the first one; the file is accessed in whole
+ * blocks only (a partial block is read whole, or read, patched and written whole), so a
+ * block-granular transform (a cipher, with the pbn as tweak) can be added in one place. */
+
+/* nbytes from block pbn at offset_in_block into buf; never-written space reads as zeros. */
+int xm_pool_read(xm_store *st, uint64_t pbn, uint64_t offset_in_block, uint64_t nbytes, uint8_t *buf);
+/* nbytes from buf to block pbn at offset_in_block; partial blocks are read-modify-written.
+ * A full filesystem is ENOSPC (EDQUOT too). */
+int xm_pool_write(xm_store *st, uint64_t pbn, uint64_t offset_in_block, uint64_t nbytes,
+                  const uint8_t *buf);
+/* Give nblocks from pbn back to the filesystem (they read as zeros after).  A filesystem without
+ * hole punching keeps the space: that is success. */
+int xm_pool_punch(xm_store *st, uint64_t pbn, uint64_t nblocks);
+/* Bytes the pool file occupies on its filesystem (st_blocks * 512). */
+int xm_pool_size_on_disk(xm_store *st, uint64_t *out);
+
 /* ---- the hot path (live volumes) --------------------------------------------------------- */
 
 /* Read [offset, offset+length) of vol's live view into buf. */
 int xm_read(xm_store *st, uint32_t vol, uint64_t offset, uint64_t length, uint8_t *buf);
 /* Write in place when every block of the range is mapped, born after vol's newest snapshot and
- * not shared; else write nothing and return XM_ESLOW. */
-int xm_write_fast(xm_store *st, uint32_t vol, uint64_t offset, uint64_t length, const uint8_t *buf);
-/* Write [offset, offset+length) of vol's live view in one write transaction: in place where
- * xm_write_fast could, redirected to newly allocated blocks elsewhere (the covered records
- * become dead records for the snapshots that hold them).  XM_ESLOW, with nothing changed, when
- * a record involved is SHARED or the request spans too many records; ENOSPC when the pool is
- * full: the general (Python) path handles those. */
-int xm_write(xm_store *st, uint32_t vol, uint64_t offset, uint64_t length, const uint8_t *buf);
+ * not shared; else write nothing and return XM_ESLOW.  No map change, no LMDB writer lock. */
+int xm_write_inplace(xm_store *st, uint32_t vol, uint64_t offset, uint64_t length, const uint8_t *buf);
+/* Write [offset, offset+length) of vol's live view with redirect-on-write, in one write
+ * transaction: blocks xm_write_inplace could write are written in place, the others go to newly
+ * allocated blocks (the covered records become dead records for the snapshots that hold them).
+ * XM_ESLOW or ENOSPC (pool or filesystem full), with no map change and nothing written over
+ * the volume's blocks, when a record involved is SHARED, the request spans too many records or
+ * the free space is too fragmented: the general (Python) path handles those.  Every such
+ * decision, and the commit, come before the first in-place write. */
+int xm_write_row(xm_store *st, uint32_t vol, uint64_t offset, uint64_t length, const uint8_t *buf);
 /* Block status of [lba, lba+nblocks) of the live view, at most cap runs. */
 int xm_block_status(xm_store *st, uint32_t vol, uint64_t lba, uint64_t nblocks,
                     xm_extent *out, size_t cap, size_t *nout);

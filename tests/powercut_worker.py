@@ -53,7 +53,7 @@ def _sync_pool_writes() -> None:
 
     def write(self: Pool, pbn: int, data: Any, offset_in_block: int = 0) -> None:
         plain(self, pbn, data, offset_in_block)
-        os.fdatasync(self.fd)
+        self._store.sync()  # fdatasync(pool.dat) (then an LMDB sync: harmless here)
 
     Pool.write = write  # type: ignore[method-assign]
 

@@ -214,8 +214,8 @@ def test_errors_and_exit_codes(store: str, tmp_path: Path) -> None:
 def test_check_reports_problems(store: str) -> None:
     """A damaged store: `check` prints the problems and exits with Corrupt's code."""
     run_cli(store, "volume", "create", "vm", "16M")
+    from snapdisk.engine import Engine
     from snapdisk.native import DB_NAMES
-    from snapdisk.volume import Engine
     with Engine.open(store) as e, e.native.txn(write=True) as t:
         t.put(DB_NAMES, b"vghost", b"\x00\x00\x00\x63")  # a name pointing at no volume
     r = run_cli(store, "--json", "check", check=False)
@@ -229,7 +229,7 @@ def test_check_reports_problems(store: str) -> None:
 
 HOLDER = textwrap.dedent("""
     import sys, time
-    from snapdisk.volume import Engine
+    from snapdisk.engine import Engine
     e = Engine.open(sys.argv[1])
     print("holding", flush=True)
     time.sleep(600)
@@ -308,7 +308,7 @@ def test_online_lifecycle(store: str, teardown: Teardown) -> None:  # noqa: F811
 
     # The server holds the store: a direct (offline) open is refused with a clear error.
     r = subprocess.run([sys.executable, "-c",
-                        "import sys; from snapdisk.volume import Engine; Engine.open(sys.argv[1])",
+                        "import sys; from snapdisk.engine import Engine; Engine.open(sys.argv[1])",
                         store], capture_output=True, text=True)
     assert r.returncode != 0 and "StoreLocked" in r.stderr and "in use" in r.stderr, r.stderr
     # ... and so is a second server.
@@ -404,7 +404,7 @@ def test_ctrl_c_cancels_the_job(store: str, monkeypatch: pytest.MonkeyPatch,
     import threading
     import time
 
-    from snapdisk.volume import Engine
+    from snapdisk.engine import Engine
 
     run_cli(store, "volume", "create", "vm", "16M")
     run_cli(store, "snapshot", "create", "vm", "--name", "s")

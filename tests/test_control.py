@@ -19,6 +19,7 @@ from typing import Any
 import nbd
 import pytest
 from conftest import Served, make_store
+from waiting import wait_until
 
 from snapdisk import daemon as srv
 from snapdisk import errors
@@ -120,7 +121,8 @@ def test_every_op(server: Served) -> None:
         assert st["uptime_seconds"] >= 0
         h.shutdown()
         del h
-        time.sleep(0.1)
+        wait_until(lambda: "vm1" not in c.call("status")["exports"],
+                   what="the server to see vm1's client go")
         r = c.call("rollback", volume="vm1", snapshot="s1")
         assert r["snapshot_id"] == s1["id"] and r["disconnected"] == 0
         assert c.call("volume.info", name="vm1")["size_bytes"] == 16 * MiB
@@ -208,16 +210,15 @@ def test_rollback_with_connected_clients(server: Served) -> None:
     assert snap.pread(BS, 0) == b"1" * BS  # snapshot exports are not affected
     fresh = server.connect("vm1")
     assert fresh.pread(BS, 0) == b"1" * BS
-    deadline = time.monotonic() + 5
-    while c.call("status")["exports"]["vm1"] != {"connections": 1, "revoked": 0}:
-        assert time.monotonic() < deadline, c.call("status")  # the revoked one is gone
-        time.sleep(0.02)
+    wait_until(lambda: c.call("status")["exports"]["vm1"] == {"connections": 1, "revoked": 0},
+               what="the revoked connection to be gone (one live one left)")
     # Now a plain rollback is refused again because of the fresh client, then allowed.
     with pytest.raises(errors.Busy):
         c.call("rollback", volume="vm1", snapshot="one")
     fresh.shutdown()
     del fresh
-    time.sleep(0.1)
+    wait_until(lambda: "vm1" not in c.call("status")["exports"],
+               what="the server to see the fresh client go")
     assert c.call("rollback", volume="vm1", snapshot="one")["disconnected"] == 0
     c.close()
 
@@ -261,10 +262,8 @@ def test_delete_refused_while_connected(server: Served) -> None:
         c.call("snapshot.delete", volume="vm1", snapshot="s")  # nobody on that export
         live.shutdown()
         del live
-        deadline = time.monotonic() + 5
-        while c.call("volume.info", name="vm1")["connections"]:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_until(lambda: c.call("volume.info", name="vm1")["connections"] == 0,
+                   what="vm1's live client to go")
         assert c.call("volume.delete", name="vm1")["deleted"]
 
 
@@ -367,16 +366,19 @@ def test_foreground_server_under_a_supervisor(tmp_path: Path) -> None:
     """What systemd runs (`serve --foreground`): nbdkit -f as a child; SIGTERM ends it cleanly
     (store closed, control socket removed), with a client still connected."""
     store = make_store(tmp_path / "store", volumes={"v": MiB})
+
+    def up(proc: subprocess.Popen[str], *sockets: str) -> bool:
+        """Whether the server's sockets exist; a server that exited fails the test at once."""
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        return all(os.path.exists(srv.paths(store)[s]) for s in sockets)
+
     argv, env = srv.nbdkit_command(store, foreground=True, exit_with_parent=True)
     assert "--foreground" in argv and "--exit-with-parent" in argv
     proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 30
-        while not (os.path.exists(srv.paths(store)["control_socket"])
-                   and os.path.exists(srv.paths(store)["nbd_socket"])):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
-            time.sleep(0.02)
+        wait_until(lambda: up(proc, "control_socket", "nbd_socket"), timeout=30,
+                   what="both sockets of the foreground server")
         assert srv.running_pid(store) == proc.pid
         with Client(srv.paths(store)["control_socket"]) as c:
             assert c.call("status")["pid"] == proc.pid
@@ -392,10 +394,8 @@ def test_foreground_server_under_a_supervisor(tmp_path: Path) -> None:
         # A plain SIGTERM with no client connected stops it cleanly too.
         proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 30
-        while not os.path.exists(srv.paths(store)["control_socket"]):
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_until(lambda: up(proc, "control_socket"), timeout=30,
+                   what="the control socket of the foreground server")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
         assert "store closed" in (proc.stderr.read() if proc.stderr else "")

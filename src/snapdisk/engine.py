@@ -43,7 +43,7 @@ class Engine:
     def __init__(self, sd: StoreDir):
         self.sd = sd
         self.native = sd.native
-        self.pool = Pool(sd.native.pool_fd)
+        self.pool = Pool(sd.native)
         self.io = DataPath(self.native, self.pool,
                            os.environ.get("SNAPDISK_WRITE_PATH") != "python")
         self.snapshots = Snapshots(self.native, sd.config, self.io)

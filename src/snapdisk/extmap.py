@@ -15,7 +15,7 @@ scheme, kept in LMDB, with the dead lists indexed by (death, birth).
 
 Writes (redirect-on-write).  Writing a block whose record was born after the newest snapshot,
 and whose blocks no other record holds, rewrites it in place: no map change at all (the C hot
-path, xm_write_fast).  Otherwise the data goes to newly allocated blocks, the new record (born
+path, xm_write_inplace).  Otherwise the data goes to newly allocated blocks, the new record (born
 now) replaces the covered part of the old one, and the covered part is *killed*: it becomes a
 dead record if some snapshot needs it (birth <= newest snapshot), else its blocks are released.
 Nothing is ever copied.

@@ -1,8 +1,9 @@
 """Thin bindings over the C core (snapdisk._xm, built by cffi from native/).
 
 Every return code goes through `check`; LMDB and C-core codes become snapdisk errors there and
-nowhere else.  Extents cross the boundary as `Extent` tuples.  The classes here are the only
-Python code that touches cffi objects.
+nowhere else.  Extents cross the boundary as `Extent` tuples.  The classes here (and the pool
+seam's wrapper in pool.py) are the only Python code that touches cffi objects.  The on-disk
+constants come from native/xm_layout.h through cffi; snapdisk.layout is their Python home.
 """
 
 from __future__ import annotations
@@ -38,6 +39,16 @@ DB_REFS: int = lib.XM_DB_REFS
 DB_FREE: int = lib.XM_DB_FREE
 DB_PENDING: int = lib.XM_DB_PENDING
 DB_COUNTERS: int = lib.XM_DB_COUNTERS
+DB_COUNT: int = lib.XM_DB_COUNT
+
+
+def db_name(db: int) -> str:
+    """LMDB's name of database number db (xm_layout.h's table)."""
+    name = lib.xm_db_name(db)
+    if name == ffi.NULL:
+        raise ValueError(f"no database number {db}")
+    return str(ffi.string(name).decode())
+
 
 ESLOW: int = lib.XM_ESLOW
 
@@ -70,10 +81,14 @@ def check(rc: int, what: str) -> None:
         raise errors.StoreLocked(f"{what}: the store is already open in this process")
     if rc == _errno.ENOSPC:
         raise errors.PoolFull(f"{what}: no space left on the pool's filesystem")
+    if rc == lib.XM_EMAPFULL:
+        raise errors.MetadataFull(
+            f"{what}: the store's metadata map (LMDB) is full: delete snapshots or volumes to "
+            "make room, or give the store a larger map")
     if rc == _errno.EROFS:
         raise errors.ReadOnly(f"{what}: read-only")
     if rc == lib.XM_ECORRUPT:
-        raise errors.Corrupt(f"{what}: corrupt map record")
+        raise errors.Corrupt(f"{what}: corrupt metadata (run `snapdisk check`)")
     raise native_error(rc, what)
 
 
@@ -276,8 +291,11 @@ class NativeStore:
                  map_bytes: int):
         flags = (lib.XM_OPEN_CREATE if create else 0) | (lib.XM_OPEN_SYNC_COMMITS if sync_commits else 0)
         p = ffi.new("xm_store **")
-        check(lib.xm_open(meta_dir.encode(), pool_path.encode(), flags, map_bytes, p),
-              f"open store {os.path.dirname(meta_dir)}")
+        rc = lib.xm_open(meta_dir.encode(), pool_path.encode(), flags, map_bytes, p)
+        if rc == lib.XM_ECORRUPT:
+            raise errors.Corrupt(f"open store {os.path.dirname(meta_dir)}: the metadata's page "
+                                 "structure (LMDB) is damaged: restore the store from a copy")
+        check(rc, f"open store {os.path.dirname(meta_dir)}")
         self.ptr: Any = p[0]
 
     def close(self) -> None:
@@ -287,10 +305,6 @@ class NativeStore:
 
     def txn(self, write: bool = False) -> Txn:
         return Txn(self, write)
-
-    @property
-    def pool_fd(self) -> int:
-        return int(lib.xm_pool_fd(self.ptr))
 
     def sync(self) -> None:
         check(lib.xm_sync(self.ptr), "sync")
@@ -306,6 +320,26 @@ class NativeStore:
         a, b, c = ffi.new("uint64_t *"), ffi.new("uint64_t *"), ffi.new("uint64_t *")
         check(lib.xm_env_info(self.ptr, a, b, c), "env info")
         return int(a[0]), int(b[0]), int(c[0])
+
+    def verify(self) -> None:
+        """Raise Corrupt if an LMDB page reachable from the current meta page is damaged in a
+        way that could crash LMDB itself (xm_verify); `check` and the server's start call it
+        before walking the store."""
+        bad = ffi.new("uint64_t *")
+        rc = lib.xm_verify(self.ptr, bad)
+        if rc == lib.XM_ECORRUPT:
+            raise errors.Corrupt(f"metadata page {bad[0]} is damaged (LMDB structure)")
+        check(rc, "verify")
+
+    def map_size(self) -> int:
+        """LMDB's map size in bytes: the most metadata the store holds until it is grown."""
+        return int(lib.xm_map_size(self.ptr))
+
+    def set_map_size(self, nbytes: int) -> None:
+        """Grow the LMDB map (after MetadataFull).  LMDB's rule (mdb_env_set_mapsize): no
+        transaction may be active in this process, so call it inside gate_exclusive() with no
+        Txn open; values read before are invalid after."""
+        check(lib.xm_set_mapsize(self.ptr, nbytes), "set map size")
 
     # The I/O gate (see xm.h).
     def gate_enter(self) -> None:
@@ -354,27 +388,22 @@ class NativeStore:
         if rc:
             check(rc, "read")
 
-    def write_fast(self, vol: int, offset: int, data: Any) -> bool:
-        """Write in place if possible; False if the general path must do it."""
-        rc = lib.xm_write_fast(self.ptr, vol, offset, len(data), ffi.from_buffer(data))
+    def write_inplace(self, vol: int, offset: int, data: Any) -> bool:
+        """Write in place (no map change) if every block may be; False if not, with nothing
+        written: the redirect-on-write path must do it."""
+        rc = lib.xm_write_inplace(self.ptr, vol, offset, len(data), ffi.from_buffer(data))
         if rc:
             if rc == ESLOW:
                 return False
             check(rc, "write")
         return True
 
-    # The names the reshape settles on (xm_write_inplace / xm_write_row in C).
-    def write_inplace(self, vol: int, offset: int, data: Any) -> bool:
-        return self.write_fast(vol, offset, data)
-
     def write_row(self, vol: int, offset: int, data: Any) -> bool:
-        return self.write_redirect(vol, offset, data)
-
-    def write_redirect(self, vol: int, offset: int, data: Any) -> bool:
-        """Write with redirect-on-write in one C call; False if the general path must do it
-        (shared records, a fragmented request, or a full pool that needs reclaiming)."""
-        rc = lib.xm_write(self.ptr, vol, offset, len(data), ffi.from_buffer(data))
-        if rc in (lib.XM_ESLOW, _errno.ENOSPC):
+        """Write with redirect-on-write in one C call; False, with nothing written in place, if
+        the general path must do it (shared records, a fragmented request or free space, or a
+        full pool that needs reclaiming)."""
+        rc = lib.xm_write_row(self.ptr, vol, offset, len(data), ffi.from_buffer(data))
+        if rc in (ESLOW, _errno.ENOSPC):
             return False
         check(rc, "write")
         return True

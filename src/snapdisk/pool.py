@@ -1,51 +1,48 @@
 """The data pool: one sparse file, block N at byte N * 4096.
 
-The pool knows nothing of volumes or maps: the general (Python) data path reads and writes
-whole runs of blocks here, and frees space with hole punching.  The hot path does its own
-pread/pwrite in C on the same descriptor.
+The pool knows nothing of volumes or maps: the general (Python) data path reads and writes runs
+of blocks here, and frees space with hole punching.  Every call goes through the C core's pool
+seam (xm_pool_read / xm_pool_write / xm_pool_punch in native/xm_pool.c), the only code that
+touches the pool file: it works in whole blocks (a partial block is read-modify-written), so a
+block cipher can be added there once for every path.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import os
+from typing import Any
 
-from .native import BLOCK_SIZE
-
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+from ._xm import ffi, lib
+from .native import NativeStore, check
 
 
 class Pool:
-    def __init__(self, fd: int):
-        self.fd = fd
+    def __init__(self, store: NativeStore):
+        self._store = store
 
     def read(self, pbn: int, nbytes: int, offset_in_block: int = 0) -> bytes:
-        """nbytes from block pbn (+offset); past the end of the file reads as zeros."""
-        data = os.pread(self.fd, nbytes, pbn * BLOCK_SIZE + offset_in_block)
-        if len(data) < nbytes:
-            data += bytes(nbytes - len(data))
-        return data
+        """nbytes from block pbn (+offset); never-written space reads as zeros."""
+        buf = bytearray(nbytes)
+        self.read_into(pbn, buf, offset_in_block)
+        return bytes(buf)
+
+    def read_into(self, pbn: int, buf: Any, offset_in_block: int = 0) -> None:
+        """Fill buf (a writable buffer) from block pbn (+offset)."""
+        view = ffi.from_buffer(buf, require_writable=True)
+        check(lib.xm_pool_read(self._store.ptr, pbn, offset_in_block, len(view), view), "pool read")
 
     def write(self, pbn: int, data: bytes | bytearray | memoryview, offset_in_block: int = 0
               ) -> None:
-        view = memoryview(data)
-        pos = pbn * BLOCK_SIZE + offset_in_block
-        while view:
-            n = os.pwrite(self.fd, view, pos)
-            view, pos = view[n:], pos + n
+        """data to block pbn (+offset).  A full filesystem raises PoolFull (ENOSPC)."""
+        view = ffi.from_buffer(data)
+        check(lib.xm_pool_write(self._store.ptr, pbn, offset_in_block, len(view), view),
+              "pool write")
 
     def punch(self, pbn: int, nblocks: int) -> None:
-        """Give the space of the blocks back to the filesystem; they read as zeros after."""
-        rc = _libc.fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
-                             pbn * BLOCK_SIZE, nblocks * BLOCK_SIZE)
-        if rc != 0:
-            err = ctypes.get_errno()
-            if err not in (95,):  # EOPNOTSUPP: a filesystem without holes just keeps the space
-                raise OSError(err, os.strerror(err))
+        """Give the space of the blocks back to the filesystem; they read as zeros after (a
+        filesystem without hole punching keeps the space)."""
+        check(lib.xm_pool_punch(self._store.ptr, pbn, nblocks), "pool punch")
 
     def size_on_disk(self) -> int:
-        return os.fstat(self.fd).st_blocks * 512
+        out = ffi.new("uint64_t *")
+        check(lib.xm_pool_size_on_disk(self._store.ptr, out), "pool size")
+        return int(out[0])

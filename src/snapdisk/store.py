@@ -148,6 +148,9 @@ class StoreDir:
                     os.rmdir(path)
             raise
         built = False
+        # A pool.dat already there (a symlink to a file on another filesystem, say) is used
+        # in place and never removed.
+        pool_given = os.path.lexists(p["pool.dat"])
         try:
             if os.path.exists(os.path.join(p["meta"], "data.mdb")):
                 made_lock = False  # the lock file is the existing store's
@@ -156,15 +159,16 @@ class StoreDir:
                 config.pool_bytes = shutil.disk_usage(path).free
             config.validate()
             built = True
-            cls._build(p, config)
+            cls._build(p, config, pool_given)
             os.chmod(path, 0o700)
             return cls.open(path, lock_fd=lock_fd)
         except BaseException:
             shutil.rmtree(p[".init"], ignore_errors=True)
             if built:  # nobody else can have used it: we hold the lock
                 shutil.rmtree(p["meta"], ignore_errors=True)
-                with contextlib.suppress(OSError):
-                    os.unlink(p["pool.dat"])
+                if not pool_given:
+                    with contextlib.suppress(OSError):
+                        os.unlink(p["pool.dat"])
             if made_lock:
                 with contextlib.suppress(OSError):
                     os.unlink(p["lock"])
@@ -175,12 +179,14 @@ class StoreDir:
             raise
 
     @staticmethod
-    def _build(p: dict[str, str], config: StoreConfig) -> None:
-        """Make the environment and pool in STORE/.init, then rename them into place."""
+    def _build(p: dict[str, str], config: StoreConfig, pool_given: bool) -> None:
+        """Make the environment (and the pool, unless given) in STORE/.init, then rename them
+        into place."""
         tmp = p[".init"]
         shutil.rmtree(tmp, ignore_errors=True)  # a crashed init's leftovers (we hold the lock)
         os.makedirs(os.path.join(tmp, "meta"), mode=0o700)
-        native = NativeStore(os.path.join(tmp, "meta"), os.path.join(tmp, "pool.dat"), True,
+        pool = p["pool.dat"] if pool_given else os.path.join(tmp, "pool.dat")
+        native = NativeStore(os.path.join(tmp, "meta"), pool, True,
                              config.sync_commits, config.map_bytes)
         try:
             with native.txn(write=True) as t:
@@ -197,7 +203,8 @@ class StoreDir:
             native.sync()
         finally:
             native.close()
-        os.replace(os.path.join(tmp, "pool.dat"), p["pool.dat"])
+        if not pool_given:
+            os.replace(pool, p["pool.dat"])
         os.rename(os.path.join(tmp, "meta"), p["meta"])  # the commit point
         os.rmdir(tmp)
 

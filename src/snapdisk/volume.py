@@ -1,7 +1,7 @@
 """The data path: read, write, trim, zero, flush and block status of volumes and snapshots.
 
 Concurrency (nbdkit calls in from many threads, the control server from others):
-  * Live reads and in-place writes are one C call each (xm_read / xm_write_fast), which takes
+  * Live reads and in-place writes are one C call each (xm_read / xm_write_inplace), which takes
     the I/O gate shared and releases the GIL; redirected writes are one more (xm_write).
   * What C declines (shared blocks, a full pool) runs here in one LMDB write transaction,
     begun and committed on the calling thread (LMDB's rule), holding the gate shared.
@@ -72,10 +72,10 @@ class DataPath:
         per NBD connection: per request they cost one Python call over the C call (the
         nbdkit Python plugin's whole budget is ~20 us a request; see nbd_plugin)."""
         read = functools.partial(self.native.read_into, vol)
-        write_fast = functools.partial(self.native.write_fast, vol)
+        write_inplace = functools.partial(self.native.write_inplace, vol)
 
         def write(offset: int, data: Any, fua: bool) -> None:
-            if not write_fast(offset, data):
+            if not write_inplace(offset, data):
                 self._write_moved(vol, offset, data)
             if fua:
                 self.flush()
@@ -85,14 +85,14 @@ class DataPath:
     def write(self, vol: int, offset: int, data: Any, fua: bool = False) -> None:
         """In place (no map change, no LMDB writer lock) when possible; else redirect-on-write
         in C; else (shared blocks, a full pool) the general path in Python."""
-        if not self.native.write_fast(vol, offset, data):
+        if not self.native.write_inplace(vol, offset, data):
             self._write_moved(vol, offset, data)
         if fua:
             self.flush()
 
     def _write_moved(self, vol: int, offset: int, data: Any) -> None:
         """The write the in-place path declined: redirect-on-write in C, else in Python."""
-        if not self.c_redirect or not self.native.write_redirect(vol, offset, data):
+        if not self.c_redirect or not self.native.write_row(vol, offset, data):
             self._gated_write(vol, offset, data)
 
     def _gated_write(self, vol: int, offset: int, data: Any) -> None:

@@ -4,10 +4,9 @@
     snapdisk policy list | info NAME | update NAME [...] | delete NAME
     snapdisk policy apply NAME VOL... | remove VOL...
     snapdisk config get [KEY] | set KEY VALUE
-    snapdisk volume set VOL [--manual-quota N] [--auto-quota N]
 
-Each one control op (control/ops.py), through the server or on the store.  cli.py calls
-add_parsers() where it builds its subcommands.
+Each one control op (control/ops.py), through the server or on the store.  (`volume set`,
+the per-volume quotas, is in volume_cmds.)
 """
 
 from __future__ import annotations
@@ -15,8 +14,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .cli import Context, Result, _command, _group, fields, table
-from .schedule import DAY_NAMES, format_days
+from .. import errors
+from ..schedule import DAY_NAMES, format_days
+from .context import Context, Result
+from .parsing import add_command, add_group
+from .render import fields, table
 
 HOURS_HELP = "hours of the day, 0-23: a list (0,6,12,18) or a range (9-17)"
 DAYS_HELP = "days: mon-fri, mon,wed,sun, sat-sun or daily (default: daily)"
@@ -102,7 +104,6 @@ def cmd_policy_remove(a: argparse.Namespace, ctx: Context) -> Result:
 def cmd_config_get(a: argparse.Namespace, ctx: Context) -> Result:
     c = ctx.call("config.get")
     if a.key is not None:
-        from . import errors
         if a.key not in c:
             raise errors.InvalidArgument(f"unknown option {a.key!r}: one of {', '.join(c)}")
         return {a.key: c[a.key]}, str(c[a.key])
@@ -115,22 +116,12 @@ def cmd_config_set(a: argparse.Namespace, ctx: Context) -> Result:
     return c, f"{a.key} = {c[a.key]}"
 
 
-def cmd_volume_set(a: argparse.Namespace, ctx: Context) -> Result:
-    args = _given(a, "manual_quota", "auto_quota")
-    if not args:
-        from . import errors
-        raise errors.InvalidArgument("volume set: give --manual-quota N and/or --auto-quota N")
-    v = ctx.call("volume.set", name=a.name, **args)
-    return v, (f"volume {v['name']}: manual quota {v['manual_quota']}, "
-               f"auto quota {v['auto_quota']}")
-
-
 # ---- parsers ------------------------------------------------------------------------------
 
-def add_parsers(sub: Any, volume_sub: Any) -> None:
-    """Add `policy` and `config` to the top-level subcommands, `set` to `volume`'s."""
-    psub = _group(sub, "policy", "automatic snapshots: create, list, apply and remove policies")
-    p = _command(psub, "create", cmd_policy_create, "create a snapshot policy", """
+def register(sub: Any) -> None:
+    """The `policy` and `config` command groups."""
+    psub = add_group(sub, "policy", "automatic snapshots: create, list, apply and remove policies")
+    p = add_command(psub, "create", cmd_policy_create, "create a snapshot policy", """
         A policy snapshots the volumes it covers (policy apply) at the given hours on the given
         days, in the store's time zone (snapdisk config get timezone), while the server runs,
         and deletes each of those automatic snapshots once it is older than --retain.  They
@@ -143,15 +134,15 @@ def add_parsers(sub: Any, volume_sub: Any) -> None:
     p.add_argument("--hours", required=True, help=HOURS_HELP)
     p.add_argument("--days", default="daily", help=DAYS_HELP)
     p.add_argument("--retain", required=True, help=RETAIN_HELP)
-    _command(psub, "list", cmd_policy_list, "list the policies", """
+    add_command(psub, "list", cmd_policy_list, "list the policies", """
         Each policy's hours, days, retention, how many volumes it covers and its next slot.""",
              """
         snapdisk policy list --json""")
-    p = _command(psub, "info", cmd_policy_info, "describe a policy", """
+    p = add_command(psub, "info", cmd_policy_info, "describe a policy", """
         Its schedule, retention, the volumes it covers and its next slot.""", """
         snapdisk policy info office""")
     p.add_argument("name", metavar="NAME")
-    p = _command(psub, "update", cmd_policy_update, "change a policy", """
+    p = add_command(psub, "update", cmd_policy_update, "change a policy", """
         Applies to every volume that has the policy, from its next slot.  Automatic
         snapshots already taken keep the retention they were taken with.""", """
         snapdisk policy update office --retain 60d""")
@@ -159,30 +150,30 @@ def add_parsers(sub: Any, volume_sub: Any) -> None:
     p.add_argument("--hours", help=HOURS_HELP)
     p.add_argument("--days", help=DAYS_HELP.replace(" (default: daily)", ""))
     p.add_argument("--retain", help=RETAIN_HELP)
-    p = _command(psub, "delete", cmd_policy_delete, "delete a policy", """
+    p = add_command(psub, "delete", cmd_policy_delete, "delete a policy", """
         Removes it from its volumes.  The automatic snapshots it made stay, and are still
         deleted when their retention ends.""", """
         snapdisk policy delete office""")
     p.add_argument("name", metavar="NAME")
-    p = _command(psub, "apply", cmd_policy_apply, "give volumes a policy", """
+    p = add_command(psub, "apply", cmd_policy_apply, "give volumes a policy", """
         A volume has at most one policy: this replaces the one it had.  Its first automatic
         snapshot is at the policy's next slot.""", """
         snapdisk policy apply office web db""")
     p.add_argument("name", metavar="NAME")
     p.add_argument("volumes", metavar="VOLUME", nargs="+")
-    p = _command(psub, "remove", cmd_policy_remove, "take volumes off their policy", """
+    p = add_command(psub, "remove", cmd_policy_remove, "take volumes off their policy", """
         Their automatic snapshots stay until they expire.""", """
         snapdisk policy remove web""")
     p.add_argument("volumes", metavar="VOLUME", nargs="+")
 
-    csub = _group(sub, "config", "show and change the store's options")
-    p = _command(csub, "get", cmd_config_get, "show the store's options", """
+    csub = add_group(sub, "config", "show and change the store's options")
+    p = add_command(csub, "get", cmd_config_get, "show the store's options", """
         timezone (of policy slots), manual-snapshot-quota and auto-snapshot-quota (per
         volume, unless `volume set` gave it its own), and read-only facts.""", """
         snapdisk config get
         snapdisk config get timezone""")
     p.add_argument("key", metavar="KEY", nargs="?")
-    p = _command(csub, "set", cmd_config_set, "change a store option", """
+    p = add_command(csub, "set", cmd_config_set, "change a store option", """
         KEY: timezone (an IANA zone name: Europe/Berlin, America/New_York, UTC),
         manual-snapshot-quota or auto-snapshot-quota (0-1048576 snapshots per volume).""",
                  """
@@ -191,14 +182,5 @@ def add_parsers(sub: Any, volume_sub: Any) -> None:
     p.add_argument("key", metavar="KEY")
     p.add_argument("value", metavar="VALUE")
 
-    p = _command(volume_sub, "set", cmd_volume_set, "set a volume's snapshot quotas", """
-        The most manual and automatic snapshots the volume may have (default: the store's,
-        snapdisk config get).  A manual snapshot past its quota is refused; an automatic one
-        first deletes the oldest automatic snapshot.""", """
-        snapdisk volume set web --manual-quota 10 --auto-quota 48""")
-    p.add_argument("name", metavar="VOLUME")
-    p.add_argument("--manual-quota", type=int, metavar="N")
-    p.add_argument("--auto-quota", type=int, metavar="N")
 
-
-__all__ = ["add_parsers", "show_config", "show_policies", "show_policy"]
+__all__ = ["register", "show_config", "show_policies", "show_policy"]

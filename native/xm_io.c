@@ -1,0 +1,186 @@
+/*
+ * xm_io.c - the hot path over a volume's live view: read, in-place write, block status.  One
+ * call per NBD request, with the GIL released; each is xm_io_begin (gate shared, range check,
+ * a pooled read transaction, a cursor on LIVE), the work, and xm_io_end.  Pool I/O goes through
+ * the pool seam (xm_pool.c).
+ */
+#include "xm_internal.h"
+
+#include <errno.h>
+#include <string.h>
+
+#define PLAN_CAP (2 * BATCH + 2)
+
+static int check_range(xm_store *st, uint32_t vol, uint64_t offset, uint64_t length, int write)
+{
+    if (vol >= st->nvols || !st->vols[vol].known)
+        return XM_ENOVOL;
+    if (write && !st->vols[vol].writable)
+        return EROFS;
+    if (offset + length < offset || offset + length > st->vols[vol].size_bytes)
+        return XM_ERANGE;
+    return XM_OK;
+}
+
+int xm_io_begin(xm_io *io, xm_store *st, uint32_t vol, uint64_t offset, uint64_t length, int write,
+                int write_txn)
+{
+    int rc;
+    *io = (xm_io){st, NULL, NULL, write_txn};
+    xm_gate_enter(st);
+    if ((rc = check_range(st, vol, offset, length, write)) || length == 0)
+        return rc; /* nothing to read or write: no transaction */
+    rc = write_txn ? xm_rc(mdb_txn_begin(st->env, NULL, 0, &io->txn)) : xm_rtxn_get(st, &io->txn);
+    if (rc) {
+        io->txn = NULL;
+        return rc;
+    }
+    return xm_rc(mdb_cursor_open(io->txn, st->dbi[XM_DB_LIVE], &io->live));
+}
+
+int xm_io_commit(xm_io *io)
+{
+    if (io->live)
+        mdb_cursor_close(io->live);
+    io->live = NULL;
+    int rc = xm_rc(mdb_txn_commit(io->txn));
+    io->txn = NULL;
+    return rc;
+}
+
+int xm_io_end(xm_io *io, int rc)
+{
+    if (io->live)
+        mdb_cursor_close(io->live);
+    if (io->txn) {
+        if (io->write_txn)
+            mdb_txn_abort(io->txn);
+        else
+            xm_rtxn_put(io->st, io->txn);
+    }
+    xm_gate_leave(io->st);
+    return rc;
+}
+
+/* For each run of plan[], the bytes of [offset, offset+length) it covers: read into buf, or
+ * (wbuf) written from wbuf.  A write never meets a hole: the caller checked coverage. */
+static int apply_plan(xm_store *st, const xm_extent *plan, size_t np, uint64_t offset,
+                      uint64_t length, uint8_t *buf, const uint8_t *wbuf)
+{
+    uint64_t end = offset + length;
+    for (size_t i = 0; i < np; i++) {
+        uint64_t rs = plan[i].lba * XM_BLOCK_SIZE, re = rs + (uint64_t)plan[i].len * XM_BLOCK_SIZE;
+        uint64_t s = rs > offset ? rs : offset, e = re < end ? re : end;
+        if (s >= e)
+            continue;
+        int rc;
+        if (plan[i].pbn == XM_HOLE) {
+            if (wbuf)
+                return XM_ESLOW;
+            memset(buf + (s - offset), 0, e - s);
+            continue;
+        }
+        rc = wbuf ? xm_pool_write(st, plan[i].pbn, s - rs, e - s, wbuf + (s - offset))
+                  : xm_pool_read(st, plan[i].pbn, s - rs, e - s, buf + (s - offset));
+        if (rc)
+            return rc;
+    }
+    return XM_OK;
+}
+
+int xm_read(xm_store *st, uint32_t vol, uint64_t offset, uint64_t length, uint8_t *buf)
+{
+    xm_extent recs[BATCH], plan[PLAN_CAP];
+    xm_io io;
+    int rc;
+    if ((rc = xm_io_begin(&io, st, vol, offset, length, 0, 0)) || length == 0)
+        return xm_io_end(&io, rc);
+    uint64_t pos = offset / XM_BLOCK_SIZE;
+    uint64_t end = (offset + length + XM_BLOCK_SIZE - 1) / XM_BLOCK_SIZE;
+    while (pos < end) {
+        size_t n, np;
+        int more;
+        if ((rc = xm_scan_live(st, io.live, vol, pos, end, recs, BATCH, &n, &more)))
+            return xm_io_end(&io, rc);
+        uint64_t upto = more ? recs[n - 1].lba + recs[n - 1].len : end;
+        if (upto > end)
+            upto = end;
+        if ((rc = xm_plan(recs, n, pos, upto - pos, plan, PLAN_CAP, &np)) ||
+            (rc = apply_plan(st, plan, np, offset, length, buf, NULL)))
+            return xm_io_end(&io, rc);
+        pos = upto;
+    }
+    STAT_ADD(st, fast_reads, 1);
+    return xm_io_end(&io, XM_OK);
+}
+
+int xm_write_inplace(xm_store *st, uint32_t vol, uint64_t offset, uint64_t length, const uint8_t *buf)
+{
+    xm_extent recs[BATCH], plan[PLAN_CAP];
+    xm_io io;
+    int rc, more;
+    size_t n, np;
+    if ((rc = xm_io_begin(&io, st, vol, offset, length, 1, 0)) || length == 0)
+        return xm_io_end(&io, rc);
+    uint64_t lo = offset / XM_BLOCK_SIZE;
+    uint64_t hi = (offset + length + XM_BLOCK_SIZE - 1) / XM_BLOCK_SIZE;
+    if ((rc = xm_scan_live(st, io.live, vol, lo, hi, recs, BATCH, &n, &more)))
+        return xm_io_end(&io, rc);
+    /* In place only if the records cover the range without gaps, and none is held by a
+     * snapshot (born at or before the newest one) or possibly shared with another record. */
+    uint64_t pos = lo, max_snap = st->vols[vol].max_snap;
+    rc = more ? XM_ESLOW : XM_OK;
+    for (size_t i = 0; i < n && rc == XM_OK; i++) {
+        if (recs[i].lba > pos || recs[i].birth <= max_snap || (recs[i].flags & XM_F_SHARED))
+            rc = XM_ESLOW;
+        pos = recs[i].lba + recs[i].len;
+    }
+    if (rc == XM_OK && pos < hi)
+        rc = XM_ESLOW;
+    if (rc == XM_OK && (rc = xm_plan(recs, n, lo, hi - lo, plan, PLAN_CAP, &np)) == XM_OK)
+        rc = apply_plan(st, plan, np, offset, length, NULL, buf);
+    if (rc == XM_OK)
+        STAT_ADD(st, fast_writes, 1);
+    else if (rc == XM_ESLOW)
+        STAT_ADD(st, slow_writes, 1);
+    return xm_io_end(&io, rc);
+}
+
+int xm_block_status(xm_store *st, uint32_t vol, uint64_t lba, uint64_t nblocks,
+                    xm_extent *out, size_t cap, size_t *nout)
+{
+    xm_extent recs[BATCH], runs[PLAN_CAP];
+    xm_io io;
+    size_t k = 0;
+    int rc;
+    *nout = 0;
+    if (lba > UINT64_MAX / XM_BLOCK_SIZE || nblocks > UINT64_MAX / XM_BLOCK_SIZE)
+        return XM_ERANGE;
+    if ((rc = xm_io_begin(&io, st, vol, lba * XM_BLOCK_SIZE, nblocks * XM_BLOCK_SIZE, 0, 0)))
+        return xm_io_end(&io, rc);
+    uint64_t pos = lba, end = lba + nblocks;
+    while (pos < end && k < cap) {
+        size_t n, nr;
+        int more;
+        if ((rc = xm_scan_live(st, io.live, vol, pos, end, recs, BATCH, &n, &more)))
+            break;
+        uint64_t upto = more ? recs[n - 1].lba + recs[n - 1].len : end;
+        if (upto > end)
+            upto = end;
+        if ((rc = xm_extents(recs, n, pos, upto - pos, runs, PLAN_CAP, &nr)))
+            break;
+        for (size_t i = 0; i < nr; i++) {
+            if (k > 0 && out[k - 1].pbn == runs[i].pbn &&
+                (uint64_t)out[k - 1].len + runs[i].len <= 0xFFFFFFFFu) {
+                out[k - 1].len += runs[i].len;
+            } else if (k < cap) {
+                out[k++] = runs[i];
+            } else {
+                break; /* the caller asks again from where we stopped */
+            }
+        }
+        pos = upto;
+    }
+    *nout = k;
+    return xm_io_end(&io, rc);
+}
