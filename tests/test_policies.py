@@ -3,6 +3,7 @@ commands, and the scheduler's actions on an engine (snapdisk.scheduler) without 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from datetime import datetime
@@ -195,3 +196,44 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
             main(["--store", store, *argv])
         assert e.value.code == code and text in capsys.readouterr().err
     assert main(["--store", store, "policy", "delete", "office"]) == 0
+
+
+class BusyRegistry:
+    """Connections where a client holds the snapshot with id `held`."""
+
+    def __init__(self, held: int):
+        self.held = held
+
+    @contextlib.contextmanager
+    def reserve(self, vol: int, what: str, *, live_only: bool = False,
+                epoch: int | None = None, force: bool = False) -> Iterator[int]:
+        if epoch == self.held:
+            raise errors.Busy(f"cannot {what}: a client has it open")
+        yield 0
+
+
+def test_scheduler_never_deletes_under_a_client(engine: Engine, tmp_path: Path) -> None:
+    """Retention and the quota skip a snapshot a client has open (and take nothing in its
+    place) until the client is gone."""
+    clock = tmp_path / "clock"
+    clock.write_text("2026-11-25T12:00:10+08:00\n")
+    engine.policies.clock = lambda: S.parse_instant("2026-11-25T00:00:00+08:00")
+    call(engine, "policy.create", name="noon", hours="0,12", days="daily", retain="1d")
+    call(engine, "policy.apply", name="noon", volumes=["vm1"])
+    call(engine, "volume.set", name="vm1", auto_quota=1)
+    free = Scheduler(engine, Clock(str(clock)))
+    free.evaluate(free.clock.now())
+    held = engine.snapshot_id("vm1", "auto-2026-11-25T12:00+08:00")
+    busy = Scheduler(engine, Clock(str(clock)), BusyRegistry(held))
+    clock.write_text("2026-11-26T00:00:10+08:00\n")
+    done = busy.evaluate(busy.clock.now())
+    assert [d.get("error") for d in done] == ["busy", "busy"]
+    assert [s.name for s in engine.list_snapshots("vm1")] == ["auto-2026-11-25T12:00+08:00"]
+    clock.write_text("2026-11-26T00:01:00+08:00\n")  # the client is gone, within the grace
+    free.evaluate(free.clock.now())
+    assert [s.name for s in engine.list_snapshots("vm1")] == ["auto-2026-11-26T00:00+08:00"]
+    clock.write_text("2026-11-26T12:00:00+08:00\n")
+    busy = Scheduler(engine, Clock(str(clock)),
+                     BusyRegistry(engine.snapshot_id("vm1", "auto-2026-11-26T00:00+08:00")))
+    busy.evaluate(busy.clock.now())
+    assert [s.name for s in engine.list_snapshots("vm1")] == ["auto-2026-11-26T00:00+08:00"]

@@ -127,10 +127,15 @@ class Scheduler:
     def evaluate(self, now: datetime) -> list[dict[str, Any]]:
         """Decide at now and act; what was done (or skipped, and why)."""
         done: list[dict[str, Any]] = []
+        blocked: set[str] = set()  # volumes whose quota could not make room
         for a in self.engine.policies.decide(now).actions:
             if self._stop.is_set():
                 break
             try:
+                if isinstance(a, S.Take) and a.volume in blocked:
+                    # The engine would make room itself, deleting the oldest automatic
+                    # snapshot even under a client reading it: wait for the next evaluation.
+                    raise errors.Busy(f"no room under {a.volume}'s auto quota yet")
                 if isinstance(a, S.Take):
                     s = self.engine.policies.take(a)
                     done.append({"took": f"{a.volume}@{a.name}", "id": s.id})
@@ -144,6 +149,8 @@ class Scheduler:
                 # (a manual snapshot took the name): decided again at the next evaluation.
                 done.append({"skipped": str(a), "error": e.code})
                 _log(f"skipped {a}: {e}")
+                if isinstance(a, S.Delete) and a.reason == "quota":
+                    blocked.add(a.volume)
         self.state["now"] = now.isoformat()
         self.state["actions"] = done
         self.state["evaluations"] += 1
