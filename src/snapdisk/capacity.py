@@ -28,7 +28,8 @@ def snapinfo(t: Txn, volume: str, vol: int, epochs: list[int], i: int, with_usag
     epoch = epochs[i]
     rec = catalog.snap_record(t, vol, epoch)
     info = SnapshotInfo(volume, epoch, rec.name, rec.created, rec.kind, rec.policy,
-                        rec.size_bytes, rec.referenced_blocks * BLOCK_SIZE)
+                        rec.size_bytes, rec.referenced_blocks * BLOCK_SIZE,
+                        slot=rec.slot, expires=rec.expires)
     if with_usage:
         info.exclusive_bytes = exclusive_blocks(t, vol, epochs, i, shared) * BLOCK_SIZE
     return info

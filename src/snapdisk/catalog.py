@@ -24,6 +24,11 @@ from .native import Txn
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 NAME_RULE = "1-64 characters: letters, digits, '.', '_' or '-', starting with a letter or digit"
+# Snapshot names may also hold ':' and '+', for automatic snapshots named after their slot
+# (auto-2026-11-25T12:00+08:00, schedule.py); exportspec.py repeats this rule.
+SNAP_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,63}")
+SNAP_NAME_RULE = ("1-64 characters: letters, digits, '.', '_', '-', ':' or '+', starting with a "
+                  "letter or digit")
 DIGITS_RE = re.compile(r"[0-9]{1,20}")
 KINDS = ("manual", "auto")
 MAX_VOLUME_BYTES = 1 << 50
@@ -31,8 +36,9 @@ MAX_VOLUME_BYTES = 1 << 50
 
 def check_name(name: str, what: str) -> None:
     # fullmatch: with match() and `$`, a trailing newline would pass (issue 10 item 8).
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise errors.InvalidName(f"invalid {what} name {name!r}: {NAME_RULE}")
+    pattern, rule = (SNAP_NAME_RE, SNAP_NAME_RULE) if what == "snapshot" else (NAME_RE, NAME_RULE)
+    if not isinstance(name, str) or not pattern.fullmatch(name):
+        raise errors.InvalidName(f"invalid {what} name {name!r}: {rule}")
 
 
 def check_size(size_bytes: int) -> None:
@@ -124,9 +130,15 @@ class SnapshotRecord:
     policy: str | None
     size_bytes: int
     referenced_blocks: int
+    slot: str | None = None  # kind auto: the policy slot it was taken for (schedule.slot_text)
+    expires: float | None = None  # kind auto: when retention deletes it (None: never)
 
     def encode(self) -> bytes:
-        return layout.encode_json(asdict(self))
+        d = asdict(self)
+        for k in ("slot", "expires"):  # only automatic snapshots carry them
+            if d[k] is None:
+                del d[k]
+        return layout.encode_json(d)
 
     @classmethod
     def decode(cls, raw: bytes | None, vol: int, epoch: int) -> SnapshotRecord:
@@ -135,7 +147,9 @@ class SnapshotRecord:
         f = layout.field
         rec = cls(f(d, "name", str, what), f(d, "created", (int, float), what),
                   f(d, "kind", str, what), f(d, "policy", (str, type(None)), what, None),
-                  f(d, "size_bytes", int, what), f(d, "referenced_blocks", int, what))
+                  f(d, "size_bytes", int, what), f(d, "referenced_blocks", int, what),
+                  f(d, "slot", (str, type(None)), what, None),
+                  f(d, "expires", (int, float, type(None)), what, None))
         if rec.kind not in KINDS or rec.size_bytes <= 0 or rec.referenced_blocks < 0:
             raise errors.Corrupt(f"cannot read {what}: kind {rec.kind!r}, "
                                  f"size {rec.size_bytes}, {rec.referenced_blocks} blocks")
@@ -153,6 +167,8 @@ class SnapshotInfo:
     size_bytes: int
     referenced_bytes: int
     exclusive_bytes: int | None = None
+    slot: str | None = None  # kind auto: its policy slot
+    expires: float | None = None  # kind auto: when retention deletes it (None: never)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

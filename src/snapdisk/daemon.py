@@ -130,8 +130,8 @@ def python_path() -> list[str]:
 
 def nbdkit_command(store: str, listen: str | None = None, foreground: bool = False, *,
                    log: str | None = None, verbose: bool = False, exit_with_parent: bool = False,
-                   nbdkit: str = "nbdkit", tls_psk: str | None = None
-                   ) -> tuple[list[str], dict[str, str]]:
+                   nbdkit: str = "nbdkit", tls_psk: str | None = None,
+                   clock: str | None = None) -> tuple[list[str], dict[str, str]]:
     """The argv and environment that serve a store: its unix socket (listen=unix:PATH moves
     it), and TCP beside it with listen=tcp:HOST:PORT (TLS with tls_psk, else plain text)."""
     p = paths(store)
@@ -154,6 +154,8 @@ def nbdkit_command(store: str, listen: str | None = None, foreground: bool = Fal
             argv.append(f"tls-psk={tls_psk}")
     if log:
         argv.append(f"log={os.path.abspath(log)}")
+    if clock:  # tests: the scheduler's time from this file (scheduler.py)
+        argv.append(f"clock={os.path.abspath(clock)}")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(python_path())
     env.pop("PYTHONHOME", None)  # a venv's would point nbdkit's python at the wrong stdlib
@@ -231,7 +233,8 @@ def _tail(path: str, max_bytes: int = 4000) -> str:
 
 def serve(store: str, listen: str | None = None, foreground: bool = False, *,
           timeout: float = 30.0, verbose: bool = False, nbdkit: str = "nbdkit",
-          threads: str | None = None, insecure_plaintext_tcp: bool = False) -> ServerInfo:
+          threads: str | None = None, insecure_plaintext_tcp: bool = False,
+          clock: str | None = None) -> ServerInfo:
     """Serve every volume of store over NBD, with the control socket: on the unix socket, and
     with listen="tcp:127.0.0.1:PORT" on TCP too, where clients need TLS with the key in
     STORE/tls.psk (made now if missing) unless insecure_plaintext_tcp.
@@ -264,7 +267,7 @@ def serve(store: str, listen: str | None = None, foreground: bool = False, *,
     _remove_stale(store, sock)
     log = None if foreground else p["log"]
     argv, env = nbdkit_command(store, listen, foreground, log=log, verbose=verbose, nbdkit=nbdkit,
-                               tls_psk=psk)
+                               tls_psk=psk, clock=clock)
     if foreground:
         os.execvpe(argv[0], argv, env)
     log_start = os.path.getsize(p["log"]) if os.path.exists(p["log"]) else 0

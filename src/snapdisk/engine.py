@@ -3,6 +3,7 @@
 A facade: it opens, recovers and closes the store, manages volumes, and delegates the rest to
     catalog.py    names, ids, typed records
     snapshots.py  snapshot create/delete, rollback, clone (and quotas)
+    policies.py   snapshot policies, quotas, the time zone (engine.policies)
     capacity.py   usage, referenced and exclusive bytes
     volume.py     the data path (read, write, trim, zero, flush, block status, snapshot reads)
 It keeps no state of its own beyond the open store: everything is read from LMDB inside the
@@ -29,6 +30,7 @@ from .layout import (
     DB_VOLSTATE,
     DB_VOLUMES,
 )
+from .policies import Policies
 from .pool import Pool
 from .snapshots import Cancel, Progress, Snapshots, Steps
 from .store import StoreConfig, StoreDir
@@ -45,6 +47,7 @@ class Engine:
         self.io = DataPath(self.native, self.pool,
                            os.environ.get("SNAPDISK_WRITE_PATH") != "python")
         self.snapshots = Snapshots(self.native, sd.config, self.io)
+        self.policies = Policies(sd, self.snapshots)  # policies, quotas, the scheduler's I/O
         self._recover()
 
     @classmethod

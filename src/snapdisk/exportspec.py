@@ -24,6 +24,10 @@ from . import errors
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 NAME_RULE = "1-64 characters: letters, digits, '.', '_' or '-', starting with a letter or digit"
+# Snapshot names may also hold ':' and '+' (automatic ones: auto-2026-11-25T12:00+08:00).
+SNAP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,63}")
+SNAP_NAME_RULE = ("1-64 characters: letters, digits, '.', '_', '-', ':' or '+', starting with a "
+                  "letter or digit")
 DIGITS = re.compile(r"[0-9]+")  # not str.isdigit(): '²'.isdigit() is True
 U64_MAX = (1 << 64) - 1
 FORMS = "VOLUME, VOLUME@SNAPSHOT"
@@ -88,4 +92,5 @@ def _check_name(name: str, what: str) -> None:
 def _check_snapshot(text: str) -> None:
     if DIGITS.fullmatch(text) and int(text) > U64_MAX:
         raise errors.InvalidArgument(f"snapshot id {text} is out of range (0 .. {U64_MAX})")
-    _check_name(text, "snapshot")
+    if not SNAP_NAME.fullmatch(text):
+        raise errors.InvalidName(f"invalid snapshot name {text!r}: {SNAP_NAME_RULE}")

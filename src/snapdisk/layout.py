@@ -10,12 +10,16 @@ come from C (snapdisk.native), never copied.
     database   key (big-endian: LMDB order is numeric)   value (little-endian, fixed size)
     ---------  ----------------------------------------  ------------------------------------
     META       ascii name (META_* below)                 see META records
-    VOLUMES    vol:u32                                   JSON VolumeRecord (catalog.py)
+    VOLUMES    vol:u32                                   JSON VolumeRecord (catalog.py);
+                                                         optional keys: policy {name, since},
+                                                         manual_quota, auto_quota
     VOLSTATE   vol:u32                                   size:u64 epoch:u64 max_snap:u64
                                                          live_blocks:u64 nsnaps:u32 flags:u32
     NAMES      'v' name(utf-8)                           vol:u32 BE
                's' vol:u32 name(utf-8)                   epoch:u64 BE
-    SNAPS      vol:u32 epoch:u64                         JSON SnapshotRecord (catalog.py)
+    SNAPS      vol:u32 epoch:u64                         JSON SnapshotRecord (catalog.py);
+                                                         kind auto adds slot (ISO text) and
+                                                         expires (epoch s, null: forever)
     LIVE       vol:u32 lba:u64                           len:u32 flags:u32 pbn:u64 birth:u64
     LIVEBIRTH  vol:u32 birth:u64 lba:u64                 len:u32
     DEAD       vol:u32 lba:u64 birth:u64                 len:u32 flags:u32 pbn:u64 death:u64
@@ -34,7 +38,12 @@ come from C (snapdisk.native), never copied.
     next_vol     u32          next volume id
     seq          u64          bumped by each transaction that frees blocks (allocator.py)
     blocks       free:u64 pending:u64   totals of FREE and PENDING
-    config       JSON         store options (store.StoreConfig); format 2 added map_bytes
+    config       JSON         store options (store.StoreConfig); format 2 added map_bytes;
+                              `timezone` (IANA name) and `policies` (name -> policy, see
+                              schedule.Policy.to_dict) are optional keys: absent, the local
+                              zone and no policies, so no format change.  Policies live here,
+                              not in a database: a store has a few, read whole by the
+                              scheduler, and each change is one small atomic record write
 
 Format history: 1 (first release); 2 adds `map_bytes` to `config` and `encryption` (null: not
 encrypted) to every VOLUMES record, room for encrypted volumes.

@@ -2,6 +2,7 @@
 
     nbdkit --unix STORE/nbd.sock python /path/to/snapdisk/nbd_plugin.py store=STORE \\
         listen=unix:STORE/nbd.sock [log=FILE] [tcp=tcp:HOST:PORT [tls-psk=FILE]]
+        [clock=FILE]   (tests: the policy scheduler's time from FILE, see scheduler.py)
 
 (snapdisk.daemon builds this command line; nbdkit's embedded Python needs snapdisk and the
 venv's packages on PYTHONPATH.)  Exports (snapdisk.exportspec):
@@ -46,7 +47,7 @@ from snapdisk.daemon import THREAD_MODELS, UNSAFE_THREAD_MODELS
 from snapdisk.service import Service, open_log
 
 API_VERSION = 2
-PARAMS = ("store", "log", "listen", "tcp", "tls-psk", "threads")
+PARAMS = ("store", "log", "listen", "tcp", "tls-psk", "threads", "clock")
 
 _params: dict[str, str] = {}
 _svc: Service | None = None
@@ -123,7 +124,7 @@ def config(key: str, value: str) -> None:
         raise errors.Unsupported(f"threads={value}: {UNSAFE_THREAD_MODELS[value]}")
     if key == "threads" and value not in THREAD_MODELS:
         raise errors.InvalidArgument(f"threads={value!r}: one of {', '.join(THREAD_MODELS)}")
-    _params[key] = os.path.abspath(value) if key in ("store", "log", "tls-psk") else value
+    _params[key] = os.path.abspath(value) if key in ("store", "log", "tls-psk", "clock") else value
 
 
 @_guarded
@@ -147,7 +148,8 @@ def after_fork() -> None:
     store = _params["store"]
     sock = _params.get("listen", "").removeprefix("unix:") or os.path.join(store, "nbd.sock")
     svc = Service(store, socket_path=sock, tcp=_params.get("tcp"),
-                  tls_psk=_params.get("tls-psk"), on_stop=nbdkit.shutdown)
+                  tls_psk=_params.get("tls-psk"), on_stop=nbdkit.shutdown,
+                  clock=_params.get("clock"))
     _enter, _leave = svc.connections.enter, svc.connections.leave
     _svc = svc
     svc.start()

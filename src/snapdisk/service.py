@@ -8,10 +8,10 @@
 
 A `Service` builds and owns what the server process is made of: the `Engine` (the store: LMDB,
 the pool, the flock on STORE/lock), the registry of NBD connections (snapdisk.connections), the
-control server (STORE/control.sock), the TCP listener, and the slots for what comes next (a
-scheduler thread for snapshot policies, a keyring for encrypted volumes).  The nbdkit plugin
-(snapdisk.nbd_plugin) is a thin layer of callbacks over it.  Nothing here imports nbdkit, so
-the composition can be built in a test without one.
+control server (STORE/control.sock), the TCP listener, the scheduler thread of snapshot
+policies (scheduler.py), and a slot for what comes next (a keyring for encrypted volumes).
+The nbdkit plugin (snapdisk.nbd_plugin) is a thin layer of callbacks over it.  Nothing here
+imports nbdkit, so the composition can be built in a test without one.
 
 TCP.  nbdkit 1.32 listens on one kind of socket per process (`--unix` and `--port` refuse to
 be combined), so the store's server always listens on its unix socket (attach and every local
@@ -32,7 +32,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from contextlib import suppress
@@ -45,6 +44,7 @@ from .engine import Engine
 from .exportspec import ExportSpec
 from .listen import parse_listen
 from .pidfile import pidfile_names, write_pidfile
+from .scheduler import Clock, Scheduler
 
 FORWARDER_READY_S = 10.0
 
@@ -59,7 +59,8 @@ class Service:
     """One store's server: the Engine, the NBD connections, the control server, TCP."""
 
     def __init__(self, store: str, *, socket_path: str, tcp: str | None = None,
-                 tls_psk: str | None = None, on_stop: Callable[[], None] | None = None):
+                 tls_psk: str | None = None, on_stop: Callable[[], None] | None = None,
+                 clock: str | None = None):
         self.store = os.path.abspath(store)
         self.socket_path = socket_path  # the NBD unix socket (nbdkit's --unix)
         self.tcp = tcp  # "tcp:HOST:PORT": served by the forwarder; None: unix only
@@ -70,7 +71,8 @@ class Service:
         self.connections = Connections(on_revoke=self.sockets.disconnect)
         self.control: ControlServer | None = None
         self.forwarder: subprocess.Popen[bytes] | None = None
-        self.scheduler: threading.Thread | None = None  # next: snapshot policies, run here
+        self.clock = clock  # tests: `serve --clock FILE`, the scheduler's time (scheduler.py)
+        self.scheduler: Scheduler | None = None  # snapshot policies, run here
         self.keyring: Any = None  # next: the keys of encrypted volumes
         self.pidfile = daemon.paths(self.store)["pidfile"]
         self.tcp_pidfile = daemon.paths(self.store)["tcp_pidfile"]
@@ -82,10 +84,13 @@ class Service:
         the TCP forwarder.  Runs in nbdkit's after_fork (never before: nbdkit forks)."""
         write_pidfile(self.pidfile, os.getpid())
         self.engine = Engine.open(self.store)
+        self.scheduler = Scheduler(self.engine, Clock(self.clock), self.connections)
         self.control = ControlServer(
             self.engine, daemon.paths(self.store)["control_socket"],
-            connections=self.connections, info=self.info(), on_stop=self.stop)
+            connections=self.connections, info=self.info() | {"scheduler": self.scheduler.state},
+            on_stop=self.stop)
         self.control.start()
+        self.scheduler.start()
         if self.tcp:
             self._start_forwarder()
             self.control.info.update(tcp_pid=self.forwarder.pid if self.forwarder else None)
@@ -110,6 +115,9 @@ class Service:
         """Once every connection is closed (nbdkit's cleanup): stop the control server (it
         waits for requests in progress), then flush and close the store; remove the socket
         and pid files, which nbdkit leaves behind."""
+        if self.scheduler is not None:  # before the store closes under it
+            self.scheduler.stop()
+            self.scheduler = None
         if self.control is not None:
             self.control.close()
             self.control = None

@@ -52,6 +52,15 @@ class Steps:
         self.tick()
 
 
+def quota_of(config: StoreConfig, volume_extra: dict[str, Any], kind: str) -> int:
+    """A volume's quota of manual or automatic snapshots: its own (`volume set`), else the
+    store's (`config set`)."""
+    own = volume_extra.get(f"{kind}_quota")
+    if isinstance(own, int) and not isinstance(own, bool):
+        return own
+    return config.manual_snapshot_quota if kind == "manual" else config.auto_snapshot_quota
+
+
 class Snapshots:
     def __init__(self, native: NativeStore, config: StoreConfig, io: DataPath):
         self.native = native
@@ -59,9 +68,11 @@ class Snapshots:
         self.io = io
 
     def create(self, volume: str, name: str | None = None, kind: str = "manual",
-               policy: str | None = None) -> SnapshotInfo:
+               policy: str | None = None, slot: str | None = None,
+               expires: float | None = None) -> SnapshotInfo:
         """Snapshot the live view: O(1), whatever the volume holds.  It holds every write that
-        completed before it and none that starts after it (the gate waits for in-flight I/O)."""
+        completed before it and none that starts after it (the gate waits for in-flight I/O).
+        An automatic one (the scheduler's, policies.py) records its slot and expiry."""
         if kind not in KINDS:
             raise errors.InvalidArgument(f"snapshot kind must be one of {KINDS}, not {kind!r}")
         if name is not None:
@@ -78,7 +89,7 @@ class Snapshots:
                 if catalog.snap_name_taken(t, vol, name):
                     raise errors.AlreadyExists(f"volume {volume!r} has a snapshot named {name!r}")
                 snap = SnapshotRecord(name, time.time(), kind, policy, vs.size_bytes,
-                                      vs.live_blocks)
+                                      vs.live_blocks, slot, expires)
                 catalog.add_snapshot(t, vol, epoch, snap)
                 rec.add(kind, 1)
                 catalog.put_vol_record(t, vol, rec)
@@ -89,18 +100,19 @@ class Snapshots:
             configure(self.native, vs)
         self.io.punch(freed, PUNCH_BULK_MIN_BLOCKS)
         return SnapshotInfo(volume, epoch, name, snap.created, kind, policy, vs.size_bytes,
-                            snap.referenced_blocks * BLOCK_SIZE)
+                            snap.referenced_blocks * BLOCK_SIZE, slot=slot, expires=expires)
 
     def _enforce_quota(self, t: Txn, vs: VolState, rec: VolumeRecord, kind: str,
                        freed: Freed) -> None:
-        quota = (self.config.manual_snapshot_quota if kind == "manual"
-                 else self.config.auto_snapshot_quota)
+        quota = quota_of(self.config, rec.extra, kind)
         if rec.count(kind) < quota:
             return
         if kind == "manual":
             raise errors.QuotaExceeded(
                 f"volume {rec.name!r} has {rec.snapshots_manual} manual snapshots, "
-                f"the quota is {quota}: delete one first")
+                f"the quota is {quota}: delete one first, or raise it with `snapdisk volume "
+                f"set {rec.name} --manual-quota N` (or `snapdisk config set "
+                "manual-snapshot-quota N` for every volume)")
         # An automatic snapshot past the quota replaces the oldest automatic one.
         for epoch in catalog.snap_epochs(t, vs.vol):
             if catalog.snap_record(t, vs.vol, epoch).kind == "auto":

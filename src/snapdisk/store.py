@@ -50,10 +50,12 @@ class StoreConfig:
     manual_snapshot_quota: int = 256
     auto_snapshot_quota: int = 256
     map_bytes: int = DEFAULT_MAP_BYTES  # LMDB map size: the most metadata the store can hold
+    timezone: str | None = None  # IANA zone of policy slots; None: the system's local zone
+    policies: dict[str, Any] = field(default_factory=dict)  # name -> schedule.Policy.to_dict()
     extra: dict[str, Any] = field(default_factory=dict)
 
     KNOWN = ("pool_bytes", "sync_commits", "manual_snapshot_quota", "auto_snapshot_quota",
-             "map_bytes")
+             "map_bytes", "timezone", "policies")
 
     def to_json(self) -> bytes:
         return layout.encode_json({k: getattr(self, k) for k in self.KNOWN} | self.extra)
@@ -67,7 +69,9 @@ class StoreConfig:
                  "sync_commits": f(d, "sync_commits", bool, what, False),
                  "manual_snapshot_quota": f(d, "manual_snapshot_quota", int, what, 256),
                  "auto_snapshot_quota": f(d, "auto_snapshot_quota", int, what, 256),
-                 "map_bytes": f(d, "map_bytes", int, what, DEFAULT_MAP_BYTES)}
+                 "map_bytes": f(d, "map_bytes", int, what, DEFAULT_MAP_BYTES),
+                 "timezone": f(d, "timezone", (str, type(None)), what, None),
+                 "policies": f(d, "policies", dict, what, {})}
         return cls(**known, extra={k: v for k, v in d.items() if k not in cls.KNOWN})
 
     def validate(self) -> None:

@@ -15,7 +15,8 @@ The package: `context` (the backend a command uses, its jobs), `progress` (how a
 shows), `render` (sizes, tables, the printed result), `parsing` (the global options, the
 command helper, the exit-code table), and one module per noun with its commands, their help
 and how their results show: `store_cmds` (init, usage, check, serve, stop, status),
-`volume_cmds`, `snapshot_cmds` (snapshot, rollback, clone), `device_cmds` (attach, detach).
+`volume_cmds`, `snapshot_cmds` (snapshot, rollback, clone), `policy_cmds` (policy, config),
+`device_cmds` (attach, detach).
 This module assembles the parser and runs a command.
 """
 
@@ -29,7 +30,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from .. import errors
-from . import device_cmds, snapshot_cmds, store_cmds, volume_cmds
+from . import device_cmds, policy_cmds, snapshot_cmds, store_cmds, volume_cmds
 from .context import Context, Result
 from .parsing import DEFAULT_STORE, EXIT_INTERRUPTED, Formatter, add_globals, exit_codes_text, split_ref
 from .progress import ProgressView, progress_mode
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     store_cmds.register_init(sub)
     volume_cmds.register(sub)
     snapshot_cmds.register(sub)
+    policy_cmds.register(sub)
     store_cmds.register(sub)
     device_cmds.register(sub)
     return parser

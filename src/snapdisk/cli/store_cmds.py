@@ -20,6 +20,9 @@ def show_usage(u: dict[str, Any]) -> str:
         out.append(f"volume {v['volume']}: size {format_size(v['size_bytes'])}, written "
                    f"{format_size(v['live_bytes'])}, snapshots {format_size(v['snapshots_bytes'])}"
                    f" ({len(snaps)})")
+        if "manual_quota" in v:
+            out.append(f"  manual {v['snapshots_manual']}/{v['manual_quota']}, automatic "
+                       f"{v['snapshots_auto']}/{v['auto_quota']}, policy {v['policy'] or '-'}")
         if snaps:
             out.append(textwrap.indent(table(
                 ["ID", "SNAPSHOT", "CREATED", "KIND", "REFERENCED", "EXCLUSIVE"],
@@ -76,11 +79,13 @@ def show_status(st: dict[str, Any]) -> str:
 
 def cmd_init(a: argparse.Namespace, ctx: Context) -> Result:
     from ..engine import Engine
+    from ..schedule import local_zone_name, zone
     from ..store import StoreConfig
-    config = StoreConfig(pool_bytes=a.pool_size, sync_commits=a.sync_commits)
+    config = StoreConfig(pool_bytes=a.pool_size, sync_commits=a.sync_commits,
+                         timezone=zone(a.timezone or local_zone_name()).key)
     Engine.create(ctx.store, config).close()
     result = {"store": ctx.store, "pool_bytes": config.pool_bytes,
-              "sync_commits": config.sync_commits}
+              "sync_commits": config.sync_commits, "timezone": config.timezone}
     return result, (f"created store {ctx.store} (pool {format_size(config.pool_bytes)}, "
                     f"sync commits {'on' if config.sync_commits else 'off'})")
 
@@ -109,7 +114,7 @@ class CheckFailed(Exception):
 def cmd_serve(a: argparse.Namespace, ctx: Context) -> Result:
     from .. import daemon
     info = daemon.serve(ctx.store, listen=a.listen, foreground=a.foreground, threads=a.threads,
-                        insecure_plaintext_tcp=a.insecure_plaintext_tcp)
+                        insecure_plaintext_tcp=a.insecure_plaintext_tcp, clock=a.clock)
     lines = [f"serving {ctx.store} (pid {info.pid})",
              f"  volume:   {info.uri('VOLUME')}",
              f"  snapshot: {info.uri('VOLUME@SNAPSHOT')}"]
@@ -155,6 +160,8 @@ def register_init(sub: Any) -> None:
     p.add_argument("--sync-commits", action="store_true",
                    help="make every metadata commit durable at once (slower); by default "
                         "durability comes with each NBD FLUSH")
+    p.add_argument("--timezone", metavar="ZONE", help="IANA time zone of snapshot policy slots "
+                   "(default: the system's local zone)")
 
 
 def register(sub: Any) -> None:
@@ -197,6 +204,8 @@ def register(sub: Any) -> None:
                    help="serve --listen's TCP without TLS: every local user can then read "
                         "and write every volume")
     p.add_argument("--foreground", action="store_true", help="do not go to the background")
+    p.add_argument("--clock", metavar="FILE", help="for tests: the scheduler reads the time "
+                   "from FILE (one ISO-8601 line with offset), not the system clock")
     # Gone: nbdkit 1.32's parallel model could abort the server; daemon.serve says so.
     p.add_argument("--threads", default=None, help=argparse.SUPPRESS)
 

@@ -1,4 +1,5 @@
-"""`snapdisk volume create|list|info|resize|delete`: the commands and how their results show."""
+"""`snapdisk volume create|list|info|resize|set|delete`: the commands and how their results
+show."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import json
 from typing import Any
 
+from .. import errors
 from .context import Context, Result
 from .parsing import add_command, add_group, size_arg
 from .render import fields, format_size, format_time, table
@@ -24,9 +26,12 @@ def show_volume(v: dict[str, Any]) -> str:
         ("origin", _origin(v)),
         ("snapshots", f"{v.get('snapshots', 0)} ({v.get('snapshots_manual', 0)} manual, "
                       f"{v.get('snapshots_auto', 0)} automatic)"),
-        ("connections", v.get("connections"))]
+        ("connections", v.get("connections")), ("policy", v.get("policy")),
+        ("next slot", v.get("next_slot")),
+        ("quotas", f"{v.get('manual_quota')} manual, {v.get('auto_quota')} automatic")]
     pairs += [(k, json.dumps(x) if isinstance(x, dict | list) else x)
-              for k, x in sorted((v.get("extra") or {}).items())]
+              for k, x in sorted((v.get("extra") or {}).items())
+              if k not in ("policy", "manual_quota", "auto_quota")]
     return fields(pairs)
 
 
@@ -59,6 +64,16 @@ def cmd_volume_resize(a: argparse.Namespace, ctx: Context) -> Result:
     return v, f"volume {v['name']} is now {format_size(v['size_bytes'])}"
 
 
+def cmd_volume_set(a: argparse.Namespace, ctx: Context) -> Result:
+    args = {k: getattr(a, k) for k in ("manual_quota", "auto_quota")
+            if getattr(a, k) is not None}
+    if not args:
+        raise errors.InvalidArgument("volume set: give --manual-quota N and/or --auto-quota N")
+    v = ctx.call("volume.set", name=a.name, **args)
+    return v, (f"volume {v['name']}: manual quota {v['manual_quota']}, "
+               f"auto quota {v['auto_quota']}")
+
+
 def cmd_volume_delete(a: argparse.Namespace, ctx: Context) -> Result:
     ctx.run_job(f"delete volume {a.name}", "volume.delete", name=a.name)
     return {"deleted": a.name}, f"deleted volume {a.name}"
@@ -81,7 +96,8 @@ def register(sub: Any) -> None:
         snapdisk volume list
         snapdisk volume list --json | jq -r '.[].name'""")
     p = add_command(vsub, "info", cmd_volume_info, "describe a volume", """
-        Size, bytes written, creation time, origin (for a clone) and snapshot counts.""", """
+        Size, bytes written, creation time, origin (for a clone), snapshot counts, policy and
+        next slot, quotas.""", """
         snapdisk volume info web""")
     p.add_argument("name", metavar="NAME")
     p = add_command(vsub, "resize", cmd_volume_resize, "grow a volume", """
@@ -90,6 +106,14 @@ def register(sub: Any) -> None:
         snapdisk volume resize web 20G""")
     p.add_argument("name", metavar="NAME")
     p.add_argument("size", metavar="SIZE", type=size_arg)
+    p = add_command(vsub, "set", cmd_volume_set, "set a volume's snapshot quotas", """
+        The most manual and automatic snapshots the volume may have (default: the store's,
+        snapdisk config get).  A manual snapshot past its quota is refused; an automatic one
+        first deletes the oldest automatic snapshot.""", """
+        snapdisk volume set web --manual-quota 10 --auto-quota 48""")
+    p.add_argument("name", metavar="VOLUME")
+    p.add_argument("--manual-quota", type=int, metavar="N")
+    p.add_argument("--auto-quota", type=int, metavar="N")
     p = add_command(vsub, "delete", cmd_volume_delete, "delete a volume and all its snapshots", """
         Frees every block that nothing else holds (clones keep what they share).  A volume
         that is attached or has connected clients is refused (exit code 7).""", """

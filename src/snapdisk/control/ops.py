@@ -171,6 +171,8 @@ def _reserve(ctx: Context, vol: int, what: str, **kw: Any) -> AbstractContextMan
 def _volume(engine: Engine, ctx: Context, name: str) -> dict[str, Any]:
     info = engine.volume_info(name).to_dict()
     info["connections"] = ctx.connections.count(info["id"]) if ctx.connections else 0
+    view = engine.policies.volume_view(name)
+    info.update({k: view[k] for k in ("policy", "next_slot", "manual_quota", "auto_quota")})
     return info
 
 
@@ -260,7 +262,12 @@ def clone(engine: Engine, ctx: Context, volume: str, snapshot: str | int, name: 
 
 @_op("usage", volume=opt(str))
 def usage(engine: Engine, ctx: Context, volume: str | None) -> Any:
-    return engine.usage(volume)
+    u = engine.usage(volume)
+    for v in u["volumes"]:  # the snapshot counts against both quotas, and the policy
+        view = engine.policies.volume_view(v["volume"])
+        v.update({k: view[k] for k in ("snapshots_manual", "snapshots_auto", "manual_quota",
+                                       "auto_quota", "policy")})
+    return u
 
 
 @_op("check")
@@ -289,6 +296,68 @@ def stop(engine: Engine, ctx: Context) -> Any:
     assert ctx.stop is not None
     ctx.stop()
     return {"stopping": True}
+
+
+# ---- policies, quotas, options (policies.py) ----------------------------------------------
+
+@_op("policy.create", name=req(str), hours=req(str), days=req(str), retain=req(str))
+def policy_create(engine: Engine, ctx: Context, name: str, hours: str, days: str,
+                  retain: str) -> Any:
+    return engine.policies.create(name, hours, days, retain)
+
+
+@_op("policy.list")
+def policy_list(engine: Engine, ctx: Context) -> Any:
+    return engine.policies.list_all()
+
+
+@_op("policy.info", name=req(str))
+def policy_info(engine: Engine, ctx: Context, name: str) -> Any:
+    return engine.policies.info(name)
+
+
+@_op("policy.update", name=req(str), hours=opt(str), days=opt(str), retain=opt(str))
+def policy_update(engine: Engine, ctx: Context, name: str, hours: str | None,
+                  days: str | None, retain: str | None) -> Any:
+    return engine.policies.update(name, hours, days, retain)
+
+
+@_op("policy.delete", name=req(str))
+def policy_delete(engine: Engine, ctx: Context, name: str) -> Any:
+    return engine.policies.delete(name)
+
+
+def _names(value: list[Any], what: str) -> list[str]:
+    if not value or not all(isinstance(v, str) for v in value):
+        raise errors.InvalidArgument(f"{what}: a non-empty list of volume names")
+    return value
+
+
+@_op("policy.apply", name=req(str), volumes=req(list))
+def policy_apply(engine: Engine, ctx: Context, name: str, volumes: list[Any]) -> Any:
+    return engine.policies.apply(name, _names(volumes, "policy.apply volumes"))
+
+
+@_op("policy.remove", volumes=req(list))
+def policy_remove(engine: Engine, ctx: Context, volumes: list[Any]) -> Any:
+    return engine.policies.remove(_names(volumes, "policy.remove volumes"))
+
+
+@_op("config.get")
+def config_get(engine: Engine, ctx: Context) -> Any:
+    return engine.policies.config_get()
+
+
+@_op("config.set", key=req(str), value=req(str, int))
+def config_set(engine: Engine, ctx: Context, key: str, value: str | int) -> Any:
+    return engine.policies.config_set(key, value)
+
+
+@_op("volume.set", name=req(str), manual_quota=opt(int), auto_quota=opt(int))
+def volume_set(engine: Engine, ctx: Context, name: str, manual_quota: int | None,
+               auto_quota: int | None) -> Any:
+    engine.policies.volume_set(name, manual_quota, auto_quota)
+    return _volume(engine, ctx, name)
 
 
 # ---- jobs ---------------------------------------------------------------------------------
