@@ -58,7 +58,14 @@ class StoreConfig:
              "map_bytes", "timezone", "policies")
 
     def to_json(self) -> bytes:
-        return layout.encode_json({k: getattr(self, k) for k in self.KNOWN} | self.extra)
+        # timezone and policies are optional keys (absent: the defaults), so a store that uses
+        # neither keeps format 2's exact bytes.
+        d = {k: getattr(self, k) for k in self.KNOWN}
+        if d["timezone"] is None:
+            del d["timezone"]
+        if not d["policies"]:
+            del d["policies"]
+        return layout.encode_json(d | self.extra)
 
     @classmethod
     def from_json(cls, raw: bytes | None) -> StoreConfig:
