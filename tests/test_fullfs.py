@@ -22,6 +22,7 @@ from conftest import Served, served_store
 from e2e_helpers import run_cli
 
 from snapdisk import daemon as srv
+from snapdisk.engine import Engine
 from snapdisk.store import default_pool_bytes
 
 nbd = pytest.importorskip("nbd")
@@ -191,3 +192,71 @@ def test_usage_and_status_warn_before_the_filesystem_is_full(
     warns = run_cli(big, "usage", "--json").json()["store"]["warnings"]
     assert any("pool is" in w for w in warns), warns
     assert s.pid and s2.pid
+
+
+def hog(path: Path, leave: int = 0) -> None:
+    """Fill the filesystem of path with one file, to the last block but `leave` bytes."""
+    with open(path, "wb", buffering=0) as f:
+        for chunk in (MiB, KiB4, 512):
+            try:
+                while True:
+                    f.write(bytes(chunk))
+            except OSError as e:
+                assert e.errno == errno.ENOSPC, e
+    os.truncate(path, max(0, os.path.getsize(path) - leave))
+
+
+def unreserve(store: str) -> None:
+    """Make data.mdb sparse past LMDB's last used page, as a store an older snapdisk made
+    (or one whose blocks ahead were never given) is."""
+    with Engine.open(store) as e:
+        _, pages, psize = e.native.env_info()
+    data = os.path.join(store, "meta", "data.mdb")
+    end = os.path.getsize(data)
+    subprocess.run(["fallocate", "--punch-hole", "--offset", str(pages * psize), "--length",
+                    str(end - pages * psize), data], check=True)
+
+
+def test_metadata_without_room_refuses_allocating_writes_and_recovers(
+        small_fs: Callable[[str], Path], served: Callable[..., Served]) -> None:
+    """The filesystem is (all but) full before the server starts: data.mdb gets (almost) no
+    block ahead of use.
+    Reads and in-place writes work, allocating writes and snapshot creates are refused with
+    ENOSPC before LMDB touches a page (no SIGBUS), and once space is freed everything works."""
+    fs = small_fs("32m")
+    store = str(fs / "store")
+    run_cli(store, "init", "--pool-size", "8M")
+    run_cli(store, "volume", "create", "v", "8M")
+    disk = Disk()
+    with served_store(store) as s:
+        h = s.connect("v", meta=False)
+        for i in range(2):
+            assert disk.write(h, i * MiB, pattern(i, MiB)) == 0
+        h.flush()
+        h.shutdown()
+    unreserve(store)
+    hog(fs / "hog", leave=512 << 10)  # room for the pid file and some metadata, not enough
+    s = served(store)
+    h = s.connect("v", meta=False)
+    disk.verify(h)
+    assert disk.write(h, 0, pattern(9, KiB4)) == 0  # in place: no new block, no map change
+    assert write(h, 4 * MiB, pattern(3, KiB4)) == errno.ENOSPC  # needs a block and records
+    try:
+        s.call("snapshot.create", volume="v", name="s1")
+    except Exception as e:
+        assert getattr(e, "code", None) in ("pool-full", "metadata-full"), e
+    assert write(h, 5 * MiB, pattern(4, MiB)) == errno.ENOSPC
+    assert srv._alive(s.pid)
+    u = s.call("usage")["store"]  # type: ignore[index]
+    assert u["metadata_space_low"] and u["warnings"], u
+    disk.verify(h)
+    os.unlink(fs / "hog")  # space freed on the filesystem: writes work again
+    assert disk.write(h, 4 * MiB, pattern(5, KiB4)) == 0
+    s.call("snapshot.create", volume="v", name="s2")
+    assert disk.write(h, 0, pattern(6, 2 * KiB4)) == 0  # redirected: s2 holds the block
+    h.flush()
+    disk.verify(h)
+    assert not s.call("usage")["store"]["metadata_space_low"]  # type: ignore[index]
+    h.shutdown()
+    srv.stop(store, timeout=30)
+    assert run_cli(store, "check", check=False).returncode == 0
