@@ -102,7 +102,9 @@ static uint64_t headroom(xm_store *st, uint64_t below)
     if (st->space_reserved - used < below)
         extend(st, fd, (used + st->space_ahead + ALIGN - 1) / ALIGN * ALIGN);
     uint64_t h = st->space_reserved - used;
-    if (st->space_nofalloc) {
+    if (st->space_reserved >= st->map_size)
+        h = st->space_ahead; /* all of the map has blocks: past it LMDB says MDB_MAP_FULL */
+    else if (st->space_nofalloc) {
         uint64_t f = fs_free(fd);
         h = f < st->space_ahead ? f : st->space_ahead;
     }

@@ -8,6 +8,9 @@ blocks checked against REFS, because a shared block survives the delete of one h
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 from collections import Counter
 from typing import Any
 
@@ -85,7 +88,9 @@ def usage(t: Txn, pool: Pool, volume: str | None = None,
           native: NativeStore | None = None) -> dict[str, Any]:
     """Capacity: per volume its live and snapshot bytes and, per snapshot, the bytes it
     references and the bytes only it holds (what deleting it frees); store totals, and (given
-    the store's handle) the filesystem's room and `warnings` (space_warnings)."""
+    the store's handle) whether the metadata has run out of room on the filesystem.  The
+    filesystem's free space and the warnings are added by the reader (add_space_warnings):
+    they change with everything on that filesystem, the rest only with the store."""
     shared = extmap.has_shared_blocks(t)
     ids = [catalog.vol_id(t, volume)] if volume is not None else catalog.volume_ids(t)
     vols: list[dict[str, Any]] = []
@@ -113,9 +118,8 @@ def usage(t: Txn, pool: Pool, volume: str | None = None,
              "snapshots_bytes": sum(v["snapshots_bytes"] for v in vols) if volume is None
              else None,
              "pool_file_bytes": pool.size_on_disk()}
-    if native is not None:
-        store.update(space(native))
-        store["warnings"] = space_warnings(store)
+    if native is not None:  # allocating writes refused: the filesystem is full (xm_space.c)
+        store["metadata_space_low"] = bool(space_info(native)["meta_space_low"])
     return {"volumes": vols, "store": store}
 
 
@@ -127,14 +131,14 @@ def usage(t: Txn, pool: Pool, volume: str | None = None,
 WARN_FREE_FRACTION = 0.10  # warn when less than this part of the pool is free
 
 
-def space(native: NativeStore) -> dict[str, Any]:
-    """The filesystem's room: its free space, the metadata's size and reserved room, and
-    whether allocating writes are refused for lack of it (see xm_space.c)."""
-    s = space_info(native)
-    return {"filesystem_free_bytes": s["fs_free_bytes"],
-            "metadata_bytes": s["meta_used_bytes"],
-            "metadata_reserved_bytes": s["meta_reserved_bytes"],
-            "metadata_space_low": s["meta_space_low"]}
+def add_space_warnings(store: dict[str, Any], path: str) -> dict[str, Any]:
+    """usage()'s store totals with the free space of the filesystem of store `path`'s pool
+    file (`filesystem_free_bytes`) and the `warnings` (space_warnings)."""
+    pool = os.path.realpath(os.path.join(path, "pool.dat"))
+    with contextlib.suppress(OSError):
+        store["filesystem_free_bytes"] = shutil.disk_usage(os.path.dirname(pool)).free
+    store["warnings"] = space_warnings(store)
+    return store
 
 
 def space_warnings(store: dict[str, Any]) -> list[str]:

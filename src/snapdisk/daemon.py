@@ -353,17 +353,18 @@ def status(store: str, timeout: float = 5.0) -> dict[str, Any]:
                            "log": p["log"]}
     if pid is None:
         return out
+    from .capacity import add_space_warnings  # the C core: only once a server answers
     try:
         with Client(p["control_socket"], timeout=timeout) as c:
             out.update(c.call("status"))
             # Space, and warnings before writes fail with ENOSPC (capacity.space_warnings).
-            st = c.call("usage").get("store") or {}
+            st = add_space_warnings(c.call("usage").get("store") or {}, store)
             out["space"] = {k: st[k] for k in SPACE_FIELDS if k in st}
-            out["warnings"] = st.get("warnings") or []
+            out["warnings"] = st["warnings"]
     except errors.SnapdiskError as e:
         out["error"] = f"the server does not answer on its control socket: {e.message}"
     return out
 
 
 SPACE_FIELDS = ("pool_bytes", "used_bytes", "free_bytes", "pool_file_bytes",
-                "filesystem_free_bytes", "metadata_bytes", "metadata_space_low")
+                "filesystem_free_bytes", "metadata_space_low")

@@ -36,8 +36,7 @@ def show_usage(u: dict[str, Any]) -> str:
               format_size(st.get("logical_bytes")), format_size(st.get("snapshots_bytes")),
               format_size(st.get("pool_file_bytes"))]], right="1234567"))
     if st.get("filesystem_free_bytes") is not None:
-        out.append(f"filesystem free {format_size(st['filesystem_free_bytes'])}, metadata "
-                   f"{format_size(st.get('metadata_bytes'))}")
+        out.append(f"filesystem free {format_size(st['filesystem_free_bytes'])}")
     out += [f"warning: {w}" for w in st.get("warnings") or []]
     return "\n".join(out).rstrip()
 
@@ -99,7 +98,10 @@ def cmd_init(a: argparse.Namespace, ctx: Context) -> Result:
 
 
 def cmd_usage(a: argparse.Namespace, ctx: Context) -> Result:
+    from ..capacity import add_space_warnings
     u = ctx.call("usage", **({"volume": a.volume} if a.volume else {}))
+    if u.get("store"):
+        add_space_warnings(u["store"], ctx.store)
     return u, show_usage(u)
 
 
