@@ -30,7 +30,8 @@
  * at its start (deleting a snapshot of millions of scattered records on a full filesystem)
  * could still reach an unbacked page; LMDB gives no way to bound a transaction's pages.  A
  * filesystem without fallocate (EOPNOTSUPP) gets the same thresholds against its free space
- * (statvfs), which a concurrent writer can take away: best effort there.  lock.mdb, LMDB's
+ * (statvfs), which a concurrent writer can take away: best effort there, as on a copy-on-write
+ * filesystem (btrfs), where an allocated block is rewritten elsewhere.  lock.mdb, LMDB's
  * other shared mapping (the reader table), is allocated whole at open for the same reason.
  */
 #include "xm_internal.h"
