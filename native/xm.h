@@ -211,6 +211,25 @@ int xm_write_row(xm_store *st, uint32_t vol, uint64_t offset, uint64_t length, c
 int xm_block_status(xm_store *st, uint32_t vol, uint64_t lba, uint64_t nblocks,
                     xm_extent *out, size_t cap, size_t *nout);
 
+/* ---- a full filesystem under the store (xm_space.c) ------------------------------------- */
+
+#define XM_SPACE_GROW 1 /* a write transaction that allocates: a redirected write */
+#define XM_SPACE_ANY 0  /* any other write transaction (it mostly frees space) */
+
+typedef struct {
+    uint64_t fs_free_bytes;       /* free space of the metadata's filesystem (statvfs) */
+    uint64_t meta_used_bytes;     /* data.mdb up to LMDB's last used page */
+    uint64_t meta_reserved_bytes; /* data.mdb given real blocks (at least meta_used_bytes) */
+    uint64_t ahead_bytes;         /* the headroom kept past the last used page */
+    int low;                      /* headroom under ahead/2: allocating writes refused */
+    int no_fallocate;             /* the filesystem has no fallocate: free space checked */
+} xm_space;
+
+/* XM_OK if a write transaction of kind `what` may begin, ENOSPC if the metadata has too little
+ * room left on the filesystem (it tries to take more first). */
+int xm_space_check(xm_store *st, int what);
+int xm_space_info(xm_store *st, xm_space *out);
+
 /* cdef-end */
 
 #endif

@@ -174,6 +174,7 @@ int xm_open(const char *dir_path, const char *pool_path, unsigned flags, uint64_
     pthread_mutex_init(&st->mu, NULL);
     for (int i = 0; i < RMW_LOCKS; i++)
         pthread_mutex_init(&st->rmw[i], NULL);
+    xm_space_open(st);
     open_stores[slot] = st;
     pthread_mutex_unlock(&open_mu);
     *out = st;
@@ -212,6 +213,7 @@ void xm_close(xm_store *st)
     pthread_mutex_destroy(&st->mu);
     for (int i = 0; i < RMW_LOCKS; i++)
         pthread_mutex_destroy(&st->rmw[i]);
+    xm_space_close(st);
     free(st->vols);
     free(st);
 }

@@ -44,11 +44,16 @@ struct xm_store {
     volcfg *vols; /* indexed by volume id; resized only with the gate closed */
     uint32_t nvols;
     xm_stats stats;
+    /* xm_space.c: data.mdb's blocks allocated ahead of LMDB's use (guarded by space_mu) */
+    pthread_mutex_t space_mu;
+    uint64_t space_psize, space_ahead, space_reserved;
+    int space_low, space_nofalloc;
 };
 
 struct xm_txn {
     xm_store *st;
     MDB_txn *txn;
+    int write; /* commits of write transactions call xm_space_after_commit */
 };
 
 struct xm_cur {
@@ -108,5 +113,13 @@ int xm_io_begin(xm_io *io, xm_store *st, uint32_t vol, uint64_t offset, uint64_t
 int xm_io_end(xm_io *io, int rc);
 /* Commit the write transaction (closing the cursor first). */
 int xm_io_commit(xm_io *io);
+
+/* ---- room for the metadata on a full filesystem (xm_space.c) ---------------------------- */
+
+/* At open (after the databases): the thresholds, lock.mdb's blocks, the first reservation. */
+void xm_space_open(xm_store *st);
+void xm_space_close(xm_store *st);
+/* After every commit of a write transaction: top data.mdb's reservation up. */
+void xm_space_after_commit(xm_store *st);
 
 #endif

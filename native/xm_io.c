@@ -30,6 +30,9 @@ int xm_io_begin(xm_io *io, xm_store *st, uint32_t vol, uint64_t offset, uint64_t
     xm_gate_enter(st);
     if ((rc = check_range(st, vol, offset, length, write)) || length == 0)
         return rc; /* nothing to read or write: no transaction */
+    /* A write transaction allocates: refused on a full filesystem before it begins. */
+    if (write_txn && (rc = xm_space_check(st, XM_SPACE_GROW)))
+        return rc;
     rc = write_txn ? xm_rc(mdb_txn_begin(st->env, NULL, 0, &io->txn)) : xm_rtxn_get(st, &io->txn);
     if (rc) {
         io->txn = NULL;
@@ -45,6 +48,8 @@ int xm_io_commit(xm_io *io)
     io->live = NULL;
     int rc = xm_rc(mdb_txn_commit(io->txn));
     io->txn = NULL;
+    if (rc == XM_OK)
+        xm_space_after_commit(io->st);
     return rc;
 }
 

@@ -24,7 +24,14 @@ int xm_txn_begin(xm_store *st, int write, xm_txn **out)
     if (!t)
         return ENOMEM;
     t->st = st;
-    int rc = mdb_txn_begin(st->env, NULL, write ? 0 : MDB_RDONLY, &t->txn);
+    t->write = write;
+    /* A full filesystem: refused before LMDB touches a page (xm_space.c). */
+    int rc = write ? xm_space_check(st, XM_SPACE_ANY) : XM_OK;
+    if (rc) {
+        free(t);
+        return rc;
+    }
+    rc = mdb_txn_begin(st->env, NULL, write ? 0 : MDB_RDONLY, &t->txn);
     if (rc) {
         free(t);
         return xm_rc(rc);
@@ -36,6 +43,8 @@ int xm_txn_begin(xm_store *st, int write, xm_txn **out)
 int xm_txn_commit(xm_txn *t)
 {
     int rc = mdb_txn_commit(t->txn);
+    if (rc == XM_OK && t->write)
+        xm_space_after_commit(t->st);
     free(t);
     return xm_rc(rc);
 }

@@ -8,13 +8,16 @@ blocks checked against REFS, because a shared block survives the delete of one h
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 from collections import Counter
 from typing import Any
 
 from . import allocator, catalog, extmap, layout
 from .catalog import SnapshotInfo
 from .layout import BLOCK_SIZE, DB_DEAD, DB_VOLSTATE, INFINITY
-from .native import Txn
+from .native import NativeStore, Txn, space_info
 from .pool import Pool
 
 
@@ -82,9 +85,13 @@ def snapshot_info(t: Txn, volume: str, snap: str | int) -> SnapshotInfo:
                     extmap.has_shared_blocks(t))
 
 
-def usage(t: Txn, pool: Pool, volume: str | None = None) -> dict[str, Any]:
+def usage(t: Txn, pool: Pool, volume: str | None = None,
+          native: NativeStore | None = None) -> dict[str, Any]:
     """Capacity: per volume its live and snapshot bytes and, per snapshot, the bytes it
-    references and the bytes only it holds (what deleting it frees); store totals."""
+    references and the bytes only it holds (what deleting it frees); store totals, and (given
+    the store's handle) whether the metadata has run out of room on the filesystem.  The
+    filesystem's free space and the warnings are added by the reader (add_space_warnings):
+    they change with everything on that filesystem, the rest only with the store."""
     shared = extmap.has_shared_blocks(t)
     ids = [catalog.vol_id(t, volume)] if volume is not None else catalog.volume_ids(t)
     vols: list[dict[str, Any]] = []
@@ -112,4 +119,47 @@ def usage(t: Txn, pool: Pool, volume: str | None = None) -> dict[str, Any]:
              "snapshots_bytes": sum(v["snapshots_bytes"] for v in vols) if volume is None
              else None,
              "pool_file_bytes": pool.size_on_disk()}
+    if native is not None:  # allocating writes refused: the filesystem is full (xm_space.c)
+        store["metadata_space_low"] = bool(space_info(native)["meta_space_low"])
     return {"volumes": vols, "store": store}
+
+
+# ---- a full filesystem (issue 10 item 1) ------------------------------------------------------
+# Writes fail with ENOSPC when the pool is full, and also when the filesystem under the store is:
+# the pool file is sparse (a pool larger than the free space is allowed: thin provisioning), and
+# the metadata needs room beside it (native/xm_space.c).  `usage` and `status` warn before that.
+
+WARN_FREE_FRACTION = 0.10  # warn when less than this part of the pool is free
+
+
+def add_space_warnings(store: dict[str, Any], path: str) -> dict[str, Any]:
+    """usage()'s store totals with the free space of the filesystem of store `path`'s pool
+    file (`filesystem_free_bytes`) and the `warnings` (space_warnings)."""
+    pool = os.path.realpath(os.path.join(path, "pool.dat"))
+    with contextlib.suppress(OSError):
+        store["filesystem_free_bytes"] = shutil.disk_usage(os.path.dirname(pool)).free
+    store["warnings"] = space_warnings(store)
+    return store
+
+
+def space_warnings(store: dict[str, Any]) -> list[str]:
+    """One sentence per way writes may soon fail with ENOSPC, from usage()'s store totals."""
+    out: list[str] = []
+    pool, free = store.get("pool_bytes") or 0, store.get("free_bytes") or 0
+    if pool and free < pool * WARN_FREE_FRACTION:
+        out.append(f"the pool is {100 * (pool - free) // pool}% full ({free} bytes free): "
+                   "writes fail with ENOSPC when it is full; delete snapshots or volumes")
+    fs_free = store.get("filesystem_free_bytes")
+    if store.get("metadata_space_low"):
+        out.append("the store's filesystem is full: writes that need new blocks fail with "
+                   "ENOSPC; delete snapshots or volumes, or free space on the filesystem")
+    elif fs_free is not None:
+        # The part of the pool not yet on disk, and the metadata's room, must fit in what the
+        # filesystem has left; warn once it has less than that plus a tenth of the pool.
+        unwritten = max(0, pool - (store.get("pool_file_bytes") or 0))
+        need = min(free, unwritten) + int(pool * WARN_FREE_FRACTION)
+        if fs_free < need:
+            out.append(f"the store's filesystem has {fs_free} bytes free, less than the "
+                       f"{free} bytes the pool still offers: writes may fail with ENOSPC "
+                       "before the pool is full; free space there or delete snapshots")
+    return out

@@ -346,7 +346,8 @@ def stop(store: str, timeout: float = 30.0) -> int:
 
 def status(store: str, timeout: float = 5.0) -> dict[str, Any]:
     """{"running": bool, "pid", "store", ...} plus, when it answers, the server's own status
-    (uptime, sockets, connections per export)."""
+    (uptime, sockets, connections per export), the store's `space` and its `warnings` (the
+    ones `usage` gives: a pool or filesystem close to full)."""
     store = check_store(store)
     p = paths(store)
     pid = running_pid(store)
@@ -355,9 +356,18 @@ def status(store: str, timeout: float = 5.0) -> dict[str, Any]:
                            "log": p["log"]}
     if pid is None:
         return out
+    from .capacity import add_space_warnings  # the C core: only once a server answers
     try:
         with Client(p["control_socket"], timeout=timeout) as c:
             out.update(c.call("status"))
+            # Space, and warnings before writes fail with ENOSPC (capacity.space_warnings).
+            st = add_space_warnings(c.call("usage").get("store") or {}, store)
+            out["space"] = {k: st[k] for k in SPACE_FIELDS if k in st}
+            out["warnings"] = st["warnings"]
     except errors.SnapdiskError as e:
         out["error"] = f"the server does not answer on its control socket: {e.message}"
     return out
+
+
+SPACE_FIELDS = ("pool_bytes", "used_bytes", "free_bytes", "pool_file_bytes",
+                "filesystem_free_bytes", "metadata_space_low")

@@ -129,7 +129,7 @@ class Engine:
 
     def usage(self, volume: str | None = None) -> dict[str, Any]:
         with self.native.txn() as t:
-            return capacity.usage(t, self.pool, volume)
+            return capacity.usage(t, self.pool, volume, self.native)
 
     def check(self) -> CheckReport:
         with self.native.txn() as t:

@@ -413,3 +413,25 @@ class NativeStore:
         n = ffi.new("size_t *")
         check(lib.xm_block_status(self.ptr, vol, lba, nblocks, out, cap, n), "block status")
         return from_c(out, n[0])
+
+
+# ---- a full filesystem under the store (native/xm_space.c) --------------------------------
+
+def space_info(store: NativeStore) -> dict[str, int | bool]:
+    """The metadata's room on its filesystem: free space there, data.mdb used and reserved
+    (given real blocks ahead of LMDB's use), the headroom kept, and whether it is low
+    (allocating writes are refused with ENOSPC until the filesystem has room again)."""
+    s = ffi.new("xm_space *")
+    check(lib.xm_space_info(store.ptr, s), "space info")
+    return {"fs_free_bytes": int(s.fs_free_bytes), "meta_used_bytes": int(s.meta_used_bytes),
+            "meta_reserved_bytes": int(s.meta_reserved_bytes),
+            "meta_ahead_bytes": int(s.ahead_bytes), "meta_space_low": bool(s.low),
+            "no_fallocate": bool(s.no_fallocate)}
+
+
+def space_check_grow(store: NativeStore) -> None:
+    """PoolFull (ENOSPC) if a write that allocates may not begin: the filesystem has no room
+    left for the metadata it adds (xm_space_check)."""
+    if lib.xm_space_check(store.ptr, lib.XM_SPACE_GROW) == _errno.ENOSPC:
+        raise errors.PoolFull("no space left on the store's filesystem for the metadata of "
+                              "new blocks: delete snapshots or volumes, or free space there")

@@ -40,12 +40,48 @@ DEFAULT_MAP_BYTES = 64 << 30
 MIN_MAP_BYTES = 1 << 20
 MIN_POOL_BYTES = BLOCK_SIZE * 16
 
+# The default pool size (issue 10 item 1): 90 % of the filesystem's free space at init, less a
+# reserve for the metadata, which grows on the same filesystem (data.mdb: about 1/1000 of the
+# data for unfragmented volumes, much more with many snapshots of scattered writes; its next
+# pages are given blocks ahead of use, native/xm_space.c).  The reserve is 1/32 of the free
+# space, at least 8 MiB and at most 4 GiB.  The rest stays free for the filesystem's other users.
+# A larger pool may be asked for (thin provisioning: the pool file is sparse); init then warns
+# that writes may fail with ENOSPC before the pool is full.
+DEFAULT_POOL_FRACTION = 0.9
+META_RESERVE_MIN = 8 << 20
+META_RESERVE_MAX = 4 << 30
+
+
+def default_pool_bytes(free: int) -> int:
+    """The default pool size on a filesystem with `free` bytes free (see above)."""
+    reserve = min(max(free // 32, META_RESERVE_MIN), META_RESERVE_MAX)
+    return max(0, int(free * DEFAULT_POOL_FRACTION) - reserve) // BLOCK_SIZE * BLOCK_SIZE
+
+
+def _free_space(path: str) -> int:
+    """Free bytes of the filesystem path is (or would be created) on."""
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return shutil.disk_usage(path).free
+
+
+def pool_warnings(path: str, pool_bytes: int) -> list[str]:
+    """What `init` warns about a pool of pool_bytes in store `path` (before it is made)."""
+    p = os.path.abspath(path)
+    free = _free_space(os.path.join(p, "pool.dat") if os.path.lexists(
+        os.path.join(p, "pool.dat")) else p)
+    if pool_bytes <= default_pool_bytes(free):
+        return []
+    return [f"the pool ({pool_bytes} bytes) is larger than {int(DEFAULT_POOL_FRACTION * 100)}% "
+            f"of the filesystem's free space ({free} bytes) less the metadata's reserve: "
+            "writes will fail with ENOSPC when the filesystem is full, before the pool is"]
+
 
 @dataclass
 class StoreConfig:
     """Options fixed at `init` (and some changeable later): META `config`, JSON."""
 
-    pool_bytes: int | None = None  # None: the free space of the filesystem at init
+    pool_bytes: int | None = None  # None: default_pool_bytes of the free space at init
     sync_commits: bool = False
     manual_snapshot_quota: int = 256
     auto_snapshot_quota: int = 256
@@ -163,7 +199,8 @@ class StoreDir:
                 made_lock = False  # the lock file is the existing store's
                 raise errors.AlreadyExists(f"a store already exists in {path}")
             if config.pool_bytes is None:
-                config.pool_bytes = shutil.disk_usage(path).free
+                config.pool_bytes = default_pool_bytes(
+                    _free_space(p["pool.dat"] if pool_given else path))
             config.validate()
             built = True
             cls._build(p, config, pool_given)

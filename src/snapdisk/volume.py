@@ -17,6 +17,7 @@ snapdisk.engine and snapdisk.catalog.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from . import allocator, catalog, errors, extmap
 from .catalog import SnapshotInfo, VolState, VolumeInfo
 from .layout import BLOCK_SIZE, F_SHARED, MAX_EXTENT
-from .native import HOLE, Extent, NativeStore, Txn, extents
+from .native import HOLE, Extent, NativeStore, Txn, extents, space_check_grow
 from .pool import Pool
 
 if TYPE_CHECKING:
@@ -96,6 +97,7 @@ class DataPath:
             self._gated_write(vol, offset, data)
 
     def _gated_write(self, vol: int, offset: int, data: Any) -> None:
+        space_check_grow(self.native)  # a full filesystem: ENOSPC before the txn (xm_space.c)
         for attempt in (0, 1):
             freed: Freed = []
             try:
@@ -215,8 +217,9 @@ class DataPath:
             seq = allocator.committed_seq(t)
             pending = allocator.pending_blocks(t)
         self.native.sync()
-        if pending:
-            self.release_pending(seq)
+        if pending:  # on a full filesystem (xm_space.c) the next flush releases them
+            with contextlib.suppress(errors.PoolFull):
+                self.release_pending(seq)
 
     def release_pending(self, upto_seq: int | None) -> int:
         with self.native.gate_exclusive(), self.native.txn(write=True) as t:

@@ -38,6 +38,9 @@ def show_usage(u: dict[str, Any]) -> str:
               format_size(st.get("free_bytes")), format_size(st.get("pending_bytes")),
               format_size(st.get("logical_bytes")), format_size(st.get("snapshots_bytes")),
               format_size(st.get("pool_file_bytes"))]], right="1234567"))
+    if st.get("filesystem_free_bytes") is not None:
+        out.append(f"filesystem free {format_size(st['filesystem_free_bytes'])}")
+    out += [f"warning: {w}" for w in st.get("warnings") or []]
     return "\n".join(out).rstrip()
 
 
@@ -61,8 +64,14 @@ def show_status(st: dict[str, Any]) -> str:
                            + (f", up {up:.0f} s" if isinstance(up, int | float) else "")),
                 ("store", st.get("store")), ("nbd", st.get("listen")),
                 ("control", st.get("control_socket")), ("log", st.get("log"))]
+        space = st.get("space") or {}
+        if space:
+            head.append(("space", f"pool {format_size(space.get('free_bytes'))} free of "
+                                  f"{format_size(space.get('pool_bytes'))}, filesystem "
+                                  f"{format_size(space.get('filesystem_free_bytes'))} free"))
         if st.get("error"):
             head.append(("error", st["error"]))
+        head += [("warning", w) for w in st.get("warnings") or []]
     out = [fields(head)]
     exports = st.get("exports") or {}
     if exports:
@@ -80,18 +89,25 @@ def show_status(st: dict[str, Any]) -> str:
 def cmd_init(a: argparse.Namespace, ctx: Context) -> Result:
     from ..engine import Engine
     from ..schedule import local_zone_name, zone
-    from ..store import StoreConfig
+    from ..store import StoreConfig, pool_warnings
     config = StoreConfig(pool_bytes=a.pool_size, sync_commits=a.sync_commits,
                          timezone=zone(a.timezone or local_zone_name()).key)
+    warnings = pool_warnings(ctx.store, a.pool_size) if a.pool_size is not None else []
     Engine.create(ctx.store, config).close()
     result = {"store": ctx.store, "pool_bytes": config.pool_bytes,
-              "sync_commits": config.sync_commits, "timezone": config.timezone}
-    return result, (f"created store {ctx.store} (pool {format_size(config.pool_bytes)}, "
-                    f"sync commits {'on' if config.sync_commits else 'off'})")
+              "sync_commits": config.sync_commits, "timezone": config.timezone,
+              "warnings": warnings}
+    return result, "\n".join(
+        [f"created store {ctx.store} (pool {format_size(config.pool_bytes)}, "
+         f"sync commits {'on' if config.sync_commits else 'off'})"]
+        + [f"warning: {w}" for w in warnings])
 
 
 def cmd_usage(a: argparse.Namespace, ctx: Context) -> Result:
+    from ..capacity import add_space_warnings
     u = ctx.call("usage", **({"volume": a.volume} if a.volume else {}))
+    if u.get("store"):
+        add_space_warnings(u["store"], ctx.store)
     return u, show_usage(u)
 
 
@@ -151,12 +167,15 @@ def register_init(sub: Any) -> None:
     p = add_command(sub, "init", cmd_init, "create a new, empty store", """
         Creates the store directory (mode 0700) with its metadata (LMDB) and its sparse data
         pool file.  The pool size is the most data the store will hold, shared by all
-        volumes and snapshots; by default it is the free space of the filesystem now.
-        An existing store is never overwritten (exit code 4).""", """
+        volumes and snapshots; by default 90% of the filesystem's free space now, less a
+        reserve for the metadata (1/32 of it, 8 MiB to 4 GiB).  A larger pool is allowed (the
+        pool file is sparse), with a warning: writes then fail with ENOSPC once the
+        filesystem is full.  An existing store is never overwritten (exit code 4).""", """
         snapdisk --store /srv/disks init --pool-size 100G
         SNAPDISK_STORE=/tmp/s snapdisk init --sync-commits""")
     p.add_argument("--pool-size", type=size_arg, metavar="SIZE",
-                   help="capacity of the data pool (default: the filesystem's free space)")
+                   help="capacity of the data pool (default: 90%% of the filesystem's free "
+                        "space less a metadata reserve)")
     p.add_argument("--sync-commits", action="store_true",
                    help="make every metadata commit durable at once (slower); by default "
                         "durability comes with each NBD FLUSH")
@@ -171,7 +190,9 @@ def register(sub: Any) -> None:
         hold, and for each snapshot its referenced bytes (the data it sees) and exclusive
         bytes (what deleting it frees).  Then the store: pool capacity, used, free, pending
         (freed, reusable after the next flush), logical (the volumes' sizes added up), all
-        snapshots, and the pool file's size on disk.""", """
+        snapshots, and the pool file's size on disk; the filesystem's free space and the
+        metadata's size; and a warning when the pool has less than 10% free or the
+        filesystem less than the pool still offers (writes would fail with ENOSPC).""", """
         snapdisk usage
         snapdisk usage web --json""")
     p.add_argument("volume", metavar="VOLUME", nargs="?")
@@ -221,7 +242,8 @@ def register(sub: Any) -> None:
                    help="how long to wait for a clean exit (default: 30)")
 
     add_command(sub, "status", cmd_status, "show the server's state and what is attached", """
-        Whether a server runs for the store (its pid, sockets and connections), and every
-        device that `snapdisk attach` made.""", """
+        Whether a server runs for the store (its pid, sockets and connections, the free space
+        of the pool and of its filesystem, with usage's warnings), and every device that
+        `snapdisk attach` made.""", """
         snapdisk status
         snapdisk status --json""")
