@@ -16,6 +16,10 @@
 #define BATCH 256      /* map records a hot-path call decodes at a time */
 #define RMW_LOCKS 64   /* stripes of the pool seam's read-modify-write lock */
 
+/* Encrypted volumes (xm_crypt.c): key slot states, as xm_vol_key_state returns them. */
+typedef struct xm_keyslot xm_keyslot;
+typedef struct evp_cipher_ctx_st EVP_CIPHER_CTX; /* OpenSSL's, as <openssl/types.h> has it */
+
 typedef struct {
     uint64_t size_bytes;
     uint64_t max_snap;
@@ -44,6 +48,10 @@ struct xm_store {
     volcfg *vols; /* indexed by volume id; resized only with the gate closed */
     uint32_t nvols;
     xm_stats stats;
+    /* Encrypted volumes (xm_crypt.c): a key slot per volume id; changed only with the gate
+     * closed, freed and cleansed by xm_crypt_close (called from xm_close). */
+    xm_keyslot *keys;
+    uint32_t nkeys;
 };
 
 struct xm_txn {
@@ -108,5 +116,16 @@ int xm_io_begin(xm_io *io, xm_store *st, uint32_t vol, uint64_t offset, uint64_t
 int xm_io_end(xm_io *io, int rc);
 /* Commit the write transaction (closing the cursor first). */
 int xm_io_commit(xm_io *io);
+
+/* ---- encrypted volumes (xm_crypt.c) ------------------------------------------------------ */
+
+/* For pool I/O of vol: *out NULL for a plain volume, else a fresh context (enc: encrypting)
+ * holding vol's key, to free with EVP_CIPHER_CTX_free; XM_ELOCKED for a locked volume. */
+int xm_crypt_begin(xm_store *st, uint32_t vol, int enc, EVP_CIPHER_CTX **out);
+/* En- or decrypt nblocks whole blocks from in to out (may be equal), block i with tweak pbn+i. */
+int xm_crypt_blocks(EVP_CIPHER_CTX *c, uint64_t pbn, uint64_t nblocks, const uint8_t *in,
+                    uint8_t *out);
+/* Wipe and free every key slot (xm_close). */
+void xm_crypt_close(xm_store *st);
 
 #endif
