@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from . import allocator, capacity, catalog, errors, layout
+from . import allocator, capacity, catalog, encryption, errors, keys, layout
 from .catalog import SnapshotInfo, VolumeInfo
 from .check import CheckReport, check_store
 from .layout import (
@@ -29,6 +29,7 @@ from .layout import (
     DB_VOLSTATE,
     DB_VOLUMES,
 )
+from .native import KEY_UNLOCKED
 from .pool import Pool
 from .snapshots import Cancel, Progress, Snapshots, Steps
 from .store import StoreConfig, StoreDir
@@ -45,6 +46,8 @@ class Engine:
         self.io = DataPath(self.native, self.pool,
                            os.environ.get("SNAPDISK_WRITE_PATH") != "python")
         self.snapshots = Snapshots(self.native, sd.config, self.io)
+        self.keyring = keys.Keyring()  # unlocked data keys (encryption.py)
+        self.keys = encryption.VolumeKeys(self.native, self.keyring)
         self._recover()
 
     @classmethod
@@ -59,6 +62,7 @@ class Engine:
         try:
             self.native.sync()
         finally:
+            self.keyring.clear()  # the C side wipes its contexts in xm_close
             self.sd.close()
 
     def __enter__(self) -> Engine:
@@ -109,12 +113,16 @@ class Engine:
 
     def volume_info(self, name: str) -> VolumeInfo:
         with self.native.txn() as t:
-            return catalog.info(t, catalog.vol_id(t, name))
+            return self._locked(catalog.info(t, catalog.vol_id(t, name)))
 
     def list_volumes(self) -> list[VolumeInfo]:
         with self.native.txn() as t:
-            return sorted((catalog.info(t, v) for v in catalog.volume_ids(t)),
+            return sorted((self._locked(catalog.info(t, v)) for v in catalog.volume_ids(t)),
                           key=lambda i: i.name)
+
+    def _locked(self, info: VolumeInfo) -> VolumeInfo:
+        info.locked = info.encrypted and self.native.vol_key_state(info.id) != KEY_UNLOCKED
+        return info
 
     def list_snapshots(self, volume: str, with_usage: bool = True) -> list[SnapshotInfo]:
         with self.native.txn() as t:
@@ -134,13 +142,19 @@ class Engine:
 
     # ---- volumes ----------------------------------------------------------------------------
 
-    def create_volume(self, name: str, size_bytes: int, extra: dict[str, Any] | None = None
-                      ) -> VolumeInfo:
+    def create_volume(self, name: str, size_bytes: int, extra: dict[str, Any] | None = None,
+                      encrypt: keys.Secret | None = None) -> VolumeInfo:
+        """A new volume; encrypt: encrypted under a new data key wrapped by that passphrase
+        or key file, and unlocked."""
         catalog.check_name(name, "volume")
         catalog.check_size(size_bytes)
         with self.native.txn(write=True) as t:
             vs = catalog.new_volume(t, name, size_bytes, None, extra or {})
+            if encrypt is not None:
+                encryption.init_new(t, vs, encrypt, self.keyring)
         self._configure_gated(vs)
+        if encrypt is not None:
+            self.keys.load([vs.vol])
         return self.volume_info(name)
 
     def resize_volume(self, name: str, size_bytes: int) -> VolumeInfo:
@@ -199,8 +213,23 @@ class Engine:
 
     def clone(self, volume: str, snap: str | int, new_name: str,
               progress: Progress | None = None, cancel: Cancel | None = None) -> VolumeInfo:
-        self.snapshots.clone(volume, snap, new_name, progress, cancel)
+        vol = self.snapshots.clone(volume, snap, new_name, progress, cancel)
+        self.keys.load([vol])  # an encrypted origin's key, if unlocked here
         return self.volume_info(new_name)
+
+    # ---- encrypted volumes (encryption.py) ---------------------------------------------------
+
+    def unlock(self, name: str, secret: keys.Secret) -> dict[str, Any]:
+        return self.keys.unlock(name, secret)
+
+    def lock(self, name: str) -> dict[str, Any]:
+        return self.keys.lock(name)
+
+    def rotate_key(self, name: str, old: keys.Secret, new: keys.Secret) -> dict[str, Any]:
+        return self.keys.rotate(name, old, new)
+
+    def key_info(self, name: str) -> dict[str, Any]:
+        return self.keys.info(name)
 
     # ---- the data path (volume.py) ----------------------------------------------------------
 

@@ -19,7 +19,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from .. import errors
+from .. import errors, keys
 from ..engine import Engine
 from .jobs import Job, Jobs, Progress, accepts_progress, call_with_progress
 
@@ -174,9 +174,16 @@ def _volume(engine: Engine, ctx: Context, name: str) -> dict[str, Any]:
     return info
 
 
-@_op("volume.create", name=req(str), size_bytes=req(int))
-def volume_create(engine: Engine, ctx: Context, name: str, size_bytes: int) -> Any:
-    engine.create_volume(name, size_bytes)
+@_op("volume.create", name=req(str), size_bytes=req(int), encrypt=opt(bool, default=False),
+     passphrase=opt(str), key_hex=opt(str))
+def volume_create(engine: Engine, ctx: Context, name: str, size_bytes: int, encrypt: bool,
+                  passphrase: str | None, key_hex: str | None) -> Any:
+    secret = None
+    if encrypt:  # keys.py; the secret is never logged nor echoed (control/key_ops.py)
+        secret = keys.Secret.from_args({"passphrase": passphrase, "key_hex": key_hex})
+    elif passphrase is not None or key_hex is not None:
+        raise errors.InvalidArgument("volume.create: a passphrase or key without encrypt")
+    engine.create_volume(name, size_bytes, encrypt=secret)
     return _volume(engine, ctx, name)
 
 
@@ -323,3 +330,7 @@ def job_wait(engine: Engine, ctx: Context, job: int, timeout: float | None, even
             ctx.emit(event)
         return j.to_dict()
     return j.wait(limit)
+
+
+# The key.* ops of encrypted volumes register themselves in OPS (control/key_ops.py).
+from . import key_ops  # noqa: E402,F401

@@ -1,0 +1,142 @@
+"""`snapdisk key unlock|lock|rotate|info` and the secret options of `volume create --encrypt`.
+
+Secrets come from files (--passphrase-file: its text, one trailing newline dropped;
+--key-file: exactly 32 bytes) or, with neither and a terminal, from getpass prompts (twice for
+a new passphrase).  They go to the server (or the local backend) in the request only, as
+`passphrase` / `key_hex` (see control/key_ops.py), and are never printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import sys
+from typing import Any
+
+from .. import errors
+from .context import Context, Result
+from .parsing import add_command, add_group
+from .render import fields
+
+KEY_FILE_BYTES = 32
+
+
+def add_secret_args(p: argparse.ArgumentParser, new: bool = False) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--passphrase-file", metavar="FILE",
+                   help="read the passphrase from FILE (one trailing newline is dropped)")
+    g.add_argument("--key-file", metavar="FILE", help="a file of exactly 32 random bytes")
+    if new:
+        g2 = p.add_mutually_exclusive_group()
+        g2.add_argument("--new-passphrase-file", metavar="FILE", help="the new passphrase")
+        g2.add_argument("--new-key-file", metavar="FILE", help="the new 32-byte key file")
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4096)
+    except OSError as e:
+        raise errors.InvalidArgument(f"cannot read {path}: {e.strerror}") from None
+
+
+def _prompt(what: str, confirm: bool) -> str:
+    if not sys.stdin.isatty():
+        raise errors.InvalidArgument(f"no {what} given: use --passphrase-file FILE or "
+                                     "--key-file FILE (or run on a terminal to be prompted)")
+    pw = getpass.getpass(f"{what}: ")
+    if confirm and getpass.getpass(f"{what} (again): ") != pw:
+        raise errors.InvalidArgument("the two passphrases differ")
+    if not pw:
+        raise errors.InvalidArgument("empty passphrase")
+    return pw
+
+
+def secret(passphrase_file: str | None, key_file: str | None, what: str, confirm: bool,
+           prefix: str = "") -> dict[str, Any]:
+    """The request arguments for one secret: {prefix}passphrase or {prefix}key_hex."""
+    if key_file is not None:
+        raw = _read(key_file)
+        if len(raw) != KEY_FILE_BYTES:
+            raise errors.BadKey(f"{key_file}: a key file holds exactly {KEY_FILE_BYTES} bytes")
+        return {prefix + "key_hex": raw.hex()}
+    if passphrase_file is not None:
+        raw = _read(passphrase_file)
+        raw = raw[:-1] if raw.endswith(b"\n") else raw
+        try:
+            text = raw.decode()
+        except UnicodeDecodeError:
+            raise errors.InvalidArgument(f"{passphrase_file}: the passphrase is not UTF-8 "
+                                         "text (a binary secret is a --key-file)") from None
+        return {prefix + "passphrase": text}
+    return {prefix + "passphrase": _prompt(what, confirm)}
+
+
+def show_key(k: dict[str, Any]) -> str:
+    if not k.get("encrypted"):
+        return fields([("volume", k.get("volume")), ("encrypted", "no")])
+    kek = dict(k.get("kek") or {})
+    kind = kek.pop("kind", None)
+    params = ", ".join(f"{a}={b}" for a, b in kek.items())
+    return fields([("volume", k.get("volume")), ("encrypted", "yes"),
+                   ("locked", "yes" if k.get("locked") else "no"), ("cipher", k.get("cipher")),
+                   ("key id", k.get("key_id")), ("wrapped by", f"{kind} ({params})" if params
+                                                  else kind),
+                   ("key wrap", k.get("wrap")), ("shared by", ", ".join(k.get("volumes", [])))])
+
+
+def cmd_key_unlock(a: argparse.Namespace, ctx: Context) -> Result:
+    k = ctx.call("key.unlock", volume=a.volume,
+                 **secret(a.passphrase_file, a.key_file, "passphrase", False))
+    return k, f"unlocked {', '.join(k.get('volumes', [a.volume]))}"
+
+
+def cmd_key_lock(a: argparse.Namespace, ctx: Context) -> Result:
+    k = ctx.call("key.lock", volume=a.volume, force=a.force)
+    return k, f"locked {', '.join(k.get('volumes', [a.volume]))}"
+
+
+def cmd_key_rotate(a: argparse.Namespace, ctx: Context) -> Result:
+    args = secret(a.passphrase_file, a.key_file, "current passphrase", False)
+    args.update(secret(a.new_passphrase_file, a.new_key_file, "new passphrase", True, "new_"))
+    k = ctx.call("key.rotate", volume=a.volume, **args)
+    return k, f"rewrapped the key of {', '.join(k.get('volumes', [a.volume]))}"
+
+
+def cmd_key_info(a: argparse.Namespace, ctx: Context) -> Result:
+    k = ctx.call("key.info", volume=a.volume)
+    return k, show_key(k)
+
+
+def register(sub: Any) -> None:
+    """The `key` command group."""
+    ksub = add_group(sub, "key", "unlock, lock, rotate and describe encrypted volumes' keys")
+    p = add_command(ksub, "unlock", cmd_key_unlock, "load an encrypted volume's key", """
+        Unwraps the volume's data key with its passphrase or key file and loads it into the
+        server: the volume, its snapshots and the clones sharing its key are served again.
+        A wrong secret is exit code 14 (bad-key) after a delay that doubles with each wrong
+        try.""", """
+        snapdisk key unlock web --passphrase-file /run/secrets/web
+        snapdisk key unlock web --key-file /etc/snapdisk/web.key""")
+    p.add_argument("volume", metavar="VOLUME")
+    add_secret_args(p)
+    p = add_command(ksub, "lock", cmd_key_lock, "wipe an encrypted volume's key from memory", """
+        Its exports (and those of the volumes sharing its key) stop being served.  Refused
+        while clients are connected, unless --force, which disconnects them first.""", """
+        snapdisk key lock web
+        snapdisk key lock web --force""")
+    p.add_argument("volume", metavar="VOLUME")
+    p.add_argument("--force", action="store_true", help="disconnect connected clients first")
+    p = add_command(ksub, "rotate", cmd_key_rotate, "change the passphrase or key file", """
+        Rewraps the data key under the new secret (no data is rewritten), atomically: after a
+        crash either the old or the new secret works.  Every volume sharing the key (clones)
+        follows.""", """
+        snapdisk key rotate web --passphrase-file old.txt --new-passphrase-file new.txt
+        snapdisk key rotate web --passphrase-file old.txt --new-key-file web.key""")
+    p.add_argument("volume", metavar="VOLUME")
+    add_secret_args(p, new=True)
+    p = add_command(ksub, "info", cmd_key_info, "describe an encrypted volume's key", """
+        Cipher, key-wrapping scheme and KDF parameters, key id, lock state and the volumes
+        sharing the key; never the key.""", """
+        snapdisk key info web --json""")
+    p.add_argument("volume", metavar="VOLUME")
