@@ -1,0 +1,287 @@
+"""Encrypted volumes end to end: the pool seam's cipher, keys over the control socket and the
+CLI, locked volumes not served, and no plaintext anywhere under the store directory."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import nbd
+import pytest
+from conftest import Served
+from e2e_helpers import run_cli
+
+from snapdisk import errors, keys
+from snapdisk.engine import Engine
+from snapdisk.native import KEY_LOCKED, KEY_PLAIN, KEY_UNLOCKED
+from snapdisk.store import StoreConfig
+
+BS = 4096
+MiB = 1 << 20
+PW = keys.Secret(passphrase=b"open sesame")
+PATTERN = random.Random(11).randbytes(2 * BS)  # incompressible, no runs
+
+
+@pytest.fixture(autouse=True)
+def fast_kdf(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SNAPDISK_SCRYPT_LOG2N", "10")  # servers started here inherit it
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[Engine]:
+    e = Engine.create(str(tmp_path / "store"), StoreConfig(pool_bytes=64 * MiB))
+    try:
+        yield e
+    finally:
+        e.close()
+
+
+def plaintext_hits(root: str, pattern: bytes) -> list[str]:
+    """Files under root holding any 16-byte window of pattern.  Any such window contains an
+    8-byte window of pattern at an 8-aligned file offset: look those up, then confirm."""
+    eights = {pattern[i:i + 8]: i for i in range(len(pattern) - 7)}
+    hits = []
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            if not os.path.isfile(path):
+                continue
+            with open(path, "rb") as f:
+                data = _data_regions(f)
+            if _has_window(data, pattern, eights):
+                hits.append(path)
+    return hits
+
+
+def _data_regions(f: object) -> bytes:
+    fd = f.fileno()  # type: ignore[attr-defined]
+    size = os.fstat(fd).st_size
+    out, pos = bytearray(), 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:
+            break
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        start -= start % 8
+        out += b"\0" * 16 + os.pread(fd, end - start, start)  # keep 8-alignment
+        pos = end
+    return bytes(out)
+
+
+def _has_window(data: bytes, pattern: bytes, eights: dict[bytes, int]) -> bool:
+    mv = memoryview(data)
+    for off in range(0, len(data) - 7, 8):
+        if bytes(mv[off:off + 8]) in eights:
+            for j in range(max(0, off - 8), off + 1):
+                if data[j:j + 16] and data[j:j + 16] in pattern and len(data[j:j + 16]) == 16:
+                    return True
+    return False
+
+
+def test_the_scanner_finds_plaintext(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"\1" * 5 + PATTERN[100:117] + b"\2" * 3)
+    assert plaintext_hits(str(tmp_path), PATTERN) == [str(tmp_path / "f")]
+    (tmp_path / "f").write_bytes(PATTERN[100:115])  # 15 bytes: no 16-byte window
+    assert plaintext_hits(str(tmp_path), PATTERN) == []
+
+
+# ---- the engine -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("c_path", [True, False])
+def test_round_trip_snapshot_clone_rollback(engine: Engine, c_path: bool) -> None:
+    engine._c_redirect = c_path
+    v = engine.create_volume("v", 8 * MiB, encrypt=PW)
+    assert v.encrypted and not v.locked
+    assert engine.native.vol_key_state(v.id) == KEY_UNLOCKED
+    engine.write(v.id, 0, PATTERN)
+    engine.write(v.id, 3 * BS + 100, PATTERN[:5000])  # sub-block, across blocks, new blocks
+    engine.write(v.id, 700, b"x" * 10)  # sub-block, in place
+    expect = bytearray(8 * BS)
+    expect[:len(PATTERN)] = PATTERN
+    expect[3 * BS + 100:3 * BS + 5100] = PATTERN[:5000]
+    expect[700:710] = b"x" * 10
+    assert engine.read(v.id, 0, len(expect)) == expect
+    snap = engine.create_snapshot("v", "s1")
+    engine.write(v.id, 0, b"y" * (2 * BS + 3))  # redirected (held by the snapshot)
+    assert engine.read_snapshot(v.id, snap.id, 0, len(expect)) == expect
+    c = engine.clone("v", "s1", "c")
+    assert c.encrypted and not c.locked
+    assert engine.read(c.id, 0, len(expect)) == expect
+    engine.write(c.id, BS + 1, b"c" * 100)
+    engine.rollback("v", "s1")
+    assert engine.read(v.id, 0, len(expect)) == expect
+    # The pool holds ciphertext: the raw block (no volume, no key) is not the data.
+    raw = engine.pool.read(1, BS)  # some block of the volume, read without the cipher
+    assert PATTERN[:16] not in raw and raw != PATTERN[:BS]
+    assert plaintext_hits(engine.path, PATTERN) == []
+
+
+def test_locked_volume_serves_nothing_and_writes_nothing(engine: Engine) -> None:
+    v = engine.create_volume("v", MiB, encrypt=PW)
+    engine.write(v.id, 0, PATTERN)
+    engine.create_snapshot("v", "s")
+    info = engine.lock("v")
+    assert info["locked"] and engine.volume_info("v").locked
+    assert engine.native.vol_key_state(v.id) == KEY_LOCKED
+    usage = engine.volume_info("v").live_bytes
+    for op in (lambda: engine.read(v.id, 0, BS), lambda: engine.write(v.id, 0, b"z" * BS),
+               lambda: engine.write(v.id, 10 * BS + 1, b"z"),
+               lambda: engine.read_snapshot(v.id, 1, 0, BS)):
+        with pytest.raises(errors.BadKey):
+            op()
+    assert engine.volume_info("v").live_bytes == usage
+    engine.unlock("v", PW)
+    assert engine.read(v.id, 0, len(PATTERN)) == PATTERN
+
+
+def test_reopen_starts_locked_and_clones_share_the_key(tmp_path: Path) -> None:
+    path = str(tmp_path / "store")
+    with Engine.create(path, StoreConfig(pool_bytes=64 * MiB)) as e:
+        v = e.create_volume("v", MiB, encrypt=PW)
+        plain = e.create_volume("plain", MiB)
+        e.write(v.id, 0, PATTERN)
+        e.create_snapshot("v", "s")
+        c = e.clone("v", "s", "c")
+    with Engine.open(path) as e:
+        state = {i.name: (i.encrypted, i.locked) for i in e.list_volumes()}
+        assert state == {"v": (True, True), "c": (True, True), "plain": (False, False)}
+        assert e.native.vol_key_state(plain.id) == KEY_PLAIN
+        info = e.unlock("c", PW)  # unlocking the clone unlocks its origin: one key
+        assert info["volumes"] == ["c", "v"] and not info["locked"]
+        assert e.read(v.id, 0, len(PATTERN)) == PATTERN == e.read(c.id, 0, len(PATTERN))
+
+
+def test_wrong_secret_changes_nothing_and_rotation(engine: Engine) -> None:
+    v = engine.create_volume("v", MiB, encrypt=PW)
+    engine.write(v.id, 0, PATTERN)
+    engine.lock("v")
+    before = engine.key_info("v")
+    with pytest.raises(errors.BadKey):
+        engine.unlock("v", keys.Secret(passphrase=b"open sesamE"))
+    with pytest.raises(errors.BadKey):
+        engine.unlock("v", keys.Secret(key_file=bytes(32)))
+    with pytest.raises(errors.BadKey):
+        engine.rotate_key("v", keys.Secret(passphrase=b"nope"), keys.Secret(passphrase=b"x"))
+    assert engine.key_info("v") == before and engine.volume_info("v").locked
+    new = keys.Secret(key_file=os.urandom(32))
+    after = engine.rotate_key("v", PW, new)
+    assert after["key_id"] == before["key_id"] and after["kek"] == {"kind": "key-file"}
+    assert after["locked"]  # rotation does not unlock
+    with pytest.raises(errors.BadKey):
+        engine.unlock("v", PW)
+    engine.unlock("v", new)
+    assert engine.read(v.id, 0, len(PATTERN)) == PATTERN
+
+
+def test_plain_volumes_are_not_converted_in_place(engine: Engine) -> None:
+    engine.create_volume("p", MiB)
+    with pytest.raises(errors.Unsupported, match="snapshot copy"):
+        engine.unlock("p", PW)
+    with pytest.raises(errors.Unsupported, match="snapshot copy"):
+        engine.rotate_key("p", PW, PW)
+    assert engine.key_info("p") == {"volume": "p", "encrypted": False}
+
+
+# ---- over NBD and the control socket -------------------------------------------------------
+
+def make_encrypted_store(path: Path) -> str:
+    with Engine.create(str(path), StoreConfig(pool_bytes=128 * MiB)) as e:
+        e.create_volume("sec", 16 * MiB, encrypt=PW)
+        e.create_volume("plain", MiB)
+    return str(path)
+
+
+def test_nbd_round_trip_lock_and_unlock(tmp_path: Path, served: Callable[..., Served]) -> None:
+    s = served(make_encrypted_store(tmp_path / "store"))
+    with pytest.raises(nbd.Error):  # locked after the server starts: nothing served
+        s.connect("sec")
+    log = Path(s.store, "server.log").read_text()
+    assert "encrypted and locked" in log
+    with pytest.raises(errors.BadKey):
+        s.call("key.unlock", volume="sec", passphrase="wrong")
+    with pytest.raises(nbd.Error):
+        s.connect("sec")
+    info = s.call("key.unlock", volume="sec", passphrase="open sesame")
+    assert isinstance(info, dict) and not info["locked"] and "wrapped" not in info
+    h = s.connect("sec")
+    h.pwrite(PATTERN, 0)
+    h.pwrite(PATTERN[:1024], 5 * BS + 512)
+    h.flush()
+    s.call("snapshot.create", volume="sec", name="s1")
+    h.pwrite(b"n" * BS, 0)
+    assert h.pread(BS, 0) == b"n" * BS
+    s.call("clone", volume="sec", snapshot="s1", name="cl")
+    for export in ("sec@s1", "cl"):
+        h2 = s.connect(export)
+        assert h2.pread(len(PATTERN), 0) == PATTERN
+        assert h2.pread(1024, 5 * BS + 512) == PATTERN[:1024]
+        h2.shutdown()
+    s.call("rollback", volume="sec", snapshot="s1", force=True)
+    h = s.connect("sec")
+    assert h.pread(len(PATTERN), 0) == PATTERN
+    with pytest.raises(errors.Busy):  # clients connected: refused without force
+        s.call("key.lock", volume="sec")
+    out = s.call("key.lock", volume="sec", force=True)
+    assert isinstance(out, dict) and out["locked"] and out["disconnected"] >= 1
+    for export in ("sec", "sec@s1", "cl"):
+        with pytest.raises(nbd.Error):
+            s.connect(export)
+    vols = {v["name"]: v for v in s.call("volume.list")}  # type: ignore[union-attr]
+    assert vols["sec"]["locked"] and vols["cl"]["locked"] and not vols["plain"]["encrypted"]
+
+
+def test_no_plaintext_under_the_store(tmp_path: Path, served: Callable[..., Served]) -> None:
+    store = make_encrypted_store(tmp_path / "store")
+    s = served(store)
+    s.call("key.unlock", volume="sec", passphrase="open sesame")
+    h = s.connect("sec")
+    for i in range(8):  # aligned, unaligned, sub-block, rewritten in place and redirected
+        h.pwrite(PATTERN, i * 3 * BS + (i * 512) % BS)
+    h.flush()
+    s.call("snapshot.create", volume="sec", name="a")
+    h.pwrite(PATTERN[:3072], 1024)
+    s.call("clone", volume="sec", snapshot="a", name="cl")
+    h2 = s.connect("cl")
+    h2.pwrite(PATTERN, 40 * BS + 1536)
+    h2.flush()
+    h2.shutdown()
+    h.shutdown()
+    s.call("rollback", volume="sec", snapshot="a")
+    s.call("stop")
+    assert plaintext_hits(store, PATTERN) == []
+
+
+def test_cli_create_info_lock_unlock_rotate(tmp_path: Path) -> None:
+    store = str(tmp_path / "store")
+    run_cli(store, "init", "--pool-size", "64M")
+    pw, pw2, kf = tmp_path / "pw", tmp_path / "pw2", tmp_path / "key"
+    pw.write_text("s3cret passphrase\n")
+    pw2.write_text("another one\n")
+    kf.write_bytes(os.urandom(32))
+    run_cli(store, "volume", "create", "v", "4M", "--encrypt", "--passphrase-file", str(pw))
+    info = run_cli(store, "--json", "key", "info", "v").json()
+    assert info["encrypted"] and info["kek"]["kdf"] == "scrypt" and info["volumes"] == ["v"]
+    text = run_cli(store, "key", "info", "v").stdout
+    assert "s3cret" not in text and info["key_id"] in text
+    listing = run_cli(store, "volume", "list").stdout  # offline: each command opens the store
+    assert "ENCRYPTED" in listing and "LOCKED" in listing
+    bad = tmp_path / "bad"
+    bad.write_text("wrong\n")
+    r = run_cli(store, "key", "unlock", "v", "--passphrase-file", str(bad), check=False)
+    assert r.returncode == errors.BadKey.exit_code and "wrong" not in r.stdout
+    run_cli(store, "key", "unlock", "v", "--passphrase-file", str(pw))
+    run_cli(store, "key", "rotate", "v", "--passphrase-file", str(pw),
+            "--new-key-file", str(kf))
+    r = run_cli(store, "key", "unlock", "v", "--passphrase-file", str(pw), check=False)
+    assert r.returncode == errors.BadKey.exit_code
+    run_cli(store, "key", "rotate", "v", "--key-file", str(kf),
+            "--new-passphrase-file", str(pw2))
+    run_cli(store, "key", "unlock", "v", "--passphrase-file", str(pw2))
+    r = run_cli(store, "volume", "create", "w", "4M", "--encrypt", check=False)
+    assert r.returncode == errors.InvalidArgument.exit_code  # no terminal, no file
+    run_cli(store, "volume", "create", "p", "4M")
+    r = run_cli(store, "key", "unlock", "p", "--passphrase-file", str(pw), check=False)
+    assert r.returncode == errors.Unsupported.exit_code and "snapshot copy" in r.stderr
