@@ -11,7 +11,14 @@ from pathlib import Path
 import nbd
 import pytest
 from conftest import Served
-from e2e_helpers import run_cli
+from e2e_helpers import (  # noqa: F401  (teardown is a fixture)
+    Teardown,
+    kill_pid,
+    pid_alive,
+    run_cli,
+    server_pid,
+    teardown,
+)
 
 from snapdisk import errors, keys
 from snapdisk.engine import Engine
@@ -285,3 +292,30 @@ def test_cli_create_info_lock_unlock_rotate(tmp_path: Path) -> None:
     run_cli(store, "volume", "create", "p", "4M")
     r = run_cli(store, "key", "unlock", "p", "--passphrase-file", str(pw), check=False)
     assert r.returncode == errors.Unsupported.exit_code and "snapshot copy" in r.stderr
+
+
+def test_serve_unlock(tmp_path: Path, teardown: Teardown) -> None:  # noqa: F811
+    store = str(tmp_path / "store")
+    run_cli(store, "init", "--pool-size", "64M")
+    pw, kf = tmp_path / "pw", tmp_path / "key"
+    pw.write_text("open sesame\n")
+    kf.write_bytes(os.urandom(32))
+    run_cli(store, "volume", "create", "a", "4M", "--encrypt", "--passphrase-file", str(pw))
+    run_cli(store, "volume", "create", "b", "4M", "--encrypt", "--key-file", str(kf))
+    run_cli(store, "volume", "create", "c", "4M", "--encrypt", "--key-file", str(kf))
+    r = run_cli(store, "--json", "serve", "--unlock", "a", "--passphrase-file", str(pw),
+                "--unlock", "b", "--key-file", str(kf), check=False)
+    pid = server_pid(store)
+    if pid is not None:
+        def stop() -> None:
+            run_cli(store, "stop", check=False)
+            if pid_alive(pid):
+                kill_pid(pid)
+        teardown.push(f"server {pid}", stop)
+    assert r.returncode == 0, r
+    assert r.json()["unlocked"] == ["a", "b"]
+    state = {v["name"]: v["locked"] for v in run_cli(store, "--json", "volume", "list").json()}
+    assert state == {"a": False, "b": False, "c": True}  # c has its own key (same key file)
+    r = run_cli(store, "serve", "--unlock", "a", "--key-file", str(kf), "--unlock", "c",
+                check=False)
+    assert r.returncode != 0  # a second server is refused; c's secret is missing anyway

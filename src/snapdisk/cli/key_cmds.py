@@ -140,3 +140,45 @@ def register(sub: Any) -> None:
         sharing the key; never the key.""", """
         snapdisk key info web --json""")
     p.add_argument("volume", metavar="VOLUME")
+
+
+# ---- `serve --unlock VOL --passphrase-file F`... ---------------------------------------------
+
+class _UnlockAction(argparse.Action):
+    """--unlock VOL starts a pair; the --passphrase-file / --key-file after it completes it."""
+
+    def __call__(self, parser: argparse.ArgumentParser, ns: argparse.Namespace, value: Any,
+                 option: str | None = None) -> None:
+        pairs = list(getattr(ns, "unlock", None) or [])
+        if self.dest == "unlock":
+            pairs.append([value, None, None])
+        elif not pairs or pairs[-1][1] or pairs[-1][2]:
+            parser.error(f"{option} must follow an --unlock VOLUME that has no secret yet")
+        else:
+            pairs[-1][1 if self.dest == "unlock_passphrase_file" else 2] = value
+        ns.unlock = pairs
+
+
+def add_serve_unlock_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--unlock", metavar="VOLUME", action=_UnlockAction, default=[],
+                   help="unlock this encrypted volume once serving (repeatable), with the "
+                        "--passphrase-file or --key-file that follows it")
+    p.add_argument("--passphrase-file", dest="unlock_passphrase_file", metavar="FILE",
+                   action=_UnlockAction, help="the passphrase of the --unlock before it")
+    p.add_argument("--key-file", dest="unlock_key_file", metavar="FILE", action=_UnlockAction,
+                   help="the key file of the --unlock before it")
+
+
+def serve_secrets(a: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
+    """Read the --unlock secrets before the server starts (a missing file fails early)."""
+    pairs = getattr(a, "unlock", None) or []
+    if pairs and getattr(a, "foreground", False):
+        raise errors.InvalidArgument("--unlock needs the background server (the command "
+                                     "returns once it serves): with --foreground, run "
+                                     "`snapdisk key unlock` after it started")
+    return [(vol, secret(pf, kf, f"passphrase of {vol}", False)) for vol, pf, kf in pairs]
+
+
+def unlock_served(ctx: Context, secrets: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    return [", ".join(ctx.call("key.unlock", volume=vol, **args).get("volumes", [vol]))
+            for vol, args in secrets]
