@@ -1,8 +1,9 @@
 /*
  * xm_crypt.c - per-volume data keys for the pool seam (xm_pool.c): AES-256-XTS through OpenSSL's
- * EVP (AES-NI where the CPU has it), one 4 KiB block per XTS data unit, tweak = the physical
- * block number (pbn, little-endian u64 in the first 8 of the 16 tweak bytes, as dm-crypt's
- * plain64 IV).  Confidentiality only: XTS detects no tampering (see docs/encryption.md).
+ * EVP (AES-NI where the CPU has it) in 512-byte data units, tweak = the unit's number in the
+ * pool, pbn * 8 + sector (little-endian u64 in the first 8 of the 16 tweak bytes: dm-crypt's
+ * plain64 IV on 512-byte sectors).  Confidentiality only: XTS detects no tampering (see
+ * docs/encryption.md).
  *
  * Why the pbn and not the logical block: clones share physical blocks with their origin (same
  * key), so a block must decrypt the same whichever volume maps it; and a pbn is unique in the
@@ -25,6 +26,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+
+#define XM_CRYPT_UNIT 512 /* bytes per XTS data unit: a sector */
 
 struct xm_keyslot {
     int state; /* XM_KEY_PLAIN, XM_KEY_LOCKED, XM_KEY_UNLOCKED */
@@ -148,16 +151,21 @@ int xm_crypt_begin(xm_store *st, uint32_t vol, int enc, EVP_CIPHER_CTX **out)
 int xm_crypt_blocks(EVP_CIPHER_CTX *c, uint64_t pbn, uint64_t nblocks, const uint8_t *in,
                     uint8_t *out)
 {
-    for (uint64_t i = 0; i < nblocks; i++) {
+    /* 512-byte data units: a torn 4 KiB write (sector-atomic storage) leaves each sector old
+     * or new and each decrypts, as for a plain volume; a 4 KiB unit would turn the whole block
+     * into noise. */
+    uint64_t nunits = nblocks * (XM_BLOCK_SIZE / XM_CRYPT_UNIT);
+    uint64_t first = pbn * (XM_BLOCK_SIZE / XM_CRYPT_UNIT);
+    for (uint64_t i = 0; i < nunits; i++) {
         uint8_t tweak[16] = {0};
-        uint64_t p = pbn + i;
+        uint64_t u = first + i;
         for (int b = 0; b < 8; b++)
-            tweak[b] = (uint8_t)(p >> (8 * b));
+            tweak[b] = (uint8_t)(u >> (8 * b));
         int outl = 0;
         if (EVP_CipherInit_ex2(c, NULL, NULL, tweak, -1, NULL) != 1 ||
-            EVP_CipherUpdate(c, out + i * XM_BLOCK_SIZE, &outl, in + i * XM_BLOCK_SIZE,
-                             XM_BLOCK_SIZE) != 1 ||
-            outl != XM_BLOCK_SIZE)
+            EVP_CipherUpdate(c, out + i * XM_CRYPT_UNIT, &outl, in + i * XM_CRYPT_UNIT,
+                             XM_CRYPT_UNIT) != 1 ||
+            outl != XM_CRYPT_UNIT)
             return EIO;
     }
     return XM_OK;

@@ -8,7 +8,7 @@
  * writes to different bytes of one block cannot lose each other's bytes; overlapping concurrent
  * writes have no defined order in NBD anyway).  That is what a block cipher needs, and this is
  * the one place it goes: every call names the volume whose data the blocks hold, and an
- * encrypted volume's blocks (xm_crypt.c: AES-256-XTS, tweak = pbn) are decrypted in the
+ * encrypted volume's blocks (xm_crypt.c: AES-256-XTS, tweak from the pbn) are decrypted in the
  * caller's buffer after each read and encrypted into a bounce buffer before each write, so only
  * ciphertext reaches the file.  A locked volume's I/O is XM_ELOCKED before the file is touched.
  * Clones share blocks, so they share their origin's key (the Python side registers it).

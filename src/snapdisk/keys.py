@@ -1,12 +1,12 @@
 """Encrypted volumes' keys: data keys, their wrapping, and the keyring of unlocked keys.
 
 The data key of an encrypted volume is 64 random bytes: AES-256-XTS's two 256-bit keys, used by
-the C pool seam (native/xm_crypt.c; tweak = physical block number).  It never reaches the
+the C pool seam (native/xm_crypt.c; tweak = pbn * 8 + sector).  It never reaches the
 store's files: only its wrapped form does, in the volume record's `encryption` field (VOLUMES,
 JSON; catalog.VolumeRecord), together with the parameters needed to unwrap it:
 
     {"version": 1,
-     "cipher": "aes-256-xts-plain64",          # the data cipher (pbn as tweak, 4 KiB units)
+     "cipher": "aes-256-xts-plain64",          # XTS on 512-byte units, tweak pbn*8+sector
      "key_id": "<32 hex>",                     # random; a volume and its clones share it
      "kek": {"kind": "passphrase", "kdf": "scrypt", "salt": "<b64, 16 B>",
              "n": 65536, "r": 8, "p": 1}       # or {"kind": "key-file"}: the file's 32 bytes
