@@ -340,3 +340,17 @@ def test_pool_format_is_standard_xts_with_sector_tweaks(engine: Engine) -> None:
         d = Cipher(algorithms.AES(bytes(key)), modes.XTS(tweak)).decryptor()
         plain += d.update(raw[s * 512:(s + 1) * 512]) + d.finalize()
     assert plain == PATTERN[:BS]
+
+
+def test_delete_wipes_the_key_when_no_volume_uses_it(engine: Engine) -> None:
+    v = engine.create_volume("v", MiB, encrypt=PW)
+    engine.create_snapshot("v", "s")
+    c = engine.clone("v", "s", "c")
+    key_id = engine.key_info("v")["key_id"]
+    key = engine.keyring.get(key_id)
+    engine.delete_volume("v")
+    assert engine.native.vol_key_state(v.id) == KEY_PLAIN
+    assert engine.keyring.get(key_id) is key  # the clone still uses it
+    engine.delete_volume("c")
+    assert engine.native.vol_key_state(c.id) == KEY_PLAIN
+    assert engine.keyring.get(key_id) is None and key == bytearray(64)

@@ -100,6 +100,14 @@ class VolumeKeys:
         self.load(vols)
         return self.info(name)
 
+    def forget_unused(self) -> None:
+        """Drop (zero) the keyring's keys no volume uses any more (after a delete)."""
+        with self.native.txn() as t:
+            used = {(record(t, v) or {}).get("key_id") for v in catalog.volume_ids(t)}
+        for key_id in self.keyring.ids():
+            if key_id not in used:
+                self.keyring.drop(key_id)
+
     def key_vols(self, name: str) -> list[int]:
         """The volumes sharing name's key (what lock must disconnect)."""
         with self.native.txn() as t:

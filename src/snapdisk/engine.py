@@ -195,6 +195,8 @@ class Engine:
                 t.delete(DB_VOLUMES, prefix)
                 t.delete(DB_VOLSTATE, prefix)
             self.native.vol_forget(vol)
+            self.native.vol_mark_encrypted(vol, False)  # wipes its key slot
+        self.keys.forget_unused()
         self.io.punch(freed, PUNCH_BULK_MIN_BLOCKS)
 
     # ---- snapshots (snapshots.py) -----------------------------------------------------------

@@ -237,6 +237,9 @@ class Keyring:
         for key_id in list(self._keys):
             self.drop(key_id)
 
+    def ids(self) -> list[str]:
+        return list(self._keys)
+
     def __contains__(self, key_id: object) -> bool:
         return key_id in self._keys
 
