@@ -354,3 +354,85 @@ def test_delete_wipes_the_key_when_no_volume_uses_it(engine: Engine) -> None:
     engine.delete_volume("c")
     assert engine.native.vol_key_state(c.id) == KEY_PLAIN
     assert engine.keyring.get(key_id) is None and key == bytearray(64)
+
+
+# ---- snapshot copy --------------------------------------------------------------------------
+
+def test_snapshot_copy_encrypt_decrypt_same(engine: Engine) -> None:
+    p = engine.create_volume("p", 4 * MiB)
+    engine.write(p.id, BS, PATTERN)
+    engine.write(p.id, 3 * MiB, PATTERN[:BS])
+    engine.create_snapshot("p", "s")
+    seen: list[tuple[int, int]] = []
+    e = engine.copy_snapshot("p", "s", "e", "encrypt", PW,
+                             progress=lambda d, t: seen.append((d, t)))
+    assert e.encrypted and not e.locked and seen[-1][0] == seen[-1][1] > 0
+    assert engine.read(e.id, 0, 4 * MiB) == engine.read_snapshot(p.id, 1, 0, 4 * MiB)
+    allocated = [r for r in engine.block_status(e.id, 0, 4 * MiB) if r[2]]
+    assert sum(n for _, n, _ in allocated) < MiB  # holes stay holes
+    engine.create_snapshot("e", "s")
+    engine.lock("e")
+    with pytest.raises(errors.BadKey):
+        engine.copy_snapshot("e", "s", "d", "decrypt")
+    assert "d" not in {v.name for v in engine.list_volumes()}
+    d = engine.copy_snapshot("e", "s", "d", "decrypt", PW)
+    assert not d.encrypted and engine.read(d.id, BS, len(PATTERN)) == PATTERN
+    same = engine.copy_snapshot("e", "s", "e2")
+    assert same.encrypted and engine.key_info("e2")["key_id"] == engine.key_info("e")["key_id"]
+    assert engine.read(same.id, BS, len(PATTERN)) == PATTERN
+    with pytest.raises(errors.Unsupported, match="snapshot copy"):
+        engine.unlock("p", PW)  # in place: refused, naming the way
+
+
+def test_snapshot_copy_cancelled_leaves_no_volume(engine: Engine) -> None:
+    p = engine.create_volume("p", 8 * MiB)
+    engine.write(p.id, 0, bytes([7]) * 4 * MiB)
+    engine.create_snapshot("p", "s")
+
+    def progress(done: int, total: int) -> None:
+        if done >= 2:
+            raise errors.Cancelled("stop")
+
+    with pytest.raises(errors.Cancelled):
+        engine.copy_snapshot("p", "s", "e", "encrypt", PW, progress=progress)
+    assert [v.name for v in engine.list_volumes()] == ["p"]
+
+
+def test_snapshot_copy_over_the_socket_keeps_no_secret_in_jobs(
+        tmp_path: Path, served: Callable[..., Served]) -> None:
+    s = served(make_encrypted_store(tmp_path / "store"))
+    h = s.connect("plain")
+    h.pwrite(PATTERN, 0)
+    h.flush()
+    h.shutdown()
+    s.call("snapshot.create", volume="plain", name="s")
+    with s.client() as c:
+        job = c.start_job("snapshot.copy", volume="plain", snapshot="s", name="enc",
+                          encrypt=True, passphrase="copy secret")
+        result = job.wait()
+        listing = c.call("job.list")
+    assert result.get("ok"), result
+    assert "copy secret" not in repr(listing) and "<secret>" in repr(listing)
+    h = s.connect("enc")
+    assert h.pread(len(PATTERN), 0) == PATTERN
+    h.shutdown()
+    s.call("stop")
+    assert plaintext_hits(s.store, PATTERN)  # the plain volume's own blocks: found
+
+
+def test_cli_snapshot_copy(tmp_path: Path) -> None:
+    store = str(tmp_path / "store")
+    run_cli(store, "init", "--pool-size", "64M")
+    pw = tmp_path / "pw"
+    pw.write_text("copy me\n")
+    run_cli(store, "volume", "create", "p", "4M")
+    run_cli(store, "snapshot", "create", "p", "--name", "s")
+    r = run_cli(store, "--json", "snapshot", "copy", "p@s", "e", "--encrypt",
+                "--passphrase-file", str(pw))
+    assert r.json()["encrypted"] is True
+    run_cli(store, "snapshot", "create", "e", "--name", "s")
+    r = run_cli(store, "snapshot", "copy", "e@s", "d", "--decrypt", check=False)
+    assert r.returncode == errors.BadKey.exit_code  # locked (each offline command opens anew)
+    r = run_cli(store, "--json", "snapshot", "copy", "e@s", "d", "--decrypt",
+                "--passphrase-file", str(pw))
+    assert r.json()["encrypted"] is False

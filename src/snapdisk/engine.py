@@ -233,6 +233,13 @@ class Engine:
     def key_info(self, name: str) -> dict[str, Any]:
         return self.keys.info(name)
 
+    def copy_snapshot(self, volume: str, snap: str | int, new_name: str, mode: str = "same",
+                      secret: keys.Secret | None = None, progress: Progress | None = None,
+                      cancel: Cancel | None = None) -> VolumeInfo:
+        """snapshot copy (snapcopy.py): mode same, encrypt (under secret) or decrypt."""
+        from . import snapcopy
+        return snapcopy.copy(self, volume, snap, new_name, mode, secret, progress, cancel)
+
     # ---- the data path (volume.py) ----------------------------------------------------------
 
     def read(self, vol: int, offset: int, length: int) -> bytes:

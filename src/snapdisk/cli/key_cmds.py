@@ -182,3 +182,38 @@ def serve_secrets(a: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
 def unlock_served(ctx: Context, secrets: list[tuple[str, dict[str, Any]]]) -> list[str]:
     return [", ".join(ctx.call("key.unlock", volume=vol, **args).get("volumes", [vol]))
             for vol, args in secrets]
+
+
+# ---- `snapshot copy VOL@SNAP NEWVOL [--encrypt | --decrypt]` -----------------------------------
+
+def cmd_snapshot_copy(a: argparse.Namespace, ctx: Context) -> Result:
+    from .parsing import split_ref
+    vol, snap = split_ref(a.ref)
+    args: dict[str, Any] = {"encrypt": a.encrypt, "decrypt": a.decrypt}
+    if a.encrypt:
+        args.update(secret(a.passphrase_file, a.key_file, "passphrase", True))
+    elif a.passphrase_file or a.key_file:
+        args.update(secret(a.passphrase_file, a.key_file, "passphrase", False))
+    v = ctx.run_job(f"copy {a.ref} to {a.new}", "snapshot.copy", volume=vol, snapshot=snap,
+                    name=a.new, **args)
+    enc = "encrypted" if v.get("encrypted") else "plain"
+    return v, f"copied {a.ref} to volume {v['name']} ({enc})"
+
+
+def register_snapshot_copy(ssub: Any) -> None:
+    p = add_command(ssub, "copy", cmd_snapshot_copy, "copy a snapshot into a new volume", """
+        Reads every allocated block of the snapshot and writes it to a new volume (holes stay
+        holes), as a job with progress; Ctrl-C cancels it and deletes the half-made volume.
+        --encrypt makes the new volume encrypted under a new key (wrapped by the passphrase or
+        key file given, prompted for on a terminal); --decrypt makes it plain (the source must
+        be unlocked, or give its passphrase or key file); neither keeps the source's
+        encryption (and key).  This is how a volume's encryption changes: never in place.""",
+                    """
+        snapdisk snapshot copy web@monday web-enc --encrypt --passphrase-file pw.txt
+        snapdisk snapshot copy web-enc@s1 web-plain --decrypt --key-file web.key""")
+    p.add_argument("ref", metavar="VOLUME@SNAPSHOT")
+    p.add_argument("new", metavar="NEWVOLUME")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--encrypt", action="store_true", help="the new volume is encrypted")
+    g.add_argument("--decrypt", action="store_true", help="the new volume is plain")
+    add_secret_args(p)

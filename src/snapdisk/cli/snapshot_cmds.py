@@ -118,6 +118,8 @@ def register(sub: Any) -> None:
         data.""", """
         snapdisk snapshot delete web@before-upgrade""")
     p.add_argument("ref", metavar="VOLUME@SNAPSHOT")
+    from . import key_cmds
+    key_cmds.register_snapshot_copy(ssub)  # encrypted volumes (issue 11)
 
     p = add_command(sub, "rollback", cmd_rollback, "make a volume's content a snapshot's again", """
         Every snapshot, earlier and later, stays.  The cost grows with what changed since the

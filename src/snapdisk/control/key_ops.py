@@ -3,8 +3,8 @@
 Secrets travel in the request only: `passphrase` (a string) or `key_hex` (a key file's 32 bytes
 in hex), and for rotation `new_passphrase` / `new_key_hex`.  They are never logged (the server
 logs no request arguments), never in a reply (replies carry key ids and KDF parameters only),
-and never in an error (keys.py's messages name no secret).  These ops do not run as jobs, so
-no job listing keeps their arguments.
+and never in an error (keys.py's messages name no secret).  snapshot.copy runs as a job: its
+secret arguments are replaced by "<secret>" in what the job keeps (ops.start_job, SECRET_ARGS).
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from __future__ import annotations
 from contextlib import ExitStack
 from typing import Any
 
-from .. import keys
+from .. import keys, snapcopy
 from ..engine import Engine
+from .jobs import call_with_progress
 from .ops import Context, _op, _reserve, opt, req
 
 
@@ -49,3 +50,17 @@ def key_rotate(engine: Engine, ctx: Context, volume: str, passphrase: str | None
 @_op("key.info", volume=req(str))
 def key_info(engine: Engine, ctx: Context, volume: str) -> Any:
     return engine.key_info(volume)
+
+
+@_op("snapshot.copy", engine_call="copy_snapshot", volume=req(str), snapshot=req(str, int),
+     name=req(str), encrypt=opt(bool, default=False), decrypt=opt(bool, default=False),
+     passphrase=opt(str), key_hex=opt(str))
+def snapshot_copy(engine: Engine, ctx: Context, volume: str, snapshot: str | int, name: str,
+                  encrypt: bool, decrypt: bool, passphrase: str | None, key_hex: str | None
+                  ) -> Any:
+    """A snapshot's data into a new volume, changing its encryption (a job: progress, cancel)."""
+    mode, secret = snapcopy.copy_args({"encrypt": encrypt, "decrypt": decrypt,
+                                       "passphrase": passphrase, "key_hex": key_hex})
+    info = call_with_progress(engine.copy_snapshot, volume, snapshot, name, mode, secret,
+                              progress=ctx.progress)
+    return {**info.to_dict(), "connections": 0}

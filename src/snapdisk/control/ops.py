@@ -23,6 +23,9 @@ from .. import errors, keys
 from ..engine import Engine
 from .jobs import Job, Jobs, Progress, accepts_progress, call_with_progress
 
+# Request arguments that carry key material (control/key_ops.py): never kept in a job.
+SECRET_ARGS = frozenset({"passphrase", "key_hex", "new_passphrase", "new_key_hex"})
+
 # job.wait's longest wait (seconds): a larger timeout is cut to this (the reply then says the
 # job is still running); it also keeps the value within what threading's waits accept.
 MAX_WAIT = 86400.0
@@ -157,7 +160,8 @@ def start_job(engine: Engine, op: str, args: dict[str, Any], ctx: Context,
     def run(progress: Progress) -> Any:
         return wrap(spec.fn(engine, replace(job_ctx, progress=progress), **kw))
 
-    return ctx.jobs.start(op, args, run, cancellable)
+    shown = {k: "<secret>" if k in SECRET_ARGS and v is not None else v for k, v in args.items()}
+    return ctx.jobs.start(op, shown, run, cancellable)  # job.list shows no secret
 
 
 def _reserve(ctx: Context, vol: int, what: str, **kw: Any) -> AbstractContextManager[int]:
