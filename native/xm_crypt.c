@@ -153,7 +153,9 @@ int xm_crypt_blocks(EVP_CIPHER_CTX *c, uint64_t pbn, uint64_t nblocks, const uin
 {
     /* 512-byte data units: a torn 4 KiB write (sector-atomic storage) leaves each sector old
      * or new and each decrypts, as for a plain volume; a 4 KiB unit would turn the whole block
-     * into noise. */
+     * into noise.  The tweak is set with EVP_CipherInit_ex (key NULL: only the IV changes),
+     * measured about twice as fast as EVP_CipherInit_ex2 in OpenSSL 3.0 for 512-byte units;
+     * OSSL_CIPHER_PARAM_IV through EVP_CIPHER_CTX_set_params is accepted but ignored by XTS. */
     uint64_t nunits = nblocks * (XM_BLOCK_SIZE / XM_CRYPT_UNIT);
     uint64_t first = pbn * (XM_BLOCK_SIZE / XM_CRYPT_UNIT);
     for (uint64_t i = 0; i < nunits; i++) {
@@ -162,7 +164,7 @@ int xm_crypt_blocks(EVP_CIPHER_CTX *c, uint64_t pbn, uint64_t nblocks, const uin
         for (int b = 0; b < 8; b++)
             tweak[b] = (uint8_t)(u >> (8 * b));
         int outl = 0;
-        if (EVP_CipherInit_ex2(c, NULL, NULL, tweak, -1, NULL) != 1 ||
+        if (EVP_CipherInit_ex(c, NULL, NULL, NULL, tweak, -1) != 1 ||
             EVP_CipherUpdate(c, out + i * XM_CRYPT_UNIT, &outl, in + i * XM_CRYPT_UNIT,
                              XM_CRYPT_UNIT) != 1 ||
             outl != XM_CRYPT_UNIT)
