@@ -436,3 +436,45 @@ def test_cli_snapshot_copy(tmp_path: Path) -> None:
     r = run_cli(store, "--json", "snapshot", "copy", "e@s", "d", "--decrypt",
                 "--passphrase-file", str(pw))
     assert r.json()["encrypted"] is False
+
+
+def test_ext4_image_with_a_known_file_nbdcopy_and_qemu_img_compare(
+        tmp_path: Path, served: Callable[..., Served]) -> None:
+    """An ext4 filesystem holding a known file (mke2fs -d: no mount needed) copied onto an
+    encrypted volume with nbdcopy, compared with qemu-img, snapshotted, cloned and rolled
+    back: the file's bytes appear nowhere under the store."""
+    import subprocess
+    secret = random.Random(5).randbytes(64 * 1024)
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "known.bin").write_bytes(secret)
+    img = tmp_path / "fs.img"
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(root), str(img), "16M"],
+                   check=True, capture_output=True)
+    assert secret[:4096] in img.read_bytes()  # the file is in the image, in the clear
+    s = served(make_encrypted_store(tmp_path / "store"))
+    s.call("key.unlock", volume="sec", passphrase="open sesame")
+    subprocess.run(["nbdcopy", str(img), s.uri("sec")], check=True, capture_output=True,
+                   timeout=120)
+    s.call("snapshot.create", volume="sec", name="fs")
+    s.call("clone", volume="sec", snapshot="fs", name="fsclone")
+    h = s.connect("sec")
+    h.pwrite(bytes(BS), 0)  # change something, then roll it back
+    h.shutdown()
+    s.call("rollback", volume="sec", snapshot="fs", force=True)
+    for export in ("sec", "sec@fs", "fsclone"):
+        r = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(img),
+                            s.uri(export)], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, (export, r.stdout, r.stderr)
+    s.call("stop")
+    img.unlink()
+    (root / "known.bin").unlink()
+    assert plaintext_hits(s.store, secret) == []
+    assert plaintext_hits(str(tmp_path), secret) == []
+
+
+def test_a_server_with_a_key_is_not_dumpable(engine: Engine) -> None:
+    import ctypes
+    engine.create_volume("v", MiB, encrypt=PW)  # loads a key: xm_vol_set_key
+    pr_get_dumpable = 3
+    assert ctypes.CDLL(None).prctl(pr_get_dumpable, 0, 0, 0, 0) == 0
