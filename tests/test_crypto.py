@@ -478,3 +478,45 @@ def test_a_server_with_a_key_is_not_dumpable(engine: Engine) -> None:
     engine.create_volume("v", MiB, encrypt=PW)  # loads a key: xm_vol_set_key
     pr_get_dumpable = 3
     assert ctypes.CDLL(None).prctl(pr_get_dumpable, 0, 0, 0, 0) == 0
+
+
+# ---- the model-based test, with encrypted volumes ------------------------------------------
+
+import test_model  # noqa: E402  (a module, not its names: pytest would collect them twice)
+from hypothesis import settings  # noqa: E402
+from hypothesis.stateful import invariant, rule  # noqa: E402
+
+MODEL_KEY = keys.Secret(key_file=bytes(range(1, 33)))  # no KDF: fast
+
+
+class EncryptedModel(test_model.EngineModel):
+    """test_model's state machine with every other volume encrypted (and clones of them), the
+    key reloaded after each reopen: reads, snapshots, rollbacks and capacity all match."""
+
+    @rule(target=test_model.EngineModel.volumes, size=test_model.st.integers(1, 24))
+    def create_volume(self, size: int) -> str:
+        n = next(self.names)
+        name = f"v{n}"
+        self.engine.create_volume(name, size * BS, encrypt=MODEL_KEY if n % 2 == 0 else None)
+        self.model[name] = test_model.MVol(size)
+        return name
+
+    @invariant()
+    def encrypted_as_made(self) -> None:
+        for v in self.engine.list_volumes():
+            if v.origin is None:  # clones follow their origin
+                assert v.encrypted == (int(v.name[1:]) % 2 == 0), v.name
+            assert not v.locked, v.name
+
+    @rule()
+    def reopen(self) -> None:
+        super().reopen()
+        for v in self.engine.list_volumes():
+            if v.encrypted and v.locked:
+                self.engine.unlock(v.name, MODEL_KEY)
+
+
+TestEncryptedModel = EncryptedModel.TestCase
+TestEncryptedModel.settings = settings(test_model.SETTINGS,
+                                       max_examples=int(os.environ.get(
+                                           "SNAPDISK_MODEL_EXAMPLES", "40")))
