@@ -436,6 +436,13 @@ def test_cli_snapshot_copy(tmp_path: Path) -> None:
     r = run_cli(store, "--json", "snapshot", "copy", "e@s", "d", "--decrypt",
                 "--passphrase-file", str(pw))
     assert r.json()["encrypted"] is False
+    r = run_cli(store, "--json", "clone", "d@s", "d2", "--new-key", check=False)
+    assert r.returncode == errors.InvalidArgument.exit_code and "no passphrase" in r.stderr
+    r = run_cli(store, "clone", "e@s", "e2", "--new-key", "--passphrase-file", str(pw),
+                check=False)  # offline the source is locked: its key is in no server
+    assert r.returncode == errors.BadKey.exit_code and "unlock" in r.stderr
+    r = run_cli(store, "--json", "clone", "p@s", "p2", "--new-key", "--passphrase-file", str(pw))
+    assert r.json()["encrypted"] is True
 
 
 def test_ext4_image_with_a_known_file_nbdcopy_and_qemu_img_compare(
@@ -520,3 +527,29 @@ TestEncryptedModel = EncryptedModel.TestCase
 TestEncryptedModel.settings = settings(test_model.SETTINGS,
                                        max_examples=int(os.environ.get(
                                            "SNAPDISK_MODEL_EXAMPLES", "40")))
+
+
+def test_clone_new_key(tmp_path: Path, served: Callable[..., Served]) -> None:
+    s = served(make_encrypted_store(tmp_path / "store"))
+    s.call("key.unlock", volume="sec", passphrase="open sesame")
+    h = s.connect("sec")
+    h.pwrite(PATTERN, 0)
+    h.flush()
+    h.shutdown()
+    s.call("snapshot.create", volume="sec", name="s")
+    with pytest.raises(errors.InvalidArgument):
+        s.call("clone", volume="sec", snapshot="s", name="x", passphrase="p")
+    out = s.call("clone", volume="sec", snapshot="s", name="other", new_key=True,
+                 passphrase="other secret")
+    assert isinstance(out, dict) and out["encrypted"]
+    a, b = s.call("key.info", volume="sec"), s.call("key.info", volume="other")
+    assert isinstance(a, dict) and isinstance(b, dict)
+    assert a["key_id"] != b["key_id"] and b["volumes"] == ["other"]
+    s.call("key.lock", volume="sec")
+    h = s.connect("other")  # its own key: still served
+    assert h.pread(len(PATTERN), 0) == PATTERN
+    h.shutdown()
+    s.call("key.lock", volume="other")
+    with pytest.raises(errors.BadKey):
+        s.call("key.unlock", volume="other", passphrase="open sesame")
+    s.call("key.unlock", volume="other", passphrase="other secret")

@@ -217,3 +217,19 @@ def register_snapshot_copy(ssub: Any) -> None:
     g.add_argument("--encrypt", action="store_true", help="the new volume is encrypted")
     g.add_argument("--decrypt", action="store_true", help="the new volume is plain")
     add_secret_args(p)
+
+
+# ---- `clone VOL@SNAP NEW --new-key [--passphrase-file F | --key-file F]` ----------------------
+
+def add_clone_new_key_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--new-key", action="store_true",
+                   help="an encrypted clone under a new key: every allocated block is copied "
+                        "and re-encrypted (a job), nothing is shared")
+    add_secret_args(p)
+
+
+def cmd_clone_new_key(a: argparse.Namespace, ctx: Context) -> Result:
+    """`clone --new-key` is `snapshot copy --encrypt` (snapcopy.py): the blocks cannot be
+    shared, since they are encrypted under the origin's key."""
+    a.encrypt, a.decrypt = True, False
+    return cmd_snapshot_copy(a, ctx)

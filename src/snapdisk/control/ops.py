@@ -261,9 +261,18 @@ def rollback(engine: Engine, ctx: Context, volume: str, snapshot: str | int, for
             "disconnected": revoked}
 
 
-@_op("clone", engine_call="clone", volume=req(str), snapshot=req(str, int), name=req(str))
-def clone(engine: Engine, ctx: Context, volume: str, snapshot: str | int, name: str) -> Any:
-    call_with_progress(engine.clone, volume, snapshot, name, progress=ctx.progress)
+@_op("clone", engine_call="clone", volume=req(str), snapshot=req(str, int), name=req(str),
+     new_key=opt(bool, default=False), passphrase=opt(str), key_hex=opt(str))
+def clone(engine: Engine, ctx: Context, volume: str, snapshot: str | int, name: str,
+          new_key: bool, passphrase: str | None, key_hex: str | None) -> Any:
+    if new_key:  # under a new key: a re-encrypting copy (snapcopy.py), nothing shared
+        secret = keys.Secret.from_args({"passphrase": passphrase, "key_hex": key_hex})
+        call_with_progress(engine.copy_snapshot, volume, snapshot, name, "encrypt", secret,
+                           progress=ctx.progress)
+    elif passphrase is not None or key_hex is not None:
+        raise errors.InvalidArgument("clone: a passphrase or key without new_key")
+    else:
+        call_with_progress(engine.clone, volume, snapshot, name, progress=ctx.progress)
     return _volume(engine, ctx, name)
 
 
