@@ -611,3 +611,73 @@ def crash_worker_block_sample() -> bytes:
     """Filler of a block the crash worker wrote (its seq 1 content, header left out)."""
     import crash_worker
     return crash_worker.block(0, 1)[64:1024]
+
+
+COPY_CHILD = """
+import sys
+from snapdisk import keys
+from snapdisk.engine import Engine
+from snapdisk import snapcopy
+import time
+snapcopy.CHECKPOINT = 1 << 20  # a checkpoint per chunk: a kill lands between many
+_write = Engine.write
+def slow_write(self, *a, **k):  # slow enough (>= 0.3 s in all) for a kill to land midway
+    time.sleep(0.03)
+    return _write(self, *a, **k)
+Engine.write = slow_write
+e = Engine.open(sys.argv[1])
+resume = "dst" in {v.name for v in e.list_volumes()}
+done = e.volume_info("dst").extra["copying"]["done"] if resume else 0
+print("started", done, flush=True)
+e.copy_snapshot("src", "s", "dst", "encrypt", keys.Secret(key_file=bytes(range(32))),
+                resume=resume)
+print("finished", flush=True)
+"""
+
+
+def test_snapshot_copy_killed_and_resumed_gives_the_same_bytes(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+    store = str(tmp_path / "store")
+    size = 24 * MiB
+    with Engine.create(store, StoreConfig(pool_bytes=128 * MiB)) as e:
+        v = e.create_volume("src", size)
+        rng = random.Random(3)
+        for i in range(0, size, 2 * MiB):  # data with holes between
+            e.write(v.id, i, rng.randbytes(MiB))
+        e.create_snapshot("src", "s")
+        want = e.read_snapshot(v.id, 1, 0, size)
+    kf = keys.Secret(key_file=bytes(range(32)))
+    kills, resumed_from = 0, []
+    for attempt in range(20):
+        proc = subprocess.Popen([sys.executable, "-c", COPY_CHILD, store],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline().split()
+            assert line[:1] == ["started"], proc.stderr
+            resumed_from.append(int(line[1]))
+            time.sleep(random.Random(attempt).uniform(0.02, 0.3))  # the random moment
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            out, err = proc.communicate()
+        if "finished" in out:
+            break
+        with Engine.open(store) as e:  # a crash leaves the half-made volume and its marker
+            if "dst" in {x.name for x in e.list_volumes()}:
+                assert "copying" in e.volume_info("dst").extra
+    else:
+        pytest.fail("the copy never finished")
+    with Engine.open(store) as e:
+        info = e.volume_info("dst")
+        assert "copying" not in info.extra and info.encrypted
+        e.unlock("dst", kf)
+        assert e.read(info.id, 0, size) == want
+        assert e.check().ok
+    assert kills >= 1 and max(resumed_from) > 0, resumed_from  # resumed from a checkpoint

@@ -235,10 +235,11 @@ class Engine:
 
     def copy_snapshot(self, volume: str, snap: str | int, new_name: str, mode: str = "same",
                       secret: keys.Secret | None = None, progress: Progress | None = None,
-                      cancel: Cancel | None = None) -> VolumeInfo:
+                      cancel: Cancel | None = None, resume: bool = False) -> VolumeInfo:
         """snapshot copy (snapcopy.py): mode same, encrypt (under secret) or decrypt."""
         from . import snapcopy
-        return snapcopy.copy(self, volume, snap, new_name, mode, secret, progress, cancel)
+        return snapcopy.copy(self, volume, snap, new_name, mode, secret, progress, cancel,
+                             resume)
 
     # ---- the data path (volume.py) ----------------------------------------------------------
 

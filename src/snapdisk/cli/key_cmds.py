@@ -189,9 +189,10 @@ def unlock_served(ctx: Context, secrets: list[tuple[str, dict[str, Any]]]) -> li
 def cmd_snapshot_copy(a: argparse.Namespace, ctx: Context) -> Result:
     from .parsing import split_ref
     vol, snap = split_ref(a.ref)
-    args: dict[str, Any] = {"encrypt": a.encrypt, "decrypt": a.decrypt}
+    args: dict[str, Any] = {"encrypt": a.encrypt, "decrypt": a.decrypt,
+                            "resume": getattr(a, "resume", False)}
     if a.encrypt:
-        args.update(secret(a.passphrase_file, a.key_file, "passphrase", True))
+        args.update(secret(a.passphrase_file, a.key_file, "passphrase", not args["resume"]))
     elif a.passphrase_file or a.key_file:
         args.update(secret(a.passphrase_file, a.key_file, "passphrase", False))
     v = ctx.run_job(f"copy {a.ref} to {a.new}", "snapshot.copy", volume=vol, snapshot=snap,
@@ -207,7 +208,9 @@ def register_snapshot_copy(ssub: Any) -> None:
         --encrypt makes the new volume encrypted under a new key (wrapped by the passphrase or
         key file given, prompted for on a terminal); --decrypt makes it plain (the source must
         be unlocked, or give its passphrase or key file); neither keeps the source's
-        encryption (and key).  This is how a volume's encryption changes: never in place.""",
+        encryption (and key).  This is how a volume's encryption changes: never in place.
+        After a crash, the same command with --resume continues where the last checkpoint
+        (every 16 MiB) left it.""",
                     """
         snapdisk snapshot copy web@monday web-enc --encrypt --passphrase-file pw.txt
         snapdisk snapshot copy web-enc@s1 web-plain --decrypt --key-file web.key""")
@@ -216,6 +219,8 @@ def register_snapshot_copy(ssub: Any) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--encrypt", action="store_true", help="the new volume is encrypted")
     g.add_argument("--decrypt", action="store_true", help="the new volume is plain")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a copy a crash interrupted (same arguments as the first run)")
     add_secret_args(p)
 
 

@@ -54,13 +54,13 @@ def key_info(engine: Engine, ctx: Context, volume: str) -> Any:
 
 @_op("snapshot.copy", engine_call="copy_snapshot", volume=req(str), snapshot=req(str, int),
      name=req(str), encrypt=opt(bool, default=False), decrypt=opt(bool, default=False),
-     passphrase=opt(str), key_hex=opt(str))
+     passphrase=opt(str), key_hex=opt(str), resume=opt(bool, default=False))
 def snapshot_copy(engine: Engine, ctx: Context, volume: str, snapshot: str | int, name: str,
-                  encrypt: bool, decrypt: bool, passphrase: str | None, key_hex: str | None
-                  ) -> Any:
+                  encrypt: bool, decrypt: bool, passphrase: str | None, key_hex: str | None,
+                  resume: bool) -> Any:
     """A snapshot's data into a new volume, changing its encryption (a job: progress, cancel)."""
     mode, secret = snapcopy.copy_args({"encrypt": encrypt, "decrypt": decrypt,
                                        "passphrase": passphrase, "key_hex": key_hex})
     info = call_with_progress(engine.copy_snapshot, volume, snapshot, name, mode, secret,
-                              progress=ctx.progress)
+                              resume=resume, progress=ctx.progress)
     return {**info.to_dict(), "connections": 0}
