@@ -216,8 +216,8 @@ int xm_block_status(xm_store *st, uint32_t vol, uint64_t lba, uint64_t nblocks,
 
 /* ---- encrypted volumes (xm_crypt.c) -------------------------------------------------------
  * A volume's key slot: PLAIN (no cipher), LOCKED (encrypted, no key: its pool I/O returns
- * XM_ELOCKED) or UNLOCKED (AES-256-XTS on 512-byte units, 64-byte key, tweak = pbn * 8 +
- * sector).  Call with the gate closed, as xm_vol_config.  The first xm_vol_set_key sets
+ * XM_ELOCKED) or UNLOCKED (AES-256-XTS, 64-byte key, 4 KiB data units, tweak = pbn).  Call
+ * with the gate closed, as xm_vol_config.  The first xm_vol_set_key sets
  * prctl(PR_SET_DUMPABLE, 0). */
 #define XM_ELOCKED -30998         /* the volume is encrypted and its key is not loaded */
 #define XM_KEY_PLAIN 0

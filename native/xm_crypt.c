@@ -1,9 +1,15 @@
 /*
  * xm_crypt.c - per-volume data keys for the pool seam (xm_pool.c): AES-256-XTS through OpenSSL's
- * EVP (AES-NI where the CPU has it) in 512-byte data units, tweak = the unit's number in the
- * pool, pbn * 8 + sector (little-endian u64 in the first 8 of the 16 tweak bytes: dm-crypt's
- * plain64 IV on 512-byte sectors).  Confidentiality only: XTS detects no tampering (see
- * docs/encryption.md).
+ * EVP (AES-NI where the CPU has it), one 4 KiB pool block per XTS data unit, tweak = the
+ * physical block number (pbn, little-endian u64 in the first 8 of the 16 tweak bytes: dm-crypt's
+ * plain64 IV with LUKS2's sector_size 4096).  Confidentiality only: XTS detects no tampering
+ * (see docs/encryption.md).
+ *
+ * Why 4 KiB units and not 512-byte sectors: per unit, OpenSSL 3.0 needs an EVP_CipherInit_ex
+ * to set the tweak, and that call costs as much as encrypting 512 bytes: measured here, XTS runs
+ * at ~2.7-3.0 GB/s in 4 KiB units and ~1.2-1.3 GB/s in 512-byte units.  The price: a torn 4 KiB
+ * write (storage that is only 512-byte atomic) makes the whole block noise instead of a mix of
+ * old and new sectors; a block written whole (old or new) always decrypts.
  *
  * Why the pbn and not the logical block: clones share physical blocks with their origin (same
  * key), so a block must decrypt the same whichever volume maps it; and a pbn is unique in the
@@ -26,8 +32,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
-
-#define XM_CRYPT_UNIT 512 /* bytes per XTS data unit: a sector */
 
 struct xm_keyslot {
     int state; /* XM_KEY_PLAIN, XM_KEY_LOCKED, XM_KEY_UNLOCKED */
@@ -57,11 +61,15 @@ static int slot_grow(xm_store *st, uint32_t vol)
 
 static EVP_CIPHER_CTX *template_ctx(const uint8_t *key, int enc)
 {
-    EVP_CIPHER_CTX *c = EVP_CIPHER_CTX_new();
-    if (c && EVP_CipherInit_ex2(c, EVP_aes_256_xts(), key, NULL, enc, NULL) == 1)
-        return c;
-    EVP_CIPHER_CTX_free(c);
-    return NULL;
+    /* An explicitly fetched cipher: EVP_aes_256_xts() would be fetched again implicitly. */
+    EVP_CIPHER *xts = EVP_CIPHER_fetch(NULL, "AES-256-XTS", NULL);
+    EVP_CIPHER_CTX *c = xts ? EVP_CIPHER_CTX_new() : NULL;
+    if (c && EVP_CipherInit_ex2(c, xts, key, NULL, enc, NULL) != 1) {
+        EVP_CIPHER_CTX_free(c);
+        c = NULL;
+    }
+    EVP_CIPHER_free(xts); /* the context holds its own reference */
+    return c;
 }
 
 int xm_vol_set_key(xm_store *st, uint32_t vol, const uint8_t *key, size_t keylen)
@@ -151,23 +159,19 @@ int xm_crypt_begin(xm_store *st, uint32_t vol, int enc, EVP_CIPHER_CTX **out)
 int xm_crypt_blocks(EVP_CIPHER_CTX *c, uint64_t pbn, uint64_t nblocks, const uint8_t *in,
                     uint8_t *out)
 {
-    /* 512-byte data units: a torn 4 KiB write (sector-atomic storage) leaves each sector old
-     * or new and each decrypts, as for a plain volume; a 4 KiB unit would turn the whole block
-     * into noise.  The tweak is set with EVP_CipherInit_ex (key NULL: only the IV changes),
-     * measured about twice as fast as EVP_CipherInit_ex2 in OpenSSL 3.0 for 512-byte units;
-     * OSSL_CIPHER_PARAM_IV through EVP_CIPHER_CTX_set_params is accepted but ignored by XTS. */
-    uint64_t nunits = nblocks * (XM_BLOCK_SIZE / XM_CRYPT_UNIT);
-    uint64_t first = pbn * (XM_BLOCK_SIZE / XM_CRYPT_UNIT);
-    for (uint64_t i = 0; i < nunits; i++) {
+    for (uint64_t i = 0; i < nblocks; i++) {
         uint8_t tweak[16] = {0};
-        uint64_t u = first + i;
+        uint64_t p = pbn + i;
         for (int b = 0; b < 8; b++)
-            tweak[b] = (uint8_t)(u >> (8 * b));
+            tweak[b] = (uint8_t)(p >> (8 * b));
         int outl = 0;
+        /* EVP_CipherInit_ex with no cipher and no key only sets the IV (tweak): about twice as
+         * fast as EVP_CipherInit_ex2 in OpenSSL 3.0 (OSSL_CIPHER_PARAM_IV through
+         * EVP_CIPHER_CTX_set_params is accepted but ignored by XTS). */
         if (EVP_CipherInit_ex(c, NULL, NULL, NULL, tweak, -1) != 1 ||
-            EVP_CipherUpdate(c, out + i * XM_CRYPT_UNIT, &outl, in + i * XM_CRYPT_UNIT,
-                             XM_CRYPT_UNIT) != 1 ||
-            outl != XM_CRYPT_UNIT)
+            EVP_CipherUpdate(c, out + i * XM_BLOCK_SIZE, &outl, in + i * XM_BLOCK_SIZE,
+                             XM_BLOCK_SIZE) != 1 ||
+            outl != XM_BLOCK_SIZE)
             return EIO;
     }
     return XM_OK;

@@ -122,8 +122,8 @@ int xm_io_commit(xm_io *io);
 /* For pool I/O of vol: *out NULL for a plain volume, else a fresh context (enc: encrypting)
  * holding vol's key, to free with EVP_CIPHER_CTX_free; XM_ELOCKED for a locked volume. */
 int xm_crypt_begin(xm_store *st, uint32_t vol, int enc, EVP_CIPHER_CTX **out);
-/* En- or decrypt nblocks whole blocks from in to out (may be equal): XTS on 512-byte units,
- * unit k of the pool with tweak k (so block pbn's sectors are pbn*8 .. pbn*8+7). */
+/* En- or decrypt nblocks whole blocks from in to out (may be equal): XTS, one 4 KiB data unit
+ * per block, block pbn+i with tweak pbn+i. */
 int xm_crypt_blocks(EVP_CIPHER_CTX *c, uint64_t pbn, uint64_t nblocks, const uint8_t *in,
                     uint8_t *out);
 /* Wipe and free every key slot (xm_close). */

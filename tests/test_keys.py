@@ -31,6 +31,7 @@ def test_wrap_unwrap_round_trip_with_passphrase_and_key_file() -> None:
 def test_record_format() -> None:
     rec = keys.wrap(keys.new_data_key(), PW)
     assert rec["version"] == 1 and rec["cipher"] == "aes-256-xts-plain64"
+    assert rec["data_unit"] == 4096
     assert rec["wrap"] == "aes-256-gcm" and len(rec["key_id"]) == 32
     assert rec["kek"]["kdf"] == "scrypt" and rec["kek"]["n"] == 1024
     assert len(base64.b64decode(rec["kek"]["salt"])) == 16
@@ -61,7 +62,7 @@ def test_wrong_secrets_are_bad_key() -> None:
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "salt", "n", "key_id", "huge_n",
-                                    "version", "garbage"])
+                                    "version", "unit", "garbage"])
 def test_tampered_or_truncated_records_are_bad_key(damage: str) -> None:
     rec = keys.wrap(keys.new_data_key(), PW)
     w = bytearray(base64.b64decode(rec["wrapped"]))
@@ -80,6 +81,8 @@ def test_tampered_or_truncated_records_are_bad_key(damage: str) -> None:
         rec["kek"]["n"] = 1 << 40  # refused before deriving: no huge allocation
     elif damage == "version":
         rec["version"] = 2
+    elif damage == "unit":
+        rec["data_unit"] = 512
     else:
         rec["wrapped"] = "not base64!"
     with pytest.raises(errors.BadKey) as e:

@@ -1,12 +1,13 @@
 """Encrypted volumes' keys: data keys, their wrapping, and the keyring of unlocked keys.
 
 The data key of an encrypted volume is 64 random bytes: AES-256-XTS's two 256-bit keys, used by
-the C pool seam (native/xm_crypt.c; tweak = pbn * 8 + sector).  It never reaches the
+the C pool seam (native/xm_crypt.c; 4 KiB data units, tweak = physical block number).  It never reaches the
 store's files: only its wrapped form does, in the volume record's `encryption` field (VOLUMES,
 JSON; catalog.VolumeRecord), together with the parameters needed to unwrap it:
 
     {"version": 1,
-     "cipher": "aes-256-xts-plain64",          # XTS on 512-byte units, tweak pbn*8+sector
+     "cipher": "aes-256-xts-plain64",          # XTS, tweak = physical block number
+     "data_unit": 4096,                        # bytes per XTS data unit: one pool block
      "key_id": "<32 hex>",                     # random; a volume and its clones share it
      "kek": {"kind": "passphrase", "kdf": "scrypt", "salt": "<b64, 16 B>",
              "n": 65536, "r": 8, "p": 1}       # or {"kind": "key-file"}: the file's 32 bytes
@@ -52,6 +53,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from . import errors
 
 CIPHER = "aes-256-xts-plain64"
+DATA_UNIT = 4096  # native/xm_crypt.c
 DATA_KEY_BYTES = 64
 KEK_BYTES = 32
 KEY_FILE_BYTES = 32
@@ -152,7 +154,7 @@ def new_data_key() -> bytearray:
 
 def wrap(data_key: bytearray, secret: Secret, key_id: str | None = None) -> dict[str, Any]:
     """A new key record for data_key under secret (fresh salt and nonce)."""
-    rec: dict[str, Any] = {"version": RECORD_VERSION, "cipher": CIPHER,
+    rec: dict[str, Any] = {"version": RECORD_VERSION, "cipher": CIPHER, "data_unit": DATA_UNIT,
                            "key_id": key_id or secrets.token_hex(16),
                            "kek": _kek_params(secret), "wrap": "aes-256-gcm"}
     nonce = secrets.token_bytes(12)
@@ -165,7 +167,8 @@ def wrap(data_key: bytearray, secret: Secret, key_id: str | None = None) -> dict
 def unwrap(rec: dict[str, Any], secret: Secret) -> bytearray:
     """The data key of rec; errors.BadKey for a wrong secret or a damaged record."""
     if not isinstance(rec, dict) or rec.get("version") != RECORD_VERSION \
-            or rec.get("cipher") != CIPHER or rec.get("wrap") != "aes-256-gcm" \
+            or rec.get("cipher") != CIPHER or rec.get("data_unit") != DATA_UNIT \
+            or rec.get("wrap") != "aes-256-gcm" \
             or not isinstance(rec.get("kek"), dict):
         raise errors.BadKey("the wrapped key record is damaged or of an unknown version")
     kek = _derive(secret, rec["kek"])
@@ -185,7 +188,8 @@ def unwrap(rec: dict[str, Any], secret: Secret) -> bytearray:
 def public_info(rec: dict[str, Any]) -> dict[str, Any]:
     """What `key info` shows: cipher, KDF and parameters, key id; never the key or its wrap."""
     kek = rec.get("kek") or {}
-    return {"cipher": rec.get("cipher"), "key_id": rec.get("key_id"), "wrap": rec.get("wrap"),
+    return {"cipher": rec.get("cipher"), "data_unit": rec.get("data_unit"),
+            "key_id": rec.get("key_id"), "wrap": rec.get("wrap"),
             "kek": {k: v for k, v in kek.items() if k != "salt"}}
 
 
