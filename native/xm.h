@@ -231,6 +231,7 @@ int xm_vol_lock(xm_store *st, uint32_t vol);
 int xm_vol_clear_key(xm_store *st, uint32_t vol);
 /* encrypted: LOCKED unless already LOCKED or UNLOCKED (a loaded key stays); else PLAIN. */
 int xm_vol_mark_encrypted(xm_store *st, uint32_t vol, int encrypted);
+/* vol's slot state; takes the gate shared (do not call it with the gate held). */
 int xm_vol_key_state(xm_store *st, uint32_t vol);
 
 /* cdef-end */

@@ -126,7 +126,11 @@ int xm_vol_clear_key(xm_store *st, uint32_t vol)
 
 int xm_vol_key_state(xm_store *st, uint32_t vol)
 {
-    return vol < st->nkeys ? st->keys[vol].state : XM_KEY_PLAIN;
+    /* Called without the gate (listings): take it shared, as the table may be resized. */
+    xm_gate_enter(st);
+    int state = vol < st->nkeys ? st->keys[vol].state : XM_KEY_PLAIN;
+    xm_gate_leave(st);
+    return state;
 }
 
 void xm_crypt_close(xm_store *st)
