@@ -118,3 +118,13 @@ def test_keyring_zeroes_dropped_keys() -> None:
     assert ring.get("a") is key and "a" in ring
     ring.clear()
     assert key == bytearray(64) and ring.get("a") is None
+
+
+def test_a_malformed_secret_argument_is_not_echoed() -> None:
+    from snapdisk.control import ops
+    with pytest.raises(errors.InvalidArgument) as e:
+        ops.validate(ops.OPS["key.unlock"], {"volume": "v", "passphrase": 123456789})
+    assert "123456789" not in str(e.value) and "passphrase" in str(e.value)
+    with pytest.raises(errors.InvalidArgument) as e:
+        ops.validate(ops.OPS["key.unlock"], {"volume": 123456789})
+    assert "123456789" in str(e.value)  # other arguments are shown, as before

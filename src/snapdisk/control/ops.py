@@ -123,8 +123,9 @@ def validate(op: Op, args: dict[str, Any]) -> dict[str, Any]:
             continue
         # bool is an int in Python, never in the protocol.
         if not isinstance(value, spec.types) or (isinstance(value, bool) and bool not in spec.types):
+            shown = "" if name in SECRET_ARGS else f" {value!r:.60}"  # no secret in errors
             raise errors.InvalidArgument(f"{op.name}: argument {name!r} must be {spec.type_name}, "
-                                         f"not {type(value).__name__} {value!r:.60}")
+                                         f"not {type(value).__name__}{shown}")
         out[name] = value
     return out
 
