@@ -15,7 +15,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 HEADERS = ["xm_layout.h", "xm.h"]  # in include order
-SOURCES = ["xm_map.c", "xm_env.c", "xm_kv.c", "xm_pool.c", "xm_io.c", "xm_row.c", "xm_verify.c", "xm_space.c"]
+SOURCES = ["xm_map.c", "xm_env.c", "xm_kv.c", "xm_pool.c", "xm_io.c", "xm_row.c", "xm_verify.c", "xm_space.c",
+           "xm_crypt.c"]
 
 
 def cdef_section(name: str) -> str:
@@ -39,7 +40,7 @@ ffibuilder.set_source(
     sources=[os.path.join("native", name) for name in SOURCES],
     depends=[os.path.join("native", name) for name in [*HEADERS, "xm_internal.h"]],
     include_dirs=[HERE],
-    libraries=["lmdb", "pthread"],
+    libraries=["lmdb", "pthread", "crypto"],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-std=gnu11"],
 )
 

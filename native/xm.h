@@ -180,12 +180,15 @@ int xm_live_overlap(xm_txn *txn, uint32_t vol, uint64_t lba, uint64_t nblocks,
  * blocks only (a partial block is read whole, or read, patched and written whole), so a
  * block-granular transform (a cipher, with the pbn as tweak) can be added in one place. */
 
-/* nbytes from block pbn at offset_in_block into buf; never-written space reads as zeros. */
-int xm_pool_read(xm_store *st, uint64_t pbn, uint64_t offset_in_block, uint64_t nbytes, uint8_t *buf);
-/* nbytes from buf to block pbn at offset_in_block; partial blocks are read-modify-written.
- * A full filesystem is ENOSPC (EDQUOT too). */
-int xm_pool_write(xm_store *st, uint64_t pbn, uint64_t offset_in_block, uint64_t nbytes,
-                  const uint8_t *buf);
+/* nbytes from block pbn at offset_in_block into buf; never-written space reads as zeros.
+ * vol is the volume whose data the blocks hold: an encrypted volume's blocks are decrypted with
+ * its key (XM_ELOCKED if it is locked); see xm_crypt.c.  Call with the gate held. */
+int xm_pool_read(xm_store *st, uint32_t vol, uint64_t pbn, uint64_t offset_in_block,
+                 uint64_t nbytes, uint8_t *buf);
+/* nbytes from buf to block pbn at offset_in_block; partial blocks are read-modify-written
+ * (decrypted, patched, encrypted).  A full filesystem is ENOSPC (EDQUOT too). */
+int xm_pool_write(xm_store *st, uint32_t vol, uint64_t pbn, uint64_t offset_in_block,
+                  uint64_t nbytes, const uint8_t *buf);
 /* Give nblocks from pbn back to the filesystem (they read as zeros after).  A filesystem without
  * hole punching keeps the space: that is success. */
 int xm_pool_punch(xm_store *st, uint64_t pbn, uint64_t nblocks);
@@ -229,6 +232,25 @@ typedef struct {
  * room left on the filesystem (it tries to take more first). */
 int xm_space_check(xm_store *st, int what);
 int xm_space_info(xm_store *st, xm_space *out);
+/* ---- encrypted volumes (xm_crypt.c) -------------------------------------------------------
+ * A volume's key slot: PLAIN (no cipher), LOCKED (encrypted, no key: its pool I/O returns
+ * XM_ELOCKED) or UNLOCKED (AES-256-XTS, 64-byte key, 4 KiB data units, tweak = pbn).  Call
+ * with the gate closed, as xm_vol_config.  The first xm_vol_set_key sets
+ * prctl(PR_SET_DUMPABLE, 0). */
+#define XM_ELOCKED -30998         /* the volume is encrypted and its key is not loaded */
+#define XM_KEY_PLAIN 0
+#define XM_KEY_LOCKED 1
+#define XM_KEY_UNLOCKED 2
+#define XM_KEY_BYTES 64           /* AES-256-XTS: two 256-bit keys */
+int xm_vol_set_key(xm_store *st, uint32_t vol, const uint8_t *key, size_t keylen);
+/* Wipe vol's key (if any) and mark it LOCKED. */
+int xm_vol_lock(xm_store *st, uint32_t vol);
+/* Wipe vol's key (if any) and mark it PLAIN. */
+int xm_vol_clear_key(xm_store *st, uint32_t vol);
+/* encrypted: LOCKED unless already LOCKED or UNLOCKED (a loaded key stays); else PLAIN. */
+int xm_vol_mark_encrypted(xm_store *st, uint32_t vol, int encrypted);
+/* vol's slot state; takes the gate shared (do not call it with the gate held). */
+int xm_vol_key_state(xm_store *st, uint32_t vol);
 
 /* cdef-end */
 

@@ -55,6 +55,7 @@ const char *xm_strerror(int rc)
     case XM_ESPACE: return "output array too small";
     case XM_EBUSY: return "store already open in this process";
     case XM_EMAPFULL: return "metadata map full";
+    case XM_ELOCKED: return "volume is encrypted and locked";
     default: return rc > 0 ? strerror(rc) : mdb_strerror(rc);
     }
 }
@@ -215,6 +216,7 @@ void xm_close(xm_store *st)
         pthread_mutex_destroy(&st->rmw[i]);
     xm_space_close(st);
     free(st->vols);
+    xm_crypt_close(st); /* wipe keys */
     free(st);
 }
 

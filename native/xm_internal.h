@@ -16,6 +16,10 @@
 #define BATCH 256      /* map records a hot-path call decodes at a time */
 #define RMW_LOCKS 64   /* stripes of the pool seam's read-modify-write lock */
 
+/* Encrypted volumes (xm_crypt.c): key slot states, as xm_vol_key_state returns them. */
+typedef struct xm_keyslot xm_keyslot;
+typedef struct evp_cipher_ctx_st EVP_CIPHER_CTX; /* OpenSSL's, as <openssl/types.h> has it */
+
 typedef struct {
     uint64_t size_bytes;
     uint64_t max_snap;
@@ -48,6 +52,10 @@ struct xm_store {
     pthread_mutex_t space_mu;
     uint64_t space_psize, space_ahead, space_reserved;
     int space_low, space_nofalloc;
+    /* Encrypted volumes (xm_crypt.c): a key slot per volume id; changed only with the gate
+     * closed, freed and cleansed by xm_crypt_close (called from xm_close). */
+    xm_keyslot *keys;
+    uint32_t nkeys;
 };
 
 struct xm_txn {
@@ -121,5 +129,16 @@ void xm_space_open(xm_store *st);
 void xm_space_close(xm_store *st);
 /* After every commit of a write transaction: top data.mdb's reservation up. */
 void xm_space_after_commit(xm_store *st);
+/* ---- encrypted volumes (xm_crypt.c) ------------------------------------------------------ */
+
+/* For pool I/O of vol: *out NULL for a plain volume, else a fresh context (enc: encrypting)
+ * holding vol's key, to free with EVP_CIPHER_CTX_free; XM_ELOCKED for a locked volume. */
+int xm_crypt_begin(xm_store *st, uint32_t vol, int enc, EVP_CIPHER_CTX **out);
+/* En- or decrypt nblocks whole blocks from in to out (may be equal): XTS, one 4 KiB data unit
+ * per block, block pbn+i with tweak pbn+i. */
+int xm_crypt_blocks(EVP_CIPHER_CTX *c, uint64_t pbn, uint64_t nblocks, const uint8_t *in,
+                    uint8_t *out);
+/* Wipe and free every key slot (xm_close). */
+void xm_crypt_close(xm_store *st);
 
 #endif

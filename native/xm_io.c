@@ -69,8 +69,8 @@ int xm_io_end(xm_io *io, int rc)
 
 /* For each run of plan[], the bytes of [offset, offset+length) it covers: read into buf, or
  * (wbuf) written from wbuf.  A write never meets a hole: the caller checked coverage. */
-static int apply_plan(xm_store *st, const xm_extent *plan, size_t np, uint64_t offset,
-                      uint64_t length, uint8_t *buf, const uint8_t *wbuf)
+static int apply_plan(xm_store *st, uint32_t vol, const xm_extent *plan, size_t np,
+                      uint64_t offset, uint64_t length, uint8_t *buf, const uint8_t *wbuf)
 {
     uint64_t end = offset + length;
     for (size_t i = 0; i < np; i++) {
@@ -85,8 +85,8 @@ static int apply_plan(xm_store *st, const xm_extent *plan, size_t np, uint64_t o
             memset(buf + (s - offset), 0, e - s);
             continue;
         }
-        rc = wbuf ? xm_pool_write(st, plan[i].pbn, s - rs, e - s, wbuf + (s - offset))
-                  : xm_pool_read(st, plan[i].pbn, s - rs, e - s, buf + (s - offset));
+        rc = wbuf ? xm_pool_write(st, vol, plan[i].pbn, s - rs, e - s, wbuf + (s - offset))
+                  : xm_pool_read(st, vol, plan[i].pbn, s - rs, e - s, buf + (s - offset));
         if (rc)
             return rc;
     }
@@ -111,7 +111,7 @@ int xm_read(xm_store *st, uint32_t vol, uint64_t offset, uint64_t length, uint8_
         if (upto > end)
             upto = end;
         if ((rc = xm_plan(recs, n, pos, upto - pos, plan, PLAN_CAP, &np)) ||
-            (rc = apply_plan(st, plan, np, offset, length, buf, NULL)))
+            (rc = apply_plan(st, vol, plan, np, offset, length, buf, NULL)))
             return xm_io_end(&io, rc);
         pos = upto;
     }
@@ -143,7 +143,7 @@ int xm_write_inplace(xm_store *st, uint32_t vol, uint64_t offset, uint64_t lengt
     if (rc == XM_OK && pos < hi)
         rc = XM_ESLOW;
     if (rc == XM_OK && (rc = xm_plan(recs, n, lo, hi - lo, plan, PLAN_CAP, &np)) == XM_OK)
-        rc = apply_plan(st, plan, np, offset, length, NULL, buf);
+        rc = apply_plan(st, vol, plan, np, offset, length, NULL, buf);
     if (rc == XM_OK)
         STAT_ADD(st, fast_writes, 1);
     else if (rc == XM_ESLOW)

@@ -53,6 +53,7 @@
 
 #define XM_VS_BIRTH_INDEXED 1     /* VOLSTATE flag: LIVEBIRTH may hold records of the volume */
 #define XM_VS_SHARED 2            /* VOLSTATE flag: some record was copied by rollback or clone */
+#define XM_VS_ENCRYPTED 4         /* VOLSTATE flag: the volume's blocks are encrypted (xm_crypt.c) */
 
 /* Databases the key/value API addresses by number (the order of XM_DB_NAMES). */
 #define XM_DB_META 0

@@ -6,12 +6,12 @@
  * Whole blocks only: a request that starts or ends inside a block reads that block whole (and
  * on a write patches it and writes it back whole: read-modify-write under a striped lock, so two
  * writes to different bytes of one block cannot lose each other's bytes; overlapping concurrent
- * writes have no defined order in NBD anyway).  That is what a block cipher needs, and it is the
- * one place one goes: a per-volume transform hook (for example XTS with the pbn as tweak) would
- * be called on each whole block where the TRANSFORM comments are, decrypting after the read and
- * encrypting a copy before the write.  Its key would come from a table on the store; since
- * clones share blocks, a key belongs to a volume and all its clones, and the seam's callers
- * would then pass the volume (today's signatures take the store and block addresses only).
+ * writes have no defined order in NBD anyway).  That is what a block cipher needs, and this is
+ * the one place it goes: every call names the volume whose data the blocks hold, and an
+ * encrypted volume's blocks (xm_crypt.c: AES-256-XTS, tweak from the pbn) are decrypted in the
+ * caller's buffer after each read and encrypted into a bounce buffer before each write, so only
+ * ciphertext reaches the file.  A locked volume's I/O is XM_ELOCKED before the file is touched.
+ * Clones share blocks, so they share their origin's key (the Python side registers it).
  *
  * Errors are errno values; a full filesystem is ENOSPC (EDQUOT, a quota, too: the client is
  * told "no space" either way).
@@ -20,6 +20,9 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -73,28 +76,46 @@ static int locate(uint64_t *pbn, uint64_t *off, uint64_t nbytes)
     return XM_OK;
 }
 
-static int read_blocks(xm_store *st, uint64_t pbn, uint64_t nblocks, uint8_t *buf)
+#define BOUNCE_MAX (256 * XM_BLOCK_SIZE) /* encrypt at most 1 MiB per pwrite */
+
+static int read_blocks(xm_store *st, EVP_CIPHER_CTX *c, uint64_t pbn, uint64_t nblocks,
+                       uint8_t *buf)
 {
     int rc = pread_full(st->pool_fd, buf, nblocks * XM_BLOCK_SIZE, pbn * XM_BLOCK_SIZE);
-    /* TRANSFORM: decrypt each block of buf in place here. */
+    if (rc == XM_OK && c) /* a never-written (zero) block decrypts to noise: nothing reads one */
+        rc = xm_crypt_blocks(c, pbn, nblocks, buf, buf);
     return rc;
 }
 
-static int write_blocks(xm_store *st, uint64_t pbn, uint64_t nblocks, const uint8_t *buf)
+static int write_blocks(xm_store *st, EVP_CIPHER_CTX *c, uint64_t pbn, uint64_t nblocks,
+                        const uint8_t *buf)
 {
-    /* TRANSFORM: encrypt into a bounce buffer here (buf is the caller's). */
-    return pwrite_full(st->pool_fd, buf, nblocks * XM_BLOCK_SIZE, pbn * XM_BLOCK_SIZE);
+    if (!c)
+        return pwrite_full(st->pool_fd, buf, nblocks * XM_BLOCK_SIZE, pbn * XM_BLOCK_SIZE);
+    /* buf is the caller's (and plaintext): encrypt into a bounce buffer, up to 1 MiB a time. */
+    uint64_t chunk = nblocks * XM_BLOCK_SIZE < BOUNCE_MAX ? nblocks : BOUNCE_MAX / XM_BLOCK_SIZE;
+    uint8_t *bounce = malloc(chunk * XM_BLOCK_SIZE);
+    if (!bounce)
+        return ENOMEM;
+    int rc = XM_OK;
+    for (uint64_t i = 0; i < nblocks && rc == XM_OK; i += chunk) {
+        uint64_t n = nblocks - i < chunk ? nblocks - i : chunk;
+        rc = xm_crypt_blocks(c, pbn + i, n, buf + i * XM_BLOCK_SIZE, bounce);
+        if (rc == XM_OK)
+            rc = pwrite_full(st->pool_fd, bounce, n * XM_BLOCK_SIZE, (pbn + i) * XM_BLOCK_SIZE);
+    }
+    free(bounce); /* ciphertext only: nothing to wipe */
+    return rc;
 }
 
-int xm_pool_read(xm_store *st, uint64_t pbn, uint64_t off, uint64_t nbytes, uint8_t *buf)
+static int pool_read(xm_store *st, EVP_CIPHER_CTX *c, uint64_t pbn, uint64_t off, uint64_t nbytes,
+                     uint8_t *buf)
 {
     uint8_t blk[XM_BLOCK_SIZE];
     int rc;
-    if ((rc = locate(&pbn, &off, nbytes)))
-        return rc;
     if (off && nbytes) { /* a partial first block */
         uint64_t n = XM_BLOCK_SIZE - off < nbytes ? XM_BLOCK_SIZE - off : nbytes;
-        if ((rc = read_blocks(st, pbn, 1, blk)))
+        if ((rc = read_blocks(st, c, pbn, 1, blk)))
             return rc;
         memcpy(buf, blk + off, n);
         buf += n;
@@ -102,54 +123,87 @@ int xm_pool_read(xm_store *st, uint64_t pbn, uint64_t off, uint64_t nbytes, uint
         pbn++;
     }
     uint64_t whole = nbytes / XM_BLOCK_SIZE;
-    if (whole && (rc = read_blocks(st, pbn, whole, buf)))
+    if (whole && (rc = read_blocks(st, c, pbn, whole, buf)))
         return rc;
     buf += whole * XM_BLOCK_SIZE;
     nbytes -= whole * XM_BLOCK_SIZE;
     if (nbytes) { /* a partial last block */
-        if ((rc = read_blocks(st, pbn + whole, 1, blk)))
+        if ((rc = read_blocks(st, c, pbn + whole, 1, blk)))
             return rc;
         memcpy(buf, blk, nbytes);
     }
     return XM_OK;
 }
 
+int xm_pool_read(xm_store *st, uint32_t vol, uint64_t pbn, uint64_t off, uint64_t nbytes,
+                 uint8_t *buf)
+{
+    EVP_CIPHER_CTX *c;
+    int rc;
+    if ((rc = locate(&pbn, &off, nbytes)) || (rc = xm_crypt_begin(st, vol, 0, &c)))
+        return rc;
+    rc = pool_read(st, c, pbn, off, nbytes, buf);
+    EVP_CIPHER_CTX_free(c);
+    return rc;
+}
+
 /* Write n bytes at off inside block pbn, keeping the block's other bytes. */
-static int patch_block(xm_store *st, uint64_t pbn, uint64_t off, uint64_t n, const uint8_t *src)
+static int patch_block(xm_store *st, EVP_CIPHER_CTX *enc, EVP_CIPHER_CTX *dec, uint64_t pbn,
+                       uint64_t off, uint64_t n, const uint8_t *src)
 {
     uint8_t blk[XM_BLOCK_SIZE];
     pthread_mutex_t *mu = &st->rmw[pbn % RMW_LOCKS];
     pthread_mutex_lock(mu);
-    int rc = read_blocks(st, pbn, 1, blk);
+    int rc = read_blocks(st, dec, pbn, 1, blk);
     if (rc == XM_OK) {
         memcpy(blk + off, src, n);
-        rc = write_blocks(st, pbn, 1, blk);
+        rc = write_blocks(st, enc, pbn, 1, blk);
     }
     pthread_mutex_unlock(mu);
+    if (dec)
+        OPENSSL_cleanse(blk, sizeof blk); /* plaintext of an encrypted volume */
     return rc;
 }
 
-int xm_pool_write(xm_store *st, uint64_t pbn, uint64_t off, uint64_t nbytes, const uint8_t *buf)
+static int pool_write(xm_store *st, EVP_CIPHER_CTX *enc, EVP_CIPHER_CTX *dec, uint64_t pbn,
+                      uint64_t off, uint64_t nbytes, const uint8_t *buf)
 {
     int rc;
-    if ((rc = locate(&pbn, &off, nbytes)))
-        return rc;
     if (off && nbytes) {
         uint64_t n = XM_BLOCK_SIZE - off < nbytes ? XM_BLOCK_SIZE - off : nbytes;
-        if ((rc = patch_block(st, pbn, off, n, buf)))
+        if ((rc = patch_block(st, enc, dec, pbn, off, n, buf)))
             return rc;
         buf += n;
         nbytes -= n;
         pbn++;
     }
     uint64_t whole = nbytes / XM_BLOCK_SIZE;
-    if (whole && (rc = write_blocks(st, pbn, whole, buf)))
+    if (whole && (rc = write_blocks(st, enc, pbn, whole, buf)))
         return rc;
     buf += whole * XM_BLOCK_SIZE;
     nbytes -= whole * XM_BLOCK_SIZE;
     if (nbytes)
-        return patch_block(st, pbn + whole, 0, nbytes, buf);
+        return patch_block(st, enc, dec, pbn + whole, 0, nbytes, buf);
     return XM_OK;
+}
+
+int xm_pool_write(xm_store *st, uint32_t vol, uint64_t pbn, uint64_t off, uint64_t nbytes,
+                  const uint8_t *buf)
+{
+    EVP_CIPHER_CTX *enc = NULL, *dec = NULL;
+    int rc;
+    if ((rc = locate(&pbn, &off, nbytes)) || (rc = xm_crypt_begin(st, vol, 1, &enc)))
+        return rc;
+    /* A decrypting context too only if a partial block needs read-modify-write. */
+    if (enc && ((off && nbytes) || (off + nbytes) % XM_BLOCK_SIZE) &&
+        (rc = xm_crypt_begin(st, vol, 0, &dec))) {
+        EVP_CIPHER_CTX_free(enc);
+        return rc;
+    }
+    rc = pool_write(st, enc, dec, pbn, off, nbytes, buf);
+    EVP_CIPHER_CTX_free(enc);
+    EVP_CIPHER_CTX_free(dec);
+    return rc;
 }
 
 int xm_pool_punch(xm_store *st, uint64_t pbn, uint64_t nblocks)

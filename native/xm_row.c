@@ -268,8 +268,9 @@ static int overlay(xm_store *st, MDB_txn *t, MDB_cursor *c, uint32_t vol, xm_vol
 
 /* Full-block content of blocks [a, b) for a write of [offset, offset+length): the new data,
  * and the old content of partly written first and last blocks (read-modify-write). */
-static int fill_blocks(xm_store *st, const xm_extent *recs, size_t n, uint64_t a, uint64_t b,
-                       uint64_t offset, uint64_t length, const uint8_t *buf, uint8_t *out)
+static int fill_blocks(xm_store *st, uint32_t vol, const xm_extent *recs, size_t n, uint64_t a,
+                       uint64_t b, uint64_t offset, uint64_t length, const uint8_t *buf,
+                       uint8_t *out)
 {
     uint64_t end = offset + length;
     uint64_t edges[2] = {a, b - 1};
@@ -282,8 +283,8 @@ static int fill_blocks(xm_store *st, const xm_extent *recs, size_t n, uint64_t a
             continue;
         for (size_t j = 0; j < n; j++) {
             if (recs[j].lba <= blk && blk < recs[j].lba + recs[j].len) {
-                int rc = xm_pool_read(st, recs[j].pbn + blk - recs[j].lba, 0, XM_BLOCK_SIZE,
-                                      out + (blk - a) * XM_BLOCK_SIZE);
+                int rc = xm_pool_read(st, vol, recs[j].pbn + blk - recs[j].lba, 0,
+                                      XM_BLOCK_SIZE, out + (blk - a) * XM_BLOCK_SIZE);
                 if (rc)
                     return rc;
                 break;
@@ -307,12 +308,12 @@ static int redirect_run(xm_store *st, MDB_txn *t, MDB_cursor *c, uint32_t vol, x
     uint8_t *data = malloc((b - a) * XM_BLOCK_SIZE);
     if (!data)
         return ENOMEM;
-    if ((rc = fill_blocks(st, recs, n, a, b, offset, length, buf, data)) ||
+    if ((rc = fill_blocks(st, vol, recs, n, a, b, offset, length, buf, data)) ||
         (rc = allocate(st, t, b - a, runs, MAX_RUNS, &nruns)))
         goto out;
     uint64_t pos = 0;
     for (size_t r = 0; r < nruns && rc == XM_OK; r++) {
-        if ((rc = xm_pool_write(st, runs[r].pbn, 0, (uint64_t)runs[r].len * XM_BLOCK_SIZE,
+        if ((rc = xm_pool_write(st, vol, runs[r].pbn, 0, (uint64_t)runs[r].len * XM_BLOCK_SIZE,
                                 data + pos * XM_BLOCK_SIZE)))
             break;
         for (uint64_t k = 0; k < runs[r].len && rc == XM_OK; k += XM_MAX_EXTENT) {
@@ -401,8 +402,8 @@ int xm_write_row(xm_store *st, uint32_t vol, uint64_t offset, uint64_t length, c
         uint64_t s = inplace[i].lba * XM_BLOCK_SIZE > offset ? inplace[i].lba * XM_BLOCK_SIZE : offset;
         uint64_t e = (inplace[i].lba + inplace[i].len) * XM_BLOCK_SIZE;
         e = e < end ? e : end;
-        rc = xm_pool_write(st, inplace[i].pbn, s - inplace[i].lba * XM_BLOCK_SIZE, e - s,
-                           buf + (s - offset));
+        rc = xm_pool_write(st, vol, inplace[i].pbn, s - inplace[i].lba * XM_BLOCK_SIZE,
+                           e - s, buf + (s - offset));
     }
     return xm_io_end(&io, rc);
 }

@@ -186,6 +186,8 @@ class VolumeInfo:
     snapshots_manual: int
     snapshots_auto: int
     extra: dict[str, Any] = field(default_factory=dict)
+    encrypted: bool = False  # keys.py / encryption.py
+    locked: bool = False  # encrypted and its key not loaded (set by the Engine)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -282,4 +284,4 @@ def info(t: Txn, vol: int) -> VolumeInfo:
     rec = vol_record(t, vol)
     return VolumeInfo(vol, rec.name, vs.size_bytes, rec.created, rec.origin,
                       vs.live_blocks * BLOCK_SIZE, vs.nsnaps, rec.snapshots_manual,
-                      rec.snapshots_auto, dict(rec.extra))
+                      rec.snapshots_auto, dict(rec.extra), rec.encryption is not None)

@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from . import allocator, capacity, catalog, errors, layout
+from . import allocator, capacity, catalog, encryption, errors, keys, layout
 from .catalog import SnapshotInfo, VolumeInfo
 from .check import CheckReport, check_store
 from .layout import (
@@ -30,6 +30,7 @@ from .layout import (
     DB_VOLSTATE,
     DB_VOLUMES,
 )
+from .native import KEY_UNLOCKED
 from .policies import Policies
 from .pool import Pool
 from .snapshots import Cancel, Progress, Snapshots, Steps
@@ -48,6 +49,8 @@ class Engine:
                            os.environ.get("SNAPDISK_WRITE_PATH") != "python")
         self.snapshots = Snapshots(self.native, sd.config, self.io)
         self.policies = Policies(sd, self.snapshots)  # policies, quotas, the scheduler's I/O
+        self.keyring = keys.Keyring()  # unlocked data keys (encryption.py)
+        self.keys = encryption.VolumeKeys(self.native, self.keyring)
         self._recover()
 
     @classmethod
@@ -62,6 +65,7 @@ class Engine:
         try:
             self.native.sync()
         finally:
+            self.keyring.clear()  # the C side wipes its contexts in xm_close
             self.sd.close()
 
     def __enter__(self) -> Engine:
@@ -112,12 +116,16 @@ class Engine:
 
     def volume_info(self, name: str) -> VolumeInfo:
         with self.native.txn() as t:
-            return catalog.info(t, catalog.vol_id(t, name))
+            return self._locked(catalog.info(t, catalog.vol_id(t, name)))
 
     def list_volumes(self) -> list[VolumeInfo]:
         with self.native.txn() as t:
-            return sorted((catalog.info(t, v) for v in catalog.volume_ids(t)),
+            return sorted((self._locked(catalog.info(t, v)) for v in catalog.volume_ids(t)),
                           key=lambda i: i.name)
+
+    def _locked(self, info: VolumeInfo) -> VolumeInfo:
+        info.locked = info.encrypted and self.native.vol_key_state(info.id) != KEY_UNLOCKED
+        return info
 
     def list_snapshots(self, volume: str, with_usage: bool = True) -> list[SnapshotInfo]:
         with self.native.txn() as t:
@@ -137,13 +145,19 @@ class Engine:
 
     # ---- volumes ----------------------------------------------------------------------------
 
-    def create_volume(self, name: str, size_bytes: int, extra: dict[str, Any] | None = None
-                      ) -> VolumeInfo:
+    def create_volume(self, name: str, size_bytes: int, extra: dict[str, Any] | None = None,
+                      encrypt: keys.Secret | None = None) -> VolumeInfo:
+        """A new volume; encrypt: encrypted under a new data key wrapped by that passphrase
+        or key file, and unlocked."""
         catalog.check_name(name, "volume")
         catalog.check_size(size_bytes)
         with self.native.txn(write=True) as t:
             vs = catalog.new_volume(t, name, size_bytes, None, extra or {})
+            if encrypt is not None:
+                encryption.init_new(t, vs, encrypt, self.keyring)
         self._configure_gated(vs)
+        if encrypt is not None:
+            self.keys.load([vs.vol])
         return self.volume_info(name)
 
     def resize_volume(self, name: str, size_bytes: int) -> VolumeInfo:
@@ -184,6 +198,8 @@ class Engine:
                 t.delete(DB_VOLUMES, prefix)
                 t.delete(DB_VOLSTATE, prefix)
             self.native.vol_forget(vol)
+            self.native.vol_mark_encrypted(vol, False)  # wipes its key slot
+        self.keys.forget_unused()
         self.io.punch(freed, PUNCH_BULK_MIN_BLOCKS)
 
     # ---- snapshots (snapshots.py) -----------------------------------------------------------
@@ -202,8 +218,31 @@ class Engine:
 
     def clone(self, volume: str, snap: str | int, new_name: str,
               progress: Progress | None = None, cancel: Cancel | None = None) -> VolumeInfo:
-        self.snapshots.clone(volume, snap, new_name, progress, cancel)
+        vol = self.snapshots.clone(volume, snap, new_name, progress, cancel)
+        self.keys.load([vol])  # an encrypted origin's key, if unlocked here
         return self.volume_info(new_name)
+
+    # ---- encrypted volumes (encryption.py) ---------------------------------------------------
+
+    def unlock(self, name: str, secret: keys.Secret) -> dict[str, Any]:
+        return self.keys.unlock(name, secret)
+
+    def lock(self, name: str) -> dict[str, Any]:
+        return self.keys.lock(name)
+
+    def rotate_key(self, name: str, old: keys.Secret, new: keys.Secret) -> dict[str, Any]:
+        return self.keys.rotate(name, old, new)
+
+    def key_info(self, name: str) -> dict[str, Any]:
+        return self.keys.info(name)
+
+    def copy_snapshot(self, volume: str, snap: str | int, new_name: str, mode: str = "same",
+                      secret: keys.Secret | None = None, progress: Progress | None = None,
+                      cancel: Cancel | None = None, resume: bool = False) -> VolumeInfo:
+        """snapshot copy (snapcopy.py): mode same, encrypt (under secret) or decrypt."""
+        from . import snapcopy
+        return snapcopy.copy(self, volume, snap, new_name, mode, secret, progress, cancel,
+                             resume)
 
     # ---- the data path (volume.py) ----------------------------------------------------------
 

@@ -79,6 +79,7 @@ INFINITY: int = native.INFINITY
 F_SHARED: int = native.F_SHARED
 VS_BIRTH_INDEXED: int = native.VS_BIRTH_INDEXED
 VS_SHARED: int = native.VS_SHARED
+VS_ENCRYPTED: int = native.VS_ENCRYPTED  # the volume's blocks are encrypted (docs/encryption.md)
 U32_MAX = (1 << 32) - 1
 U64_MAX = (1 << 64) - 1
 

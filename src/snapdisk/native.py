@@ -23,6 +23,7 @@ HOLE: int = lib.XM_HOLE
 F_SHARED: int = lib.XM_F_SHARED
 VS_BIRTH_INDEXED: int = lib.XM_VS_BIRTH_INDEXED
 VS_SHARED: int = lib.XM_VS_SHARED
+VS_ENCRYPTED: int = lib.XM_VS_ENCRYPTED
 INFINITY: int = lib.XM_INFINITY
 FORMAT_VERSION: int = lib.XM_FORMAT_VERSION
 
@@ -89,6 +90,8 @@ def check(rc: int, what: str) -> None:
         raise errors.ReadOnly(f"{what}: read-only")
     if rc == lib.XM_ECORRUPT:
         raise errors.Corrupt(f"{what}: corrupt metadata (run `snapdisk check`)")
+    if rc == lib.XM_ELOCKED:
+        raise errors.BadKey(f"{what}: the volume is encrypted and locked (`snapdisk key unlock`)")
     raise native_error(rc, what)
 
 
@@ -415,6 +418,27 @@ class NativeStore:
         return from_c(out, n[0])
 
 
+    # ---- encrypted volumes (xm_crypt.c): key slots of the pool seam ---------------------------
+    # Call these with the gate closed (gate_exclusive), as vol_config.
+
+    def vol_set_key(self, vol: int, key: bytearray) -> None:
+        """Load vol's 64-byte XTS data key into the pool seam.  The caller wipes its bytearray
+        after; C keeps only OpenSSL's expanded key, cleansed on lock and close."""
+        check(lib.xm_vol_set_key(self.ptr, vol, ffi.from_buffer(key), len(key)), "set key")
+
+    def vol_lock(self, vol: int) -> None:
+        """Wipe vol's key from the seam: its I/O fails with BadKey until a key is set."""
+        check(lib.xm_vol_lock(self.ptr, vol), "lock volume")
+
+    def vol_mark_encrypted(self, vol: int, encrypted: bool) -> None:
+        """encrypted: LOCKED unless a key is loaded already; else PLAIN."""
+        check(lib.xm_vol_mark_encrypted(self.ptr, vol, 1 if encrypted else 0), "mark encrypted")
+
+    def vol_key_state(self, vol: int) -> int:
+        """KEY_PLAIN, KEY_LOCKED or KEY_UNLOCKED."""
+        return int(lib.xm_vol_key_state(self.ptr, vol))
+
+
 # ---- a full filesystem under the store (native/xm_space.c) --------------------------------
 
 def space_info(store: NativeStore) -> dict[str, int | bool]:
@@ -435,3 +459,11 @@ def space_check_grow(store: NativeStore) -> None:
     if lib.xm_space_check(store.ptr, lib.XM_SPACE_GROW) == _errno.ENOSPC:
         raise errors.PoolFull("no space left on the store's filesystem for the metadata of "
                               "new blocks: delete snapshots or volumes, or free space there")
+
+
+# ---- encrypted volumes (xm_crypt.c) ----------------------------------------------------------
+
+KEY_PLAIN: int = lib.XM_KEY_PLAIN
+KEY_LOCKED: int = lib.XM_KEY_LOCKED
+KEY_UNLOCKED: int = lib.XM_KEY_UNLOCKED
+KEY_BYTES: int = lib.XM_KEY_BYTES

@@ -1,10 +1,11 @@
 """The data pool: one sparse file, block N at byte N * 4096.
 
-The pool knows nothing of volumes or maps: the general (Python) data path reads and writes runs
-of blocks here, and frees space with hole punching.  Every call goes through the C core's pool
-seam (xm_pool_read / xm_pool_write / xm_pool_punch in native/xm_pool.c), the only code that
-touches the pool file: it works in whole blocks (a partial block is read-modify-written), so a
-block cipher can be added there once for every path.
+The pool knows nothing of maps: the general (Python) data path reads and writes runs of blocks
+here, and frees space with hole punching.  Every call goes through the C core's pool seam
+(xm_pool_read / xm_pool_write / xm_pool_punch in native/xm_pool.c), the only code that touches
+the pool file: it works in whole blocks (a partial block is read-modify-written), and it is where
+an encrypted volume's blocks are encrypted and decrypted.  So reads and writes name the volume
+whose data the blocks hold (`vol=`): 0, no volume, is raw (plain) access, for tests only.
 """
 
 from __future__ import annotations
@@ -19,22 +20,24 @@ class Pool:
     def __init__(self, store: NativeStore):
         self._store = store
 
-    def read(self, pbn: int, nbytes: int, offset_in_block: int = 0) -> bytes:
-        """nbytes from block pbn (+offset); never-written space reads as zeros."""
+    def read(self, pbn: int, nbytes: int, offset_in_block: int = 0, *, vol: int = 0) -> bytes:
+        """nbytes from block pbn (+offset) of vol's data; never-written space reads as zeros.
+        A locked encrypted volume raises BadKey."""
         buf = bytearray(nbytes)
-        self.read_into(pbn, buf, offset_in_block)
+        self.read_into(pbn, buf, offset_in_block, vol=vol)
         return bytes(buf)
 
-    def read_into(self, pbn: int, buf: Any, offset_in_block: int = 0) -> None:
-        """Fill buf (a writable buffer) from block pbn (+offset)."""
+    def read_into(self, pbn: int, buf: Any, offset_in_block: int = 0, *, vol: int = 0) -> None:
+        """Fill buf (a writable buffer) from block pbn (+offset) of vol's data."""
         view = ffi.from_buffer(buf, require_writable=True)
-        check(lib.xm_pool_read(self._store.ptr, pbn, offset_in_block, len(view), view), "pool read")
+        check(lib.xm_pool_read(self._store.ptr, vol, pbn, offset_in_block, len(view), view),
+              "pool read")
 
-    def write(self, pbn: int, data: bytes | bytearray | memoryview, offset_in_block: int = 0
-              ) -> None:
-        """data to block pbn (+offset).  A full filesystem raises PoolFull (ENOSPC)."""
+    def write(self, pbn: int, data: bytes | bytearray | memoryview, offset_in_block: int = 0,
+              *, vol: int = 0) -> None:
+        """vol's data to block pbn (+offset).  A full filesystem raises PoolFull (ENOSPC)."""
         view = ffi.from_buffer(data)
-        check(lib.xm_pool_write(self._store.ptr, pbn, offset_in_block, len(view), view),
+        check(lib.xm_pool_write(self._store.ptr, vol, pbn, offset_in_block, len(view), view),
               "pool write")
 
     def punch(self, pbn: int, nblocks: int) -> None:

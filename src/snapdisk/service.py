@@ -231,6 +231,9 @@ class Service:
         try:
             if self.resolve(export)[:2] != (h.vol, h.epoch):  # deleted or re-made meanwhile
                 raise errors.NotFound(f"export {export!r} went away while connecting")
+            if self.require_engine().keys.locked(h.vol):  # nothing of it can be served
+                raise errors.BadKey(f"export {export!r}: the volume is encrypted and locked "
+                                    "(unlock it: snapdisk key unlock VOLUME)")
             if h.epoch is None:
                 h.read, h.write = self.require_engine().live_io(h.vol)
             else:

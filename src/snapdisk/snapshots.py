@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import allocator, capacity, catalog, errors, extmap, layout
+from . import allocator, capacity, catalog, encryption, errors, extmap, layout
 from .catalog import KINDS, SnapshotInfo, SnapshotRecord, VolState, VolumeRecord
 from .layout import BLOCK_SIZE, DB_LIVE, DB_LIVEBIRTH, F_SHARED, INFINITY, MAX_EXTENT
 from .native import Extent, NativeStore, Txn
@@ -205,6 +205,7 @@ class Snapshots:
             origin: dict[str, Any] = {"volume": volume, "volume_id": vol, "snapshot": srec.name,
                                       "snapshot_id": epoch}
             vs = catalog.new_volume(t, new_name, srec.size_bytes, origin, {})
+            encryption.inherit(t, vol, vs)  # an encrypted volume's clone shares its key
             nblocks = -(-srec.size_bytes // BLOCK_SIZE)
             step = 64 * MAX_EXTENT
             steps = Steps(-(-nblocks // step), progress, cancel, every=1)

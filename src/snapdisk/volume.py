@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import allocator, catalog, errors, extmap
 from .catalog import SnapshotInfo, VolState, VolumeInfo
-from .layout import BLOCK_SIZE, F_SHARED, MAX_EXTENT
+from .layout import BLOCK_SIZE, F_SHARED, MAX_EXTENT, VS_ENCRYPTED
 from .native import HOLE, Extent, NativeStore, Txn, extents, space_check_grow
 from .pool import Pool
 
@@ -48,6 +48,8 @@ def __getattr__(name: str) -> Any:
 def configure(native: NativeStore, vs: VolState) -> None:
     """Tell the hot path about vs.  Call with the gate closed: the table may be resized."""
     native.vol_config(vs.vol, vs.size_bytes, vs.max_snap, True)
+    # An encrypted volume the pool seam does not know yet starts locked (a loaded key stays).
+    native.vol_mark_encrypted(vs.vol, bool(vs.flags & VS_ENCRYPTED))
 
 
 class DataPath:
@@ -124,13 +126,13 @@ class DataPath:
             if e is not None and _in_place_ok(t, vs, e):
                 s, x = max(a * BLOCK_SIZE, offset), min(b * BLOCK_SIZE, end)
                 self.pool.write(e.pbn + (a - e.lba), data[s - offset:x - offset],
-                                s - a * BLOCK_SIZE)
+                                s - a * BLOCK_SIZE, vol=vs.vol)
             else:
                 redirect.append((a, b, e))
-        for a, b, buf in self._runs_to_redirect(redirect, offset, data):
+        for a, b, buf in self._runs_to_redirect(vs.vol, redirect, offset, data):
             pos = 0
             for pbn, n in allocator.allocate(t, b - a):
-                self.pool.write(pbn, buf[pos * BLOCK_SIZE:(pos + n) * BLOCK_SIZE])
+                self.pool.write(pbn, buf[pos * BLOCK_SIZE:(pos + n) * BLOCK_SIZE], vol=vs.vol)
                 for k in range(0, n, MAX_EXTENT):
                     m = min(MAX_EXTENT, n - k)
                     new = Extent(a + pos + k, pbn + k, vs.epoch, m, 0)
@@ -139,8 +141,8 @@ class DataPath:
                     vs.live_blocks += m
                 pos += n
 
-    def _runs_to_redirect(self, segs: list[tuple[int, int, Extent | None]], offset: int,
-                          data: memoryview) -> Iterator[tuple[int, int, bytearray]]:
+    def _runs_to_redirect(self, vol: int, segs: list[tuple[int, int, Extent | None]],
+                          offset: int, data: memoryview) -> Iterator[tuple[int, int, bytearray]]:
         """Contiguous block runs of segs with their full-block content: the new data, and the
         old content of partly written first and last blocks (read-modify-write)."""
         end = offset + len(data)
@@ -156,7 +158,7 @@ class DataPath:
                     bs, be = blk * BLOCK_SIZE, (blk + 1) * BLOCK_SIZE
                     if e is not None and (bs < offset or be > end):
                         buf[bs - a * BLOCK_SIZE:be - a * BLOCK_SIZE] = self.pool.read(
-                            e.pbn + (blk - e.lba), BLOCK_SIZE)
+                            e.pbn + (blk - e.lba), BLOCK_SIZE, vol=vol)
             s, x = max(a * BLOCK_SIZE, offset), min(b * BLOCK_SIZE, end)
             buf[s - a * BLOCK_SIZE:x - a * BLOCK_SIZE] = data[s - offset:x - offset]
             yield a, b, buf
@@ -264,7 +266,7 @@ class DataPath:
                 s = max(r.lba * BLOCK_SIZE, offset)
                 x = min((r.lba + r.len) * BLOCK_SIZE, offset + length)
                 buf[s - offset:x - offset] = self.pool.read(
-                    r.pbn + (s // BLOCK_SIZE - r.lba), x - s, s % BLOCK_SIZE)
+                    r.pbn + (s // BLOCK_SIZE - r.lba), x - s, s % BLOCK_SIZE, vol=vol)
         return bytes(buf)
 
     def snapshot_block_status(self, vol: int, epoch: int, offset: int, length: int

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from .. import errors
-from . import device_cmds, policy_cmds, snapshot_cmds, store_cmds, volume_cmds
+from . import device_cmds, key_cmds, policy_cmds, snapshot_cmds, store_cmds, volume_cmds
 from .context import Context, Result
 from .parsing import DEFAULT_STORE, EXIT_INTERRUPTED, Formatter, add_globals, exit_codes_text, split_ref
 from .progress import ProgressView, progress_mode
@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     policy_cmds.register(sub)
     store_cmds.register(sub)
     device_cmds.register(sub)
+    key_cmds.register(sub)
     return parser
 
 

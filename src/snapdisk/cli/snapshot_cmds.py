@@ -8,6 +8,7 @@ import os
 import sys
 from typing import Any
 
+from .. import errors
 from .context import Context, Result
 from .parsing import add_command, add_group, split_ref
 from .render import fields, format_size, format_time, table
@@ -81,6 +82,11 @@ def cmd_rollback(a: argparse.Namespace, ctx: Context) -> Result:
 
 def cmd_clone(a: argparse.Namespace, ctx: Context) -> Result:
     vol, snap = split_ref(a.ref)
+    if (a.passphrase_file or a.key_file) and not a.new_key:
+        raise errors.InvalidArgument("--passphrase-file and --key-file go with --new-key")
+    if a.new_key:  # encrypted volumes: a copy under a new key (key_cmds.py)
+        from . import key_cmds
+        return key_cmds.cmd_clone_new_key(a, ctx)
     v = ctx.run_job(f"clone {a.ref} as {a.new}", "clone", volume=vol, snapshot=snap, name=a.new)
     return v, f"created volume {v['name']} ({format_size(v['size_bytes'])}) from {a.ref}"
 
@@ -118,6 +124,8 @@ def register(sub: Any) -> None:
         data.""", """
         snapdisk snapshot delete web@before-upgrade""")
     p.add_argument("ref", metavar="VOLUME@SNAPSHOT")
+    from . import key_cmds
+    key_cmds.register_snapshot_copy(ssub)  # encrypted volumes (issue 11)
 
     p = add_command(sub, "rollback", cmd_rollback, "make a volume's content a snapshot's again", """
         Every snapshot, earlier and later, stays.  The cost grows with what changed since the
@@ -133,6 +141,9 @@ def register(sub: Any) -> None:
     p = add_command(sub, "clone", cmd_clone, "create a volume from a snapshot", """
         Instant: the new volume shares the snapshot's blocks and only its own writes take
         space.  The snapshot can later be deleted; the clone keeps its data.""", """
-        snapdisk clone web@before-upgrade web-test""")
+        snapdisk clone web@before-upgrade web-test
+        snapdisk clone web@s1 web-other --new-key --passphrase-file pw.txt""")
     p.add_argument("ref", metavar="VOLUME@SNAPSHOT")
     p.add_argument("new", metavar="NEWVOLUME")
+    from . import key_cmds
+    key_cmds.add_clone_new_key_args(p)

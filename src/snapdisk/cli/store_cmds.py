@@ -129,8 +129,11 @@ class CheckFailed(Exception):
 
 def cmd_serve(a: argparse.Namespace, ctx: Context) -> Result:
     from .. import daemon
+    from . import key_cmds
+    secrets = key_cmds.serve_secrets(a)  # --unlock VOL --passphrase-file F ...
     info = daemon.serve(ctx.store, listen=a.listen, foreground=a.foreground, threads=a.threads,
                         insecure_plaintext_tcp=a.insecure_plaintext_tcp, clock=a.clock)
+    unlocked = key_cmds.unlock_served(ctx, secrets)
     lines = [f"serving {ctx.store} (pid {info.pid})",
              f"  volume:   {info.uri('VOLUME')}",
              f"  snapshot: {info.uri('VOLUME@SNAPSHOT')}"]
@@ -140,7 +143,8 @@ def cmd_serve(a: argparse.Namespace, ctx: Context) -> Result:
     lines += [f"  control:  {info.control_socket}"]
     if info.log:
         lines += [f"  log:      {info.log}"]
-    return info.to_dict(), "\n".join(lines)
+    lines += [f"  unlocked: {u}" for u in unlocked]
+    return {**info.to_dict(), "unlocked": unlocked}, "\n".join(lines)
 
 
 def cmd_stop(a: argparse.Namespace, ctx: Context) -> Result:
@@ -218,7 +222,8 @@ def register(sub: Any) -> None:
         snapdisk serve
         snapdisk serve --listen tcp:127.0.0.1:10809
         nbdinfo 'nbds://snapdisk@127.0.0.1:10809/web?tls-psk-file=/srv/disks/tls.psk'
-        snapdisk serve --foreground       # e.g. from contrib/snapdisk.service""")
+        snapdisk serve --foreground       # e.g. from contrib/snapdisk.service
+        snapdisk serve --unlock web --passphrase-file /run/secrets/web""")
     p.add_argument("--listen", metavar="tcp:127.0.0.1:PORT",
                    help="also listen on TCP (loopback only; TLS-PSK required)")
     p.add_argument("--insecure-plaintext-tcp", action="store_true",
@@ -227,6 +232,8 @@ def register(sub: Any) -> None:
     p.add_argument("--foreground", action="store_true", help="do not go to the background")
     p.add_argument("--clock", metavar="FILE", help="for tests: the scheduler reads the time "
                    "from FILE (one ISO-8601 line with offset), not the system clock")
+    from . import key_cmds
+    key_cmds.add_serve_unlock_args(p)
     # Gone: nbdkit 1.32's parallel model could abort the server; daemon.serve says so.
     p.add_argument("--threads", default=None, help=argparse.SUPPRESS)
 

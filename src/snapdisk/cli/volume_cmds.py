@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 from .. import errors
+from . import key_cmds
 from .context import Context, Result
 from .parsing import add_command, add_group, size_arg
 from .render import fields, format_size, format_time, table
@@ -28,7 +29,9 @@ def show_volume(v: dict[str, Any]) -> str:
                       f"{v.get('snapshots_auto', 0)} automatic)"),
         ("connections", v.get("connections")), ("policy", v.get("policy")),
         ("next slot", v.get("next_slot")),
-        ("quotas", f"{v.get('manual_quota')} manual, {v.get('auto_quota')} automatic")]
+        ("quotas", f"{v.get('manual_quota')} manual, {v.get('auto_quota')} automatic"),
+        ("encrypted", ("yes, locked" if v.get("locked") else "yes")
+         if v.get("encrypted") else "no")]
     pairs += [(k, json.dumps(x) if isinstance(x, dict | list) else x)
               for k, x in sorted((v.get("extra") or {}).items())
               if k not in ("policy", "manual_quota", "auto_quota")]
@@ -38,15 +41,23 @@ def show_volume(v: dict[str, Any]) -> str:
 def show_volumes(vols: list[dict[str, Any]]) -> str:
     if not vols:
         return "no volumes (create one: snapdisk volume create NAME SIZE)"
-    return table(["NAME", "SIZE", "WRITTEN", "SNAPSHOTS", "CREATED", "ORIGIN"],
+    return table(["NAME", "SIZE", "WRITTEN", "SNAPSHOTS", "CREATED", "ORIGIN", "ENCRYPTED"],
                  [[v["name"], format_size(v["size_bytes"]), format_size(v.get("live_bytes")),
-                   v.get("snapshots", 0), format_time(v.get("created")), _origin(v)]
+                   v.get("snapshots", 0), format_time(v.get("created")), _origin(v),
+                   ("LOCKED" if v.get("locked") else "yes") if v.get("encrypted") else "-"]
                   for v in vols], right="123")
 
 
 def cmd_volume_create(a: argparse.Namespace, ctx: Context) -> Result:
-    v = ctx.call("volume.create", name=a.name, size_bytes=a.size)
-    return v, f"created volume {v['name']} ({format_size(v['size_bytes'])})"
+    args: dict[str, Any] = {}
+    if a.encrypt:
+        args = {"encrypt": True, **key_cmds.secret(a.passphrase_file, a.key_file,
+                                                   "passphrase", True)}
+    elif a.passphrase_file or a.key_file:
+        raise errors.InvalidArgument("--passphrase-file and --key-file go with --encrypt")
+    v = ctx.call("volume.create", name=a.name, size_bytes=a.size, **args)
+    enc = ", encrypted" if v.get("encrypted") else ""
+    return v, f"created volume {v['name']} ({format_size(v['size_bytes'])}{enc})"
 
 
 def cmd_volume_list(a: argparse.Namespace, ctx: Context) -> Result:
@@ -87,9 +98,14 @@ def register(sub: Any) -> None:
         digits, '.', '_' or '-', starting with a letter or digit.  SIZE: a multiple of 512
         bytes.  A running server exports it at once, as NAME.""", """
         snapdisk volume create web 10G
-        snapdisk volume create scratch 512M --json""")
+        snapdisk volume create scratch 512M --json
+        snapdisk volume create secret 10G --encrypt --passphrase-file pw.txt""")
     p.add_argument("name", metavar="NAME")
     p.add_argument("size", metavar="SIZE", type=size_arg)
+    p.add_argument("--encrypt", action="store_true",
+                   help="encrypt it (AES-256-XTS) under a new key wrapped by a passphrase or "
+                        "key file (prompted for twice on a terminal if neither is given)")
+    key_cmds.add_secret_args(p)
     add_command(vsub, "list", cmd_volume_list, "list the volumes", """
         One line per volume: its size, the bytes written to it (live), its snapshot count,
         when it was made and, for a clone, the snapshot it was cloned from.""", """

@@ -19,9 +19,12 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from .. import errors
+from .. import errors, keys
 from ..engine import Engine
 from .jobs import Job, Jobs, Progress, accepts_progress, call_with_progress
+
+# Request arguments that carry key material (control/key_ops.py): never kept in a job.
+SECRET_ARGS = frozenset({"passphrase", "key_hex", "new_passphrase", "new_key_hex"})
 
 # job.wait's longest wait (seconds): a larger timeout is cut to this (the reply then says the
 # job is still running); it also keeps the value within what threading's waits accept.
@@ -120,8 +123,9 @@ def validate(op: Op, args: dict[str, Any]) -> dict[str, Any]:
             continue
         # bool is an int in Python, never in the protocol.
         if not isinstance(value, spec.types) or (isinstance(value, bool) and bool not in spec.types):
+            shown = "" if name in SECRET_ARGS else f" {value!r:.60}"  # no secret in errors
             raise errors.InvalidArgument(f"{op.name}: argument {name!r} must be {spec.type_name}, "
-                                         f"not {type(value).__name__} {value!r:.60}")
+                                         f"not {type(value).__name__}{shown}")
         out[name] = value
     return out
 
@@ -157,7 +161,8 @@ def start_job(engine: Engine, op: str, args: dict[str, Any], ctx: Context,
     def run(progress: Progress) -> Any:
         return wrap(spec.fn(engine, replace(job_ctx, progress=progress), **kw))
 
-    return ctx.jobs.start(op, args, run, cancellable)
+    shown = {k: "<secret>" if k in SECRET_ARGS and v is not None else v for k, v in args.items()}
+    return ctx.jobs.start(op, shown, run, cancellable)  # job.list shows no secret
 
 
 def _reserve(ctx: Context, vol: int, what: str, **kw: Any) -> AbstractContextManager[int]:
@@ -176,9 +181,16 @@ def _volume(engine: Engine, ctx: Context, name: str) -> dict[str, Any]:
     return info
 
 
-@_op("volume.create", name=req(str), size_bytes=req(int))
-def volume_create(engine: Engine, ctx: Context, name: str, size_bytes: int) -> Any:
-    engine.create_volume(name, size_bytes)
+@_op("volume.create", name=req(str), size_bytes=req(int), encrypt=opt(bool, default=False),
+     passphrase=opt(str), key_hex=opt(str))
+def volume_create(engine: Engine, ctx: Context, name: str, size_bytes: int, encrypt: bool,
+                  passphrase: str | None, key_hex: str | None) -> Any:
+    secret = None
+    if encrypt:  # keys.py; the secret is never logged nor echoed (control/key_ops.py)
+        secret = keys.Secret.from_args({"passphrase": passphrase, "key_hex": key_hex})
+    elif passphrase is not None or key_hex is not None:
+        raise errors.InvalidArgument("volume.create: a passphrase or key without encrypt")
+    engine.create_volume(name, size_bytes, encrypt=secret)
     return _volume(engine, ctx, name)
 
 
@@ -252,9 +264,18 @@ def rollback(engine: Engine, ctx: Context, volume: str, snapshot: str | int, for
             "disconnected": revoked}
 
 
-@_op("clone", engine_call="clone", volume=req(str), snapshot=req(str, int), name=req(str))
-def clone(engine: Engine, ctx: Context, volume: str, snapshot: str | int, name: str) -> Any:
-    call_with_progress(engine.clone, volume, snapshot, name, progress=ctx.progress)
+@_op("clone", engine_call="clone", volume=req(str), snapshot=req(str, int), name=req(str),
+     new_key=opt(bool, default=False), passphrase=opt(str), key_hex=opt(str))
+def clone(engine: Engine, ctx: Context, volume: str, snapshot: str | int, name: str,
+          new_key: bool, passphrase: str | None, key_hex: str | None) -> Any:
+    if new_key:  # under a new key: a re-encrypting copy (snapcopy.py), nothing shared
+        secret = keys.Secret.from_args({"passphrase": passphrase, "key_hex": key_hex})
+        call_with_progress(engine.copy_snapshot, volume, snapshot, name, "encrypt", secret,
+                           progress=ctx.progress)
+    elif passphrase is not None or key_hex is not None:
+        raise errors.InvalidArgument("clone: a passphrase or key without new_key")
+    else:
+        call_with_progress(engine.clone, volume, snapshot, name, progress=ctx.progress)
     return _volume(engine, ctx, name)
 
 
@@ -392,3 +413,7 @@ def job_wait(engine: Engine, ctx: Context, job: int, timeout: float | None, even
             ctx.emit(event)
         return j.to_dict()
     return j.wait(limit)
+
+
+# The key.* ops of encrypted volumes register themselves in OPS (control/key_ops.py).
+from . import key_ops  # noqa: E402,F401

@@ -1,0 +1,171 @@
+"""Encrypted volumes on an open store: create, unlock, lock, rotate, info (the Engine's part).
+
+The key record lives in the volume record's `encryption` field (catalog.VolumeRecord; format in
+keys.py) and the VOLSTATE flag VS_ENCRYPTED tells the pool seam that the volume's blocks are
+ciphertext: volume.configure marks such a volume LOCKED in C unless its key is loaded.  A
+volume and its clones share one data key (clones share blocks) and so one key id: unlock,
+lock and rotate act on every volume with the key id of the one named.  Unlocked data keys live
+in the Engine's keyring (keys.Keyring) and in the seam's OpenSSL contexts, nowhere else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import catalog, errors, keys
+from .layout import VS_ENCRYPTED
+from .native import KEY_UNLOCKED, NativeStore, Txn
+
+COPY_HINT = ("encrypting or decrypting a volume in place is not supported: copy a snapshot "
+             "into a new volume with `snapdisk snapshot copy VOL@SNAP NEWVOL --encrypt` "
+             "(or --decrypt)")
+
+
+def record(t: Txn, vol: int) -> dict[str, Any] | None:
+    return catalog.vol_record(t, vol).encryption
+
+
+def sharing(t: Txn, key_id: str) -> list[int]:
+    """The ids of the volumes whose data key is key_id."""
+    out = []
+    for v in catalog.volume_ids(t):
+        rec = catalog.vol_record(t, v).encryption
+        if rec is not None and rec.get("key_id") == key_id:
+            out.append(v)
+    return out
+
+
+def init_new(t: Txn, vs: catalog.VolState, secret: keys.Secret, keyring: keys.Keyring) -> None:
+    """Make the just-created volume vs encrypted, under a new data key wrapped by secret; the
+    key goes into the keyring (the creator holds it: the volume starts unlocked)."""
+    data_key = keys.new_data_key()
+    rec = keys.wrap(data_key, secret)
+    vr = catalog.vol_record(t, vs.vol)
+    vr.encryption = rec
+    catalog.put_vol_record(t, vs.vol, vr)
+    vs.flags |= VS_ENCRYPTED
+    vs.save(t)
+    keyring.put(rec["key_id"], data_key)
+
+
+def inherit(t: Txn, src: int, vs: catalog.VolState) -> None:
+    """A clone vs of src (in clone's transaction): the same key record, so the same key."""
+    rec = record(t, src)
+    if rec is None:
+        return
+    vr = catalog.vol_record(t, vs.vol)
+    vr.encryption = dict(rec)
+    catalog.put_vol_record(t, vs.vol, vr)
+    vs.flags |= VS_ENCRYPTED
+
+
+class VolumeKeys:
+    """Key operations of one open store."""
+
+    def __init__(self, native: NativeStore, keyring: keys.Keyring):
+        self.native = native
+        self.keyring = keyring
+
+    def _encrypted(self, t: Txn, name: str) -> tuple[int, dict[str, Any]]:
+        vol = catalog.vol_id(t, name)
+        rec = record(t, vol)
+        if rec is None:
+            raise errors.Unsupported(f"volume {name!r} is not encrypted; {COPY_HINT}")
+        return vol, rec
+
+    def load(self, vols: list[int]) -> None:
+        """Give the seam the keyring's keys of vols (after unlock, create, clone)."""
+        with self.native.txn() as t:
+            pairs = [(v, (record(t, v) or {}).get("key_id")) for v in vols]
+        with self.native.gate_exclusive():
+            for v, key_id in pairs:
+                key = self.keyring.get(key_id) if isinstance(key_id, str) else None
+                if key is not None:
+                    self.native.vol_set_key(v, key)
+
+    def unlock(self, name: str, secret: keys.Secret) -> dict[str, Any]:
+        with self.native.txn() as t:
+            vol, rec = self._encrypted(t, name)
+        key_id = str(rec.get("key_id"))
+        with self.keyring.throttle.lock(key_id):
+            try:
+                data_key = keys.unwrap(rec, secret)
+            except errors.BadKey:
+                self.keyring.throttle.failed(key_id)
+                raise
+            self.keyring.throttle.succeeded(key_id)
+            self.keyring.put(key_id, data_key)
+        with self.native.txn() as t:
+            vols = sharing(t, key_id)
+        self.load(vols)
+        return self.info(name)
+
+    def forget_unused(self) -> None:
+        """Drop (zero) the keyring's keys no volume uses any more (after a delete)."""
+        with self.native.txn() as t:
+            used = {(record(t, v) or {}).get("key_id") for v in catalog.volume_ids(t)}
+        for key_id in self.keyring.ids():
+            if key_id not in used:
+                self.keyring.drop(key_id)
+
+    def key_vols(self, name: str) -> list[int]:
+        """The volumes sharing name's key (what lock must disconnect)."""
+        with self.native.txn() as t:
+            _, rec = self._encrypted(t, name)
+            return sharing(t, str(rec.get("key_id")))
+
+    def lock(self, name: str) -> dict[str, Any]:
+        """Wipe the key of name (and of the volumes sharing it) from memory.  The caller has
+        disconnected their clients (control ops: Registry.reserve)."""
+        with self.native.txn() as t:
+            _, rec = self._encrypted(t, name)
+            vols = sharing(t, str(rec.get("key_id")))
+        with self.native.gate_exclusive():
+            for v in vols:
+                self.native.vol_lock(v)
+            self.keyring.drop(str(rec.get("key_id")))
+        return self.info(name)
+
+    def rotate(self, name: str, old: keys.Secret, new: keys.Secret) -> dict[str, Any]:
+        """Rewrap the data key under new (O(volumes sharing it), no data touched), in one
+        LMDB write transaction: a crash leaves the old or the new secret working."""
+        with self.native.txn() as t:
+            _, rec = self._encrypted(t, name)
+        key_id = str(rec.get("key_id"))
+        with self.keyring.throttle.lock(key_id):
+            try:
+                data_key = keys.unwrap(rec, old)
+            except errors.BadKey:
+                self.keyring.throttle.failed(key_id)
+                raise
+            self.keyring.throttle.succeeded(key_id)
+            try:
+                new_rec = keys.wrap(data_key, new, key_id)
+            finally:
+                data_key[:] = bytes(len(data_key))
+            with self.native.txn(write=True) as t:
+                _, now = self._encrypted(t, name)
+                if now != rec:
+                    raise errors.Busy(f"volume {name!r}'s key changed meanwhile: try again")
+                for v in sharing(t, key_id):
+                    vr = catalog.vol_record(t, v)
+                    vr.encryption = dict(new_rec)
+                    catalog.put_vol_record(t, v, vr)
+        return self.info(name)
+
+    def info(self, name: str) -> dict[str, Any]:
+        with self.native.txn() as t:
+            vol = catalog.vol_id(t, name)
+            rec = record(t, vol)
+            if rec is None:
+                return {"volume": name, "encrypted": False}
+            others = [catalog.vol_record(t, v).name for v in sharing(t, str(rec.get("key_id")))]
+        return {"volume": name, "encrypted": True, "locked": self.locked(vol),
+                **keys.public_info(rec), "volumes": sorted(others)}
+
+    def locked(self, vol: int) -> bool:
+        """True for an encrypted volume whose key is not loaded."""
+        with self.native.txn() as t:
+            if not catalog.state(t, vol).flags & VS_ENCRYPTED:
+                return False
+        return self.native.vol_key_state(vol) != KEY_UNLOCKED
