@@ -51,8 +51,8 @@ def _sync_pool_writes() -> None:
     os.environ["SNAPDISK_WRITE_PATH"] = "python"  # read by Engine(); no C redirect
     plain = Pool.write
 
-    def write(self: Pool, pbn: int, data: Any, offset_in_block: int = 0) -> None:
-        plain(self, pbn, data, offset_in_block)
+    def write(self: Pool, pbn: int, data: Any, offset_in_block: int = 0, **kw: Any) -> None:
+        plain(self, pbn, data, offset_in_block, **kw)
         self._store.sync()  # fdatasync(pool.dat) (then an LMDB sync: harmless here)
 
     Pool.write = write  # type: ignore[method-assign]
