@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
-from benchmarks import datasets, fio, peers
+from benchmarks import datasets, fio, memory, multiconn, peers
 from snapdisk.daemon import DEFAULT_THREADS, THREAD_MODELS
 
 MIB = 1 << 20
@@ -55,15 +55,18 @@ class Settings:
     latency_interval: float = 0.2
     fractions: tuple[float, ...] = (0.01, 0.10, 0.50)  # scenario 5, of a volume of rollback_size
     rollback_size: int = 1 * GIB
-    rss_written: int = 4 * GIB  # scenario 6
+    rss_written: int = 16 * GIB  # scenario 6: random 4 KiB blocks written (issue 9: 16 GiB)
     core_seconds: float = 0.3  # scenario 7 (per timed batch)
+    conns: tuple[int, ...] = (1, 2, 4)  # scenario 8: NBD connections (fio numjobs)
+    multi_seconds: float = 1.5  # scenario 8: one fio run (after multi_ramp_s)
+    multi_ramp_s: float = 0.5
 
     @classmethod
     def quick_mode(cls, workdir: str) -> Settings:
         return cls(quick=True, workdir=workdir, rounds=1, seconds=0.5, ramp_s=0.0, size=64 * MIB,
                    nsnaps=8, first_write_bytes=4 * MIB, live_seconds=2.0, live_region=64 * MIB,
                    small_written=4 * MIB, latency_seconds=1.5, latency_interval=0.2, rollback_size=64 * MIB,
-                   rss_written=64 * MIB, core_seconds=0.02)
+                   rss_written=64 * MIB, core_seconds=0.02, multi_seconds=0.3, multi_ramp_s=0.0)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -248,8 +251,15 @@ def first_writes(lab: Lab) -> dict[str, Any]:
                     subprocess.run(["qemu-img", "snapshot", "-c", name, q0], check=True, capture_output=True)
                 snap_ms = (time.perf_counter() - t0) * 1000
                 p.start()
-                res = fio.run(p.target(), w, lab.fio_dir, f"s2-r{r}-{p.name}", io_size=s.first_write_bytes)
-                rows.append({"round": r, "peer": p.name, "snapshot_ms": snap_ms, **_res(res)})
+                # randseed: the in-place run below writes the very blocks these first writes did.
+                res = fio.run(p.target(), w, lab.fio_dir, f"s2-r{r}-{p.name}", io_size=s.first_write_bytes,
+                              randseed=1000 + r)
+                row = {"round": r, "peer": p.name, "snapshot_ms": snap_ms, **_res(res)}
+                if p is sd:  # the same blocks again: now the volume's own, written in place
+                    again = fio.run(p.target(), w, lab.fio_dir, f"s2-r{r}-{p.name}-inplace",
+                                    io_size=s.first_write_bytes, randseed=1000 + r)
+                    row["inplace"] = _res(again)
+                rows.append(row)
                 if p is qn:
                     qn.stop()
     finally:
@@ -264,10 +274,11 @@ def first_writes(lab: Lab) -> dict[str, Any]:
 class Ticker:
     """Calls take(name) every interval seconds in a thread, timing each call."""
 
-    def __init__(self, take: Callable[[str], None], interval: float, prefix: str, first_after: float) -> None:
+    def __init__(self, take: Callable[[str], Any], interval: float, prefix: str, first_after: float) -> None:
         self.take, self.interval, self.prefix = take, interval, prefix
         self.first_after = first_after
         self.samples: list[tuple[float, float]] = []  # (unix time at start, seconds)
+        self.replies: list[Any] = []  # what each take returned (snapdisk: the control op's result)
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -278,11 +289,12 @@ class Ticker:
         while not self._stop.wait(max(0.0, nxt - time.monotonic())):
             t_wall, t0 = time.time(), time.perf_counter()
             try:
-                self.take(f"{self.prefix}-{i}")
+                reply = self.take(f"{self.prefix}-{i}")
             except BaseException as e:  # reported by stop()
                 self.error = e
                 return
             self.samples.append((t_wall, time.perf_counter() - t0))
+            self.replies.append(reply)
             i += 1
             nxt += self.interval
 
@@ -298,8 +310,8 @@ class Ticker:
 
 
 @contextlib.contextmanager
-def _snapshotter(p: peers.Peer, volume: str = peers.EXPORT) -> Iterator[tuple[Callable[[str], None],
-                                                                           Callable[[str], None]]]:
+def _snapshotter(p: peers.Peer, volume: str = peers.EXPORT) -> Iterator[tuple[Callable[[str], Any],
+                                                                           Callable[[str], Any]]]:
     """(take(name), delete(name)) over one persistent control connection (snapdisk's control
     socket, or qemu-storage-daemon's QMP monitor), as a scheduler would hold it."""
     if isinstance(p, peers.Snapdisk):
@@ -350,7 +362,7 @@ def snapshot_every_second(lab: Lab) -> dict[str, Any]:
                 p.stop()
                 rows.append({"round": r, "peer": p.name, "none": _res(none), "snap": _res(snap),
                              "none_log": none.log, "snap_log": snap.log,
-                             "snapshots": tick.samples, "delete_s": deletes})
+                             "snapshots": tick.samples, "delete_s": deletes, **_phases(tick.replies)})
     finally:
         lab.stop_all()
     return {"peers": [{"name": sd.name, "label": f"snapdisk (threads={sd.threads}), control socket"},
@@ -389,10 +401,23 @@ def snapshot_latency(lab: Lab) -> dict[str, Any]:
                     for i in range(len(tick.samples)):
                         delete(f"lat-{r}-{i}")
                 rows.append({"round": r, "volume": vol, "written_bytes": written[vol],
-                             "latency_s": [lat for _, lat in tick.samples], "fio": _res(res)})
+                             "latency_s": [lat for _, lat in tick.samples], "fio": _res(res),
+                             **_phases(tick.replies)})
     finally:
         lab.stop_all()
     return {"interval_s": s.latency_interval, "rows": rows}
+
+
+def _phases(replies: list[Any]) -> dict[str, list[float]]:
+    """The server's own timing of each snapshot, where `snapshot.create` reports it (issue 9
+    item 3: `gate_wait_ms`, the wait for the I/O gate; `commit_ms`, the transaction): one list per
+    field that every reply has, none when a server does not report them."""
+    out: dict[str, list[float]] = {}
+    for key in ("gate_wait_ms", "commit_ms"):
+        vals = [r.get(key) for r in replies if isinstance(r, dict)]
+        if replies and len(vals) == len(replies) and all(isinstance(v, int | float) for v in vals):
+            out[key] = [float(v) for v in vals]  # type: ignore[arg-type]
+    return out
 
 
 # ---- 5. rollback and delete vs data changed -------------------------------------------------
@@ -456,7 +481,8 @@ def rollback_delete(lab: Lab) -> dict[str, Any]:
 def server_rss(lab: Lab) -> dict[str, Any]:
     s = lab.s
     store = lab.path("snapdisk-rss")
-    datasets.empty_store(store, {peers.EXPORT: s.size}, pool_bytes=2 * s.size)
+    volume = max(s.size, s.rss_written)  # so that every 4 KiB block written is a new one
+    datasets.empty_store(store, {peers.EXPORT: volume}, pool_bytes=2 * volume)
     sd = lab.snapdisk(store, name="snapdisk")
     samples: list[tuple[float, dict[str, int]]] = []
     try:
@@ -465,7 +491,7 @@ def server_rss(lab: Lab) -> dict[str, Any]:
         assert pid is not None
         # io_size: fio stops once every block was written once (its random map).
         bg = fio.Background(sd.target(), fio.WORKLOADS["randwrite"], lab.fio_dir, "s6-rss",
-                            io_size=s.rss_written, log_msec=500)
+                            io_size=s.rss_written, size=s.rss_written, log_msec=500)
         t0 = bg.started
         try:
             while bg.proc.poll() is None:
@@ -475,13 +501,21 @@ def server_rss(lab: Lab) -> dict[str, Any]:
             res = bg.finish()
         finally:
             bg.kill()
+        # What the map pages cost at the end, and what is left after asking the kernel to take
+        # them back from this process alone (benchmarks/memory.py).
+        before = memory.mapped(pid, store)
+        rss_before = peers.rss(pid)
+        rec = memory.reclaim(pid, store)
+        rss_after = peers.rss(pid)
     finally:
         lab.stop_all()
         if not s.keep:
             shutil.rmtree(store, ignore_errors=True)
-    return {"written_bytes": s.rss_written, "volume_bytes": s.size, "seconds": samples[-1][0],
+    return {"written_bytes": s.rss_written, "volume_bytes": volume, "seconds": samples[-1][0],
             "fio": _res(res), "samples": samples, "max": {k: max(x[1].get(k, 0) for x in samples)
-                                                          for k in ("VmRSS", "RssAnon", "RssFile")}}
+                                                          for k in ("VmRSS", "RssAnon", "RssFile")},
+            "maps_before": before, "maps_after": rec["after"], "reclaim_error": rec["error"],
+            "rss_before_reclaim": rss_before, "rss_after_reclaim": rss_after}
 
 
 # ---- 7. the C core vs its Python twin ---------------------------------------------------------
@@ -503,6 +537,7 @@ def core(lab: Lab) -> dict[str, Any]:
 
 SCENARIOS: dict[str, Callable[[Lab], dict[str, Any]]] = {
     "steady": steady_state,
+    "multi-conn": multiconn.multi_conn,
     "first-writes": first_writes,
     "live-snapshots": snapshot_every_second,
     "snapshot-latency": snapshot_latency,
