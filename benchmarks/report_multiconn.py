@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarks.report import Doc, fmt_span, plt, span
+from benchmarks.report_base import Doc, fmt_span, plt, span
 
 WL = {"randread": "4 KiB random read", "randwrite": "4 KiB random write"}
 

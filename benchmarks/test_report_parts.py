@@ -9,7 +9,7 @@ from benchmarks import fio, scenarios
 
 pytest.importorskip("matplotlib")
 
-from benchmarks import report, report_multiconn  # noqa: E402
+from benchmarks import report_multiconn, report_snapshots  # noqa: E402
 
 
 def test_worst_250ms_after_a_snapshot_counts_only_the_windows_after_each_snapshot() -> None:
@@ -19,10 +19,10 @@ def test_worst_250ms_after_a_snapshot_counts_only_the_windows_after_each_snapsho
     row = {"none_log": none_log, "snap_log": snap_log, "snapshots": [(2.0, 0.001)]}
     # a window counts if it overlaps [t, t + 0.25], i.e. ends in (t, t + 0.5): the 100 ending at
     # 2.0 does not (it was before the snapshot), nor the 700 ending at 2.5; the 900 at 2.25 does
-    assert report.worst_after_snapshot(row) == pytest.approx(0.9)
+    assert report_snapshots.worst_after_snapshot(row) == pytest.approx(0.9)
     row["snapshots"] = [(2.0, 0.001), (2.3, 0.001)]  # windows ending at 2.5 and 2.75 count too
-    assert report.worst_after_snapshot(row) == pytest.approx(0.7)
-    assert report.worst_after_snapshot({**row, "none_log": []}) is None
+    assert report_snapshots.worst_after_snapshot(row) == pytest.approx(0.7)
+    assert report_snapshots.worst_after_snapshot({**row, "none_log": []}) is None
 
 
 def test_phases_only_when_every_reply_has_them() -> None:
