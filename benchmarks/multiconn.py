@@ -27,12 +27,10 @@ import resource
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from benchmarks import fio, peers
-
-if TYPE_CHECKING:
-    from benchmarks.scenarios import Lab
+from benchmarks.lab import Lab, rotate
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -113,7 +111,7 @@ def multi_conn(lab: Lab) -> dict[str, Any]:
         for r in range(s.rounds):
             for wi, wname in enumerate(("randread", "randwrite")):
                 w = fio.WORKLOADS[wname]
-                for name, c, procs in _rotate(configs, r * 2 + wi):
+                for name, c, procs in rotate(configs, r * 2 + wi):
                     if procs == 1:
                         p = by_name[name]
                         targets, pids = [p.target()], [p.pid]
@@ -141,7 +139,3 @@ def multi_conn(lab: Lab) -> dict[str, Any]:
             "conns": conns, "iodepth": fio.WORKLOADS["randread"].iodepth, "ncpu": os.cpu_count(),
             "seconds": s.multi_seconds, "ramp_s": s.multi_ramp_s, "rows": rows}
 
-
-def _rotate(items: list[Any], k: int) -> list[Any]:
-    k %= max(1, len(items))
-    return items[k:] + items[:k]
