@@ -6,9 +6,11 @@ of these servers busy, so what grows is the parallelism the server may use, not 
 sees).  Peers, all started once and used in turn, interleaved and rotated like scenario 1:
 
 - nbdkit's C `file` plugin (THREAD_MODEL_PARALLEL, one thread per request in flight: the ceiling),
-- the Python passthrough plugin, mode=parallel (the ceiling of any Python plugin: nbdkit embeds
-  one interpreter, so every callback of every connection takes its one GIL; mode=serialized would
-  serialize all connections by definition, so it is not measured here),
+- the Python passthrough plugin, mode=requests (nbdkit's SERIALIZE_REQUESTS, snapdisk's own thread
+  model: one request at a time per connection, connections in parallel), the ceiling of any Python
+  plugin with that model: nbdkit embeds one interpreter, so every callback of every connection
+  takes its one GIL (mode=serialized would serialize all connections by definition; mode=parallel
+  hands the GIL between 16 worker threads per connection, slower in scenario 1),
 - snapdisk's server (SERIALIZE_REQUESTS: one request at a time per connection, connections in
   parallel), on the volume of scenario 1's 0-snapshot store,
 - two passthrough servers (two processes, two interpreters, two GILs) on the same raw file, two
@@ -88,8 +90,8 @@ def probe(pids: list[int], out: dict[str, float]) -> Iterator[None]:
 def multi_conn(lab: Lab) -> dict[str, Any]:
     s = lab.s
     raw, st0 = lab.raw(), lab.store(0)
-    pt = peers.Passthrough(raw, "parallel", lab.sock("mc-pt"), lab.log("mc-passthrough"))
-    pt2 = [peers.Passthrough(raw, "parallel", lab.sock(f"mc-pt2{c}"), lab.log(f"mc-passthrough2{c}"))
+    pt = peers.Passthrough(raw, "requests", lab.sock("mc-pt"), lab.log("mc-passthrough"))
+    pt2 = [peers.Passthrough(raw, "requests", lab.sock(f"mc-pt2{c}"), lab.log(f"mc-passthrough2{c}"))
            for c in "ab"]
     single: list[peers.Peer] = [peers.NbdkitFile(raw, lab.sock("mc-file"), lab.log("mc-nbdkit-file")), pt]
     sd = lab.snapdisk(st0, name="snapdisk")
@@ -133,9 +135,9 @@ def multi_conn(lab: Lab) -> dict[str, Any]:
     finally:
         lab.stop_all()
     return {"peers": [{"name": "nbdkit-file", "label": "nbdkit file plugin (C)"},
-                      {"name": pt.name, "label": "Python passthrough, mode=parallel (one process)"},
+                      {"name": pt.name, "label": "Python passthrough, mode=requests (one process)"},
                       {"name": sd.name, "label": f"snapdisk (threads={sd.threads})"},
-                      {"name": two, "label": "two Python passthrough processes, same file"}],
+                      {"name": two, "label": "two Python passthrough processes (mode=requests), same file"}],
             "conns": conns, "iodepth": fio.WORKLOADS["randread"].iodepth, "ncpu": os.cpu_count(),
             "seconds": s.multi_seconds, "ramp_s": s.multi_ramp_s, "rows": rows}
 

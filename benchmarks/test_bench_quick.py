@@ -86,7 +86,7 @@ def test_quick_run(tmp_path: Path) -> None:
     assert results["scenarios"]["core"]["rows"]
 
     mc = results["scenarios"]["multi-conn"]
-    for peer in ("nbdkit-file", "passthrough-parallel", "snapdisk"):
+    for peer in ("nbdkit-file", "passthrough-requests", "snapdisk"):
         for w in ("randread", "randwrite"):
             got = {r["conns"]: r for r in mc["rows"] if r["peer"] == peer and r["workload"] == w}
             assert set(got) == set(mc["conns"]) == {1, 2, 4}, (peer, w, sorted(got))
