@@ -43,15 +43,15 @@ class Settings:
     rss_written: int = 16 * GIB  # scenario 6: random 4 KiB blocks written (issue 9: 16 GiB)
     core_seconds: float = 0.3  # scenario 7 (per timed batch)
     conns: tuple[int, ...] = (1, 2, 4)  # scenario 8: NBD connections (fio numjobs)
-    multi_seconds: float = 1.5  # scenario 8: one fio run (after multi_ramp_s)
-    multi_ramp_s: float = 0.5
+    multi_seconds: float = 2.0  # scenario 8: one fio run
+    multi_ramp_s: float = 0.0  # no ramp: CPU per request divides by every request served
 
     @classmethod
     def quick_mode(cls, workdir: str) -> Settings:
         return cls(quick=True, workdir=workdir, rounds=1, seconds=0.5, ramp_s=0.0, size=64 * MIB,
                    nsnaps=8, first_write_bytes=4 * MIB, live_seconds=2.0, live_region=64 * MIB,
                    small_written=4 * MIB, latency_seconds=1.5, latency_interval=0.2, rollback_size=64 * MIB,
-                   rss_written=64 * MIB, core_seconds=0.02, multi_seconds=0.3, multi_ramp_s=0.0)
+                   rss_written=64 * MIB, core_seconds=0.02, multi_seconds=0.3)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -16,16 +16,19 @@ sees).  Peers, all started once and used in turn, interleaved and rotated like s
 - two passthrough servers (two processes, two interpreters, two GILs) on the same raw file, two
   connections each, measured together: what N server processes could give over one store.
 
-Around each fio run: the server's CPU time (utime+stime from /proc/PID/stat, every thread), its
-hottest thread's, fio's own (getrusage of the reaped children) and the whole machine's busy time
-(/proc/stat), each as cores = CPU seconds / wall seconds, so the report can say whether a peer is
-held at one core (the GIL), or the two cores are simply full (server + fio + kernel).
+Around each fio run: the server's CPU time (utime and stime from /proc/PID/stat, all threads), its
+busiest thread's (sampled during the run), fio's own (getrusage of the reaped children) and the
+whole machine's busy time (/proc/stat), each as cores = CPU seconds / wall seconds, so the report
+can say whether a peer is held at one core of interpreter time (the GIL: user time near 1.0), or
+the two cores are simply full (server + fio + the kernel + whatever else runs on this shared machine).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,15 +40,15 @@ from benchmarks.lab import Lab, rotate
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_s(pid: int) -> float:
-    """utime + stime of a whole process (all its threads), seconds."""
+def cpu_s(pid: int) -> tuple[float, float]:
+    """(utime, stime) of a whole process (all its threads, living and ended), seconds."""
     with open(f"/proc/{pid}/stat", "rb") as f:
         fields = f.read().rsplit(b")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+    return int(fields[11]) / TICK, int(fields[12]) / TICK
 
 
 def thread_cpu_s(pid: int) -> dict[int, float]:
-    """utime + stime of each thread of pid, seconds (threads that end in between are lost)."""
+    """utime + stime of each living thread of pid, seconds."""
     out: dict[int, float] = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
@@ -70,21 +73,61 @@ def _children_s() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+class _ThreadSampler(threading.Thread):
+    """Each server thread's CPU time, sampled every period while the block runs: nbdkit's
+    connection threads end with their connection, before any sample after the run could see them."""
+
+    def __init__(self, pids: list[int], period: float = 0.1) -> None:
+        super().__init__(daemon=True)
+        self.pids, self.period = pids, period
+        self.first: dict[int, tuple[float, float]] = {}  # tid: (time, cpu s) first seen
+        self.last: dict[int, tuple[float, float]] = {}
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            now = time.monotonic()
+            for p in self.pids:
+                with contextlib.suppress(OSError):
+                    for tid, cpu in thread_cpu_s(p).items():
+                        self.first.setdefault(tid, (now, cpu))
+                        self.last[tid] = (now, cpu)
+            if self.done.wait(self.period):
+                return
+
+    def hottest(self) -> float:
+        """The busiest thread's cores over the time it was seen (at least 0.2 s of it)."""
+        best = 0.0
+        for tid, (t0, c0) in self.first.items():
+            t1, c1 = self.last[tid]
+            if t1 - t0 >= 0.2:
+                best = max(best, (c1 - c0) / (t1 - t0))
+        return best
+
+
 @contextmanager
 def probe(pids: list[int], out: dict[str, float]) -> Iterator[None]:
-    """Fill out with cores used during the block: server (sum over pids), its hottest thread,
-    fio (children reaped in the block: the daemons are not reaped while they run), machine."""
-    before = {p: (cpu_s(p), thread_cpu_s(p)) for p in pids}
+    """Fill out with the cores used during the block (CPU seconds / wall seconds): the server's
+    (sum over pids; user = where the interpreter runs, under its GIL; sys = the syscalls), its
+    busiest thread's, fio's (children reaped in the block; the daemons are not reaped while they
+    run), the machine's, and the rest of the machine's (other processes: this machine is shared)."""
+    before = {p: cpu_s(p) for p in pids}
+    sampler = _ThreadSampler(pids)
     m0, c0, t0 = machine_busy_s(), _children_s(), time.monotonic()
-    yield
+    sampler.start()
+    try:
+        yield
+    finally:
+        sampler.done.set()
+        sampler.join(5)
     wall = max(1e-6, time.monotonic() - t0)
-    server, hot = 0.0, 0.0
-    for p in pids:
-        server += cpu_s(p) - before[p][0]
-        th = thread_cpu_s(p)
-        hot = max([hot] + [s - before[p][1].get(tid, 0.0) for tid, s in th.items()])
-    out.update(wall_s=wall, server_cores=server / wall, hot_thread_cores=hot / wall,
-               fio_cores=(_children_s() - c0) / wall, machine_cores=(machine_busy_s() - m0) / wall)
+    user = sum(cpu_s(p)[0] - before[p][0] for p in pids)
+    sys_ = sum(cpu_s(p)[1] - before[p][1] for p in pids)
+    fio_s, machine = _children_s() - c0, machine_busy_s() - m0
+    out.update(wall_s=wall, server_cpu_s=user + sys_, server_cores=(user + sys_) / wall,
+               server_user_cores=user / wall, server_sys_cores=sys_ / wall,
+               hot_thread_cores=sampler.hottest(), fio_cores=fio_s / wall, machine_cores=machine / wall,
+               other_cores=max(0.0, machine - user - sys_ - fio_s) / wall)
 
 
 def multi_conn(lab: Lab) -> dict[str, Any]:
@@ -129,9 +172,9 @@ def multi_conn(lab: Lab) -> dict[str, Any]:
                     rows.append({"round": r, "workload": wname, "peer": name, "conns": c, "procs": procs,
                                  "iops": res.iops, "bw_bytes": res.bw_bytes, "ios": res.ios,
                                  "lat_p50_us": res.lat_p50_us, "lat_p99_us": res.lat_p99_us,
-                                 # CPU per request from rates (the ramp is in the wall time, not in ios)
-                                 "server_cpu_us_per_io": cpu["server_cores"] / res.iops * 1e6
-                                 if res.iops else None, **cpu})
+                                 # no ramp (multi_ramp_s 0): ios counts every request the CPU served
+                                 "server_cpu_us_per_io": cpu["server_cpu_s"] / res.ios * 1e6
+                                 if res.ios and not s.multi_ramp_s else None, **cpu})
     finally:
         lab.stop_all()
     return {"peers": [{"name": "nbdkit-file", "label": "nbdkit file plugin (C)"},

@@ -34,20 +34,26 @@ def scaling(rows: list[dict[str, Any]], peer: str, w: str, hi: int, lo: int = 1,
 
 def limit_text(rows: list[dict[str, Any]], peer: str, w: str, conns: int, ncpu: int) -> str:
     """What the CPU figures say holds peer back at conns connections."""
-    server = span(_vals(rows, "server_cores", peer=peer, workload=w, conns=conns))[0]
-    machine = span(_vals(rows, "machine_cores", peer=peer, workload=w, conns=conns))[0]
-    hot = span(_vals(rows, "hot_thread_cores", peer=peer, workload=w, conns=conns))[0]
-    fio_c = span(_vals(rows, "fio_cores", peer=peer, workload=w, conns=conns))[0]
+    def med(key: str) -> float:
+        return span(_vals(rows, key, peer=peer, workload=w, conns=conns))[0]
+    server, user, machine = med("server_cores"), med("server_user_cores"), med("machine_cores")
+    other, fio_c, hot = med("other_cores"), med("fio_cores"), med("hot_thread_cores")
     if server != server:
         return "not measured"
-    figures = (f"server {server:.2f} cores (hottest thread {hot:.2f}), fio {fio_c:.2f}, "
-               f"machine {machine:.2f} of {ncpu}")
-    if machine >= 0.9 * ncpu:
-        what = "machine-bound: every core busy (server, fio and the kernel share them)"
-    elif 0.8 <= server <= 1.2:
-        what = "held at about one core with a core to spare: one lock serializes the server (the GIL)"
+    if user != user:  # results from before the user/sys split
+        user = server
+    figures = (f"server {server:.2f} cores ({user:.2f} user, busiest thread {hot:.2f}), fio {fio_c:.2f}, "
+               f"other processes {other:.2f}, machine {machine:.2f} of {ncpu}")
+    if user >= 0.85:
+        what = ("interpreter-bound: the server's user time sits at about one core, all one GIL lets "
+                "Python run, whatever the connections")
+    elif machine >= 0.9 * ncpu and other >= 0.25 * ncpu:
+        what = ("the machine was full and other processes took a share of it (a shared machine): "
+                "these IOPS are a floor")
+    elif machine >= 0.9 * ncpu:
+        what = "machine-bound: server, fio and the kernel fill every core"
     else:
-        what = "neither the machine nor one core is full: latency-bound (requests in flight, syscalls)"
+        what = "neither one core of interpreter nor the machine is full: latency-bound (round trips)"
     return f"{what}; {figures}"
 
 
@@ -72,8 +78,11 @@ def section_multiconn(doc: Doc, d: dict[str, Any]) -> None:
     doc.table(["peer", "workload", *[f"{c} conn{'s' if c > 1 else ''}" for c in conns],
                f"{most} / 1 (per round)"], table, align="ll" + "r" * (len(conns) + 1))
 
-    doc("CPU per run (median over rounds): cores used by the server, its hottest thread, fio, the "
-        "whole machine, and the server's CPU time per request (cores / IOPS):", "")
+    doc("CPU per run, median [min–max] over rounds, in cores (CPU seconds / wall seconds): the server "
+        "(all threads; user time is where nbdkit's one embedded interpreter runs, under its one GIL, so "
+        "at most about 1.0 of it can be Python), its busiest thread (sampled during the run), fio, the "
+        "other processes of this shared machine, the whole machine; and the server's CPU time per "
+        "request (CPU seconds / requests served):", "")
     cpu_rows = []
     for p in d["peers"]:
         for w in WL:
@@ -82,13 +91,14 @@ def section_multiconn(doc: Doc, d: dict[str, Any]) -> None:
                 if not _vals(rows, "iops", **m):
                     continue
                 cpu_rows.append([p["label"], WL[w], str(c)] + [
-                    f"{span(_vals(rows, k, **m))[0]:.2f}" for k in
-                    ("server_cores", "hot_thread_cores", "fio_cores", "machine_cores")]
-                    + [f"{span(_vals(rows, 'server_cpu_us_per_io', **m))[0]:.1f}"])
-    doc.table(["peer", "workload", "conns", "server cores", "hottest thread", "fio cores",
-               "machine cores", "server CPU µs / request"], cpu_rows, align="lllrrrrr")
+                    fmt_span(_vals(rows, k, **m)) for k in
+                    ("server_cores", "server_user_cores", "hot_thread_cores", "fio_cores", "other_cores",
+                     "machine_cores", "server_cpu_us_per_io")])
+    doc.table(["peer", "workload", "conns", "server cores", "of it user", "busiest thread", "fio cores",
+               "other processes", "machine cores", "server CPU µs / request"], cpu_rows,
+              align="lll" + "r" * 7)
 
-    doc("What limits scaling, from those figures at the most connections:", "")
+    doc(f"What limits scaling, read from those figures at {most} connections:", "")
     for p in single:
         for w in WL:
             doc(f"- {p['label']}, {WL[w]}: {limit_text(rows, p['name'], w, most, ncpu)}.")

@@ -57,10 +57,14 @@ def test_scaling_is_per_round_and_the_limit_is_read_from_the_cpu_figures() -> No
     rows = [_row("p", "randread", 1, 100, 0), _row("p", "randread", 4, 150, 0),
             _row("p", "randread", 1, 200, 1), _row("p", "randread", 4, 200, 1)]
     assert report_multiconn.scaling(rows, "p", "randread", 4) == [1.5, 1.0]
-    gil = [_row("p", "randread", 4, 1, server_cores=1.0, hot_thread_cores=0.3, fio_cores=0.4,
-                machine_cores=1.5)]
-    assert "one core" in report_multiconn.limit_text(gil, "p", "randread", 4, 2)
-    full = [_row("p", "randread", 4, 1, server_cores=1.3, hot_thread_cores=0.3, fio_cores=0.6,
-                 machine_cores=1.95)]
+    cpu = dict(hot_thread_cores=0.3, fio_cores=0.4, other_cores=0.1)
+    gil = [_row("p", "randread", 4, 1, server_cores=1.3, server_user_cores=0.95, machine_cores=1.8, **cpu)]
+    assert "interpreter-bound" in report_multiconn.limit_text(gil, "p", "randread", 4, 2)
+    full = [_row("p", "randread", 4, 1, server_cores=1.3, server_user_cores=0.6, machine_cores=1.95, **cpu)]
     assert "machine-bound" in report_multiconn.limit_text(full, "p", "randread", 4, 2)
+    busy = [_row("p", "randread", 4, 1, server_cores=0.5, server_user_cores=0.3, machine_cores=1.95,
+                 **{**cpu, "other_cores": 1.0})]
+    assert "other processes took a share" in report_multiconn.limit_text(busy, "p", "randread", 4, 2)
+    idle = [_row("p", "randread", 4, 1, server_cores=0.5, server_user_cores=0.3, machine_cores=1.0, **cpu)]
+    assert "latency-bound" in report_multiconn.limit_text(idle, "p", "randread", 4, 2)
     assert report_multiconn.limit_text([], "p", "randread", 4, 2) == "not measured"
