@@ -110,7 +110,8 @@ def probe(pids: list[int], out: dict[str, float]) -> Iterator[None]:
     """Fill out with the cores used during the block (CPU seconds / wall seconds): the server's
     (sum over pids; user = where the interpreter runs, under its GIL; sys = the syscalls), its
     busiest thread's, fio's (children reaped in the block; the daemons are not reaped while they
-    run), the machine's, and the rest of the machine's (other processes: this machine is shared)."""
+    run), the machine's, and the rest of the machine's (kernel threads such as writeback, and other
+    jobs: this machine is shared)."""
     before = {p: cpu_s(p) for p in pids}
     sampler = _ThreadSampler(pids)
     m0, c0, t0 = machine_busy_s(), _children_s(), time.monotonic()

@@ -43,13 +43,13 @@ def limit_text(rows: list[dict[str, Any]], peer: str, w: str, conns: int, ncpu: 
     if user != user:  # results from before the user/sys split
         user = server
     figures = (f"server {server:.2f} cores ({user:.2f} user, busiest thread {hot:.2f}), fio {fio_c:.2f}, "
-               f"other processes {other:.2f}, machine {machine:.2f} of {ncpu}")
+               f"the rest {other:.2f}, machine {machine:.2f} of {ncpu}")
     if user >= 0.85:
         what = ("interpreter-bound: the server's user time sits at about one core, all one GIL lets "
                 "Python run, whatever the connections")
     elif machine >= 0.9 * ncpu and other >= 0.25 * ncpu:
-        what = ("the machine was full and other processes took a share of it (a shared machine): "
-                "these IOPS are a floor")
+        what = ("the machine was full, much of it neither server nor fio (kernel threads such as "
+                "writeback, other jobs on this shared machine): these IOPS are a floor")
     elif machine >= 0.9 * ncpu:
         what = "machine-bound: server, fio and the kernel fill every core"
     else:
@@ -81,7 +81,8 @@ def section_multiconn(doc: Doc, d: dict[str, Any]) -> None:
     doc("CPU per run, median [min–max] over rounds, in cores (CPU seconds / wall seconds): the server "
         "(all threads; user time is where nbdkit's one embedded interpreter runs, under its one GIL, so "
         "at most about 1.0 of it can be Python), its busiest thread (sampled during the run), fio, the "
-        "other processes of this shared machine, the whole machine; and the server's CPU time per "
+        "rest of the machine (kernel threads such as the page cache's writeback, and other jobs on "
+        "this shared machine), the whole machine; and the server's CPU time per "
         "request (CPU seconds / requests served):", "")
     cpu_rows = []
     for p in d["peers"]:
@@ -95,7 +96,7 @@ def section_multiconn(doc: Doc, d: dict[str, Any]) -> None:
                     ("server_cores", "server_user_cores", "hot_thread_cores", "fio_cores", "other_cores",
                      "machine_cores", "server_cpu_us_per_io")])
     doc.table(["peer", "workload", "conns", "server cores", "of it user", "busiest thread", "fio cores",
-               "other processes", "machine cores", "server CPU µs / request"], cpu_rows,
+               "the rest", "machine cores", "server CPU µs / request"], cpu_rows,
               align="lll" + "r" * 7)
 
     doc(f"What limits scaling, read from those figures at {most} connections:", "")
