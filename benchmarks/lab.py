@@ -43,7 +43,7 @@ class Settings:
     rss_written: int = 16 * GIB  # scenario 6: random 4 KiB blocks written (issue 9: 16 GiB)
     core_seconds: float = 0.3  # scenario 7 (per timed batch)
     conns: tuple[int, ...] = (1, 2, 4)  # scenario 8: NBD connections (fio numjobs)
-    multi_seconds: float = 2.0  # scenario 8: one fio run
+    multi_seconds: float = 1.5  # scenario 8: one fio run (20 per round: about 2 min in all)
     multi_ramp_s: float = 0.0  # no ramp: CPU per request divides by every request served
 
     @classmethod

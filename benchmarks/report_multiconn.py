@@ -53,7 +53,8 @@ def limit_text(rows: list[dict[str, Any]], peer: str, w: str, conns: int, ncpu: 
     elif machine >= 0.9 * ncpu:
         what = "machine-bound: server, fio and the kernel fill every core"
     else:
-        what = "neither one core of interpreter nor the machine is full: latency-bound (round trips)"
+        what = ("neither one core of interpreter nor the whole machine is full: the limit is elsewhere "
+                "(round trips through the socket, requests in flight per connection)")
     return f"{what}; {figures}"
 
 
@@ -61,13 +62,16 @@ def section_multiconn(doc: Doc, d: dict[str, Any]) -> None:
     rows, conns, ncpu = d["rows"], d["conns"], d.get("ncpu") or 2
     single = [p for p in d["peers"] if any(r["peer"] == p["name"] and r["procs"] == 1 for r in rows)]
     most = max(conns)
+    ramp = f" after {d['ramp_s']} s of ramp" if d.get("ramp_s") else ""
     doc("## 8. More than one connection", "",
         f"fio `--numjobs=N` with the nbd engine: N jobs, each its own NBD connection (multi-conn), QD"
-        f"{d['iodepth']} each, reported as one group; each run {d['seconds']} s after {d['ramp_s']} s of "
-        "ramp, every configuration once per workload per round, the order rotated each round.  Around "
-        "each run the server's CPU time (utime+stime of all its threads, /proc/PID/stat), its hottest "
-        "thread's, fio's and the machine's busy time (/proc/stat), as cores = CPU seconds / wall "
-        f"seconds; the machine has {ncpu} cores.  IOPS, median [min–max] over rounds:", "")
+        f"{d['iodepth']} each, reported as one group; each run {d['seconds']} s{ramp}, every configuration "
+        "once per workload per round, the order rotated each round; all servers on scenario 1's data "
+        "(the raw file; snapdisk's 0-snapshot store).  The Python passthrough runs with nbdkit's "
+        "SERIALIZE_REQUESTS thread model, snapdisk's own (one request at a time per connection, "
+        "connections in parallel); the C plugin is fully parallel.  Around each run the CPU time of "
+        f"each side is measured (below); the machine has {ncpu} cores.  IOPS, median [min–max] over "
+        "rounds:", "")
     table = []
     for p in single:
         for w in WL:
