@@ -72,15 +72,26 @@ class FioError(RuntimeError):
     pass
 
 
-COMMON = ["--numjobs=1", "--invalidate=0", "--output-format=json", "--randrepeat=0"]
+COMMON = ["--invalidate=0", "--output-format=json", "--randrepeat=0"]
 
 
-def command(target: Target, w: Workload, json_out: str, *, seconds: float | None = None,
+def command(target: Target | list[Target], w: Workload, json_out: str, *, seconds: float | None = None,
             ramp_s: float = 0.0, io_size: int | None = None, size: int | None = None,
-            iops_log: str | None = None, log_msec: int = 500) -> list[str]:
-    """The fio argv: time-based when seconds is given, else until io_size bytes are done."""
-    argv = ["fio", f"--name={w.name}", *target.args(), f"--rw={w.rw}", f"--bs={w.bs}",
-            f"--iodepth={w.iodepth}", *COMMON, f"--output={json_out}"]
+            iops_log: str | None = None, log_msec: int = 500, numjobs: int = 1,
+            randseed: int | None = None) -> list[str]:
+    """The fio argv: time-based when seconds is given, else until io_size bytes are done.
+
+    numjobs > 1 runs that many jobs per target (with the nbd engine each its own connection:
+    NBD multi-conn), reported as one group; a list of targets runs numjobs jobs on each, all in
+    one group (two servers measured together).  randseed fixes the random offsets, so that a
+    second run writes the very blocks the first one did."""
+    targets = [target] if isinstance(target, Target) else target
+    argv = ["fio", f"--rw={w.rw}", f"--bs={w.bs}", f"--iodepth={w.iodepth}", *COMMON,
+            f"--output={json_out}"]
+    if numjobs > 1 or len(targets) > 1:
+        argv.append("--group_reporting")
+    if randseed is not None:
+        argv.append(f"--randseed={randseed}")
     if seconds is not None:
         argv += ["--time_based", f"--runtime={max(100, round(seconds * 1000))}ms"]
         if ramp_s > 0:
@@ -91,6 +102,10 @@ def command(target: Target, w: Workload, json_out: str, *, seconds: float | None
         argv.append(f"--size={size}")
     if iops_log is not None:
         argv += [f"--write_iops_log={iops_log}", f"--log_avg_msec={log_msec}", "--log_unix_epoch=1"]
+    # Options before the first --name are global; each --name starts a job section.
+    for i, t in enumerate(targets):
+        name = w.name if len(targets) == 1 else f"{w.name}-{i}"
+        argv += [f"--name={name}", *t.args(), f"--numjobs={numjobs}"]
     return argv
 
 
@@ -136,14 +151,15 @@ def _run(argv: list[str], timeout: float) -> None:
         raise FioError(f"fio exited {proc.returncode}: {' '.join(argv)}\n{out[-2000:]}")
 
 
-def run(target: Target, w: Workload, out_dir: str, tag: str, *, seconds: float | None = None,
+def run(target: Target | list[Target], w: Workload, out_dir: str, tag: str, *, seconds: float | None = None,
         ramp_s: float = 0.0, io_size: int | None = None, size: int | None = None,
-        iops_log: bool = False, log_msec: int = 500, timeout: float = 600.0) -> Result:
-    """One fio job to the end; raises FioError if fio fails."""
+        iops_log: bool = False, log_msec: int = 500, timeout: float = 600.0, numjobs: int = 1,
+        randseed: int | None = None) -> Result:
+    """One fio run to the end (numjobs jobs per target, one group); raises FioError if fio fails."""
     json_out = os.path.join(out_dir, f"{tag}.json")
     prefix = os.path.join(out_dir, tag) if iops_log else None
     argv = command(target, w, json_out, seconds=seconds, ramp_s=ramp_s, io_size=io_size, size=size,
-                   iops_log=prefix, log_msec=log_msec)
+                   iops_log=prefix, log_msec=log_msec, numjobs=numjobs, randseed=randseed)
     _run(argv, timeout)
     result = parse(json_out, w)
     if prefix is not None:

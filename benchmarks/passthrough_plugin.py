@@ -1,6 +1,7 @@
 """The thinnest nbdkit Python plugin there is: every request goes straight to a file.
 
-    nbdkit --unix SOCK -f python benchmarks/passthrough_plugin.py file=FILE [mode=serialized|parallel]
+    nbdkit --unix SOCK -f python benchmarks/passthrough_plugin.py file=FILE
+           [mode=serialized|requests|parallel]
 
 It does no work of its own (no map, no copy, no lock), so what it measures is the cost of the
 Python plugin layer: nbdkit's embedded interpreter, the GIL, one callback per request.  Any
@@ -9,7 +10,9 @@ plugin written in Python, snapdisk's included, is at best this fast.
 mode=serialized (the default) makes nbdkit run one request at a time
 (THREAD_MODEL_SERIALIZE_ALL_REQUESTS, the Python plugin's own default); mode=parallel lets
 nbdkit's worker threads call in concurrently (THREAD_MODEL_PARALLEL): the GIL still runs one
-callback's Python at a time, but it is released around each preadv/pwritev.
+callback's Python at a time, but it is released around each preadv/pwritev.  mode=requests
+(THREAD_MODEL_SERIALIZE_REQUESTS, snapdisk's model) runs one request at a time per connection,
+connections in parallel: the ceiling for snapdisk with several connections.
 """
 
 import errno
@@ -23,6 +26,7 @@ _path = None
 _mode = "serialized"
 _MODES = {
     "serialized": nbdkit.THREAD_MODEL_SERIALIZE_ALL_REQUESTS,
+    "requests": nbdkit.THREAD_MODEL_SERIALIZE_REQUESTS,
     "parallel": nbdkit.THREAD_MODEL_PARALLEL,
 }
 
@@ -36,7 +40,7 @@ def config(key, value):
             raise RuntimeError(f"mode must be one of {sorted(_MODES)}, not {value!r}")
         _mode = value
     else:
-        raise RuntimeError(f"unknown parameter {key!r} (file=FILE, mode=serialized|parallel)")
+        raise RuntimeError(f"unknown parameter {key!r} (file=FILE, mode=serialized|requests|parallel)")
 
 
 def config_complete():

@@ -1,7 +1,7 @@
 """Run the benchmark suite and write its report: `scripts/bench` calls this.
 
     python -m benchmarks.run [--quick] [--out DIR] [--workdir DIR] [--rounds N] [--seconds S]
-                             [--only SCENARIO,...] [--keep]
+                             [--rss-gib G] [--only SCENARIO,...] [--keep]
     python -m benchmarks.run --report-only OUT/results.json    # the report again, nothing measured
 
 Writes OUT/report.md, OUT/*.png and OUT/results.json (every number the report shows, and the
@@ -46,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                       "removed after unless --keep)")
     ap.add_argument("--rounds", type=int, help="interleaved rounds per scenario (default 3)")
     ap.add_argument("--seconds", type=float, help="length of one steady-state fio run (default 3)")
+    ap.add_argument("--rss-gib", type=float, help="scenario 6: GiB of random 4 KiB blocks written "
+                                                  "(default 16, issue 9's figure; --quick: 64 MiB)")
     ap.add_argument("--only", help="comma-separated scenarios: " + ",".join(scenarios.SCENARIOS))
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--report-only", metavar="RESULTS_JSON",
@@ -62,6 +64,8 @@ def settings_from(args: argparse.Namespace) -> scenarios.Settings:
         s.rounds = args.rounds
     if args.seconds:
         s.seconds = args.seconds
+    if args.rss_gib:
+        s.rss_written = int(args.rss_gib * (1 << 30)) // 4096 * 4096
     return s
 
 

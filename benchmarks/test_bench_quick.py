@@ -22,9 +22,18 @@ TOOLS = ("fio", "nbdkit", "qemu-img", "qemu-nbd", "qemu-storage-daemon")
 SECTIONS = ["## Targets", "## Why, and the next step", "## 1. Steady state",
             "## 2. First writes after a snapshot", "## 3. A snapshot every second", "## 4. Snapshot latency",
             "## 5. Rollback and snapshot delete",
-            "## 6. Server memory", "## 7. The C core"]
+            "## 6. Server memory", "## 7. The C core", "## 8. More than one connection"]
 PNGS = ["steady_state.png", "first_writes.png", "live_snapshots.png", "snapshot_latency.png",
-        "rollback_delete.png", "rss.png", "core.png"]
+        "rollback_delete.png", "rss.png", "core.png", "multi_conn.png"]
+# issue 9's targets, each a row of the targets table (with a measured number, not "not measured")
+TARGETS = ["A snapshot every second under 4 KiB random writes: throughput / with none",
+           "A snapshot every second: worst 250 ms after a snapshot",
+           "First 4 KiB random writes right after a snapshot / the in-place steady state",
+           "First 4 KiB random writes right after a snapshot: snapdisk / qcow2",
+           "Snapshot create under fio load: p99", "Snapshot create under fio load: max",
+           "Snapshot delete: seconds per changed GiB", "Rollback: seconds per changed GiB",
+           "4 KiB random read IOPS while a snapshot delete runs / before it",
+           "RssAnon flat", "LMDB map pages reclaimable"]
 
 
 def _numbers(x: object) -> list[float]:
@@ -76,7 +85,26 @@ def test_quick_run(tmp_path: Path) -> None:
     assert results["scenarios"]["rss"]["max"]["VmRSS"] > 0
     assert results["scenarios"]["core"]["rows"]
 
+    mc = results["scenarios"]["multi-conn"]
+    for peer in ("nbdkit-file", "passthrough-requests", "snapdisk"):
+        for w in ("randread", "randwrite"):
+            got = {r["conns"]: r for r in mc["rows"] if r["peer"] == peer and r["workload"] == w}
+            assert set(got) == set(mc["conns"]) == {1, 2, 4}, (peer, w, sorted(got))
+            assert all(r["iops"] > 0 and r["server_cores"] > 0 and r["machine_cores"] > 0
+                       for r in got.values()), (peer, w)
+    assert [r for r in mc["rows"] if r["procs"] == 2 and r["iops"] > 0]
+    assert all(r["inplace"]["iops"] > 0 for r in results["scenarios"]["first-writes"]["rows"]
+               if r["peer"] == "snapdisk")
+    rss = results["scenarios"]["rss"]
+    assert rss["maps_before"] and any(v["Rss"] > 0 for v in rss["maps_before"].values()), rss["maps_before"]
+
     report = (out / "report.md").read_text()
+    rows = [line for line in report.splitlines() if line.startswith("| ")]
+    for what in TARGETS:
+        hit = [line for line in rows if what in line]
+        assert hit, f"targets table lacks {what!r}"
+        assert "PASS" in hit[0] or "MISS" in hit[0], hit[0]
+    assert "What limits scaling" in report and "Two passthrough processes" in report
     for section in SECTIONS:
         assert section in report, f"report lacks {section!r}"
     assert "PASS" in report or "MISS" in report
