@@ -13,6 +13,7 @@ import os
 import time
 from typing import Any
 
+from benchmarks.policy_bench import section_policy
 from benchmarks.report_base import Doc, Target, fmt_span, human_bytes
 from benchmarks.report_io import section_core, section_first_writes, section_steady
 from benchmarks.report_memory import section_rss
@@ -120,6 +121,8 @@ def build(out: str, res: dict[str, Any]) -> str:
         section_core(body, sc["core"], targets)
     if "multi-conn" in sc:
         section_multiconn(body, sc["multi-conn"])
+    if "policy" in sc:
+        section_policy(body, sc["policy"], targets)
     for name, err in res["errors"].items():
         body(f"## {name}: failed", "", "```", err.rstrip()[-3000:], "```", "")
 

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from benchmarks import datasets, fio, memory, multiconn, peers
+from benchmarks import datasets, fio, memory, multiconn, peers, policy_bench
 from benchmarks.lab import GIB, HERE, MIB, Lab, Settings, _cache, _res, rotate
 from benchmarks.snapshot_scenarios import _phases, rollback_delete, snapshot_every_second, snapshot_latency
 from snapdisk.daemon import DEFAULT_THREADS, THREAD_MODELS
@@ -194,4 +194,5 @@ SCENARIOS: dict[str, Callable[[Lab], dict[str, Any]]] = {
     "rollback-delete": rollback_delete,
     "rss": server_rss,
     "core": core,
+    "policy": policy_bench.policy_every_hour,
 }

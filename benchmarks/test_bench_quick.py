@@ -22,7 +22,8 @@ TOOLS = ("fio", "nbdkit", "qemu-img", "qemu-nbd", "qemu-storage-daemon")
 SECTIONS = ["## Targets", "## Why, and the next step", "## 1. Steady state",
             "## 2. First writes after a snapshot", "## 3. A snapshot every second", "## 4. Snapshot latency",
             "## 5. Rollback and snapshot delete",
-            "## 6. Server memory", "## 7. The C core", "## 8. More than one connection"]
+            "## 6. Server memory", "## 7. The C core", "## 8. More than one connection",
+            "## 9. Automatic snapshots by policy"]
 PNGS = ["steady_state.png", "first_writes.png", "live_snapshots.png", "snapshot_latency.png",
         "rollback_delete.png", "rss.png", "core.png", "multi_conn.png"]
 # issue 9's targets, each a row of the targets table (with a measured number, not "not measured")
@@ -33,7 +34,8 @@ TARGETS = ["A snapshot every second under 4 KiB random writes: throughput / with
            "Snapshot create under fio load: p99", "Snapshot create under fio load: max",
            "Snapshot delete: seconds per changed GiB", "Rollback: seconds per changed GiB",
            "4 KiB random read IOPS while a snapshot delete runs / before it",
-           "RssAnon flat", "LMDB map pages reclaimable"]
+           "RssAnon flat", "LMDB map pages reclaimable",
+           "4 KiB random write with a policy snapshotting every (simulated) hour"]
 
 
 def _numbers(x: object) -> list[float]:
@@ -95,6 +97,9 @@ def test_quick_run(tmp_path: Path) -> None:
     assert [r for r in mc["rows"] if r["procs"] == 2 and r["iops"] > 0]
     assert all(r["inplace"]["iops"] > 0 for r in results["scenarios"]["first-writes"]["rows"]
                if r["peer"] == "snapdisk")
+    pol = results["scenarios"]["policy"]["rows"]
+    assert pol and all(r["none_iops"] > 0 and r["policy_iops"] > 0 for r in pol), pol
+    assert any(r["auto_snapshots"] > 0 for r in pol), "the scheduler took no automatic snapshot"
     rss = results["scenarios"]["rss"]
     assert rss["maps_before"] and any(v["Rss"] > 0 for v in rss["maps_before"].values()), rss["maps_before"]
 
