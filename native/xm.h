@@ -211,6 +211,26 @@ int xm_write_row(xm_store *st, uint32_t vol, uint64_t offset, uint64_t length, c
 int xm_block_status(xm_store *st, uint32_t vol, uint64_t lba, uint64_t nblocks,
                     xm_extent *out, size_t cap, size_t *nout);
 
+/* ---- bulk metadata walks (xm_bulk.c) ----------------------------------------------------
+ *
+ * Each call is one bounded write transaction (at most `limit` map records), committed before it
+ * returns; *ndone < limit means the walk is complete.  Blocks freed go to PENDING; merged freed
+ * runs of at least punch_min blocks are punched from the pool after the commit.  The driver
+ * (snapdisk/bulk.py) marks the work first and finishes it at open. */
+
+/* Drop the dead records of vol with death_lo <= death <= death_hi and birth_lo <= birth <=
+ * birth_hi (a deleted snapshot's window), releasing their blocks. */
+int xm_bulk_drop_window(xm_store *st, uint32_t vol, uint64_t death_lo, uint64_t death_hi,
+                        uint64_t birth_lo, uint64_t birth_hi, uint64_t limit, uint64_t punch_min,
+                        uint64_t *ndone);
+/* Release and remove live records of vol (and their LIVEBIRTH entries), then dead ones (and
+ * their DEADIDX entries). */
+int xm_bulk_drop_volume(xm_store *st, uint32_t vol, uint64_t limit, uint64_t punch_min,
+                        uint64_t *ndone);
+/* Delete keys of db in [lo, hi) (byte order). */
+int xm_bulk_del_range(xm_store *st, int db, const void *lo, size_t lolen, const void *hi,
+                      size_t hilen, uint64_t limit, uint64_t *ndone);
+
 /* cdef-end */
 
 #endif

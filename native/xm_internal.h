@@ -109,4 +109,8 @@ int xm_io_end(xm_io *io, int rc);
 /* Commit the write transaction (closing the cursor first). */
 int xm_io_commit(xm_io *io);
 
+/* Begin an LMDB write transaction: every C path that writes begins here (xm_kv.c; group commit
+ * applies its overlay first). */
+int xm_wtxn_begin(xm_store *st, MDB_txn **out);
+
 #endif

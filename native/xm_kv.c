@@ -271,3 +271,9 @@ int xm_live_overlap(xm_txn *t, uint32_t vol, uint64_t lba, uint64_t nblocks,
         rc = XM_ESPACE;
     return rc;
 }
+
+/* xm_wtxn_begin: group commit's hook (see xm_batch.c) */
+int xm_wtxn_begin(xm_store *st, MDB_txn **out)
+{
+    return xm_rc(mdb_txn_begin(st->env, NULL, 0, out));
+}

@@ -97,6 +97,7 @@ META_NEXT_VOL = b"next_vol"
 META_SEQ = b"seq"
 META_BLOCKS = b"blocks"
 META_CONFIG = b"config"
+META_BULK = b"bulk"  # JSON: bulk work marked and not finished yet (bulk.py)
 
 # ---- structs ------------------------------------------------------------------------------------
 VOL_KEY = struct.Struct(">I")  # VOLUMES, VOLSTATE, the prefix of every per-volume key

@@ -413,3 +413,30 @@ class NativeStore:
         n = ffi.new("size_t *")
         check(lib.xm_block_status(self.ptr, vol, lba, nblocks, out, cap, n), "block status")
         return from_c(out, n[0])
+
+
+# ---- bulk metadata walks (xm_bulk.c): one bounded write transaction per call ----------------
+
+def bulk_drop_window(ns: NativeStore, vol: int, window: Sequence[int], limit: int,
+                     punch_min: int) -> int:
+    """Drop up to limit dead records of a deleted snapshot's window (death_lo, death_hi,
+    birth_lo, birth_hi); returns how many (fewer than limit: the window is empty)."""
+    n = ffi.new("uint64_t *")
+    dlo, dhi, blo, bhi = window
+    check(lib.xm_bulk_drop_window(ns.ptr, vol, dlo, dhi, blo, bhi, limit, punch_min, n),
+          "snapshot delete")
+    return int(n[0])
+
+
+def bulk_drop_volume(ns: NativeStore, vol: int, limit: int, punch_min: int) -> int:
+    """Release and remove up to limit map records of a deleted volume; returns how many."""
+    n = ffi.new("uint64_t *")
+    check(lib.xm_bulk_drop_volume(ns.ptr, vol, limit, punch_min, n), "volume delete")
+    return int(n[0])
+
+
+def bulk_del_range(ns: NativeStore, db: int, lo: bytes, hi: bytes, limit: int) -> int:
+    """Delete up to limit keys of db in [lo, hi); returns how many."""
+    n = ffi.new("uint64_t *")
+    check(lib.xm_bulk_del_range(ns.ptr, db, lo, len(lo), hi, len(hi), limit, n), "range delete")
+    return int(n[0])
