@@ -230,6 +230,8 @@ int xm_bulk_drop_volume(xm_store *st, uint32_t vol, uint64_t limit, uint64_t pun
 /* Delete keys of db in [lo, hi) (byte order). */
 int xm_bulk_del_range(xm_store *st, int db, const void *lo, size_t lolen, const void *hi,
                       size_t hilen, uint64_t limit, uint64_t *ndone);
+/* Key/value operations the walks above have done in this process (counted-work tests). */
+uint64_t xm_bulk_ops(void);
 
 /* cdef-end */
 

@@ -24,8 +24,20 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* Key/value operations done by the walks (gets, puts, deletes, cursor positionings): the
+ * counted work of tests/test_work.py, comparable to the Python twins' Txn.ops.  Process-wide:
+ * one store is open per process. */
+static uint64_t bulk_ops;
+#define OP() __atomic_fetch_add(&bulk_ops, 1, __ATOMIC_RELAXED)
+
+uint64_t xm_bulk_ops(void)
+{
+    return __atomic_load_n(&bulk_ops, __ATOMIC_RELAXED);
+}
+
 static int kv_put(MDB_txn *t, MDB_dbi d, const void *k, size_t kl, const void *v, size_t vl)
 {
+    OP();
     MDB_val key = {kl, (void *)k}, val = {vl, (void *)v};
     return xm_rc(mdb_put(t, d, &key, &val, 0));
 }
@@ -33,6 +45,7 @@ static int kv_put(MDB_txn *t, MDB_dbi d, const void *k, size_t kl, const void *v
 static int kv_del(MDB_txn *t, MDB_dbi d, const void *k, size_t kl)
 {
     MDB_val key = {kl, (void *)k};
+    OP();
     int rc = mdb_del(t, d, &key, NULL);
     return rc == MDB_NOTFOUND ? XM_OK : xm_rc(rc);
 }
@@ -41,6 +54,7 @@ static int kv_get_fixed(xm_store *st, MDB_txn *t, MDB_dbi d, const void *k, size
                         const uint8_t **out)
 {
     MDB_val key = {kl, (void *)k}, v;
+    OP();
     int rc = mdb_get(t, d, &key, &v);
     if (rc)
         return xm_rc(rc);
@@ -164,7 +178,7 @@ static int refs_overlapping(chunk *c, uint64_t pbn, uint64_t end, refs_run *out,
             k = (MDB_val){sizeof kb, kb};
             rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
         }
-    STAT_ADD(c->st, cursor_steps, 1);
+    STAT_ADD(c->st, cursor_steps, 1), OP();
     while (rc == 0) {
         if (k.mv_size != XM_PBN_KEY_LEN || v.mv_size != XM_U64X2_LEN) {
             rc = XM_ECORRUPT;
@@ -182,7 +196,7 @@ static int refs_overlapping(chunk *c, uint64_t pbn, uint64_t end, refs_run *out,
             out[(*n)++] = r;
         }
         rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT);
-        STAT_ADD(c->st, cursor_steps, 1);
+        STAT_ADD(c->st, cursor_steps, 1), OP();
     }
     mdb_cursor_close(cur);
     return rc == MDB_NOTFOUND ? XM_OK : xm_rc(rc);
@@ -314,7 +328,7 @@ static int window(chunk *c, uint32_t vol, uint64_t dlo, uint64_t dhi, uint64_t b
     k = (MDB_val){sizeof kb, kb};
     rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
     while (rc == 0 && *n < limit) {
-        STAT_ADD(c->st, cursor_steps, 1);
+        STAT_ADD(c->st, cursor_steps, 1), OP();
         if (k.mv_size != XM_DEADIDX_KEY_LEN) {
             rc = XM_ECORRUPT;
             break;
@@ -406,7 +420,7 @@ static int vol_records(chunk *c, int db, uint32_t vol, vrec *out, uint64_t limit
     xm_put_be32(kb, vol);
     rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
     while (rc == 0 && *n < limit) {
-        STAT_ADD(c->st, cursor_steps, 1);
+        STAT_ADD(c->st, cursor_steps, 1), OP();
         if (k.mv_size < XM_VOL_KEY_LEN || xm_get_be32(k.mv_data) != vol)
             break;
         vrec *o = &out[*n];
@@ -490,7 +504,7 @@ int xm_bulk_del_range(xm_store *st, int db, const void *lo, size_t lolen, const 
     MDB_val k = {lolen, kb}, v;
     rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
     while (rc == 0 && n < limit) {
-        STAT_ADD(st, cursor_steps, 1);
+        STAT_ADD(st, cursor_steps, 1), OP();
         size_t m = k.mv_size < hilen ? k.mv_size : hilen;
         int cmp = memcmp(k.mv_data, hi, m);
         if (cmp > 0 || (cmp == 0 && k.mv_size >= hilen) || k.mv_size > sizeof kb)
@@ -499,6 +513,7 @@ int xm_bulk_del_range(xm_store *st, int db, const void *lo, size_t lolen, const 
          * delete (LMDB's cursor-after-delete behaviour is subtle at page boundaries). */
         size_t kl = k.mv_size;
         memcpy(kb, k.mv_data, kl);
+        OP();
         if ((rc = mdb_cursor_del(cur, 0)))
             break;
         n++;

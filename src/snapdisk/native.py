@@ -440,3 +440,8 @@ def bulk_del_range(ns: NativeStore, db: int, lo: bytes, hi: bytes, limit: int) -
     n = ffi.new("uint64_t *")
     check(lib.xm_bulk_del_range(ns.ptr, db, lo, len(lo), hi, len(hi), limit, n), "range delete")
     return int(n[0])
+
+
+def bulk_ops() -> int:
+    """Key/value operations the C walks have done in this process (tests/test_work.py)."""
+    return int(lib.xm_bulk_ops())
