@@ -26,7 +26,7 @@ from .layout import (
     INFINITY,
 )
 from .pool import Pool
-from .snapshots import Cancel, Progress, Snapshots, Steps
+from .snapshots import Cancel, Progress, Snapshots, Steps, cancel_point
 from .store import StoreConfig, StoreDir
 from .volume import DataPath, configure
 
@@ -172,7 +172,7 @@ class Engine:
                 prefix = layout.vol_key(vol)
                 steps.total = vs.live_blocks + extmap.counted_blocks(t, vol, 0, INFINITY, 0,
                                                                      INFINITY)
-                steps.tick()  # a cancel before the mark changes nothing
+                cancel_point(cancel)  # a cancel before the mark changes nothing
                 t.delete_prefix(DB_SNAPS, prefix)
                 t.delete_prefix(DB_NAMES, layout.snap_name_prefix(vol))
                 t.delete(DB_NAMES, layout.vol_name_key(name))

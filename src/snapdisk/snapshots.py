@@ -123,7 +123,7 @@ class Snapshots:
             vs = catalog.state(t, vol)
             rec = catalog.vol_record(t, vol)
             epoch = catalog.snap_epoch(t, vol, snap)
-            steps.tick()  # a cancel before the mark changes nothing
+            cancel_point(cancel)  # a cancel before the mark changes nothing
             window = self._unlist(t, vs, rec, epoch)
             steps.total = extmap.counted_blocks(t, vol, *window)
             items = [bulk.mark(t, {"op": "drop_window", "vol": vol, "window": window})]
@@ -187,11 +187,11 @@ class Snapshots:
                 _refuse_busy(t, vol, volume)
                 vs = catalog.state(t, vol)
                 epoch = catalog.snap_epoch(t, vol, snap)
-                steps = Steps(bulk.rollback_total(t, vs, epoch), progress, cancel, every=1)
-                steps.tick()
+                total = bulk.rollback_total(t, vs, epoch)
+                cancel_point(cancel)
                 item = bulk.mark(t, {"op": "rollback", "vol": vol, "epoch": epoch, "pos": 0})
             self.native.vol_forget(vol)
-        steps = Steps(steps.total, progress, None, every=1)
+        steps = Steps(total, progress, None, every=1)
         self.bulk.run(item, steps.step)
         steps.finish()
 
@@ -225,6 +225,13 @@ class Snapshots:
         with self.native.gate_exclusive():
             configure(self.native, vs)
         return vs.vol
+
+
+def cancel_point(cancel: Cancel | None) -> None:
+    """Cancelled if cancel() says so: only the cancel check (no progress call, which may do
+    I/O), so it is safe inside a transaction."""
+    if cancel is not None and cancel():
+        raise errors.Cancelled("cancelled: nothing was changed")
 
 
 def _refuse_busy(t: Txn, vol: int, volume: str) -> None:
