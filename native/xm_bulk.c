@@ -18,7 +18,7 @@
  * commit, merged runs of at least `punch_min` blocks are punched out of the pool file (like
  * volume.DataPath.punch).
  */
-#include "xm_internal.h"
+#include "xm_bulk.h"
 
 #include <errno.h>
 #include <stdlib.h>
@@ -27,22 +27,21 @@
 /* Key/value operations done by the walks (gets, puts, deletes, cursor positionings): the
  * counted work of tests/test_work.py, comparable to the Python twins' Txn.ops.  Process-wide:
  * one store is open per process. */
-static uint64_t bulk_ops;
-#define OP() __atomic_fetch_add(&bulk_ops, 1, __ATOMIC_RELAXED)
+uint64_t xm_bulk_nops;
 
 uint64_t xm_bulk_ops(void)
 {
-    return __atomic_load_n(&bulk_ops, __ATOMIC_RELAXED);
+    return __atomic_load_n(&xm_bulk_nops, __ATOMIC_RELAXED);
 }
 
-static int kv_put(MDB_txn *t, MDB_dbi d, const void *k, size_t kl, const void *v, size_t vl)
+int bk_put(MDB_txn *t, MDB_dbi d, const void *k, size_t kl, const void *v, size_t vl)
 {
     OP();
     MDB_val key = {kl, (void *)k}, val = {vl, (void *)v};
     return xm_rc(mdb_put(t, d, &key, &val, 0));
 }
 
-static int kv_del(MDB_txn *t, MDB_dbi d, const void *k, size_t kl)
+int bk_del(MDB_txn *t, MDB_dbi d, const void *k, size_t kl)
 {
     MDB_val key = {kl, (void *)k};
     OP();
@@ -50,7 +49,7 @@ static int kv_del(MDB_txn *t, MDB_dbi d, const void *k, size_t kl)
     return rc == MDB_NOTFOUND ? XM_OK : xm_rc(rc);
 }
 
-static int kv_get_fixed(xm_store *st, MDB_txn *t, MDB_dbi d, const void *k, size_t kl, size_t want,
+int bk_get_fixed(xm_store *st, MDB_txn *t, MDB_dbi d, const void *k, size_t kl, size_t want,
                         const uint8_t **out)
 {
     MDB_val key = {kl, (void *)k}, v;
@@ -64,11 +63,6 @@ static int kv_get_fixed(xm_store *st, MDB_txn *t, MDB_dbi d, const void *k, size
     return XM_OK;
 }
 
-/* Runs freed by one chunk, grown as needed. */
-typedef struct {
-    uint64_t (*run)[2];
-    size_t n, cap;
-} freed_list;
 
 static int freed_add(freed_list *f, uint64_t pbn, uint64_t len)
 {
@@ -107,18 +101,11 @@ static void freed_punch(xm_store *st, freed_list *f, uint64_t min)
     }
 }
 
-/* What one chunk's transaction carries. */
-typedef struct {
-    xm_store *st;
-    MDB_txn *t;
-    uint64_t seq; /* the seq of this transaction's frees, 0 until the first (allocator._txn_seq) */
-    freed_list freed;
-} chunk;
 
 static int meta_get_u64(chunk *c, const char *name, uint64_t *out)
 {
     const uint8_t *p;
-    int rc = kv_get_fixed(c->st, c->t, c->st->dbi[XM_DB_META], name, strlen(name), XM_U64_LEN, &p);
+    int rc = bk_get_fixed(c->st, c->t, c->st->dbi[XM_DB_META], name, strlen(name), XM_U64_LEN, &p);
     *out = 0;
     if (rc == XM_OK)
         *out = xm_get_le64(p);
@@ -131,7 +118,7 @@ static int add_pending(chunk *c, uint64_t n)
     const uint8_t *p;
     uint8_t b[XM_U64X2_LEN];
     uint64_t f = 0, pend = 0;
-    int rc = kv_get_fixed(c->st, c->t, c->st->dbi[XM_DB_META], XM_META_BLOCKS,
+    int rc = bk_get_fixed(c->st, c->t, c->st->dbi[XM_DB_META], XM_META_BLOCKS,
                           strlen(XM_META_BLOCKS), XM_U64X2_LEN, &p);
     if (rc == XM_OK) {
         f = xm_get_le64(p);
@@ -141,24 +128,21 @@ static int add_pending(chunk *c, uint64_t n)
     }
     xm_put_le64(b, f);
     xm_put_le64(b + 8, pend + n);
-    return kv_put(c->t, c->st->dbi[XM_DB_META], XM_META_BLOCKS, strlen(XM_META_BLOCKS), b, sizeof b);
+    return bk_put(c->t, c->st->dbi[XM_DB_META], XM_META_BLOCKS, strlen(XM_META_BLOCKS), b, sizeof b);
 }
 
-static int put_refs(chunk *c, uint64_t pbn, uint64_t len, uint64_t refs)
+int bk_put_refs(chunk *c, uint64_t pbn, uint64_t len, uint64_t refs)
 {
     uint8_t k[XM_PBN_KEY_LEN], v[XM_U64X2_LEN];
     xm_put_be64(k, pbn);
     xm_put_le64(v, len);
     xm_put_le64(v + 8, refs);
-    return kv_put(c->t, c->st->dbi[XM_DB_REFS], k, sizeof k, v, sizeof v);
+    return bk_put(c->t, c->st->dbi[XM_DB_REFS], k, sizeof k, v, sizeof v);
 }
 
-typedef struct {
-    uint64_t s, len, refs;
-} refs_run;
 
-/* Twin of allocator._refs_overlapping: REFS runs overlapping [pbn, end), in order. */
-static int refs_overlapping(chunk *c, uint64_t pbn, uint64_t end, refs_run *out, size_t cap,
+/* Twin of allocator._bk_refs_overlapping: REFS runs overlapping [pbn, end), in order. */
+int bk_refs_overlapping(chunk *c, uint64_t pbn, uint64_t end, refs_run *out, size_t cap,
                             size_t *n)
 {
     MDB_cursor *cur;
@@ -202,19 +186,19 @@ static int refs_overlapping(chunk *c, uint64_t pbn, uint64_t end, refs_run *out,
     return rc == MDB_NOTFOUND ? XM_OK : xm_rc(rc);
 }
 
-/* Twin of allocator._set_refs. */
-static int set_refs(chunk *c, const refs_run *r, uint64_t start, uint64_t stop, uint64_t refs)
+/* Twin of allocator._bk_set_refs. */
+int bk_set_refs(chunk *c, const refs_run *r, uint64_t start, uint64_t stop, uint64_t refs)
 {
     uint8_t k[XM_PBN_KEY_LEN];
     int rc;
     xm_put_be64(k, r->s);
-    if ((rc = kv_del(c->t, c->st->dbi[XM_DB_REFS], k, sizeof k)))
+    if ((rc = bk_del(c->t, c->st->dbi[XM_DB_REFS], k, sizeof k)))
         return rc;
-    if (r->s < start && (rc = put_refs(c, r->s, start - r->s, r->refs)))
+    if (r->s < start && (rc = bk_put_refs(c, r->s, start - r->s, r->refs)))
         return rc;
-    if (refs >= 2 && (rc = put_refs(c, start, stop - start, refs)))
+    if (refs >= 2 && (rc = bk_put_refs(c, start, stop - start, refs)))
         return rc;
-    if (stop < r->s + r->len && (rc = put_refs(c, stop, r->s + r->len - stop, r->refs)))
+    if (stop < r->s + r->len && (rc = bk_put_refs(c, stop, r->s + r->len - stop, r->refs)))
         return rc;
     return XM_OK;
 }
@@ -230,25 +214,25 @@ static int pend(chunk *c, uint64_t start, uint64_t stop)
             return rc;
         c->seq = seq + 1;
         xm_put_le64(v, c->seq);
-        if ((rc = kv_put(c->t, c->st->dbi[XM_DB_META], "seq", 3, v, XM_U64_LEN)))
+        if ((rc = bk_put(c->t, c->st->dbi[XM_DB_META], "seq", 3, v, XM_U64_LEN)))
             return rc;
     }
     xm_put_be64(k, c->seq);
     xm_put_be64(k + 8, start);
     xm_put_le64(v, stop - start);
-    if ((rc = kv_put(c->t, c->st->dbi[XM_DB_PENDING], k, sizeof k, v, sizeof v)) ||
+    if ((rc = bk_put(c->t, c->st->dbi[XM_DB_PENDING], k, sizeof k, v, sizeof v)) ||
         (rc = add_pending(c, stop - start)))
         return rc;
     return freed_add(&c->freed, start, stop - start);
 }
 
 /* Twin of allocator.release: one record no longer holds [pbn, pbn+n) (n <= XM_MAX_EXTENT). */
-static int release(chunk *c, uint64_t pbn, uint64_t n)
+int bk_release(chunk *c, uint64_t pbn, uint64_t n)
 {
     refs_run runs[XM_MAX_EXTENT + 1];
     size_t nr;
     uint64_t end = pbn + n, pos = pbn;
-    int rc = refs_overlapping(c, pbn, end, runs, XM_MAX_EXTENT + 1, &nr);
+    int rc = bk_refs_overlapping(c, pbn, end, runs, XM_MAX_EXTENT + 1, &nr);
     for (size_t i = 0; i < nr && rc == XM_OK && pos < end; i++) { /* allocator._split */
         const refs_run *r = &runs[i];
         if (r->s > pos) {
@@ -260,7 +244,7 @@ static int release(chunk *c, uint64_t pbn, uint64_t n)
             break;
         uint64_t stop = r->s + r->len < end ? r->s + r->len : end;
         if (stop > pos) {
-            rc = set_refs(c, r, pos, stop, r->refs - 1);
+            rc = bk_set_refs(c, r, pos, stop, r->refs - 1);
             pos = stop;
         }
     }
@@ -275,7 +259,7 @@ static int count_down(chunk *c, const uint8_t key[XM_TRIPLE_KEY_LEN], uint64_t l
     const uint8_t *p;
     uint8_t v[XM_U64_LEN];
     MDB_dbi d = c->st->dbi[XM_DB_COUNTERS];
-    int rc = kv_get_fixed(c->st, c->t, d, key, XM_TRIPLE_KEY_LEN, XM_U64_LEN, &p);
+    int rc = bk_get_fixed(c->st, c->t, d, key, XM_TRIPLE_KEY_LEN, XM_U64_LEN, &p);
     if (rc == XM_ENOTFOUND)
         return XM_ECORRUPT; /* a dead record nobody counted */
     if (rc)
@@ -284,12 +268,12 @@ static int count_down(chunk *c, const uint8_t key[XM_TRIPLE_KEY_LEN], uint64_t l
     if (n < len)
         return XM_ECORRUPT;
     if (n == len)
-        return kv_del(c->t, d, key, XM_TRIPLE_KEY_LEN);
+        return bk_del(c->t, d, key, XM_TRIPLE_KEY_LEN);
     xm_put_le64(v, n - len);
-    return kv_put(c->t, d, key, XM_TRIPLE_KEY_LEN, v, XM_U64_LEN);
+    return bk_put(c->t, d, key, XM_TRIPLE_KEY_LEN, v, XM_U64_LEN);
 }
 
-static int chunk_begin(chunk *c, xm_store *st)
+int bk_begin(chunk *c, xm_store *st)
 {
     memset(c, 0, sizeof *c);
     c->st = st;
@@ -297,7 +281,7 @@ static int chunk_begin(chunk *c, xm_store *st)
 }
 
 /* Commit (rc == XM_OK) or abort, punch what the committed chunk freed, free the list. */
-static int chunk_end(chunk *c, int rc, uint64_t punch_min)
+int bk_end(chunk *c, int rc, uint64_t punch_min)
 {
     if (rc == XM_OK)
         rc = xm_rc(mdb_txn_commit(c->t));
@@ -360,18 +344,18 @@ static int drop_dead(chunk *c, uint32_t vol, const widx *w)
     xm_rec r;
     int rc;
     xm_key_triple(k, vol, w->lba, w->birth);
-    rc = kv_get_fixed(c->st, c->t, c->st->dbi[XM_DB_DEAD], k, XM_TRIPLE_KEY_LEN, XM_REC_LEN, &raw);
+    rc = bk_get_fixed(c->st, c->t, c->st->dbi[XM_DB_DEAD], k, XM_TRIPLE_KEY_LEN, XM_REC_LEN, &raw);
     if (rc)
         return rc == XM_ENOTFOUND ? XM_ECORRUPT : rc; /* DEADIDX names a missing record */
     if (xm_rec_decode(raw, XM_REC_LEN, &r))
         return XM_ECORRUPT;
-    if ((rc = kv_del(c->t, c->st->dbi[XM_DB_DEAD], k, XM_TRIPLE_KEY_LEN)))
+    if ((rc = bk_del(c->t, c->st->dbi[XM_DB_DEAD], k, XM_TRIPLE_KEY_LEN)))
         return rc;
     xm_key_deadidx(k, vol, w->death, w->birth, w->lba);
-    if ((rc = kv_del(c->t, c->st->dbi[XM_DB_DEADIDX], k, XM_DEADIDX_KEY_LEN)) ||
+    if ((rc = bk_del(c->t, c->st->dbi[XM_DB_DEADIDX], k, XM_DEADIDX_KEY_LEN)) ||
         (rc = count_down(c, k, r.len)))
         return rc;
-    return release(c, r.pbn, r.len);
+    return bk_release(c, r.pbn, r.len);
 }
 
 int xm_bulk_drop_window(xm_store *st, uint32_t vol, uint64_t death_lo, uint64_t death_hi,
@@ -386,7 +370,7 @@ int xm_bulk_drop_window(xm_store *st, uint32_t vol, uint64_t death_lo, uint64_t 
     widx *w = malloc(limit * sizeof *w);
     if (!w)
         return ENOMEM;
-    int rc = chunk_begin(&c, st);
+    int rc = bk_begin(&c, st);
     if (rc) {
         free(w);
         return rc;
@@ -395,7 +379,7 @@ int xm_bulk_drop_window(xm_store *st, uint32_t vol, uint64_t death_lo, uint64_t 
     for (uint64_t i = 0; i < n && rc == XM_OK; i++)
         rc = drop_dead(&c, vol, &w[i]);
     free(w);
-    rc = chunk_end(&c, rc, punch_min);
+    rc = bk_end(&c, rc, punch_min);
     if (rc == XM_OK)
         *ndone = n;
     return rc;
@@ -450,7 +434,7 @@ int xm_bulk_drop_volume(xm_store *st, uint32_t vol, uint64_t limit, uint64_t pun
     vrec *recs = malloc(limit * sizeof *recs);
     if (!recs)
         return ENOMEM;
-    int rc = chunk_begin(&c, st);
+    int rc = bk_begin(&c, st);
     if (rc) {
         free(recs);
         return rc;
@@ -460,24 +444,24 @@ int xm_bulk_drop_volume(xm_store *st, uint32_t vol, uint64_t limit, uint64_t pun
     rc = vol_records(&c, XM_DB_LIVE, vol, recs, limit, &n);
     for (uint64_t i = 0; i < n && rc == XM_OK; i++) {
         xm_key_live(k, vol, recs[i].a);
-        if ((rc = release(&c, recs[i].r.pbn, recs[i].r.len)) ||
-            (rc = kv_del(c.t, st->dbi[XM_DB_LIVE], k, XM_LIVE_KEY_LEN)))
+        if ((rc = bk_release(&c, recs[i].r.pbn, recs[i].r.len)) ||
+            (rc = bk_del(c.t, st->dbi[XM_DB_LIVE], k, XM_LIVE_KEY_LEN)))
             break;
         xm_key_triple(k, vol, recs[i].r.epoch, recs[i].a);
-        rc = kv_del(c.t, st->dbi[XM_DB_LIVEBIRTH], k, XM_TRIPLE_KEY_LEN);
+        rc = bk_del(c.t, st->dbi[XM_DB_LIVEBIRTH], k, XM_TRIPLE_KEY_LEN);
     }
     if (rc == XM_OK && n < limit)
         rc = vol_records(&c, XM_DB_DEAD, vol, recs, limit - n, &m);
     for (uint64_t i = 0; i < m && rc == XM_OK; i++) {
         xm_key_triple(k, vol, recs[i].a, recs[i].b);
-        if ((rc = release(&c, recs[i].r.pbn, recs[i].r.len)) ||
-            (rc = kv_del(c.t, st->dbi[XM_DB_DEAD], k, XM_TRIPLE_KEY_LEN)))
+        if ((rc = bk_release(&c, recs[i].r.pbn, recs[i].r.len)) ||
+            (rc = bk_del(c.t, st->dbi[XM_DB_DEAD], k, XM_TRIPLE_KEY_LEN)))
             break;
         xm_key_deadidx(k, vol, recs[i].r.epoch, recs[i].b, recs[i].a);
-        rc = kv_del(c.t, st->dbi[XM_DB_DEADIDX], k, XM_DEADIDX_KEY_LEN);
+        rc = bk_del(c.t, st->dbi[XM_DB_DEADIDX], k, XM_DEADIDX_KEY_LEN);
     }
     free(recs);
-    rc = chunk_end(&c, rc, punch_min);
+    rc = bk_end(&c, rc, punch_min);
     if (rc == XM_OK)
         *ndone = n + m;
     return rc;
@@ -493,7 +477,7 @@ int xm_bulk_del_range(xm_store *st, int db, const void *lo, size_t lolen, const 
     *ndone = 0;
     if (db < 0 || db >= XM_DB_COUNT || lolen > sizeof kb)
         return EINVAL;
-    int rc = chunk_begin(&c, st);
+    int rc = bk_begin(&c, st);
     if (rc)
         return rc;
     if ((rc = mdb_cursor_open(c.t, st->dbi[db], &cur))) {
@@ -523,7 +507,7 @@ int xm_bulk_del_range(xm_store *st, int db, const void *lo, size_t lolen, const 
     mdb_cursor_close(cur);
     if (rc == MDB_NOTFOUND)
         rc = XM_OK;
-    rc = chunk_end(&c, xm_rc(rc), 0 - (uint64_t)1);
+    rc = bk_end(&c, xm_rc(rc), 0 - (uint64_t)1);
     if (rc == XM_OK)
         *ndone = n;
     return rc;

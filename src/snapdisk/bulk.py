@@ -20,12 +20,11 @@ to which it has restored), so a crash between chunks is resumed by `Engine.open`
 
 The chunks run in C (xm_bulk.c) or, with SNAPDISK_BULK_PATH=python, as the Python twins below,
 which do the same database operations in the same order (tests/test_extmap_diff.py compares
-every database).  Rollback's chunks are Python only for now.
+every database).
 """
 
 from __future__ import annotations
 
-import bisect
 import json
 import os
 import threading
@@ -174,14 +173,16 @@ class Bulk:
                     return
                 self._run(items[0], lambda n: None)
 
-    def run(self, item: Item, step: Step) -> None:
+    def run(self, item: Item, step: Step, total: Step | None = None) -> None:
+        """Run item to its end; step(records) after each chunk; total(records) once known
+        (rollback: from its plan)."""
         with self.lock:
-            self._run(item, step)
+            self._run(item, step, total)
 
-    def _run(self, item: Item, step: Step) -> None:
+    def _run(self, item: Item, step: Step, total: Step | None = None) -> None:
         op = item["op"]
         if op == "rollback":
-            self._rollback(item, step)
+            self._rollback(item, step, total or (lambda n: None))
             return
         while True:
             n = self._chunk(item)
@@ -230,22 +231,25 @@ class Bulk:
         _unmark(t, item)
 
 
-    def _rollback(self, item: Item, step: Step) -> None:
-        """Restore whole merged ranges (extmap.holes_over, then copy_in of the snapshot's records
-        there) a chunk at a time, from item["pos"] on.  The ranges and targets are recomputed
-        from the committed map: below pos they are restored (what differs there now are only the
-        copies, born after t, which lie inside restored ranges), at or above pos untouched."""
+    def _rollback(self, item: Item, step: Step, total: Step) -> None:
+        """Restore whole merged ranges (holes over them, then copies of the snapshot's records
+        there) a chunk at a time, from the saved position on.  The plan is recomputed from the
+        committed map: below the position it is restored (what differs there now are only the
+        copies, born after t, which lie inside restored ranges), above it untouched."""
         vol, epoch = item["vol"], item["epoch"]
         with self.native.txn() as t:
             vs = catalog.state(t, vol)
-            targets = sorted(extmap.dead_record(t, vol, lba, birth) for _, birth, lba, _
-                             in extmap.window(t, vol, epoch + 1, INFINITY, 0, epoch))
-            live = list(extmap.live_ranges_born_after(t, vs, epoch))
-        ranges = extmap.merge_ranges(live + [(e.lba, e.lba + e.len) for e in targets])
-        ranges = [r for r in ranges if r[0] >= item["pos"]]
-        starts = sorted(a for a, _ in live)
+            raw = t.get(DB_META, _pos_key(vol))
+            pos = layout.decode_u64(raw, "rollback position") if raw is not None else 0
+            if not self.c:
+                ranges, targets = py_rollback_plan(t, vs, epoch)
+        if self.c:
+            ranges, targets = native.bulk_rollback_plan(
+                self.native, vol, epoch, bool(vs.flags & layout.VS_BIRTH_INDEXED))
+        ranges = [r for r in ranges if r[0] >= pos]
+        total(sum(w for _, _, w in ranges))
         ti = 0
-        while ti < len(targets) and targets[ti].lba < item["pos"]:
+        while ti < len(targets) and targets[ti].lba < pos:
             ti += 1
         k = 0
         while k < len(ranges):
@@ -253,38 +257,63 @@ class Bulk:
             recs: list[Extent] = []
             n = 0
             while k < len(ranges) and (not chunk or n < CHUNK):
-                a, b = ranges[k]
+                a, b, weight = ranges[k]
                 chunk.append((a, b))
-                n += bisect.bisect_left(starts, b) - bisect.bisect_left(starts, a)
+                n += weight
                 while ti < len(targets) and targets[ti].lba < b:
                     recs.append(targets[ti])
                     ti += 1
-                    n += 1
                 k += 1
-            freed: Freed = []
-            with self.native.txn(write=True) as t:
-                vs = catalog.state(t, vol)
-                for a, b in chunk:
-                    extmap.holes_over(t, vs, a, b, freed)
-                extmap.copy_in(t, vs, recs, vs.epoch)
-                vs.save(t)
-                item = {**item, "pos": chunk[-1][1]}
-                _update(t, item)
-            self.io.punch(freed, PUNCH_BULK_MIN_BLOCKS)
+            if self.c:
+                native.bulk_rollback_apply(self.native, vol, chunk, recs, _pos_key(vol),
+                                           chunk[-1][1], PUNCH_BULK_MIN_BLOCKS)
+            else:
+                freed: Freed = []
+                with self.native.txn(write=True) as t:
+                    py_rollback_apply(t, vol, chunk, recs, chunk[-1][1], freed)
+                self.io.punch(freed, PUNCH_BULK_MIN_BLOCKS)
             step(n)
         with self.native.gate_exclusive():
             with self.native.txn(write=True) as t:
                 vs = catalog.state(t, vol)
                 vs.size_bytes = catalog.snap_record(t, vol, epoch).size_bytes
                 vs.save(t)
+                t.delete(DB_META, _pos_key(vol))
                 _unmark(t, item)
             configure(self.native, vs)
 
 
-def rollback_total(t: Txn, vs: VolState, epoch: int) -> int:
-    """Records a rollback to epoch will touch (progress total)."""
-    return (len(extmap.window(t, vs.vol, epoch + 1, INFINITY, 0, epoch))
-            + sum(1 for _ in extmap.live_ranges_born_after(t, vs, epoch)))
+def _pos_key(vol: int) -> bytes:
+    """META key of a rollback's position (the block below which it has restored)."""
+    return layout.META_BULK + b":" + layout.vol_key(vol)
+
+
+def py_rollback_plan(t: Txn, vs: VolState, epoch: int
+                     ) -> tuple[list[tuple[int, int, int]], list[Extent]]:
+    """Twin of xm_bulk_rollback_plan: merged ranges (start, end, records starting in it) and
+    the snapshot's records to copy back, sorted."""
+    targets = sorted(extmap.dead_record(t, vs.vol, lba, birth) for _, birth, lba, _
+                     in extmap.window(t, vs.vol, epoch + 1, INFINITY, 0, epoch))
+    raw = sorted(list(extmap.live_ranges_born_after(t, vs, epoch))
+                 + [(e.lba, e.lba + e.len) for e in targets])
+    out: list[tuple[int, int, int]] = []
+    for a, b in raw:
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b), out[-1][2] + 1)
+        else:
+            out.append((a, b, 1))
+    return out, targets
+
+
+def py_rollback_apply(t: Txn, vol: int, ranges: list[tuple[int, int]], recs: list[Extent],
+                      pos: int, freed: Freed) -> None:
+    """Twin of xm_bulk_rollback_apply."""
+    vs = catalog.state(t, vol)
+    for a, b in ranges:
+        extmap.holes_over(t, vs, a, b, freed)
+    extmap.copy_in(t, vs, recs, vs.epoch)
+    vs.save(t)
+    t.put(DB_META, _pos_key(vol), layout.encode_u64(pos))
 
 
 def _unindex_range(item: Item) -> tuple[bytes, bytes]:

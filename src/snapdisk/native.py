@@ -445,3 +445,32 @@ def bulk_del_range(ns: NativeStore, db: int, lo: bytes, hi: bytes, limit: int) -
 def bulk_ops() -> int:
     """Key/value operations the C walks have done in this process (tests/test_work.py)."""
     return int(lib.xm_bulk_ops())
+
+
+def bulk_rollback_plan(ns: NativeStore, vol: int, epoch: int, birth_indexed: bool
+                       ) -> tuple[list[tuple[int, int, int]], list[Extent]]:
+    """What differs from snapshot epoch: merged ranges (start, end, records starting in it) and
+    the snapshot's records to copy back, sorted (xm_bulk_rollback_plan)."""
+    rcap, tcap = 1024, 1024
+    while True:
+        ranges, targets = ffi.new("xm_extent[]", rcap), ffi.new("xm_extent[]", tcap)
+        nr, nt = ffi.new("size_t *"), ffi.new("size_t *")
+        rc = lib.xm_bulk_rollback_plan(ns.ptr, vol, epoch, 1 if birth_indexed else 0,
+                                       ranges, rcap, nr, targets, tcap, nt)
+        if rc != lib.XM_ESPACE:
+            break
+        rcap, tcap = max(rcap, nr[0]), max(tcap, nt[0])
+    check(rc, "rollback plan")
+    return ([(int(ranges[i].lba), int(ranges[i].pbn), int(ranges[i].birth)) for i in range(nr[0])],
+            from_c(targets, nt[0]))
+
+
+def bulk_rollback_apply(ns: NativeStore, vol: int, ranges: Sequence[tuple[int, int]],
+                        targets: Sequence[Extent], pos_key: bytes, pos: int,
+                        punch_min: int) -> None:
+    """One rollback chunk in one write transaction (xm_bulk_rollback_apply)."""
+    r = ffi.new("xm_extent[]", max(1, len(ranges)))
+    for i, (a, b) in enumerate(ranges):
+        r[i].lba, r[i].pbn = a, b
+    check(lib.xm_bulk_rollback_apply(ns.ptr, vol, r, len(ranges), to_c(targets), len(targets),
+                                     pos_key, len(pos_key), pos, punch_min), "rollback")

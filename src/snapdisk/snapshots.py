@@ -185,14 +185,12 @@ class Snapshots:
             with self.native.txn(write=True) as t:
                 vol = catalog.vol_id(t, volume)
                 _refuse_busy(t, vol, volume)
-                vs = catalog.state(t, vol)
                 epoch = catalog.snap_epoch(t, vol, snap)
-                total = bulk.rollback_total(t, vs, epoch)
                 cancel_point(cancel)
                 item = bulk.mark(t, {"op": "rollback", "vol": vol, "epoch": epoch, "pos": 0})
             self.native.vol_forget(vol)
-        steps = Steps(total, progress, None, every=1)
-        self.bulk.run(item, steps.step)
+        steps = Steps(0, progress, None, every=1)
+        self.bulk.run(item, steps.step, lambda n: setattr(steps, "total", n))
         steps.finish()
 
     def clone(self, volume: str, snap: str | int, new_name: str,
