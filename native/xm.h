@@ -232,18 +232,22 @@ int xm_bulk_del_range(xm_store *st, int db, const void *lo, size_t lolen, const 
                       size_t hilen, uint64_t limit, uint64_t *ndone);
 /* Key/value operations the walks above have done in this process (counted-work tests). */
 uint64_t xm_bulk_ops(void);
-/* Rollback of vol to snapshot epoch (xm_bulk_rb.c).  The plan: the merged ranges that differ
- * from the snapshot (each as lba = start, pbn = end, birth = the number of records starting in
- * it: the chunking weight) and the snapshot's records to copy back (sorted); XM_ESPACE with the
- * needed counts in *nr and *nt if a cap is too small. */
+/* Rollback of vol to snapshot epoch (xm_bulk_rb.c).  The plan: the merged ranges starting at
+ * or above pos that differ from the snapshot (each as lba = start, pbn = end, birth = the number
+ * of records starting in it: its weight), the snapshot's records at or above pos to copy back
+ * (sorted), and the total weight; XM_ESPACE with the needed counts in *nr and *nt if a cap is
+ * too small. */
 int xm_bulk_rollback_plan(xm_store *st, uint32_t vol, uint64_t epoch, int birth_indexed,
-                          xm_extent *ranges, size_t rcap, size_t *nr, xm_extent *targets,
-                          size_t tcap, size_t *nt);
-/* One chunk: unmap the ranges, copy the targets in (born now, SHARED), and store pos (LE u64)
- * under META pos_key, in one write transaction. */
+                          uint64_t pos, xm_extent *ranges, size_t rcap, size_t *nr,
+                          xm_extent *targets, size_t tcap, size_t *nt, uint64_t *weight);
+/* One chunk of the plan from ranges[*k] and targets[*ti] on (ranges while their weight is under
+ * limit, at least one): unmap them, copy their targets in (born now, SHARED), and store the
+ * position (the last range's end, LE u64) under META pos_key, in one write transaction; then
+ * *k and *ti move past the chunk and *ndone is its weight (0: the plan is done). */
 int xm_bulk_rollback_apply(xm_store *st, uint32_t vol, const xm_extent *ranges, size_t nr,
-                           const xm_extent *targets, size_t nt, const void *pos_key, size_t pklen,
-                           uint64_t pos, uint64_t punch_min);
+                           const xm_extent *targets, size_t nt, size_t *k, size_t *ti,
+                           uint64_t limit, const void *pos_key, size_t pklen, uint64_t punch_min,
+                           uint64_t *ndone);
 
 /* cdef-end */
 

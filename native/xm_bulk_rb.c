@@ -119,8 +119,8 @@ static int collect(xm_store *st, MDB_txn *t, uint32_t vol, uint64_t epoch, int i
 }
 
 int xm_bulk_rollback_plan(xm_store *st, uint32_t vol, uint64_t epoch, int birth_indexed,
-                          xm_extent *ranges, size_t rcap, size_t *nr, xm_extent *targets,
-                          size_t tcap, size_t *nt)
+                          uint64_t pos, xm_extent *ranges, size_t rcap, size_t *nr,
+                          xm_extent *targets, size_t tcap, size_t *nt, uint64_t *weight)
 {
     ext_list tg = {0}, raw = {0};
     MDB_txn *t;
@@ -149,13 +149,22 @@ int xm_bulk_rollback_plan(xm_store *st, uint32_t vol, uint64_t epoch, int birth_
                 raw.v[m++] = (xm_extent){a, b, 1, 0, 0};
             }
         }
-        *nr = m;
-        *nt = tg.n;
-        if (m > rcap || tg.n > tcap) {
+        /* only what lies at or above pos is still to restore */
+        size_t r0 = 0, t0 = 0;
+        while (r0 < m && raw.v[r0].lba < pos)
+            r0++;
+        while (t0 < tg.n && tg.v[t0].lba < pos)
+            t0++;
+        *nr = m - r0;
+        *nt = tg.n - t0;
+        *weight = 0;
+        for (size_t i = r0; i < m; i++)
+            *weight += raw.v[i].birth;
+        if (*nr > rcap || *nt > tcap) {
             rc = XM_ESPACE;
         } else {
-            memcpy(ranges, raw.v, m * sizeof *raw.v);
-            memcpy(targets, tg.v, tg.n * sizeof *tg.v);
+            memcpy(ranges, raw.v + r0, *nr * sizeof *raw.v);
+            memcpy(targets, tg.v + t0, *nt * sizeof *tg.v);
         }
     }
     free(tg.v);
@@ -295,10 +304,25 @@ out:
     return rc;
 }
 
-int xm_bulk_rollback_apply(xm_store *st, uint32_t vol, const xm_extent *ranges, size_t nr,
-                           const xm_extent *targets, size_t nt, const void *pos_key, size_t pklen,
-                           uint64_t pos, uint64_t punch_min)
+int xm_bulk_rollback_apply(xm_store *st, uint32_t vol, const xm_extent *plan_ranges,
+                           size_t plan_nr, const xm_extent *plan_targets, size_t plan_nt,
+                           size_t *k, size_t *ti, uint64_t limit, const void *pos_key,
+                           size_t pklen, uint64_t punch_min, uint64_t *ndone)
 {
+    /* The chunk: ranges from *k while none is taken or their weight is under limit, and the
+     * targets that lie in them (bulk.py's slicing, the same in both twins). */
+    const xm_extent *ranges = plan_ranges + *k, *targets = plan_targets + *ti;
+    size_t nr = 0, nt = 0;
+    uint64_t n = 0;
+    while (*k + nr < plan_nr && (nr == 0 || n < limit))
+        n += ranges[nr++].birth;
+    if (nr == 0) {
+        *ndone = 0;
+        return XM_OK;
+    }
+    uint64_t pos = ranges[nr - 1].pbn;
+    while (*ti + nt < plan_nt && targets[nt].lba < pos)
+        nt++;
     chunk c;
     xm_volstate vs;
     MDB_cursor *cur = NULL;
@@ -338,5 +362,10 @@ int xm_bulk_rollback_apply(xm_store *st, uint32_t vol, const xm_extent *ranges, 
         if ((rc = bk_put(c.t, st->dbi[XM_DB_VOLSTATE], vk, sizeof vk, vb, sizeof vb)) == XM_OK)
             rc = bk_put(c.t, st->dbi[XM_DB_META], pos_key, pklen, pv, sizeof pv);
     }
-    return bk_end(&c, rc, punch_min);
+    if ((rc = bk_end(&c, rc, punch_min)) == XM_OK) {
+        *k += nr;
+        *ti += nt;
+        *ndone = n;
+    }
+    return rc;
 }

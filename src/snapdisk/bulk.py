@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import allocator, catalog, errors, extmap, layout, native
@@ -242,37 +242,21 @@ class Bulk:
             raw = t.get(DB_META, _pos_key(vol))
             pos = layout.decode_u64(raw, "rollback position") if raw is not None else 0
             if not self.c:
-                ranges, targets = py_rollback_plan(t, vs, epoch)
+                ranges, targets = py_rollback_plan(t, vs, epoch, pos)
         if self.c:
-            ranges, targets = native.bulk_rollback_plan(
-                self.native, vol, epoch, bool(vs.flags & layout.VS_BIRTH_INDEXED))
-        ranges = [r for r in ranges if r[0] >= pos]
-        total(sum(w for _, _, w in ranges))
-        ti = 0
-        while ti < len(targets) and targets[ti].lba < pos:
-            ti += 1
-        k = 0
-        while k < len(ranges):
-            chunk: list[tuple[int, int]] = []
-            recs: list[Extent] = []
-            n = 0
-            while k < len(ranges) and (not chunk or n < CHUNK):
-                a, b, weight = ranges[k]
-                chunk.append((a, b))
-                n += weight
-                while ti < len(targets) and targets[ti].lba < b:
-                    recs.append(targets[ti])
-                    ti += 1
-                k += 1
-            if self.c:
-                native.bulk_rollback_apply(self.native, vol, chunk, recs, _pos_key(vol),
-                                           chunk[-1][1], PUNCH_BULK_MIN_BLOCKS)
-            else:
+            plan = native.RollbackPlan(self.native, vol, epoch,
+                                       bool(vs.flags & layout.VS_BIRTH_INDEXED), pos)
+            total(plan.weight)
+            while n := plan.apply(CHUNK, _pos_key(vol), PUNCH_BULK_MIN_BLOCKS):
+                step(n)
+        else:
+            total(sum(w for _, _, w in ranges))
+            for chunk, recs, n in _slices(ranges, targets):
                 freed: Freed = []
                 with self.native.txn(write=True) as t:
                     py_rollback_apply(t, vol, chunk, recs, chunk[-1][1], freed)
                 self.io.punch(freed, PUNCH_BULK_MIN_BLOCKS)
-            step(n)
+                step(n)
         with self.native.gate_exclusive():
             with self.native.txn(write=True) as t:
                 vs = catalog.state(t, vol)
@@ -288,10 +272,28 @@ def _pos_key(vol: int) -> bytes:
     return layout.META_BULK + b":" + layout.vol_key(vol)
 
 
-def py_rollback_plan(t: Txn, vs: VolState, epoch: int
+def _slices(ranges: list[tuple[int, int, int]], targets: list[Extent]
+            ) -> Iterator[tuple[list[tuple[int, int]], list[Extent], int]]:
+    """Chunks of a rollback plan (xm_bulk_rollback_apply's slicing): ranges while none is
+    taken or their weight is under CHUNK, with the targets inside them, and the weight."""
+    k = ti = 0
+    while k < len(ranges):
+        chunk: list[tuple[int, int]] = []
+        n = 0
+        while k < len(ranges) and (not chunk or n < CHUNK):
+            chunk.append(ranges[k][:2])
+            n += ranges[k][2]
+            k += 1
+        start = ti
+        while ti < len(targets) and targets[ti].lba < chunk[-1][1]:
+            ti += 1
+        yield chunk, targets[start:ti], n
+
+
+def py_rollback_plan(t: Txn, vs: VolState, epoch: int, pos: int
                      ) -> tuple[list[tuple[int, int, int]], list[Extent]]:
-    """Twin of xm_bulk_rollback_plan: merged ranges (start, end, records starting in it) and
-    the snapshot's records to copy back, sorted."""
+    """Twin of xm_bulk_rollback_plan: merged ranges at or above pos (start, end, records
+    starting in it) and the snapshot's records there to copy back, sorted."""
     targets = sorted(extmap.dead_record(t, vs.vol, lba, birth) for _, birth, lba, _
                      in extmap.window(t, vs.vol, epoch + 1, INFINITY, 0, epoch))
     raw = sorted(list(extmap.live_ranges_born_after(t, vs, epoch))
@@ -302,7 +304,7 @@ def py_rollback_plan(t: Txn, vs: VolState, epoch: int
             out[-1] = (out[-1][0], max(out[-1][1], b), out[-1][2] + 1)
         else:
             out.append((a, b, 1))
-    return out, targets
+    return [r for r in out if r[0] >= pos], [e for e in targets if e.lba >= pos]
 
 
 def py_rollback_apply(t: Txn, vol: int, ranges: list[tuple[int, int]], recs: list[Extent],

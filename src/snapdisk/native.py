@@ -447,30 +447,29 @@ def bulk_ops() -> int:
     return int(lib.xm_bulk_ops())
 
 
-def bulk_rollback_plan(ns: NativeStore, vol: int, epoch: int, birth_indexed: bool
-                       ) -> tuple[list[tuple[int, int, int]], list[Extent]]:
-    """What differs from snapshot epoch: merged ranges (start, end, records starting in it) and
-    the snapshot's records to copy back, sorted (xm_bulk_rollback_plan)."""
-    rcap, tcap = 1024, 1024
-    while True:
-        ranges, targets = ffi.new("xm_extent[]", rcap), ffi.new("xm_extent[]", tcap)
-        nr, nt = ffi.new("size_t *"), ffi.new("size_t *")
-        rc = lib.xm_bulk_rollback_plan(ns.ptr, vol, epoch, 1 if birth_indexed else 0,
-                                       ranges, rcap, nr, targets, tcap, nt)
-        if rc != lib.XM_ESPACE:
-            break
-        rcap, tcap = max(rcap, nr[0]), max(tcap, nt[0])
-    check(rc, "rollback plan")
-    return ([(int(ranges[i].lba), int(ranges[i].pbn), int(ranges[i].birth)) for i in range(nr[0])],
-            from_c(targets, nt[0]))
+class RollbackPlan:
+    """xm_bulk_rollback_plan's arrays, kept in C form for the chunks (no per-record Python)."""
 
+    def __init__(self, ns: NativeStore, vol: int, epoch: int, birth_indexed: bool, pos: int):
+        rcap, tcap = 1024, 1024
+        nr, nt, w = ffi.new("size_t *"), ffi.new("size_t *"), ffi.new("uint64_t *")
+        while True:
+            self.ranges = ffi.new("xm_extent[]", rcap)
+            self.targets = ffi.new("xm_extent[]", tcap)
+            rc = lib.xm_bulk_rollback_plan(ns.ptr, vol, epoch, 1 if birth_indexed else 0, pos,
+                                           self.ranges, rcap, nr, self.targets, tcap, nt, w)
+            if rc != lib.XM_ESPACE:
+                break
+            rcap, tcap = max(rcap, nr[0]), max(tcap, nt[0])
+        check(rc, "rollback plan")
+        self.ns, self.vol = ns, vol
+        self.nr, self.nt, self.weight = int(nr[0]), int(nt[0]), int(w[0])
+        self._k, self._ti = ffi.new("size_t *"), ffi.new("size_t *")
 
-def bulk_rollback_apply(ns: NativeStore, vol: int, ranges: Sequence[tuple[int, int]],
-                        targets: Sequence[Extent], pos_key: bytes, pos: int,
-                        punch_min: int) -> None:
-    """One rollback chunk in one write transaction (xm_bulk_rollback_apply)."""
-    r = ffi.new("xm_extent[]", max(1, len(ranges)))
-    for i, (a, b) in enumerate(ranges):
-        r[i].lba, r[i].pbn = a, b
-    check(lib.xm_bulk_rollback_apply(ns.ptr, vol, r, len(ranges), to_c(targets), len(targets),
-                                     pos_key, len(pos_key), pos, punch_min), "rollback")
+    def apply(self, limit: int, pos_key: bytes, punch_min: int) -> int:
+        """The next chunk (xm_bulk_rollback_apply); returns its weight, 0 when done."""
+        n = ffi.new("uint64_t *")
+        check(lib.xm_bulk_rollback_apply(self.ns.ptr, self.vol, self.ranges, self.nr,
+                                         self.targets, self.nt, self._k, self._ti, limit,
+                                         pos_key, len(pos_key), punch_min, n), "rollback")
+        return int(n[0])
