@@ -235,11 +235,11 @@ uint64_t xm_bulk_ops(void);
 /* Rollback of vol to snapshot epoch (xm_bulk_rb.c).  The plan: the merged ranges starting at
  * or above pos that differ from the snapshot (each as lba = start, pbn = end, birth = the number
  * of records starting in it: its weight), the snapshot's records at or above pos to copy back
- * (sorted), and the total weight; XM_ESPACE with the needed counts in *nr and *nt if a cap is
- * too small. */
+ * (sorted), and the total weight.  *ranges and *targets are malloc'd: xm_bulk_free them. */
 int xm_bulk_rollback_plan(xm_store *st, uint32_t vol, uint64_t epoch, int birth_indexed,
-                          uint64_t pos, xm_extent *ranges, size_t rcap, size_t *nr,
-                          xm_extent *targets, size_t tcap, size_t *nt, uint64_t *weight);
+                          uint64_t pos, xm_extent **ranges, size_t *nr, xm_extent **targets,
+                          size_t *nt, uint64_t *weight);
+void xm_bulk_free(void *p);
 /* One chunk of the plan from ranges[*k] and targets[*ti] on (ranges while their weight is under
  * limit, at least one): unmap them, copy their targets in (born now, SHARED), and store the
  * position (the last range's end, LE u64) under META pos_key, in one write transaction; then

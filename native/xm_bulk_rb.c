@@ -119,8 +119,8 @@ static int collect(xm_store *st, MDB_txn *t, uint32_t vol, uint64_t epoch, int i
 }
 
 int xm_bulk_rollback_plan(xm_store *st, uint32_t vol, uint64_t epoch, int birth_indexed,
-                          uint64_t pos, xm_extent *ranges, size_t rcap, size_t *nr,
-                          xm_extent *targets, size_t tcap, size_t *nt, uint64_t *weight)
+                          uint64_t pos, xm_extent **ranges, size_t *nr, xm_extent **targets,
+                          size_t *nt, uint64_t *weight)
 {
     ext_list tg = {0}, raw = {0};
     MDB_txn *t;
@@ -160,16 +160,26 @@ int xm_bulk_rollback_plan(xm_store *st, uint32_t vol, uint64_t epoch, int birth_
         *weight = 0;
         for (size_t i = r0; i < m; i++)
             *weight += raw.v[i].birth;
-        if (*nr > rcap || *nt > tcap) {
-            rc = XM_ESPACE;
+        *ranges = malloc((*nr + 1) * sizeof *raw.v);
+        *targets = malloc((*nt + 1) * sizeof *tg.v);
+        if (!*ranges || !*targets) {
+            free(*ranges);
+            free(*targets);
+            *ranges = *targets = NULL;
+            rc = ENOMEM;
         } else {
-            memcpy(ranges, raw.v + r0, *nr * sizeof *raw.v);
-            memcpy(targets, tg.v + t0, *nt * sizeof *tg.v);
+            memcpy(*ranges, raw.v + r0, *nr * sizeof *raw.v);
+            memcpy(*targets, tg.v + t0, *nt * sizeof *tg.v);
         }
     }
     free(tg.v);
     free(raw.v);
     return rc;
+}
+
+void xm_bulk_free(void *p)
+{
+    free(p);
 }
 
 /* ---- apply ------------------------------------------------------------------------------ */

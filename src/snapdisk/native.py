@@ -451,17 +451,12 @@ class RollbackPlan:
     """xm_bulk_rollback_plan's arrays, kept in C form for the chunks (no per-record Python)."""
 
     def __init__(self, ns: NativeStore, vol: int, epoch: int, birth_indexed: bool, pos: int):
-        rcap, tcap = 1024, 1024
         nr, nt, w = ffi.new("size_t *"), ffi.new("size_t *"), ffi.new("uint64_t *")
-        while True:
-            self.ranges = ffi.new("xm_extent[]", rcap)
-            self.targets = ffi.new("xm_extent[]", tcap)
-            rc = lib.xm_bulk_rollback_plan(ns.ptr, vol, epoch, 1 if birth_indexed else 0, pos,
-                                           self.ranges, rcap, nr, self.targets, tcap, nt, w)
-            if rc != lib.XM_ESPACE:
-                break
-            rcap, tcap = max(rcap, nr[0]), max(tcap, nt[0])
-        check(rc, "rollback plan")
+        r, t = ffi.new("xm_extent **"), ffi.new("xm_extent **")
+        check(lib.xm_bulk_rollback_plan(ns.ptr, vol, epoch, 1 if birth_indexed else 0, pos,
+                                        r, nr, t, nt, w), "rollback plan")
+        self.ranges = ffi.gc(r[0], lib.xm_bulk_free)
+        self.targets = ffi.gc(t[0], lib.xm_bulk_free)
         self.ns, self.vol = ns, vol
         self.nr, self.nt, self.weight = int(nr[0]), int(nt[0]), int(w[0])
         self._k, self._ti = ffi.new("size_t *"), ffi.new("size_t *")
