@@ -163,15 +163,20 @@ class Bulk:
         self.lock = threading.Lock()
         self.c = c_path()
 
-    def finish_all(self) -> None:
-        """Finish every marked item (open, check, and before a new bulk mark)."""
-        with self.lock:
+    def finish_all(self, blocking: bool = True) -> None:
+        """Finish every marked item (open, check; after each walk, leftovers of a cancelled
+        one).  blocking=False: not if another walk runs now (it may be long)."""
+        if not self.lock.acquire(blocking):
+            return
+        try:
             while True:
                 with self.native.txn() as t:
                     items = pending(t)
                 if not items:
                     return
                 self._run(items[0], lambda n: None)
+        finally:
+            self.lock.release()
 
     def run(self, item: Item, step: Step, total: Step | None = None) -> None:
         """Run item to its end; step(records) after each chunk; total(records) once known

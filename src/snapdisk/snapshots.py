@@ -146,7 +146,7 @@ class Snapshots:
                 f"cancelled after {steps.done} records: {what} is released by the next bulk "
                 "operation or the next open") from None
         steps.finish()
-        self.bulk.finish_all()  # leftovers of a cancelled walk
+        self.bulk.finish_all(blocking=False)  # leftovers of a cancelled walk
 
     def _unlist(self, t: Txn, vs: VolState, rec: VolumeRecord, epoch: int) -> list[int]:
         """Drop snapshot epoch from the catalog; returns its window (death_lo, death_hi,
