@@ -240,6 +240,11 @@ int xm_bulk_rollback_plan(xm_store *st, uint32_t vol, uint64_t epoch, int birth_
                           uint64_t pos, xm_extent **ranges, size_t *nr, xm_extent **targets,
                           size_t *nt, uint64_t *weight);
 void xm_bulk_free(void *p);
+/* One step of a clone (xm_bulk_clone.c): snapshot epoch of src over blocks [lo, hi) copied into
+ * dst (SHARED, REFS raised), src's still-live records there marked SHARED, hi stored (LE u64)
+ * under META pos_key; one write transaction.  *nrecs: the view's records. */
+int xm_bulk_clone_step(xm_store *st, uint32_t src, uint64_t epoch, uint32_t dst, uint64_t lo,
+                       uint64_t hi, const void *pos_key, size_t pklen, uint64_t *nrecs);
 /* One chunk of the plan from ranges[*k] and targets[*ti] on (ranges while their weight is under
  * limit, at least one): unmap them, copy their targets in (born now, SHARED), and store the
  * position (the last range's end, LE u64) under META pos_key, in one write transaction; then

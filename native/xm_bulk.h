@@ -42,5 +42,9 @@ int bk_set_refs(chunk *c, const refs_run *r, uint64_t start, uint64_t stop, uint
 int bk_put_refs(chunk *c, uint64_t pbn, uint64_t len, uint64_t refs);
 /* allocator.release: one record no longer holds [pbn, pbn+n), n <= XM_MAX_EXTENT. */
 int bk_release(chunk *c, uint64_t pbn, uint64_t n);
+/* extmap.put_live (LIVEBIRTH too while the volume has snapshots) and allocator.share
+ * (xm_bulk_rb.c). */
+int bk_live_put(chunk *c, uint32_t vol, xm_volstate *vs, const xm_extent *e);
+int bk_share(chunk *c, uint64_t pbn, uint64_t n);
 
 #endif

@@ -184,7 +184,7 @@ void xm_bulk_free(void *p)
 
 /* ---- apply ------------------------------------------------------------------------------ */
 
-static int live_put(chunk *c, uint32_t vol, xm_volstate *vs, const xm_extent *e)
+int bk_live_put(chunk *c, uint32_t vol, xm_volstate *vs, const xm_extent *e)
 {
     uint8_t k[XM_TRIPLE_KEY_LEN], v[XM_REC_LEN];
     xm_rec_encode(v, &(xm_rec){e->len, e->flags, e->pbn, e->birth});
@@ -234,7 +234,7 @@ static int add_dead(chunk *c, uint32_t vol, const xm_extent *e, uint64_t death)
 }
 
 /* allocator.share: one more record holds [pbn, pbn+n). */
-static int share(chunk *c, uint64_t pbn, uint64_t n)
+int bk_share(chunk *c, uint64_t pbn, uint64_t n)
 {
     refs_run runs[XM_MAX_EXTENT + 1];
     size_t nr;
@@ -298,7 +298,7 @@ static int hole(chunk *c, MDB_cursor *cur, uint32_t vol, xm_volstate *vs, uint64
         for (size_t i = 0; i < no && !existed; i++)
             existed = memcmp(&old[i], &keep[j], sizeof old[i]) == 0;
         if (!existed)
-            rc = live_put(c, vol, vs, &keep[j]);
+            rc = bk_live_put(c, vol, vs, &keep[j]);
     }
     for (size_t i = 0; i < ng && rc == XM_OK; i++) {
         vs->live_blocks -= gone[i].len;
@@ -358,8 +358,8 @@ int xm_bulk_rollback_apply(xm_store *st, uint32_t vol, const xm_extent *plan_ran
         for (uint64_t p = 0; p < e->len && rc == XM_OK; p += XM_MAX_EXTENT) {
             uint64_t n = e->len - p < XM_MAX_EXTENT ? e->len - p : XM_MAX_EXTENT;
             xm_extent cp = {e->lba + p, e->pbn + p, vs.epoch, (uint32_t)n, XM_F_SHARED};
-            if ((rc = live_put(&c, vol, &vs, &cp)) == XM_OK)
-                rc = share(&c, e->pbn + p, n);
+            if ((rc = bk_live_put(&c, vol, &vs, &cp)) == XM_OK)
+                rc = bk_share(&c, e->pbn + p, n);
         }
         vs.live_blocks += e->len;
     }

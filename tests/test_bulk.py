@@ -205,3 +205,29 @@ def test_io_goes_on_between_chunks(store: Path) -> None:
         e.delete_volume("v", progress=progress)
         assert n[0] > 10
         assert e.check().ok
+
+
+def test_interrupted_clone_is_refused_until_finished_at_open(
+        store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bulk, "CLONE_STEP", 64)  # many steps
+    with Engine.open(str(store)) as e:
+        vol = e.create_volume("v", 4 * MiB).id
+        scattered(e, vol, 300, b"a")
+        e.create_snapshot("v", "s")
+        want = e.read(vol, 0, 4 * MiB)
+        scattered(e, vol, 300, b"b", seed=2)
+        _, progress = crash_after(2)
+        with pytest.raises(Crash):
+            e.clone("v", "s", "c", progress=progress)  # type: ignore[arg-type]
+        cid = e.volume_id("c")
+        with pytest.raises(errors.SnapdiskError):
+            e.read(cid, 0, BS)  # not readable until the copy ends
+        for op in (lambda: e.create_snapshot("c"), lambda: e.delete_snapshot("v", "s")):
+            with pytest.raises(errors.Busy):
+                op()
+    with Engine.open(str(store)) as e:
+        assert pending(e) == []
+        assert e.read(cid, 0, 4 * MiB) == want
+        e.delete_snapshot("v", "s")  # the clone keeps its blocks
+        assert e.read(cid, 0, 4 * MiB) == want
+        assert e.check().ok

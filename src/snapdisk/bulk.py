@@ -16,7 +16,11 @@ to which it has restored), so a crash between chunks is resumed by `Engine.open`
     delete_volume  the mark drops the volume's names, records and snapshots; the chunks release
                    its live and dead records.  Volume ids are never reused.
     rollback       the volume is forgotten by the hot path (reads and writes refused, ENOVOL)
-                   while it is marked; each chunk restores whole merged ranges up to `pos`.
+                   while it is marked; each chunk restores whole merged ranges up to a position
+                   kept in META `bulk:<vol>`.
+    clone          the mark creates the volume; each step copies CLONE_STEP blocks of the
+                   snapshot's view (position in META `bulk:<vol>`); the hot path learns the
+                   volume at the end.
 
 The chunks run in C (xm_bulk.c) or, with SNAPDISK_BULK_PATH=python, as the Python twins below,
 which do the same database operations in the same order (tests/test_extmap_diff.py compares
@@ -38,6 +42,7 @@ from .native import Extent, NativeStore, Txn
 from .volume import PUNCH_BULK_MIN_BLOCKS, DataPath, Freed, configure
 
 CHUNK = int(os.environ.get("SNAPDISK_BULK_CHUNK", "10000"))
+CLONE_STEP = 64 * layout.MAX_EXTENT  # blocks of the snapshot a clone copies per transaction
 Item = dict[str, Any]
 
 
@@ -93,8 +98,10 @@ def _update(t: Txn, item: Item) -> None:
 
 
 def busy_volume(t: Txn, vol: int) -> bool:
-    """True while vol is being rolled back (its map is half restored)."""
-    return any(i["op"] == "rollback" and i["vol"] == vol for i in _load(t)["items"])
+    """True while vol is being rolled back (its map is half restored), is a clone being
+    copied, or is the source of one (its snapshot must stay)."""
+    return any((i["op"] in ("rollback", "clone") and i["vol"] == vol)
+               or (i["op"] == "clone" and i["src"] == vol) for i in _load(t)["items"])
 
 
 # ---- the Python twins of xm_bulk.c ---------------------------------------------------------
@@ -189,6 +196,9 @@ class Bulk:
         if op == "rollback":
             self._rollback(item, step, total or (lambda n: None))
             return
+        if op == "clone":
+            self._clone(item, step)
+            return
         while True:
             n = self._chunk(item)
             step(n)
@@ -270,6 +280,54 @@ class Bulk:
                 t.delete(DB_META, _pos_key(vol))
                 _unmark(t, item)
             configure(self.native, vs)
+
+
+    def _clone(self, item: Item, step: Step) -> None:
+        """Copy the snapshot's view into the new volume CLONE_STEP blocks at a time, from the
+        saved position on; then the hot path learns the volume."""
+        dst, src, epoch = item["vol"], item["src"], item["epoch"]
+        with self.native.txn() as t:
+            raw = t.get(DB_META, _pos_key(dst))
+            pos = layout.decode_u64(raw, "clone position") if raw is not None else 0
+            nblocks = -(-catalog.state(t, dst).size_bytes // layout.BLOCK_SIZE)
+        for lo in range(pos, nblocks, CLONE_STEP):
+            hi = min(lo + CLONE_STEP, nblocks)
+            if self.c:
+                native.bulk_clone_step(self.native, src, epoch, dst, lo, hi, _pos_key(dst))
+            else:
+                with self.native.txn(write=True) as t:
+                    py_clone_step(t, src, epoch, dst, lo, hi)
+            step(1)
+        with self.native.gate_exclusive():
+            with self.native.txn(write=True) as t:
+                vs = catalog.state(t, dst)
+                t.delete(DB_META, _pos_key(dst))
+                _unmark(t, item)
+            configure(self.native, vs)
+
+
+def py_clone_step(t: Txn, src_vol: int, epoch: int, dst: int, lo: int, hi: int) -> None:
+    """Twin of xm_bulk_clone_step."""
+    src = catalog.state(t, src_vol)
+    vs = catalog.state(t, dst)
+    recs = extmap.view_at(t, src_vol, epoch, lo, hi)
+    _mark_live_shared(t, src, recs)
+    extmap.copy_in(t, vs, extmap.clip(recs, lo, hi), 1)
+    src.flags |= layout.VS_SHARED
+    src.save(t)
+    vs.save(t)
+    t.put(DB_META, _pos_key(dst), layout.encode_u64(hi))
+
+
+def _mark_live_shared(t: Txn, vs: VolState, recs: list[Extent]) -> None:
+    """Source records still live get SHARED, so no later write (even once the snapshot is
+    gone and they look unshared by birth) rewrites them in place under the clone."""
+    for e in recs:
+        if e.flags & layout.F_SHARED:
+            continue
+        raw = t.get(DB_LIVE, layout.live_key(vs.vol, e.lba))
+        if raw is not None and layout.decode_rec(raw) == (e.len, e.flags, e.pbn, e.birth):
+            extmap.put_live(t, vs, e._replace(flags=e.flags | layout.F_SHARED))
 
 
 def _pos_key(vol: int) -> bytes:

@@ -468,3 +468,12 @@ class RollbackPlan:
                                          self.targets, self.nt, self._k, self._ti, limit,
                                          pos_key, len(pos_key), punch_min, n), "rollback")
         return int(n[0])
+
+
+def bulk_clone_step(ns: NativeStore, src: int, epoch: int, dst: int, lo: int, hi: int,
+                    pos_key: bytes) -> int:
+    """One clone step in one write transaction (xm_bulk_clone_step); returns the records."""
+    n = ffi.new("uint64_t *")
+    check(lib.xm_bulk_clone_step(ns.ptr, src, epoch, dst, lo, hi, pos_key, len(pos_key), n),
+          "clone")
+    return int(n[0])
