@@ -35,6 +35,8 @@ come from C (snapdisk.native), never copied.
     seq          u64          bumped by each transaction that frees blocks (allocator.py)
     blocks       free:u64 pending:u64   totals of FREE and PENDING
     config       JSON         store options (store.StoreConfig); format 2 added map_bytes
+    bulk         JSON         bulk work marked and not finished (bulk.py); absent when none
+    bulk:<vol:u32>  u64       a marked rollback's or clone's position (bulk.py); absent when none
 
 Format history: 1 (first release); 2 adds `map_bytes` to `config` and `encryption` (null: not
 encrypted) to every VOLUMES record, room for encrypted volumes.
