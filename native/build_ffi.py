@@ -16,7 +16,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 HEADERS = ["xm_layout.h", "xm.h"]  # in include order
 SOURCES = ["xm_map.c", "xm_env.c", "xm_kv.c", "xm_pool.c", "xm_io.c", "xm_row.c", "xm_verify.c", "xm_space.c",
-           "xm_crypt.c"]
+           "xm_crypt.c", "xm_bulk.c", "xm_bulk_rb.c", "xm_bulk_clone.c"]
 
 
 def cdef_section(name: str) -> str:
@@ -38,7 +38,7 @@ ffibuilder.set_source(
     "snapdisk._xm",
     '#include "xm.h"',
     sources=[os.path.join("native", name) for name in SOURCES],
-    depends=[os.path.join("native", name) for name in [*HEADERS, "xm_internal.h"]],
+    depends=[os.path.join("native", name) for name in [*HEADERS, "xm_internal.h", "xm_bulk.h"]],
     include_dirs=[HERE],
     libraries=["lmdb", "pthread", "crypto"],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-std=gnu11"],

@@ -251,6 +251,48 @@ int xm_vol_clear_key(xm_store *st, uint32_t vol);
 int xm_vol_mark_encrypted(xm_store *st, uint32_t vol, int encrypted);
 /* vol's slot state; takes the gate shared (do not call it with the gate held). */
 int xm_vol_key_state(xm_store *st, uint32_t vol);
+/* ---- bulk metadata walks (xm_bulk.c) ----------------------------------------------------
+ *
+ * Each call is one bounded write transaction (at most `limit` map records), committed before it
+ * returns; *ndone < limit means the walk is complete.  Blocks freed go to PENDING; merged freed
+ * runs of at least punch_min blocks are punched from the pool after the commit.  The driver
+ * (snapdisk/bulk.py) marks the work first and finishes it at open. */
+
+/* Drop the dead records of vol with death_lo <= death <= death_hi and birth_lo <= birth <=
+ * birth_hi (a deleted snapshot's window), releasing their blocks. */
+int xm_bulk_drop_window(xm_store *st, uint32_t vol, uint64_t death_lo, uint64_t death_hi,
+                        uint64_t birth_lo, uint64_t birth_hi, uint64_t limit, uint64_t punch_min,
+                        uint64_t *ndone);
+/* Release and remove live records of vol (and their LIVEBIRTH entries), then dead ones (and
+ * their DEADIDX entries). */
+int xm_bulk_drop_volume(xm_store *st, uint32_t vol, uint64_t limit, uint64_t punch_min,
+                        uint64_t *ndone);
+/* Delete keys of db in [lo, hi) (byte order). */
+int xm_bulk_del_range(xm_store *st, int db, const void *lo, size_t lolen, const void *hi,
+                      size_t hilen, uint64_t limit, uint64_t *ndone);
+/* Key/value operations the walks above have done in this process (counted-work tests). */
+uint64_t xm_bulk_ops(void);
+/* Rollback of vol to snapshot epoch (xm_bulk_rb.c).  The plan: the merged ranges starting at
+ * or above pos that differ from the snapshot (each as lba = start, pbn = end, birth = the number
+ * of records starting in it: its weight), the snapshot's records at or above pos to copy back
+ * (sorted), and the total weight.  *ranges and *targets are malloc'd: xm_bulk_free them. */
+int xm_bulk_rollback_plan(xm_store *st, uint32_t vol, uint64_t epoch, int birth_indexed,
+                          uint64_t pos, xm_extent **ranges, size_t *nr, xm_extent **targets,
+                          size_t *nt, uint64_t *weight);
+void xm_bulk_free(void *p);
+/* One step of a clone (xm_bulk_clone.c): snapshot epoch of src over blocks [lo, hi) copied into
+ * dst (SHARED, REFS raised), src's still-live records there marked SHARED, hi stored (LE u64)
+ * under META pos_key; one write transaction.  *nrecs: the view's records. */
+int xm_bulk_clone_step(xm_store *st, uint32_t src, uint64_t epoch, uint32_t dst, uint64_t lo,
+                       uint64_t hi, const void *pos_key, size_t pklen, uint64_t *nrecs);
+/* One chunk of the plan from ranges[*k] and targets[*ti] on (ranges while their weight is under
+ * limit, at least one): unmap them, copy their targets in (born now, SHARED), and store the
+ * position (the last range's end, LE u64) under META pos_key, in one write transaction; then
+ * *k and *ti move past the chunk and *ndone is its weight (0: the plan is done). */
+int xm_bulk_rollback_apply(xm_store *st, uint32_t vol, const xm_extent *ranges, size_t nr,
+                           const xm_extent *targets, size_t nt, size_t *k, size_t *ti,
+                           uint64_t limit, const void *pos_key, size_t pklen, uint64_t punch_min,
+                           uint64_t *ndone);
 
 /* cdef-end */
 

@@ -140,5 +140,8 @@ int xm_crypt_blocks(EVP_CIPHER_CTX *c, uint64_t pbn, uint64_t nblocks, const uin
                     uint8_t *out);
 /* Wipe and free every key slot (xm_close). */
 void xm_crypt_close(xm_store *st);
+/* Begin an LMDB write transaction: every C path that writes begins here (xm_kv.c; group commit
+ * applies its overlay first). */
+int xm_wtxn_begin(xm_store *st, MDB_txn **out);
 
 #endif

@@ -280,3 +280,10 @@ int xm_live_overlap(xm_txn *t, uint32_t vol, uint64_t lba, uint64_t nblocks,
         rc = XM_ESPACE;
     return rc;
 }
+
+/* xm_wtxn_begin: group commit's hook (see xm_batch.c) */
+int xm_wtxn_begin(xm_store *st, MDB_txn **out)
+{
+    int rc = xm_space_check(st, XM_SPACE_ANY); /* the deletes' reserve: xm_space.c */
+    return rc ? rc : xm_rc(mdb_txn_begin(st->env, NULL, 0, out));
+}

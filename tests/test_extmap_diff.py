@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import random
+import time
+from pathlib import Path
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from snapdisk import extmap_ref, native
+from snapdisk import bulk, extmap_ref, native
+from snapdisk.engine import Engine
 from snapdisk.errors import Corrupt
-from snapdisk.native import HOLE, Extent
+from snapdisk.native import BLOCK_SIZE, HOLE, Extent
+from snapdisk.store import StoreConfig
 
 
 @st.composite
@@ -83,3 +89,63 @@ def test_corrupt_input_is_refused_by_both() -> None:
         native.insert(overlapping, Extent(1, 5, 1, 1, 0))
     with pytest.raises(Corrupt):
         extmap_ref.insert(overlapping, Extent(1, 5, 1, 1, 0), 1024)
+
+
+# ---- the bulk walks: C (native/xm_bulk.c) against their Python twins (bulk.py) -------------
+
+MiB = 1 << 20
+
+
+def _bulk_run(path: Path, seed: int) -> tuple[dict[str, list[tuple[bytes, bytes]]], bytes]:
+    """A random workload of writes, snapshots, rollbacks, clones (shared blocks: REFS), snapshot
+    and volume deletes, in chunks of 7 records; every database dumped at the end."""
+    rnd = random.Random(seed)
+    e = Engine.create(str(path), StoreConfig(pool_bytes=64 * MiB))
+    size = 2 * MiB
+    try:
+        names = ["v0", "v1"]
+        for n in names:
+            e.create_volume(n, size)
+        for step in range(400):
+            name = rnd.choice(names)
+            vol = e.volume_id(name)
+            snaps = [s.name for s in e.list_snapshots(name, with_usage=False)]
+            r = rnd.random()
+            if r < 0.08:
+                e.create_snapshot(name, f"s{step}")
+            elif r < 0.12 and snaps:
+                e.delete_snapshot(name, rnd.choice(snaps))
+            elif r < 0.14 and snaps:
+                e.rollback(name, rnd.choice(snaps))
+            elif r < 0.18 and snaps and len(names) < 5:
+                names.append(f"c{step}")
+                e.clone(name, rnd.choice(snaps), names[-1])
+            elif r < 0.20 and len(names) > 2:
+                names.remove(name)
+                e.delete_volume(name)
+            else:
+                blocks = rnd.choice([1, 1, 2, 5, 40, 200])
+                off = rnd.randrange(0, size // BLOCK_SIZE - blocks) * BLOCK_SIZE
+                e.write(vol, off, rnd.randbytes(8) * (blocks * BLOCK_SIZE // 8))
+        content = b"".join(e.read(e.volume_id(n), 0, size) for n in names)
+        with e.native.txn() as t:
+            dump = {native.db_name(db): list(t.scan(db, b"")) for db in range(native.DB_COUNT)}
+        assert e.check().ok
+        return dump, content
+    finally:
+        e.close()
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_c_and_python_bulk_walks_leave_identical_databases(
+        tmp_path: Path, seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(time, "time", lambda: 1_700_000_000.0)  # snapshot and volume stamps
+    monkeypatch.setattr(bulk, "CHUNK", 7)  # many chunks per walk
+    c_dump, c_content = _bulk_run(tmp_path / "c", seed)
+    monkeypatch.setenv("SNAPDISK_BULK_PATH", "python")
+    py_dump, py_content = _bulk_run(tmp_path / "py", seed)
+    assert c_content == py_content
+    assert sum(len(v) for v in c_dump.values()) > 100
+    assert c_dump["refs"], "the workload must share blocks (clone, rollback)"
+    for name in c_dump:
+        assert c_dump[name] == py_dump[name], f"database {name} differs"

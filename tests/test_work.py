@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from snapdisk import native
 from snapdisk.native import BLOCK_SIZE, Txn
 from snapdisk.store import StoreConfig
 from snapdisk.volume import Engine
@@ -56,9 +57,11 @@ def fill(e: Engine, vol: int, nblocks: int, scattered: bool, seed: int = 1) -> N
 
 
 def cost(e: Engine, f: Callable[[], Any]) -> int:
+    """Key/value operations of f: Python's (every Txn) plus those of the C bulk walks."""
+    before = native.bulk_ops()
     with counted(e) as c:
         f()
-    return c["ops"]
+    return c["ops"] + native.bulk_ops() - before
 
 
 def test_snapshot_create_work_does_not_grow_with_data(engine: Engine) -> None:
@@ -134,3 +137,74 @@ def test_snapshot_delete_work_follows_what_it_frees(engine: Engine) -> None:
     small = cost(engine, lambda: engine.delete_snapshot("v", "b"))  # frees the 64 blocks only b had
     big = cost(engine, lambda: engine.delete_snapshot("v", "a"))  # frees 64 + 640 blocks
     assert small < 64 * 20 and big >= 5 * small, (small, big)
+
+
+# ---- the bulk walks (bulk.py, native/xm_bulk.c), on both paths --------------------------------
+
+@pytest.fixture(params=["c", "python"])
+def bulk_engine(request: pytest.FixtureRequest, tmp_path: Path,
+                monkeypatch: pytest.MonkeyPatch) -> Iterator[Engine]:
+    if request.param == "python":
+        monkeypatch.setenv("SNAPDISK_BULK_PATH", "python")
+    e = Engine.create(str(tmp_path), StoreConfig(pool_bytes=1 << 30))
+    yield e
+    e.close()
+
+
+def _changed_after_snapshot(e: Engine, name: str, size_mib: int, base_blocks: int,
+                            older_snapshots: int, changed: int) -> None:
+    """A volume of size_mib with base_blocks written, older_snapshots snapshots each changing
+    8 blocks, then `changed` scattered blocks written, snapshot "s", the same blocks rewritten
+    (so deleting s frees exactly them), snapshot "t", and `changed` blocks rewritten again."""
+    vol = e.create_volume(name, size_mib << 20).id
+    fill(e, vol, base_blocks, scattered=False)
+    rng = random.Random(7)
+    for i in range(older_snapshots):
+        e.create_snapshot(name)
+        for b in rng.sample(range(base_blocks), 8):
+            e.write(vol, b * BS, bytes([i % 250 + 1]) * BS)
+    blocks = rng.sample(range(base_blocks), changed)
+    for b in blocks:
+        e.write(vol, b * BS, b"b" * BS)
+    e.create_snapshot(name, "s")
+    for b in blocks:
+        e.write(vol, b * BS, b"c" * BS)
+    e.create_snapshot(name, "t")
+    for b in rng.sample(range(base_blocks), changed):
+        e.write(vol, b * BS, b"d" * BS)
+
+
+def test_bulk_delete_work_follows_changes_not_size_or_snapshots(bulk_engine: Engine) -> None:
+    e = bulk_engine
+    costs = {}
+    cases = ((0, 64, 0, 64), (1, 64, 0, 64), (2, 1024, 64, 64), (3, 1024, 64, 640))
+    for i, size_mib, others, changed in cases:
+        _changed_after_snapshot(e, f"v{i}", size_mib, 16384, others, changed)
+        # deleting "s" frees what only s held: the blocks rewritten between s and t
+        costs[(size_mib, others, changed)] = cost(e, lambda n=f"v{i}": e.delete_snapshot(n, "s"))
+    base = costs[(64, 0, 64)]
+    assert costs[(1024, 64, 64)] <= base * 1.2 + 40, costs  # 16x size, 64 more snapshots
+    assert 5 * costs[(1024, 64, 64)] <= costs[(1024, 64, 640)] <= 15 * costs[(1024, 64, 64)], costs
+    assert e.check().ok
+
+
+def test_bulk_rollback_work_ignores_older_snapshots(bulk_engine: Engine) -> None:
+    e = bulk_engine
+    costs = {}
+    for i, others in enumerate((0, 0, 64)):
+        _changed_after_snapshot(e, f"v{i}", 256, 16384, others, 64)
+        costs[i] = cost(e, lambda n=f"v{i}": e.rollback(n, "t"))
+    assert costs[2] <= costs[1] * 1.2 + 40, costs
+    assert e.check().ok
+
+
+def test_bulk_volume_delete_work_follows_records_not_size(bulk_engine: Engine) -> None:
+    e = bulk_engine
+    costs = {}
+    for i, (size_mib, blocks) in enumerate(((64, 640), (64, 640), (1024, 640), (1024, 6400))):
+        vol = e.create_volume(f"v{i}", size_mib << 20).id
+        fill(e, vol, blocks, scattered=True, seed=i)  # one record per block
+        costs[(size_mib, blocks)] = cost(e, lambda n=f"v{i}": e.delete_volume(n))
+    assert costs[(1024, 640)] <= costs[(64, 640)] * 1.2 + 40, costs
+    assert 5 * costs[(1024, 640)] <= costs[(1024, 6400)] <= 15 * costs[(1024, 640)], costs
+    assert e.check().ok

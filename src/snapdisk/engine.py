@@ -16,26 +16,22 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from . import allocator, capacity, catalog, encryption, errors, keys, layout
+from . import allocator, bulk, capacity, catalog, encryption, errors, extmap, keys, layout
 from .catalog import SnapshotInfo, VolumeInfo
 from .check import CheckReport, check_store
 from .layout import (
-    DB_COUNTERS,
-    DB_DEAD,
-    DB_DEADIDX,
-    DB_LIVE,
-    DB_LIVEBIRTH,
     DB_NAMES,
     DB_SNAPS,
     DB_VOLSTATE,
     DB_VOLUMES,
+    INFINITY,
 )
 from .native import KEY_UNLOCKED
 from .policies import Policies
 from .pool import Pool
-from .snapshots import Cancel, Progress, Snapshots, Steps
+from .snapshots import Cancel, Progress, Snapshots, Steps, cancel_point
 from .store import StoreConfig, StoreDir
-from .volume import PUNCH_BULK_MIN_BLOCKS, DataPath, Freed, configure
+from .volume import DataPath, configure
 
 
 class Engine:
@@ -95,6 +91,8 @@ class Engine:
         path learns the volumes."""
         with self.native.txn(write=True) as t:
             allocator.release_pending(t)
+        self.snapshots.bulk.finish_all()  # bulk work a crash interrupted (bulk.py)
+        with self.native.txn() as t:
             states = [catalog.VolState.decode(layout.parse_vol_key(k), v)
                       for k, v in t.scan(DB_VOLSTATE, b"")]
         for vs in states:
@@ -140,6 +138,7 @@ class Engine:
             return capacity.usage(t, self.pool, volume, self.native)
 
     def check(self) -> CheckReport:
+        self.snapshots.bulk.finish_all()  # marked bulk work first: the invariants hold after it
         with self.native.txn() as t:
             return check_store(t)
 
@@ -176,36 +175,39 @@ class Engine:
 
     def delete_volume(self, name: str, progress: Progress | None = None,
                       cancel: Cancel | None = None) -> None:
-        """Drop the volume, its snapshots and names; release every block only it held."""
-        freed: Freed = []
+        """Drop the volume, its snapshots and names; release every block only it held.  One
+        mark transaction removes everything visible (the name is free at once), then its map
+        records are released in bounded chunks (bulk.py); a cancel stops between chunks, and
+        the rest is finished by the next bulk operation or the next open."""
+        steps = Steps(0, progress, cancel, every=1)
         with self.native.gate_exclusive():
             with self.native.txn(write=True) as t:
                 vol = catalog.vol_id(t, name)
+                if bulk.busy_volume(t, vol):
+                    raise errors.Busy(f"volume {name!r} is being rolled back: try again later")
+                vs = catalog.state(t, vol)
                 prefix = layout.vol_key(vol)
-                held = [layout.decode_rec(v, "live record")
-                        for _, v in t.scan_prefix(DB_LIVE, prefix)]
-                held += [layout.decode_rec(v, "dead record")
-                         for _, v in t.scan_prefix(DB_DEAD, prefix)]
-                steps = Steps(len(held), progress, cancel)
-                for length, _, pbn, _ in held:
-                    allocator.release(t, pbn, length, freed)
-                    steps.step()
-                steps.finish()
-                for db in (DB_LIVE, DB_LIVEBIRTH, DB_DEAD, DB_DEADIDX, DB_COUNTERS, DB_SNAPS):
-                    t.delete_prefix(db, prefix)
+                steps.total = vs.live_blocks + extmap.counted_blocks(t, vol, 0, INFINITY, 0,
+                                                                     INFINITY)
+                cancel_point(cancel)  # a cancel before the mark changes nothing
+                t.delete_prefix(DB_SNAPS, prefix)
                 t.delete_prefix(DB_NAMES, layout.snap_name_prefix(vol))
                 t.delete(DB_NAMES, layout.vol_name_key(name))
                 t.delete(DB_VOLUMES, prefix)
                 t.delete(DB_VOLSTATE, prefix)
+                item = bulk.mark(t, {"op": "delete_volume", "vol": vol})
             self.native.vol_forget(vol)
             self.native.vol_mark_encrypted(vol, False)  # wipes its key slot
         self.keys.forget_unused()
-        self.io.punch(freed, PUNCH_BULK_MIN_BLOCKS)
+        self.snapshots._walk([item], steps, "the volume is deleted; the rest of its space")
 
     # ---- snapshots (snapshots.py) -----------------------------------------------------------
 
     def create_snapshot(self, volume: str, name: str | None = None, kind: str = "manual",
                         policy: str | None = None) -> SnapshotInfo:
+        with self.native.txn() as t:
+            if bulk.busy_volume(t, catalog.vol_id(t, volume)):
+                raise errors.Busy(f"volume {volume!r} is being rolled back: try again later")
         return self.snapshots.create(volume, name, kind, policy)
 
     def delete_snapshot(self, volume: str, snap: str | int, progress: Progress | None = None,

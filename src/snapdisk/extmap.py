@@ -156,15 +156,16 @@ def _count(t: Txn, vol: int, death: int, birth: int, delta: int) -> None:
         t.delete(DB_COUNTERS, key)
 
 
-def window(t: Txn, vol: int, death_lo: int, death_hi: int, birth_lo: int, birth_hi: int
-           ) -> list[tuple[int, int, int, int]]:
+def window(t: Txn, vol: int, death_lo: int, death_hi: int, birth_lo: int, birth_hi: int,
+           limit: int | None = None) -> list[tuple[int, int, int, int]]:
     """Dead records with death_lo <= death <= death_hi and birth_lo <= birth <= birth_hi, as
-    (death, birth, lba, len).  It seeks past births outside the window, so the cost follows
-    what it returns plus one seek per death epoch in range."""
-    out = []
+    (death, birth, lba, len), at most limit of them.  It seeks past births outside the window,
+    so the cost follows what it returns plus one seek per death epoch in range (the twin of
+    xm_bulk.c's window)."""
+    out: list[tuple[int, int, int, int]] = []
     with t.cursor(DB_DEADIDX) as cur:
         item = cur.seek(layout.deadidx_key(vol, death_lo, birth_lo, 0))
-        while item is not None:
+        while item is not None and (limit is None or len(out) < limit):
             v, death, birth, lba = layout.parse_deadidx_key(item[0])
             if v != vol or death > death_hi:
                 break

@@ -44,6 +44,9 @@ come from C (snapdisk.native), never copied.
                               zone and no policies, so no format change.  Policies live here,
                               not in a database: a store has a few, read whole by the
                               scheduler, and each change is one small atomic record write
+    config       JSON         store options (store.StoreConfig); format 2 added map_bytes
+    bulk         JSON         bulk work marked and not finished (bulk.py); absent when none
+    bulk:<vol:u32>  u64       a marked rollback's or clone's position (bulk.py); absent when none
 
 Format history: 1 (first release); 2 adds `map_bytes` to `config` and `encryption` (null: not
 encrypted) to every VOLUMES record, room for encrypted volumes.
@@ -107,6 +110,7 @@ META_NEXT_VOL = b"next_vol"
 META_SEQ = b"seq"
 META_BLOCKS = b"blocks"
 META_CONFIG = b"config"
+META_BULK = b"bulk"  # JSON: bulk work marked and not finished yet (bulk.py)
 
 # ---- structs ------------------------------------------------------------------------------------
 VOL_KEY = struct.Struct(">I")  # VOLUMES, VOLSTATE, the prefix of every per-volume key

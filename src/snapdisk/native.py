@@ -467,3 +467,65 @@ KEY_PLAIN: int = lib.XM_KEY_PLAIN
 KEY_LOCKED: int = lib.XM_KEY_LOCKED
 KEY_UNLOCKED: int = lib.XM_KEY_UNLOCKED
 KEY_BYTES: int = lib.XM_KEY_BYTES
+# ---- bulk metadata walks (xm_bulk.c): one bounded write transaction per call ----------------
+
+def bulk_drop_window(ns: NativeStore, vol: int, window: Sequence[int], limit: int,
+                     punch_min: int) -> int:
+    """Drop up to limit dead records of a deleted snapshot's window (death_lo, death_hi,
+    birth_lo, birth_hi); returns how many (fewer than limit: the window is empty)."""
+    n = ffi.new("uint64_t *")
+    dlo, dhi, blo, bhi = window
+    check(lib.xm_bulk_drop_window(ns.ptr, vol, dlo, dhi, blo, bhi, limit, punch_min, n),
+          "snapshot delete")
+    return int(n[0])
+
+
+def bulk_drop_volume(ns: NativeStore, vol: int, limit: int, punch_min: int) -> int:
+    """Release and remove up to limit map records of a deleted volume; returns how many."""
+    n = ffi.new("uint64_t *")
+    check(lib.xm_bulk_drop_volume(ns.ptr, vol, limit, punch_min, n), "volume delete")
+    return int(n[0])
+
+
+def bulk_del_range(ns: NativeStore, db: int, lo: bytes, hi: bytes, limit: int) -> int:
+    """Delete up to limit keys of db in [lo, hi); returns how many."""
+    n = ffi.new("uint64_t *")
+    check(lib.xm_bulk_del_range(ns.ptr, db, lo, len(lo), hi, len(hi), limit, n), "range delete")
+    return int(n[0])
+
+
+def bulk_ops() -> int:
+    """Key/value operations the C walks have done in this process (tests/test_work.py)."""
+    return int(lib.xm_bulk_ops())
+
+
+class RollbackPlan:
+    """xm_bulk_rollback_plan's arrays, kept in C form for the chunks (no per-record Python)."""
+
+    def __init__(self, ns: NativeStore, vol: int, epoch: int, birth_indexed: bool, pos: int):
+        nr, nt, w = ffi.new("size_t *"), ffi.new("size_t *"), ffi.new("uint64_t *")
+        r, t = ffi.new("xm_extent **"), ffi.new("xm_extent **")
+        check(lib.xm_bulk_rollback_plan(ns.ptr, vol, epoch, 1 if birth_indexed else 0, pos,
+                                        r, nr, t, nt, w), "rollback plan")
+        self.ranges = ffi.gc(r[0], lib.xm_bulk_free)
+        self.targets = ffi.gc(t[0], lib.xm_bulk_free)
+        self.ns, self.vol = ns, vol
+        self.nr, self.nt, self.weight = int(nr[0]), int(nt[0]), int(w[0])
+        self._k, self._ti = ffi.new("size_t *"), ffi.new("size_t *")
+
+    def apply(self, limit: int, pos_key: bytes, punch_min: int) -> int:
+        """The next chunk (xm_bulk_rollback_apply); returns its weight, 0 when done."""
+        n = ffi.new("uint64_t *")
+        check(lib.xm_bulk_rollback_apply(self.ns.ptr, self.vol, self.ranges, self.nr,
+                                         self.targets, self.nt, self._k, self._ti, limit,
+                                         pos_key, len(pos_key), punch_min, n), "rollback")
+        return int(n[0])
+
+
+def bulk_clone_step(ns: NativeStore, src: int, epoch: int, dst: int, lo: int, hi: int,
+                    pos_key: bytes) -> int:
+    """One clone step in one write transaction (xm_bulk_clone_step); returns the records."""
+    n = ffi.new("uint64_t *")
+    check(lib.xm_bulk_clone_step(ns.ptr, src, epoch, dst, lo, hi, pos_key, len(pos_key), n),
+          "clone")
+    return int(n[0])

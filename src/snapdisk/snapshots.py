@@ -1,12 +1,12 @@
 """Snapshots: create (with quotas), delete, rollback and clone; the home of retention next.
 
-Each operation is one LMDB write transaction, so a crash or a cancel leaves all of it or none.
-Those that change what the hot path may do (create, rollback) hold the I/O gate exclusively
-for their transaction; delete lowers the newest snapshot only, so it takes the gate just to
-tell the hot path.  The long ones (delete, rollback, clone) report progress as
-progress(done, total) in units of map records or chunks, and check `cancel()` between units:
-a cancel raises errors.Cancelled inside the transaction, which is then aborted (nothing
-changed).  Freed blocks are punched after the commit (volume.DataPath.punch).
+Create and clone are one LMDB write transaction each, so a crash or a cancel leaves all of it
+or none.  Delete and rollback commit a mark, then walk in bounded chunks (bulk.py: resumable,
+finished at open).  Those that change what the hot path may do hold the I/O gate exclusively
+for their O(1) transaction only.  The long ones report progress as progress(done, total) in map
+records (delete: the total is the window's block count, an upper bound) or chunks (clone), and
+check `cancel()` between units: see each one for what a cancel leaves.  Freed blocks are
+punched after each commit (volume.DataPath.punch).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import allocator, capacity, catalog, encryption, errors, extmap, layout
+from . import bulk, capacity, catalog, encryption, errors, extmap, layout
 from .catalog import KINDS, SnapshotInfo, SnapshotRecord, VolState, VolumeRecord
-from .layout import BLOCK_SIZE, DB_LIVE, DB_LIVEBIRTH, F_SHARED, INFINITY, MAX_EXTENT
-from .native import Extent, NativeStore, Txn
+from .layout import BLOCK_SIZE, DB_LIVEBIRTH
+from .native import NativeStore, Txn
 from .store import StoreConfig
 from .volume import PUNCH_BULK_MIN_BLOCKS, DataPath, Freed, configure
 
@@ -66,6 +66,7 @@ class Snapshots:
         self.native = native
         self.config = config
         self.io = io
+        self.bulk = bulk.Bulk(native, io)
 
     def create(self, volume: str, name: str | None = None, kind: str = "manual",
                policy: str | None = None, slot: str | None = None,
@@ -123,31 +124,47 @@ class Snapshots:
     def delete(self, volume: str, snap: str | int, progress: Progress | None = None,
                cancel: Cancel | None = None) -> None:
         """Delete a snapshot: frees exactly the blocks nothing else holds; clones made from it
-        keep theirs (their records hold the blocks too)."""
-        freed: Freed = []
+        keep theirs (their records hold the blocks too).  One mark transaction drops the
+        snapshot (its name is free at once), then the dead-list walk runs in bounded chunks
+        (bulk.py); a cancel stops between chunks and the rest is finished by the next bulk
+        operation or the next open."""
+        steps = Steps(0, progress, cancel, every=1)
         with self.native.txn(write=True) as t:
             vol = catalog.vol_id(t, volume)
+            _refuse_busy(t, vol, volume)
             vs = catalog.state(t, vol)
             rec = catalog.vol_record(t, vol)
-            self._delete_locked(t, vs, rec, catalog.snap_epoch(t, vol, snap), freed,
-                                Steps(0, progress, cancel))
+            epoch = catalog.snap_epoch(t, vol, snap)
+            cancel_point(cancel)  # a cancel before the mark changes nothing
+            window = self._unlist(t, vs, rec, epoch)
+            steps.total = extmap.counted_blocks(t, vol, *window)
+            items = [bulk.mark(t, {"op": "drop_window", "vol": vol, "window": window})]
+            if vs.nsnaps == 0 and vs.flags & layout.VS_BIRTH_INDEXED:
+                # No rollback target is left: the birth index goes too (in chunks; the flag is
+                # cleared when it is empty).
+                items.append(bulk.mark(t, {"op": "unindex", "vol": vol, "birth_hi": vs.epoch}))
+            vs.save(t)
         # Lowering max_snap only lets more writes go in place; tell the hot path under the gate.
         with self.native.gate_exclusive():
             configure(self.native, vs)
-        self.io.punch(freed, PUNCH_BULK_MIN_BLOCKS)
+        self._walk(items, steps, "the snapshot is deleted; the rest of its space")
 
-    def _delete_locked(self, t: Txn, vs: VolState, rec: VolumeRecord, epoch: int, freed: Freed,
-                       steps: Steps) -> None:
-        epochs = catalog.snap_epochs(t, vs.vol)
-        i = epochs.index(epoch)
-        prev, nxt = capacity.neighbours(epochs, i)
-        window = extmap.window(t, vs.vol, epoch + 1, nxt, prev + 1, epoch)
-        steps.total = len(window)
-        for death, birth, lba, _ in window:
-            e = extmap.drop_dead(t, vs.vol, lba, birth, death)
-            allocator.release(t, e.pbn, e.len, freed)
-            steps.step()
+    def _walk(self, items: list[bulk.Item], steps: Steps, what: str) -> None:
+        try:
+            for item in items:
+                self.bulk.run(item, steps.step)
+        except errors.Cancelled:
+            raise errors.Cancelled(
+                f"cancelled after {steps.done} records: {what} is released by the next bulk "
+                "operation or the next open") from None
         steps.finish()
+        self.bulk.finish_all(blocking=False)  # leftovers of a cancelled walk
+
+    def _unlist(self, t: Txn, vs: VolState, rec: VolumeRecord, epoch: int) -> list[int]:
+        """Drop snapshot epoch from the catalog; returns its window (death_lo, death_hi,
+        birth_lo, birth_hi): the dead records only it needed."""
+        epochs = catalog.snap_epochs(t, vs.vol)
+        prev, nxt = capacity.neighbours(epochs, epochs.index(epoch))
         snap = catalog.snap_record(t, vs.vol, epoch)
         catalog.drop_snapshot(t, vs.vol, epoch, snap)
         rec.add(snap.kind, -1)
@@ -155,6 +172,15 @@ class Snapshots:
         vs.nsnaps -= 1
         remaining = [e for e in epochs if e != epoch]
         vs.max_snap = remaining[-1] if remaining else 0
+        return [epoch + 1, nxt, prev + 1, epoch]
+
+    def _delete_locked(self, t: Txn, vs: VolState, rec: VolumeRecord, epoch: int, freed: Freed,
+                       steps: Steps) -> None:
+        """The whole delete inside the caller's transaction (the automatic quota's, in create):
+        the Python walk, unbounded."""
+        window = self._unlist(t, vs, rec, epoch)
+        steps.total = bulk.py_drop_window(t, vs.vol, window, 1 << 62, freed)
+        steps.finish()
         if vs.nsnaps == 0 and vs.flags & layout.VS_BIRTH_INDEXED:
             t.delete_prefix(DB_LIVEBIRTH, layout.vol_key(vs.vol))  # no rollback target is left
             vs.flags &= ~layout.VS_BIRTH_INDEXED
@@ -163,73 +189,57 @@ class Snapshots:
     def rollback(self, volume: str, snap: str | int, progress: Progress | None = None,
                  cancel: Cancel | None = None) -> None:
         """Make the live view equal to the snapshot's again; every snapshot, earlier and later,
-        stays.  Costs O(blocks changed since the snapshot)."""
-        freed: Freed = []
+        stays.  Costs O(blocks changed since the snapshot).  The mark makes the volume unknown
+        to the hot path (its I/O is refused) until the last chunk; a cancel is honoured only
+        before the mark (a half-restored volume is of no use), and open finishes a rollback a
+        crash interrupted."""
         with self.native.gate_exclusive():
             with self.native.txn(write=True) as t:
                 vol = catalog.vol_id(t, volume)
-                vs = catalog.state(t, vol)
+                _refuse_busy(t, vol, volume)
                 epoch = catalog.snap_epoch(t, vol, snap)
-                # What differs from the snapshot: live records born after it, and the
-                # snapshot's records that have died since (they are exactly what to restore:
-                # no live record born by then overlaps a range that changed).
-                targets = [extmap.dead_record(t, vol, lba, birth) for _, birth, lba, _
-                           in extmap.window(t, vol, epoch + 1, INFINITY, 0, epoch)]
-                ranges = list(extmap.live_ranges_born_after(t, vs, epoch))
-                ranges += [(e.lba, e.lba + e.len) for e in targets]
-                merged = extmap.merge_ranges(ranges)
-                steps = Steps(len(merged) + len(targets), progress, cancel)
-                for a, b in merged:
-                    extmap.holes_over(t, vs, a, b, freed)
-                    steps.step()
-                targets.sort()
-                for k in range(0, len(targets), 256):
-                    extmap.copy_in(t, vs, targets[k:k + 256], vs.epoch)
-                    steps.step(len(targets[k:k + 256]))
-                steps.finish()
-                vs.size_bytes = catalog.snap_record(t, vol, epoch).size_bytes
-                vs.save(t)
-            configure(self.native, vs)
-        self.io.punch(freed, PUNCH_BULK_MIN_BLOCKS)
+                cancel_point(cancel)
+                item = bulk.mark(t, {"op": "rollback", "vol": vol, "epoch": epoch, "pos": 0})
+            self.native.vol_forget(vol)
+        steps = Steps(0, progress, None, every=1)
+        self.bulk.run(item, steps.step, lambda n: setattr(steps, "total", n))
+        steps.finish()
 
     def clone(self, volume: str, snap: str | int, new_name: str,
               progress: Progress | None = None, cancel: Cancel | None = None) -> int:
         """A new volume whose content is the snapshot's, sharing its blocks: O(metadata of the
-        snapshot), no data copied.  Returns the new volume's id."""
+        snapshot), no data copied.  Returns the new volume's id.  The mark creates the volume
+        (listed at once, its I/O refused and its snapshot operations Busy until the copy
+        ends); the copy runs in steps of 64 Ki blocks, one transaction each, and open finishes
+        a copy a crash interrupted.  A cancel is honoured before the mark only."""
         catalog.check_name(new_name, "volume")
         with self.native.txn(write=True) as t:
             vol = catalog.vol_id(t, volume)
-            src = catalog.state(t, vol)
+            _refuse_busy(t, vol, volume)
             epoch = catalog.snap_epoch(t, vol, snap)
             srec = catalog.snap_record(t, vol, epoch)
             origin: dict[str, Any] = {"volume": volume, "volume_id": vol, "snapshot": srec.name,
                                       "snapshot_id": epoch}
+            cancel_point(cancel)
             vs = catalog.new_volume(t, new_name, srec.size_bytes, origin, {})
             encryption.inherit(t, vol, vs)  # an encrypted volume's clone shares its key
-            nblocks = -(-srec.size_bytes // BLOCK_SIZE)
-            step = 64 * MAX_EXTENT
-            steps = Steps(-(-nblocks // step), progress, cancel, every=1)
-            for lo in range(0, nblocks, step):
-                hi = min(lo + step, nblocks)
-                recs = extmap.view_at(t, vol, epoch, lo, hi)
-                _mark_live_shared(t, src, recs)
-                extmap.copy_in(t, vs, extmap.clip(recs, lo, hi), 1)
-                steps.step()
-            steps.finish()
-            src.flags |= layout.VS_SHARED
-            src.save(t)
             vs.save(t)
-        with self.native.gate_exclusive():
-            configure(self.native, vs)
+            item = bulk.mark(t, {"op": "clone", "vol": vs.vol, "src": vol, "epoch": epoch})
+        nblocks = -(-srec.size_bytes // BLOCK_SIZE)
+        steps = Steps(-(-nblocks // bulk.CLONE_STEP), progress, None, every=1)
+        self.bulk.run(item, lambda n: steps.step())
+        steps.finish()
         return vs.vol
 
 
-def _mark_live_shared(t: Txn, vs: VolState, recs: list[Extent]) -> None:
-    """Source records still live get SHARED, so no later write (even once the snapshot is
-    gone and they look unshared by birth) rewrites them in place under the clone."""
-    for e in recs:
-        if e.flags & F_SHARED:
-            continue
-        raw = t.get(DB_LIVE, layout.live_key(vs.vol, e.lba))
-        if raw is not None and layout.decode_rec(raw) == (e.len, e.flags, e.pbn, e.birth):
-            extmap.put_live(t, vs, e._replace(flags=e.flags | F_SHARED))
+def cancel_point(cancel: Cancel | None) -> None:
+    """Cancelled if cancel() says so: only the cancel check (no progress call, which may do
+    I/O), so it is safe inside a transaction."""
+    if cancel is not None and cancel():
+        raise errors.Cancelled("cancelled: nothing was changed")
+
+
+def _refuse_busy(t: Txn, vol: int, volume: str) -> None:
+    if bulk.busy_volume(t, vol):
+        raise errors.Busy(f"volume {volume!r} is being rolled back or cloned: try again when "
+                          "that ends")
