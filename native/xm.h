@@ -57,7 +57,7 @@
 
 /* xm_open flags */
 #define XM_OPEN_CREATE 1          /* create the environment if missing */
-#define XM_OPEN_SYNC_COMMITS 2    /* sync every commit (else only on xm_sync) */
+#define XM_OPEN_SYNC_COMMITS 2    /* kept for old callers: commits are synced by default */
 
 /* One run of blocks: in the live map, a record; in a plan, a piece of the request. */
 typedef struct {
@@ -210,6 +210,18 @@ int xm_write_row(xm_store *st, uint32_t vol, uint64_t offset, uint64_t length, c
 /* Block status of [lba, lba+nblocks) of the live view, at most cap runs. */
 int xm_block_status(xm_store *st, uint32_t vol, uint64_t lba, uint64_t nblocks,
                     xm_extent *out, size_t cap, size_t *nout);
+
+/* ---- group commit (xm_batch.c, issue 9) ---- */
+/* Apply the overlay of redirected writes now, in one synced transaction (data fdatasync()ed
+ * first).  xm_sync does this too; every other write transaction applies it first. */
+int xm_batch_commit(xm_store *st);
+/* The committer's interval (0: only on demand) and the overlay's bound in blocks. */
+int xm_batch_config(xm_store *st, uint64_t interval_us, uint32_t max_blocks);
+/* Blocks in the overlay, not yet in LMDB. */
+uint64_t xm_batch_pending(xm_store *st);
+/* The committer's last failure (then cleared); 0 if none. */
+int xm_batch_error(xm_store *st);
+#define XM_OPEN_UNSAFE_NOSYNC 4   /* MDB_NOSYNC: commits reach the disk only at xm_sync */
 
 /* cdef-end */
 

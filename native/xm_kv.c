@@ -24,7 +24,14 @@ int xm_txn_begin(xm_store *st, int write, xm_txn **out)
     if (!t)
         return ENOMEM;
     t->st = st;
-    int rc = mdb_txn_begin(st->env, NULL, write ? 0 : MDB_RDONLY, &t->txn);
+    t->write = write != 0;
+    int rc;
+    if (!write && (rc = xm_batch_before_read(st))) {
+        free(t);
+        return rc;
+    }
+    /* xm_wtxn_begin: group commit's hook (see xm_batch.c) */
+    rc = write ? xm_wtxn_begin(st, &t->txn) : mdb_txn_begin(st->env, NULL, MDB_RDONLY, &t->txn);
     if (rc) {
         free(t);
         return xm_rc(rc);
@@ -36,6 +43,8 @@ int xm_txn_begin(xm_store *st, int write, xm_txn **out)
 int xm_txn_commit(xm_txn *t)
 {
     int rc = mdb_txn_commit(t->txn);
+    if (t->write)
+        xm_wtxn_end(t->st, rc == 0);
     free(t);
     return xm_rc(rc);
 }
@@ -43,6 +52,8 @@ int xm_txn_commit(xm_txn *t)
 void xm_txn_abort(xm_txn *t)
 {
     mdb_txn_abort(t->txn);
+    if (t->write)
+        xm_wtxn_end(t->st, 0);
     free(t);
 }
 

@@ -153,6 +153,10 @@ class SnapshotInfo:
     size_bytes: int
     referenced_bytes: int
     exclusive_bytes: int | None = None
+    # snapshot create only (issue 9 item 3): waiting for the I/O gate, and the transaction
+    # (which also commits the pending group-commit batch) with its sync
+    gate_wait_ms: float | None = None
+    commit_ms: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

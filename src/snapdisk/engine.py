@@ -11,11 +11,12 @@ transaction that uses it.  Concurrency: see volume.py.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar, cast
 
-from . import allocator, capacity, catalog, errors, layout
+from . import allocator, capacity, catalog, errors, layout, native
 from .catalog import SnapshotInfo, VolumeInfo
 from .check import CheckReport, check_store
 from .layout import (
@@ -33,6 +34,20 @@ from .pool import Pool
 from .snapshots import Cancel, Progress, Snapshots, Steps
 from .store import StoreConfig, StoreDir
 from .volume import PUNCH_BULK_MIN_BLOCKS, DataPath, Freed, configure
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def durable(method: F) -> F:
+    """A control operation replies only once it is durable (issue 9): its transactions are
+    synced commits already (and applied the group-commit overlay first); the sync at the end
+    also covers an unsafe_nosync store and what the operation punched or wrote in the pool."""
+    @functools.wraps(method)
+    def wrapper(self: Engine, *args: Any, **kwargs: Any) -> Any:
+        result = method(self, *args, **kwargs)
+        self.native.sync()
+        return result
+    return cast(F, wrapper)
 
 
 class Engine:
@@ -97,6 +112,13 @@ class Engine:
         with self.native.gate_exclusive():
             configure(self.native, vs)
 
+    def commit_batch(self) -> None:
+        """Apply the group-commit overlay (pending redirected writes) to LMDB now.  Write
+        transactions do it themselves; Python read transactions do not (the hot path reads the
+        overlay; snapshot views never include it: its blocks are born in the current epoch),
+        so the readers of counters and of the whole map (usage, check) call this first."""
+        native.batch_commit(self.native)
+
     # ---- lookups ----------------------------------------------------------------------------
 
     def volume_id(self, name: str) -> int:
@@ -117,23 +139,29 @@ class Engine:
                           key=lambda i: i.name)
 
     def list_snapshots(self, volume: str, with_usage: bool = True) -> list[SnapshotInfo]:
+        if with_usage:
+            self.commit_batch()  # exclusive bytes count the dead records a batch adds
         with self.native.txn() as t:
             return capacity.list_snapshots(t, volume, with_usage)
 
     def snapshot_info(self, volume: str, snap: str | int) -> SnapshotInfo:
+        self.commit_batch()
         with self.native.txn() as t:
             return capacity.snapshot_info(t, volume, snap)
 
     def usage(self, volume: str | None = None) -> dict[str, Any]:
+        self.commit_batch()
         with self.native.txn() as t:
             return capacity.usage(t, self.pool, volume)
 
     def check(self) -> CheckReport:
+        self.commit_batch()
         with self.native.txn() as t:
             return check_store(t)
 
     # ---- volumes ----------------------------------------------------------------------------
 
+    @durable
     def create_volume(self, name: str, size_bytes: int, extra: dict[str, Any] | None = None
                       ) -> VolumeInfo:
         catalog.check_name(name, "volume")
@@ -143,6 +171,7 @@ class Engine:
         self._configure_gated(vs)
         return self.volume_info(name)
 
+    @durable
     def resize_volume(self, name: str, size_bytes: int) -> VolumeInfo:
         catalog.check_size(size_bytes)
         with self.native.gate_exclusive():
@@ -157,6 +186,7 @@ class Engine:
             configure(self.native, vs)
         return self.volume_info(name)
 
+    @durable
     def delete_volume(self, name: str, progress: Progress | None = None,
                       cancel: Cancel | None = None) -> None:
         """Drop the volume, its snapshots and names; release every block only it held."""
@@ -185,18 +215,22 @@ class Engine:
 
     # ---- snapshots (snapshots.py) -----------------------------------------------------------
 
+    @durable
     def create_snapshot(self, volume: str, name: str | None = None, kind: str = "manual",
                         policy: str | None = None) -> SnapshotInfo:
         return self.snapshots.create(volume, name, kind, policy)
 
+    @durable
     def delete_snapshot(self, volume: str, snap: str | int, progress: Progress | None = None,
                         cancel: Cancel | None = None) -> None:
         self.snapshots.delete(volume, snap, progress, cancel)
 
+    @durable
     def rollback(self, volume: str, snap: str | int, progress: Progress | None = None,
                  cancel: Cancel | None = None) -> None:
         self.snapshots.rollback(volume, snap, progress, cancel)
 
+    @durable
     def clone(self, volume: str, snap: str | int, new_name: str,
               progress: Progress | None = None, cancel: Cancel | None = None) -> VolumeInfo:
         self.snapshots.clone(volume, snap, new_name, progress, cancel)

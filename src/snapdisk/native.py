@@ -289,7 +289,8 @@ class NativeStore:
 
     def __init__(self, meta_dir: str, pool_path: str, create: bool, sync_commits: bool,
                  map_bytes: int):
-        flags = (lib.XM_OPEN_CREATE if create else 0) | (lib.XM_OPEN_SYNC_COMMITS if sync_commits else 0)
+        # sync_commits=False is the unsafe opt-in (MDB_NOSYNC); commits are synced otherwise
+        flags = (lib.XM_OPEN_CREATE if create else 0) | (0 if sync_commits else lib.XM_OPEN_UNSAFE_NOSYNC)
         p = ffi.new("xm_store **")
         rc = lib.xm_open(meta_dir.encode(), pool_path.encode(), flags, map_bytes, p)
         if rc == lib.XM_ECORRUPT:
@@ -413,3 +414,20 @@ class NativeStore:
         n = ffi.new("size_t *")
         check(lib.xm_block_status(self.ptr, vol, lba, nblocks, out, cap, n), "block status")
         return from_c(out, n[0])
+
+
+# ---- group commit (issue 9): the overlay of redirected writes (native/xm_batch.c) ----------
+
+def batch_commit(store: NativeStore) -> None:
+    """Apply the pending redirected writes now, in one synced transaction."""
+    check(lib.xm_batch_commit(store.ptr), "group commit")
+
+
+def batch_config(store: NativeStore, interval_us: int, max_blocks: int) -> None:
+    """The committer's interval (0: only on demand) and the overlay's bound in blocks."""
+    check(lib.xm_batch_config(store.ptr, interval_us, max_blocks), "group commit config")
+
+
+def batch_pending(store: NativeStore) -> int:
+    """Blocks of redirected writes in the overlay, not yet in LMDB."""
+    return int(lib.xm_batch_pending(store.ptr))

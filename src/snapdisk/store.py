@@ -46,14 +46,20 @@ class StoreConfig:
     """Options fixed at `init` (and some changeable later): META `config`, JSON."""
 
     pool_bytes: int | None = None  # None: the free space of the filesystem at init
-    sync_commits: bool = False
+    # Durability (issue 9): LMDB commits are synced and redirected writes group-committed, so a
+    # power cut loses only unflushed writes.  sync_commits is kept for old configs and the CLI
+    # (it is always in effect); unsafe_nosync opts into MDB_NOSYNC: a power cut or kernel
+    # crash may then lose commits since the last FLUSH and damage the environment (LMDB's
+    # caveat), with control operations that already replied.
+    sync_commits: bool = True
+    unsafe_nosync: bool = False
     manual_snapshot_quota: int = 256
     auto_snapshot_quota: int = 256
     map_bytes: int = DEFAULT_MAP_BYTES  # LMDB map size: the most metadata the store can hold
     extra: dict[str, Any] = field(default_factory=dict)
 
     KNOWN = ("pool_bytes", "sync_commits", "manual_snapshot_quota", "auto_snapshot_quota",
-             "map_bytes")
+             "map_bytes", "unsafe_nosync")
 
     def to_json(self) -> bytes:
         return layout.encode_json({k: getattr(self, k) for k in self.KNOWN} | self.extra)
@@ -67,7 +73,8 @@ class StoreConfig:
                  "sync_commits": f(d, "sync_commits", bool, what, False),
                  "manual_snapshot_quota": f(d, "manual_snapshot_quota", int, what, 256),
                  "auto_snapshot_quota": f(d, "auto_snapshot_quota", int, what, 256),
-                 "map_bytes": f(d, "map_bytes", int, what, DEFAULT_MAP_BYTES)}
+                 "map_bytes": f(d, "map_bytes", int, what, DEFAULT_MAP_BYTES),
+                 "unsafe_nosync": f(d, "unsafe_nosync", bool, what, False)}
         return cls(**known, extra={k: v for k, v in d.items() if k not in cls.KNOWN})
 
     def validate(self) -> None:
@@ -183,7 +190,7 @@ class StoreDir:
         os.makedirs(os.path.join(tmp, "meta"), mode=0o700)
         pool = p["pool.dat"] if pool_given else os.path.join(tmp, "pool.dat")
         native = NativeStore(os.path.join(tmp, "meta"), pool, True,
-                             config.sync_commits, config.map_bytes)
+                             not config.unsafe_nosync, config.map_bytes)
         try:
             with native.txn(write=True) as t:
                 put = t.put
@@ -214,14 +221,14 @@ class StoreDir:
         if lock_fd is None:
             lock_fd = cls._lock(p["lock"])
         try:
-            native = NativeStore(p["meta"], p["pool.dat"], False, False, DEFAULT_MAP_BYTES)
+            native = NativeStore(p["meta"], p["pool.dat"], False, True, DEFAULT_MAP_BYTES)
             try:
                 config = cls._read_format(native, path)
-                if config.sync_commits or config.map_bytes != DEFAULT_MAP_BYTES:
+                if config.unsafe_nosync or config.map_bytes != DEFAULT_MAP_BYTES:
                     # reopen with the store's own durability setting and map size
                     native.close()
-                    native = NativeStore(p["meta"], p["pool.dat"], False, config.sync_commits,
-                                         config.map_bytes)
+                    native = NativeStore(p["meta"], p["pool.dat"], False,
+                                         not config.unsafe_nosync, config.map_bytes)
             except BaseException:
                 native.close()
                 raise
