@@ -222,6 +222,9 @@ uint64_t xm_batch_pending(xm_store *st);
 /* The committer's last failure (then cleared); 0 if none. */
 int xm_batch_error(xm_store *st);
 #define XM_OPEN_UNSAFE_NOSYNC 4   /* MDB_NOSYNC: commits reach the disk only at xm_sync */
+/* fdatasync the pool only: the Python write path calls it before committing a map change that
+ * points at data it just wrote (data before map). */
+int xm_pool_datasync(xm_store *st);
 
 /* cdef-end */
 

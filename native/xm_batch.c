@@ -594,6 +594,14 @@ int xm_batch_commit(xm_store *st)
     MDB_txn *t;
     ov_ent *e;
     size_t n;
+    /* Nothing to do, or a foreign write transaction is open: it applied the overlay itself
+     * and nothing can be published until it ends; it may be this thread's (a sync from inside
+     * a transaction), which must not wait for LMDB's writer lock. */
+    pthread_mutex_lock(&st->ov_mu);
+    int idle = st->ov_count == 0 || st->ov_foreign;
+    pthread_mutex_unlock(&st->ov_mu);
+    if (idle)
+        return XM_OK;
     pthread_mutex_lock(&st->apply_mu);
     int rc = xm_rc(mdb_txn_begin(st->env, NULL, 0, &t));
     if (rc) {
@@ -624,12 +632,14 @@ int xm_batch_commit(xm_store *st)
     return rc;
 }
 
+int xm_pool_datasync(xm_store *st)
+{
+    return fdatasync(st->pool_fd) == 0 ? XM_OK : errno;
+}
+
 int xm_batch_before_read(xm_store *st)
 {
-    pthread_mutex_lock(&st->ov_mu);
-    int go = st->ov_count > 0 && !st->ov_foreign;
-    pthread_mutex_unlock(&st->ov_mu);
-    return go ? xm_batch_commit(st) : XM_OK;
+    return xm_batch_commit(st);
 }
 
 static void *committer(void *arg)

@@ -431,3 +431,8 @@ def batch_config(store: NativeStore, interval_us: int, max_blocks: int) -> None:
 def batch_pending(store: NativeStore) -> int:
     """Blocks of redirected writes in the overlay, not yet in LMDB."""
     return int(lib.xm_batch_pending(store.ptr))
+
+
+def pool_datasync(store: NativeStore) -> None:
+    """fdatasync(pool.dat): data before the map commit that points at it (the Python path)."""
+    check(lib.xm_pool_datasync(store.ptr), "fdatasync pool")

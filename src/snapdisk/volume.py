@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from . import allocator, catalog, errors, extmap
 from .catalog import SnapshotInfo, VolState, VolumeInfo
 from .layout import BLOCK_SIZE, F_SHARED, MAX_EXTENT
-from .native import HOLE, Extent, NativeStore, Txn, extents
+from .native import HOLE, Extent, NativeStore, Txn, extents, pool_datasync
 from .pool import Pool
 
 if TYPE_CHECKING:
@@ -104,6 +104,7 @@ class DataPath:
                     check_io(vs, offset, len(data))
                     self._write_locked(t, vs, offset, memoryview(data).cast("B"), freed)
                     vs.save(t)
+                    pool_datasync(self.native)  # data before the (synced) map commit
                 return
             except errors.PoolFull:
                 if attempt:
@@ -179,6 +180,7 @@ class DataPath:
                 for s, x in edges:
                     if s < x:
                         self._write_locked(t, vs, s, memoryview(bytes(x - s)), freed)
+                pool_datasync(self.native)  # data before the (synced) map commit
             vs.save(t)
         self.punch(freed)
         if fua:
