@@ -47,11 +47,11 @@ class StoreConfig:
 
     pool_bytes: int | None = None  # None: the free space of the filesystem at init
     # Durability (issue 9): LMDB commits are synced and redirected writes group-committed, so a
-    # power cut loses only unflushed writes.  sync_commits is kept for old configs and the CLI
-    # (it is always in effect); unsafe_nosync opts into MDB_NOSYNC: a power cut or kernel
+    # power cut loses only unflushed writes.  sync_commits is kept for old configs (commits are
+    # synced whatever it says); unsafe_nosync opts into MDB_NOSYNC: a power cut or kernel
     # crash may then lose commits since the last FLUSH and damage the environment (LMDB's
-    # caveat), with control operations that already replied.
-    sync_commits: bool = True
+    # caveat), with control operations that already replied.  Written only when set.
+    sync_commits: bool = False
     unsafe_nosync: bool = False
     manual_snapshot_quota: int = 256
     auto_snapshot_quota: int = 256
@@ -59,10 +59,11 @@ class StoreConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     KNOWN = ("pool_bytes", "sync_commits", "manual_snapshot_quota", "auto_snapshot_quota",
-             "map_bytes", "unsafe_nosync")
+             "map_bytes")
 
     def to_json(self) -> bytes:
-        return layout.encode_json({k: getattr(self, k) for k in self.KNOWN} | self.extra)
+        unsafe = {"unsafe_nosync": True} if self.unsafe_nosync else {}
+        return layout.encode_json({k: getattr(self, k) for k in self.KNOWN} | unsafe | self.extra)
 
     @classmethod
     def from_json(cls, raw: bytes | None) -> StoreConfig:
@@ -75,7 +76,8 @@ class StoreConfig:
                  "auto_snapshot_quota": f(d, "auto_snapshot_quota", int, what, 256),
                  "map_bytes": f(d, "map_bytes", int, what, DEFAULT_MAP_BYTES),
                  "unsafe_nosync": f(d, "unsafe_nosync", bool, what, False)}
-        return cls(**known, extra={k: v for k, v in d.items() if k not in cls.KNOWN})
+        return cls(**known, extra={k: v for k, v in d.items()
+                                   if k not in cls.KNOWN and k != "unsafe_nosync"})
 
     def validate(self) -> None:
         if not isinstance(self.pool_bytes, int) or self.pool_bytes < MIN_POOL_BYTES:

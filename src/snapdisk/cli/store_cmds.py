@@ -77,12 +77,12 @@ def show_status(st: dict[str, Any]) -> str:
 def cmd_init(a: argparse.Namespace, ctx: Context) -> Result:
     from ..engine import Engine
     from ..store import StoreConfig
-    config = StoreConfig(pool_bytes=a.pool_size, sync_commits=a.sync_commits)
+    config = StoreConfig(pool_bytes=a.pool_size, unsafe_nosync=a.unsafe_no_sync)
     Engine.create(ctx.store, config).close()
     result = {"store": ctx.store, "pool_bytes": config.pool_bytes,
-              "sync_commits": config.sync_commits}
+              "sync_commits": not config.unsafe_nosync}
     return result, (f"created store {ctx.store} (pool {format_size(config.pool_bytes)}, "
-                    f"sync commits {'on' if config.sync_commits else 'off'})")
+                    f"sync commits {'off (UNSAFE)' if config.unsafe_nosync else 'on'})")
 
 
 def cmd_usage(a: argparse.Namespace, ctx: Context) -> Result:
@@ -149,12 +149,18 @@ def register_init(sub: Any) -> None:
         volumes and snapshots; by default it is the free space of the filesystem now.
         An existing store is never overwritten (exit code 4).""", """
         snapdisk --store /srv/disks init --pool-size 100G
-        SNAPDISK_STORE=/tmp/s snapdisk init --sync-commits""")
+        SNAPDISK_STORE=/tmp/s snapdisk init""")
     p.add_argument("--pool-size", type=size_arg, metavar="SIZE",
                    help="capacity of the data pool (default: the filesystem's free space)")
     p.add_argument("--sync-commits", action="store_true",
-                   help="make every metadata commit durable at once (slower); by default "
-                        "durability comes with each NBD FLUSH")
+                   help="accepted for old scripts: metadata commits are always synced now "
+                        "(redirected writes are group-committed), unless --unsafe-no-sync")
+    p.add_argument("--unsafe-no-sync", action="store_true",
+                   help="UNSAFE: do not sync metadata commits (LMDB MDB_NOSYNC) until a FLUSH. "
+                        "A power cut or kernel crash may then lose snapshots, clones, "
+                        "rollbacks and deletes that already replied, and can damage the "
+                        "metadata beyond repair (LMDB's caveat).  A process crash is still "
+                        "safe.  For scratch stores only")
 
 
 def register(sub: Any) -> None:
