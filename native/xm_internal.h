@@ -22,6 +22,7 @@ typedef struct {
     uint64_t lba;
     uint64_t pbn;
     uint64_t birth;
+    uint64_t seq;  /* publication order: a batch takes the entries its fdatasync covered */
     uint32_t vol;
     uint8_t used;
     uint8_t taken; /* applied by the write transaction in progress (st->ov_txn) */
@@ -29,7 +30,7 @@ typedef struct {
 
 #define OV_MAX_DEFAULT 16384   /* overlay blocks before a writer applies the batch itself */
 #define OV_INTERVAL_US 5000    /* the committer applies the overlay this often */
-#define RESV_BLOCKS 1024       /* blocks reserved at a time for redirected writes */
+#define RESV_BLOCKS 4096       /* blocks reserved at a time for redirected writes */
 #define RESV_RUNS 64
 
 typedef struct {
@@ -69,6 +70,8 @@ struct xm_store {
     ov_ent *ov_spare;          /* ov_slots / 2: ov_settle's copy (so it cannot fail) */
     uint32_t ov_slots, ov_max, ov_count, ov_inflight;
     uint64_t ov_gen;           /* bumped by every commit that changed the live map */
+    uint64_t ov_seq;           /* entries published so far */
+    uint64_t synced_seq;       /* entries up to this one have their data fdatasync()ed */
     int ov_foreign;            /* a write transaction other than a batch is open */
     int ov_busy;               /* entries are taken: the next transaction waits for the settle */
     MDB_txn *ov_txn;           /* the transaction holding the taken entries */
@@ -149,7 +152,17 @@ int xm_ov_insert(xm_store *st, uint32_t vol, const xm_extent *blocks, size_t n, 
                  uint64_t gen, const xm_extent *runs, size_t nruns);
 /* A reserved allocation not published after all: its runs go back to the reservation. */
 void xm_ov_discard(xm_store *st, const xm_extent *runs, size_t n);
+/* With ov_mu: one redirect fewer between xm_ov_alloc and its end; unpublished runs back to the
+ * reservation (xm_resv.c). */
+void xm_ov_inflight_done(xm_store *st);
+void xm_ov_give_back(xm_store *st, const xm_extent *runs, size_t n);
+/* FREE edits of a batch's claims (xm_resv.c): insert a run (coalescing), take one out. */
+int xm_free_insert(xm_store *st, MDB_txn *t, uint64_t pbn, uint64_t len);
+int xm_free_take(xm_store *st, MDB_txn *t, uint64_t pbn, uint64_t len);
 int xm_ov_full(xm_store *st, uint64_t need); /* 1 if need more blocks would pass the bound */
+/* Make sure the reservation holds need blocks (called outside the gate: it may wait for
+ * LMDB's writer lock). */
+int xm_ov_ensure(xm_store *st, uint64_t need);
 #define XM_EAGAIN_ROW -30980
 
 /* Every LMDB write transaction other than a batch's begins here: the overlay is applied in it

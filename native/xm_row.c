@@ -355,6 +355,9 @@ int xm_write_row(xm_store *st, uint32_t vol, uint64_t offset, uint64_t length, c
     for (int attempt = 0; attempt < 8 && (rc == XM_EAGAIN_ROW || rc == XM_EAGAIN_ROW + 1); attempt++) {
         if (rc == XM_EAGAIN_ROW + 1 && (rc = xm_batch_commit(st)))
             break;
+        /* reserve outside the gate: it may wait for LMDB's writer lock */
+        if ((rc = xm_ov_ensure(st, nblk)) && rc != ENOSPC)
+            break;
         rc = write_row_once(st, vol, offset, length, buf, inplace, redir);
     }
     if (rc == XM_EAGAIN_ROW || rc == XM_EAGAIN_ROW + 1)
