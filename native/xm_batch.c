@@ -406,6 +406,7 @@ int xm_batch_commit(xm_store *st)
     pthread_cond_broadcast(&st->ov_cv);
     pthread_mutex_unlock(&st->ov_mu);
     pthread_mutex_unlock(&st->apply_mu);
+    /* xm_space_after_commit(st) goes here too once xm_space.c exists (issue 10 item 1). */
     return rc;
 }
 

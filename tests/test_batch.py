@@ -243,3 +243,15 @@ def test_concurrent_redirected_writes_and_snapshots(engine: Engine) -> None:
     for b in range(256):
         d = engine.read(v, b * BS, BS)
         assert d[:8] in (bytes([1]) * 8, bytes([2]) * 8, bytes([b % 250 + 1]) * 8), b
+
+
+def test_snapshot_create_reports_its_gate_wait_and_commit_time(engine: Engine) -> None:
+    """Issue 9 item 3: both parts of a snapshot's latency, in its result (and so in
+    `snapshot create --json`); the transaction applied the pending batch."""
+    v = snapshotted_volume(engine)
+    engine.write(v, 0, b"p" * BS)
+    assert native.batch_pending(engine.native) == 1
+    info = engine.create_snapshot("v", "timed").to_dict()
+    assert native.batch_pending(engine.native) == 0
+    assert isinstance(info["gate_wait_ms"], float) and info["gate_wait_ms"] >= 0
+    assert isinstance(info["commit_ms"], float) and info["commit_ms"] > 0
