@@ -199,9 +199,10 @@ int xm_read(xm_store *st, uint32_t vol, uint64_t offset, uint64_t length, uint8_
 /* Write in place when every block of the range is mapped, born after vol's newest snapshot and
  * not shared; else write nothing and return XM_ESLOW.  No map change, no LMDB writer lock. */
 int xm_write_inplace(xm_store *st, uint32_t vol, uint64_t offset, uint64_t length, const uint8_t *buf);
-/* Write [offset, offset+length) of vol's live view with redirect-on-write, in one write
- * transaction: blocks xm_write_inplace could write are written in place, the others go to newly
- * allocated blocks (the covered records become dead records for the snapshots that hold them).
+/* Write [offset, offset+length) of vol's live view with redirect-on-write, group-committed
+ * (xm_batch.c): blocks xm_write_inplace could write (or in the overlay) are written in place,
+ * the others go to newly reserved blocks and their map change to the overlay; a later batch
+ * makes the covered records dead records for the snapshots that hold them.
  * XM_ESLOW or ENOSPC (pool or filesystem full), with no map change and nothing written over
  * the volume's blocks, when a record involved is SHARED, the request spans too many records or
  * the free space is too fragmented: the general (Python) path handles those.  Every such
