@@ -57,7 +57,7 @@
 
 /* xm_open flags */
 #define XM_OPEN_CREATE 1          /* create the environment if missing */
-#define XM_OPEN_SYNC_COMMITS 2    /* sync every commit (else only on xm_sync) */
+#define XM_OPEN_SYNC_COMMITS 2    /* kept for old callers: commits are synced by default */
 
 /* One run of blocks: in the live map, a record; in a plan, a piece of the request. */
 typedef struct {
@@ -202,9 +202,10 @@ int xm_read(xm_store *st, uint32_t vol, uint64_t offset, uint64_t length, uint8_
 /* Write in place when every block of the range is mapped, born after vol's newest snapshot and
  * not shared; else write nothing and return XM_ESLOW.  No map change, no LMDB writer lock. */
 int xm_write_inplace(xm_store *st, uint32_t vol, uint64_t offset, uint64_t length, const uint8_t *buf);
-/* Write [offset, offset+length) of vol's live view with redirect-on-write, in one write
- * transaction: blocks xm_write_inplace could write are written in place, the others go to newly
- * allocated blocks (the covered records become dead records for the snapshots that hold them).
+/* Write [offset, offset+length) of vol's live view with redirect-on-write, group-committed
+ * (xm_batch.c): blocks xm_write_inplace could write (or in the overlay) are written in place,
+ * the others go to newly reserved blocks and their map change to the overlay; a later batch
+ * makes the covered records dead records for the snapshots that hold them.
  * XM_ESLOW or ENOSPC (pool or filesystem full), with no map change and nothing written over
  * the volume's blocks, when a record involved is SHARED, the request spans too many records or
  * the free space is too fragmented: the general (Python) path handles those.  Every such
@@ -293,6 +294,20 @@ int xm_bulk_rollback_apply(xm_store *st, uint32_t vol, const xm_extent *ranges, 
                            const xm_extent *targets, size_t nt, size_t *k, size_t *ti,
                            uint64_t limit, const void *pos_key, size_t pklen, uint64_t punch_min,
                            uint64_t *ndone);
+/* ---- group commit (xm_batch.c, issue 9) ---- */
+/* Apply the overlay of redirected writes now, in one synced transaction (data fdatasync()ed
+ * first).  xm_sync does this too; every other write transaction applies it first. */
+int xm_batch_commit(xm_store *st);
+/* The committer's interval (0: only on demand) and the overlay's bound in blocks. */
+int xm_batch_config(xm_store *st, uint64_t interval_us, uint32_t max_blocks);
+/* Blocks in the overlay, not yet in LMDB. */
+uint64_t xm_batch_pending(xm_store *st);
+/* The committer's last failure (then cleared); 0 if none. */
+int xm_batch_error(xm_store *st);
+#define XM_OPEN_UNSAFE_NOSYNC 4   /* MDB_NOSYNC: commits reach the disk only at xm_sync */
+/* fdatasync the pool only: the Python write path calls it before committing a map change that
+ * points at data it just wrote (data before map). */
+int xm_pool_datasync(xm_store *st);
 
 /* cdef-end */
 

@@ -287,10 +287,9 @@ int bk_end(chunk *c, int rc, uint64_t punch_min)
         rc = xm_rc(mdb_txn_commit(c->t));
     else
         mdb_txn_abort(c->t);
-    if (rc == XM_OK) {
-        xm_space_after_commit(c->st); /* keep data.mdb's headroom (xm_space.c) */
+    xm_wtxn_end(c->st, rc == XM_OK); /* group commit's settle; data.mdb's headroom */
+    if (rc == XM_OK)
         freed_punch(c->st, &c->freed, punch_min);
-    }
     free(c->freed.run);
     return rc;
 }
@@ -482,10 +481,8 @@ int xm_bulk_del_range(xm_store *st, int db, const void *lo, size_t lolen, const 
     int rc = bk_begin(&c, st);
     if (rc)
         return rc;
-    if ((rc = mdb_cursor_open(c.t, st->dbi[db], &cur))) {
-        mdb_txn_abort(c.t);
-        return xm_rc(rc);
-    }
+    if ((rc = mdb_cursor_open(c.t, st->dbi[db], &cur)))
+        return bk_end(&c, xm_rc(rc), 0);
     memcpy(kb, lo, lolen);
     MDB_val k = {lolen, kb}, v;
     rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);

@@ -13,9 +13,9 @@
  * transactions (xm_txn_begin(write=1)) are LMDB's: one at a time, committed on the thread that
  * began them.
  *
- * Durability: commits use MDB_NOSYNC unless XM_OPEN_SYNC_COMMITS; a committed transaction is in
- * the page cache, so it survives the death of the process.  xm_sync makes everything durable in
- * order: pool data first, then the map that points at it.
+ * Durability: commits are synced (LMDB's default) unless XM_OPEN_UNSAFE_NOSYNC; redirected
+ * writes are group-committed (xm_batch.c), the pool fdatasync()ed before each batch.  xm_sync
+ * applies the batch and makes everything durable in order: pool data first, then the map.
  */
 #include "xm_internal.h"
 
@@ -153,8 +153,8 @@ int xm_open(const char *dir_path, const char *pool_path, unsigned flags, uint64_
      * ftruncate()d to the map size (sparse: `du` shows what it uses), and a stray pointer in
      * this process could scribble on the map (LMDB's caveat; no Python code can reach it). */
     unsigned eflags = MDB_NOTLS | MDB_NORDAHEAD | MDB_WRITEMAP;
-    if (!(flags & XM_OPEN_SYNC_COMMITS))
-        eflags |= MDB_NOSYNC;
+    if (flags & XM_OPEN_UNSAFE_NOSYNC)
+        eflags |= MDB_NOSYNC; /* LMDB: a system crash can lose commits and damage the env */
     if ((rc = mdb_env_open(st->env, dir_path, eflags, 0600)))
         goto fail;
     /* The structure first: opening the databases already walks the main B-tree. */
@@ -175,7 +175,12 @@ int xm_open(const char *dir_path, const char *pool_path, unsigned flags, uint64_
     pthread_mutex_init(&st->mu, NULL);
     for (int i = 0; i < RMW_LOCKS; i++)
         pthread_mutex_init(&st->rmw[i], NULL);
-    xm_space_open(st);
+    xm_space_open(st); /* before the committer starts: its commits top the headroom up */
+    if ((rc = xm_batch_init(st))) {
+        xm_space_close(st);
+        close(st->pool_fd);
+        goto fail;
+    }
     open_stores[slot] = st;
     pthread_mutex_unlock(&open_mu);
     *out = st;
@@ -206,6 +211,7 @@ void xm_close(xm_store *st)
         if (open_stores[i] == st)
             open_stores[i] = NULL;
     pthread_mutex_unlock(&open_mu);
+    xm_batch_fini(st);
     drain_rtxns(st);
     mdb_env_close(st->env);
     if (st->pool_fd >= 0)
@@ -222,6 +228,12 @@ void xm_close(xm_store *st)
 
 int xm_sync(xm_store *st)
 {
+    /* The batch first (its own fdatasync, then its synced commit), then what was written in
+     * place since, then the map (a no-op unless MDB_NOSYNC). */
+    int rc = xm_batch_commit(st);
+    if (rc)
+        return rc;
+    xm_batch_error(st); /* a failure of the committer's was retried by this commit */
     if (fdatasync(st->pool_fd) != 0)
         return errno;
     return xm_rc(mdb_env_sync(st->env, 1));
@@ -259,11 +271,13 @@ int xm_set_mapsize(xm_store *st, uint64_t map_bytes)
 {
     /* The pooled read transactions are reset (they hold no snapshot), but LMDB asks for no
      * transaction at all: end them too; the hot path begins new ones. */
+    pthread_mutex_lock(&st->apply_mu); /* the committer begins no transaction meanwhile */
     drain_rtxns(st);
     int rc = mdb_env_set_mapsize(st->env, map_bytes);
-    if (rc)
-        return xm_rc(rc);
-    return xm_rc(refresh_map(st));
+    if (rc == 0)
+        rc = refresh_map(st);
+    pthread_mutex_unlock(&st->apply_mu);
+    return xm_rc(rc);
 }
 
 /* ---- the read-transaction pool ------------------------------------------------------------ */

@@ -19,6 +19,22 @@
 /* Encrypted volumes (xm_crypt.c): key slot states, as xm_vol_key_state returns them. */
 typedef struct xm_keyslot xm_keyslot;
 typedef struct evp_cipher_ctx_st EVP_CIPHER_CTX; /* OpenSSL's, as <openssl/types.h> has it */
+/* One block of the group-commit overlay (xm_batch.c): vol's block lba lives at pbn, born in
+ * epoch birth, not yet in LIVE.  Slots of an open-addressing hash on (vol, lba). */
+typedef struct {
+    uint64_t lba;
+    uint64_t pbn;
+    uint64_t birth;
+    uint64_t seq;  /* publication order: a batch takes the entries its fdatasync covered */
+    uint32_t vol;
+    uint8_t used;
+    uint8_t taken; /* applied by the write transaction in progress (st->ov_txn) */
+} ov_ent;
+
+#define OV_MAX_DEFAULT 16384   /* overlay blocks before a writer applies the batch itself */
+#define OV_INTERVAL_US 5000    /* the committer applies the overlay this often */
+#define RESV_BLOCKS 4096       /* blocks reserved at a time for redirected writes */
+#define RESV_RUNS 64
 
 typedef struct {
     uint64_t size_bytes;
@@ -56,12 +72,34 @@ struct xm_store {
      * closed, freed and cleansed by xm_crypt_close (called from xm_close). */
     xm_keyslot *keys;
     uint32_t nkeys;
+    /* ---- group commit (xm_batch.c); ov_* and resv* are guarded by ov_mu ---- */
+    pthread_mutex_t ov_mu;
+    pthread_cond_t ov_cv;      /* inflight reached 0, a foreign transaction ended */
+    pthread_cond_t cm_cv;      /* the committer: stop, or its interval changed */
+    pthread_mutex_t apply_mu;  /* one batch applier at a time (and xm_set_mapsize) */
+    ov_ent *ov;                /* ov_slots slots */
+    ov_ent *ov_spare;          /* ov_slots / 2: ov_settle's copy (so it cannot fail) */
+    uint32_t ov_slots, ov_max, ov_count, ov_inflight;
+    uint64_t ov_gen;           /* bumped by every commit that changed the live map */
+    uint64_t ov_seq;           /* entries published so far */
+    uint64_t synced_seq;       /* entries up to this one have their data fdatasync()ed */
+    int ov_foreign;            /* a write transaction other than a batch is open */
+    int ov_busy;               /* entries are taken: the next transaction waits for the settle */
+    MDB_txn *ov_txn;           /* the transaction holding the taken entries */
+    xm_extent resv[RESV_RUNS]; /* reserved free runs (lba unused): still FREE in LMDB */
+    size_t nresv;
+    uint64_t resv_blocks;
+    int batch_err;             /* the committer's last failure, reported by xm_sync */
+    uint64_t interval_us;
+    pthread_t committer;
+    int committer_on, stop;
 };
 
 struct xm_txn {
     xm_store *st;
     MDB_txn *txn;
-    int write; /* commits of write transactions call xm_space_after_commit */
+    int write; /* began with xm_wtxn_begin: xm_wtxn_end (which calls xm_space_after_commit)
+                * after the commit or abort */
 };
 
 struct xm_cur {
@@ -100,6 +138,66 @@ void xm_rtxn_put(xm_store *st, MDB_txn *t);
 int xm_scan_live(xm_store *st, MDB_cursor *c, uint32_t vol, uint64_t lo, uint64_t hi,
                  xm_extent *out, size_t cap, size_t *nout, int *more);
 
+/* ---- group commit (xm_batch.c) ------------------------------------------------------------ */
+
+/* The overlay blocks of vol in [lo, hi), sorted by lba (hit[i]: lba, pbn, birth, len 1).
+ * Looked up before the read transaction is taken: an entry leaves the overlay only after the
+ * commit that put it in LIVE, so a block is found in one or the other. */
+typedef struct {
+    uint64_t gen;  /* st->ov_gen at the lookup */
+    size_t n;
+    xm_extent *hit;
+    xm_extent local[8];
+    int for_write; /* wait for foreign write transactions to end first */
+} xm_ovhits;
+
+int xm_batch_init(xm_store *st);
+void xm_batch_fini(xm_store *st);  /* stops the committer and applies what is left */
+int xm_ov_lookup(xm_store *st, uint32_t vol, uint64_t lo, uint64_t hi, xm_ovhits *h);
+void xm_ov_free(xm_ovhits *h);
+/* Reserve need blocks for a redirected write (runs into out[], cap), counted in flight until
+ * xm_ov_insert or xm_ov_discard. */
+int xm_ov_alloc(xm_store *st, uint64_t need, xm_extent *out, size_t cap, size_t *nout);
+/* Publish n blocks (lba..., pbn from runs) of vol born birth; XM_EAGAIN_ROW if the map changed
+ * since the lookup (h->gen) or a block got an entry meanwhile: nothing published, retry. */
+int xm_ov_insert(xm_store *st, uint32_t vol, const xm_extent *blocks, size_t n, uint64_t birth,
+                 uint64_t gen, const xm_extent *runs, size_t nruns);
+/* A reserved allocation not published after all: its runs go back to the reservation. */
+void xm_ov_discard(xm_store *st, const xm_extent *runs, size_t n);
+/* With ov_mu: one redirect fewer between xm_ov_alloc and its end; unpublished runs back to the
+ * reservation (xm_resv.c). */
+void xm_ov_inflight_done(xm_store *st);
+void xm_ov_give_back(xm_store *st, const xm_extent *runs, size_t n);
+/* FREE edits of a batch's claims (xm_resv.c): insert a run (coalescing), take one out. */
+int xm_free_insert(xm_store *st, MDB_txn *t, uint64_t pbn, uint64_t len);
+int xm_free_take(xm_store *st, MDB_txn *t, uint64_t pbn, uint64_t len);
+int xm_ov_full(xm_store *st, uint64_t need); /* 1 if need more blocks would pass the bound */
+/* Make sure the reservation holds need blocks (called outside the gate: it may wait for
+ * LMDB's writer lock). */
+int xm_ov_ensure(xm_store *st, uint64_t need);
+#define XM_EAGAIN_ROW -30980
+
+/* Every LMDB write transaction other than a batch's begins here: the overlay is applied in it
+ * first (data fdatasync()ed before), and xm_wtxn_end(committed) settles the overlay after the
+ * commit or abort. */
+int xm_wtxn_begin(xm_store *st, MDB_txn **out);
+void xm_wtxn_end(xm_store *st, int committed);
+/* Before a Python read transaction: apply the overlay, so that what Python reads of the map
+ * (LIVE, counters, usage, check) includes the redirected writes.  Skipped while a foreign
+ * write transaction is open (it applies the overlay itself, and may be this thread's). */
+int xm_batch_before_read(xm_store *st);
+
+/* xm_row.c's pieces the batch applier reuses. */
+int xm_row_overlay(xm_store *st, MDB_txn *t, MDB_cursor *c, uint32_t vol, xm_volstate *vs,
+                   const xm_extent *nw);
+int xm_row_get_fixed(xm_store *st, MDB_txn *t, MDB_dbi d, const void *k, size_t kl, size_t want,
+                     const uint8_t **out);
+int xm_row_put(MDB_txn *t, MDB_dbi d, const void *k, size_t kl, const void *v, size_t vl);
+int xm_row_meta_get2(xm_store *st, MDB_txn *t, const char *name, uint64_t out[2]);
+int xm_row_meta_put2(xm_store *st, MDB_txn *t, const char *name, const uint64_t v[2]);
+int xm_row_free_run(const xm_store *st, const MDB_val *k, const MDB_val *v, uint64_t *pbn,
+                    uint64_t *len);
+
 /* ---- the hot-path prologue and epilogue (xm_io.c) -------------------------------------- */
 
 /* What a hot-path call holds between xm_io_begin and xm_io_end. */
@@ -116,6 +214,10 @@ typedef struct {
  * only the gate held: xm_io_end releases what is held. */
 int xm_io_begin(xm_io *io, xm_store *st, uint32_t vol, uint64_t offset, uint64_t length, int write,
                 int write_txn);
+/* The same, looking the range up in the overlay (into *ov) between the checks and the
+ * transaction (see xm_ovhits). */
+int xm_io_begin_ov(xm_io *io, xm_store *st, uint32_t vol, uint64_t offset, uint64_t length,
+                   int write, xm_ovhits *ov);
 /* Close the cursor, end the transaction (a write one is aborted unless committed before, by
  * xm_io_commit) and leave the gate; returns rc. */
 int xm_io_end(xm_io *io, int rc);

@@ -7,6 +7,7 @@
 #include "xm_internal.h"
 
 #include <errno.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define PLAN_CAP (2 * BATCH + 2)
@@ -22,8 +23,8 @@ static int check_range(xm_store *st, uint32_t vol, uint64_t offset, uint64_t len
     return XM_OK;
 }
 
-int xm_io_begin(xm_io *io, xm_store *st, uint32_t vol, uint64_t offset, uint64_t length, int write,
-                int write_txn)
+static int io_begin(xm_io *io, xm_store *st, uint32_t vol, uint64_t offset, uint64_t length,
+                    int write, int write_txn, xm_ovhits *ov)
 {
     int rc;
     *io = (xm_io){st, NULL, NULL, write_txn};
@@ -33,12 +34,30 @@ int xm_io_begin(xm_io *io, xm_store *st, uint32_t vol, uint64_t offset, uint64_t
     /* A write transaction allocates: refused on a full filesystem before it begins. */
     if (write_txn && (rc = xm_space_check(st, XM_SPACE_GROW)))
         return rc;
-    rc = write_txn ? xm_rc(mdb_txn_begin(st->env, NULL, 0, &io->txn)) : xm_rtxn_get(st, &io->txn);
+    /* The overlay before the transaction (see xm_ovhits). */
+    if (ov && (rc = xm_ov_lookup(st, vol, offset / XM_BLOCK_SIZE,
+                                 (offset + length + XM_BLOCK_SIZE - 1) / XM_BLOCK_SIZE, ov)))
+        return rc;
+    rc = write_txn ? xm_wtxn_begin(st, &io->txn) : xm_rtxn_get(st, &io->txn);
     if (rc) {
         io->txn = NULL;
         return rc;
     }
     return xm_rc(mdb_cursor_open(io->txn, st->dbi[XM_DB_LIVE], &io->live));
+}
+
+int xm_io_begin(xm_io *io, xm_store *st, uint32_t vol, uint64_t offset, uint64_t length, int write,
+                int write_txn)
+{
+    return io_begin(io, st, vol, offset, length, write, write_txn, NULL);
+}
+
+int xm_io_begin_ov(xm_io *io, xm_store *st, uint32_t vol, uint64_t offset, uint64_t length,
+                   int write, xm_ovhits *ov)
+{
+    ov->n = 0;
+    ov->hit = ov->local;
+    return io_begin(io, st, vol, offset, length, write, 0, ov);
 }
 
 int xm_io_commit(xm_io *io)
@@ -48,8 +67,7 @@ int xm_io_commit(xm_io *io)
     io->live = NULL;
     int rc = xm_rc(mdb_txn_commit(io->txn));
     io->txn = NULL;
-    if (rc == XM_OK)
-        xm_space_after_commit(io->st);
+    xm_wtxn_end(io->st, rc == XM_OK); /* (xm_space_after_commit is in there) */
     return rc;
 }
 
@@ -58,9 +76,10 @@ int xm_io_end(xm_io *io, int rc)
     if (io->live)
         mdb_cursor_close(io->live);
     if (io->txn) {
-        if (io->write_txn)
+        if (io->write_txn) {
             mdb_txn_abort(io->txn);
-        else
+            xm_wtxn_end(io->st, 0);
+        } else
             xm_rtxn_put(io->st, io->txn);
     }
     xm_gate_leave(io->st);
@@ -93,42 +112,105 @@ static int apply_plan(xm_store *st, uint32_t vol, const xm_extent *plan, size_t 
     return XM_OK;
 }
 
+static int ov_end(xm_ovhits *ov, int rc)
+{
+    xm_ov_free(ov);
+    return rc;
+}
+
+/* Block status runs out[0..*k) (allocated: pbn 0, holes: XM_HOLE) with the overlay's blocks
+ * marked allocated; runs past cap are dropped (the caller asks again from the last one). */
+static int paint(xm_extent *out, size_t *k, size_t cap, const xm_ovhits *ov)
+{
+    size_t m = 0, j = 0, n = *k;
+    xm_extent *tmp = malloc((n + 2 * ov->n) * sizeof *tmp);
+    if (!tmp)
+        return ENOMEM;
+    for (size_t i = 0; i < n; i++) {
+        uint64_t pos = out[i].lba, end = pos + out[i].len;
+        while (pos < end) {
+            while (j < ov->n && ov->hit[j].lba < pos)
+                j++;
+            uint64_t stop = end, pbn = out[i].pbn;
+            if (pbn == XM_HOLE && j < ov->n && ov->hit[j].lba < end) {
+                if (ov->hit[j].lba == pos) {
+                    pbn = 0;
+                    stop = pos + 1;
+                } else {
+                    stop = ov->hit[j].lba;
+                }
+            }
+            if (m > 0 && tmp[m - 1].pbn == pbn && tmp[m - 1].lba + tmp[m - 1].len == pos)
+                tmp[m - 1].len += (uint32_t)(stop - pos);
+            else
+                tmp[m++] = (xm_extent){pos, pbn, 0, (uint32_t)(stop - pos), 0};
+            pos = stop;
+        }
+    }
+    *k = m < cap ? m : cap;
+    memcpy(out, tmp, *k * sizeof *tmp);
+    free(tmp);
+    return XM_OK;
+}
+
 int xm_read(xm_store *st, uint32_t vol, uint64_t offset, uint64_t length, uint8_t *buf)
 {
     xm_extent recs[BATCH], plan[PLAN_CAP];
     xm_io io;
+    xm_ovhits ov = {0};
     int rc;
-    if ((rc = xm_io_begin(&io, st, vol, offset, length, 0, 0)) || length == 0)
-        return xm_io_end(&io, rc);
+    if ((rc = xm_io_begin_ov(&io, st, vol, offset, length, 0, &ov)) || length == 0)
+        return ov_end(&ov, xm_io_end(&io, rc));
     uint64_t pos = offset / XM_BLOCK_SIZE;
     uint64_t end = (offset + length + XM_BLOCK_SIZE - 1) / XM_BLOCK_SIZE;
     while (pos < end) {
         size_t n, np;
         int more;
         if ((rc = xm_scan_live(st, io.live, vol, pos, end, recs, BATCH, &n, &more)))
-            return xm_io_end(&io, rc);
+            return ov_end(&ov, xm_io_end(&io, rc));
         uint64_t upto = more ? recs[n - 1].lba + recs[n - 1].len : end;
         if (upto > end)
             upto = end;
         if ((rc = xm_plan(recs, n, pos, upto - pos, plan, PLAN_CAP, &np)) ||
             (rc = apply_plan(st, vol, plan, np, offset, length, buf, NULL)))
-            return xm_io_end(&io, rc);
+            return ov_end(&ov, xm_io_end(&io, rc));
         pos = upto;
     }
-    STAT_ADD(st, fast_reads, 1);
-    return xm_io_end(&io, XM_OK);
+    /* Blocks in the overlay: their new content, over what the map still says. */
+    for (size_t i = 0; i < ov.n && rc == XM_OK; i++) {
+        uint64_t bs = ov.hit[i].lba * XM_BLOCK_SIZE, s = bs > offset ? bs : offset;
+        uint64_t e = bs + XM_BLOCK_SIZE < offset + length ? bs + XM_BLOCK_SIZE : offset + length;
+        rc = xm_pool_read(st, vol, ov.hit[i].pbn, s - bs, e - s, buf + (s - offset));
+    }
+    if (rc == XM_OK)
+        STAT_ADD(st, fast_reads, 1);
+    return ov_end(&ov, xm_io_end(&io, rc));
 }
 
 int xm_write_inplace(xm_store *st, uint32_t vol, uint64_t offset, uint64_t length, const uint8_t *buf)
 {
     xm_extent recs[BATCH], plan[PLAN_CAP];
     xm_io io;
+    xm_ovhits ov = {0};
     int rc, more;
     size_t n, np;
-    if ((rc = xm_io_begin(&io, st, vol, offset, length, 1, 0)) || length == 0)
-        return xm_io_end(&io, rc);
+    if ((rc = xm_io_begin_ov(&io, st, vol, offset, length, 1, &ov)) || length == 0)
+        return ov_end(&ov, xm_io_end(&io, rc));
     uint64_t lo = offset / XM_BLOCK_SIZE;
     uint64_t hi = (offset + length + XM_BLOCK_SIZE - 1) / XM_BLOCK_SIZE;
+    if (ov.n > 0) {
+        /* Blocks in the overlay are the volume's own, born now: in place at their new pbn.
+         * Only a request wholly in the overlay is done here; a mixed one goes to xm_write_row. */
+        rc = ov.n == hi - lo ? XM_OK : XM_ESLOW;
+        for (size_t i = 0; i < ov.n && rc == XM_OK; i++) {
+            uint64_t bs = ov.hit[i].lba * XM_BLOCK_SIZE, s = bs > offset ? bs : offset;
+            uint64_t e = bs + XM_BLOCK_SIZE < offset + length ? bs + XM_BLOCK_SIZE : offset + length;
+            rc = xm_pool_write(st, vol, ov.hit[i].pbn, s - bs, e - s, buf + (s - offset));
+        }
+        STAT_ADD(st, fast_writes, rc == XM_OK);
+        STAT_ADD(st, slow_writes, rc == XM_ESLOW);
+        return ov_end(&ov, xm_io_end(&io, rc));
+    }
     if ((rc = xm_scan_live(st, io.live, vol, lo, hi, recs, BATCH, &n, &more)))
         return xm_io_end(&io, rc);
     /* In place only if the records cover the range without gaps, and none is held by a
@@ -148,7 +230,7 @@ int xm_write_inplace(xm_store *st, uint32_t vol, uint64_t offset, uint64_t lengt
         STAT_ADD(st, fast_writes, 1);
     else if (rc == XM_ESLOW)
         STAT_ADD(st, slow_writes, 1);
-    return xm_io_end(&io, rc);
+    return ov_end(&ov, xm_io_end(&io, rc));
 }
 
 int xm_block_status(xm_store *st, uint32_t vol, uint64_t lba, uint64_t nblocks,
@@ -156,13 +238,14 @@ int xm_block_status(xm_store *st, uint32_t vol, uint64_t lba, uint64_t nblocks,
 {
     xm_extent recs[BATCH], runs[PLAN_CAP];
     xm_io io;
+    xm_ovhits ov = {0};
     size_t k = 0;
     int rc;
     *nout = 0;
     if (lba > UINT64_MAX / XM_BLOCK_SIZE || nblocks > UINT64_MAX / XM_BLOCK_SIZE)
         return XM_ERANGE;
-    if ((rc = xm_io_begin(&io, st, vol, lba * XM_BLOCK_SIZE, nblocks * XM_BLOCK_SIZE, 0, 0)))
-        return xm_io_end(&io, rc);
+    if ((rc = xm_io_begin_ov(&io, st, vol, lba * XM_BLOCK_SIZE, nblocks * XM_BLOCK_SIZE, 0, &ov)))
+        return ov_end(&ov, xm_io_end(&io, rc));
     uint64_t pos = lba, end = lba + nblocks;
     while (pos < end && k < cap) {
         size_t n, nr;
@@ -186,6 +269,8 @@ int xm_block_status(xm_store *st, uint32_t vol, uint64_t lba, uint64_t nblocks,
         }
         pos = upto;
     }
+    if (rc == XM_OK && ov.n > 0)
+        rc = paint(out, &k, cap, &ov);
     *nout = k;
-    return xm_io_end(&io, rc);
+    return ov_end(&ov, xm_io_end(&io, rc));
 }

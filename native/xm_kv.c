@@ -24,14 +24,14 @@ int xm_txn_begin(xm_store *st, int write, xm_txn **out)
     if (!t)
         return ENOMEM;
     t->st = st;
-    t->write = write;
-    /* A full filesystem: refused before LMDB touches a page (xm_space.c). */
-    int rc = write ? xm_space_check(st, XM_SPACE_ANY) : XM_OK;
-    if (rc) {
+    t->write = write != 0;
+    int rc;
+    if (!write && (rc = xm_batch_before_read(st))) {
         free(t);
         return rc;
     }
-    rc = mdb_txn_begin(st->env, NULL, write ? 0 : MDB_RDONLY, &t->txn);
+    /* xm_wtxn_begin: group commit's hook (xm_batch.c), with the full-filesystem check */
+    rc = write ? xm_wtxn_begin(st, &t->txn) : mdb_txn_begin(st->env, NULL, MDB_RDONLY, &t->txn);
     if (rc) {
         free(t);
         return xm_rc(rc);
@@ -43,8 +43,8 @@ int xm_txn_begin(xm_store *st, int write, xm_txn **out)
 int xm_txn_commit(xm_txn *t)
 {
     int rc = mdb_txn_commit(t->txn);
-    if (rc == XM_OK && t->write)
-        xm_space_after_commit(t->st);
+    if (t->write)
+        xm_wtxn_end(t->st, rc == 0); /* (xm_space_after_commit is in there) */
     free(t);
     return xm_rc(rc);
 }
@@ -52,6 +52,8 @@ int xm_txn_commit(xm_txn *t)
 void xm_txn_abort(xm_txn *t)
 {
     mdb_txn_abort(t->txn);
+    if (t->write)
+        xm_wtxn_end(t->st, 0);
     free(t);
 }
 
@@ -281,9 +283,3 @@ int xm_live_overlap(xm_txn *t, uint32_t vol, uint64_t lba, uint64_t nblocks,
     return rc;
 }
 
-/* xm_wtxn_begin: group commit's hook (see xm_batch.c) */
-int xm_wtxn_begin(xm_store *st, MDB_txn **out)
-{
-    int rc = xm_space_check(st, XM_SPACE_ANY); /* the deletes' reserve: xm_space.c */
-    return rc ? rc : xm_rc(mdb_txn_begin(st->env, NULL, 0, out));
-}

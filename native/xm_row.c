@@ -24,7 +24,7 @@
 
 _Static_assert(sizeof(xm_extent) == 32, "xm_extent has no padding (compared with memcmp)");
 
-static int kv_put(MDB_txn *t, MDB_dbi d, const void *k, size_t kl, const void *v, size_t vl)
+int xm_row_put(MDB_txn *t, MDB_dbi d, const void *k, size_t kl, const void *v, size_t vl)
 {
     MDB_val key = {kl, (void *)k}, val = {vl, (void *)v};
     return xm_rc(mdb_put(t, d, &key, &val, 0));
@@ -39,8 +39,8 @@ static int kv_del(MDB_txn *t, MDB_dbi d, const void *k, size_t kl)
 
 /* The value under k if it is exactly want bytes long: XM_ENOTFOUND if absent, XM_ECORRUPT if
  * it has another size or lies outside the map. */
-static int kv_get_fixed(xm_store *st, MDB_txn *t, MDB_dbi d, const void *k, size_t kl, size_t want,
-                        const uint8_t **out)
+int xm_row_get_fixed(xm_store *st, MDB_txn *t, MDB_dbi d, const void *k, size_t kl, size_t want,
+                     const uint8_t **out)
 {
     MDB_val key = {kl, (void *)k}, v;
     int rc = mdb_get(t, d, &key, &v);
@@ -57,13 +57,13 @@ static int live_put(xm_store *st, MDB_txn *t, uint32_t vol, xm_volstate *vs, con
     uint8_t k[XM_TRIPLE_KEY_LEN], v[XM_REC_LEN];
     xm_rec_encode(v, &(xm_rec){e->len, e->flags, e->pbn, e->birth});
     xm_key_live(k, vol, e->lba);
-    int rc = kv_put(t, st->dbi[XM_DB_LIVE], k, XM_LIVE_KEY_LEN, v, XM_REC_LEN);
+    int rc = xm_row_put(t, st->dbi[XM_DB_LIVE], k, XM_LIVE_KEY_LEN, v, XM_REC_LEN);
     if (rc || vs->nsnaps == 0)
         return rc;
     xm_key_triple(k, vol, e->birth, e->lba);
     xm_put_le32(v, e->len);
     vs->flags |= XM_VS_BIRTH_INDEXED;
-    return kv_put(t, st->dbi[XM_DB_LIVEBIRTH], k, XM_TRIPLE_KEY_LEN, v, XM_U32_LEN);
+    return xm_row_put(t, st->dbi[XM_DB_LIVEBIRTH], k, XM_TRIPLE_KEY_LEN, v, XM_U32_LEN);
 }
 
 static int live_del(xm_store *st, MDB_txn *t, uint32_t vol, const xm_volstate *vs, const xm_extent *e)
@@ -85,27 +85,27 @@ static int add_dead(xm_store *st, MDB_txn *t, uint32_t vol, const xm_extent *e, 
     int rc;
     xm_key_triple(k, vol, e->lba, e->birth);
     xm_rec_encode(v, &(xm_rec){e->len, e->flags, e->pbn, death});
-    if ((rc = kv_put(t, st->dbi[XM_DB_DEAD], k, XM_TRIPLE_KEY_LEN, v, XM_REC_LEN)))
+    if ((rc = xm_row_put(t, st->dbi[XM_DB_DEAD], k, XM_TRIPLE_KEY_LEN, v, XM_REC_LEN)))
         return rc;
     xm_key_deadidx(k, vol, death, e->birth, e->lba);
     xm_put_le32(v, e->len);
-    if ((rc = kv_put(t, st->dbi[XM_DB_DEADIDX], k, XM_DEADIDX_KEY_LEN, v, XM_U32_LEN)))
+    if ((rc = xm_row_put(t, st->dbi[XM_DB_DEADIDX], k, XM_DEADIDX_KEY_LEN, v, XM_U32_LEN)))
         return rc;
     uint64_t n = 0; /* COUNTERS key: vol, death, birth: the first 20 bytes of the DEADIDX key */
-    rc = kv_get_fixed(st, t, st->dbi[XM_DB_COUNTERS], k, XM_TRIPLE_KEY_LEN, XM_U64_LEN, &old);
+    rc = xm_row_get_fixed(st, t, st->dbi[XM_DB_COUNTERS], k, XM_TRIPLE_KEY_LEN, XM_U64_LEN, &old);
     if (rc == XM_OK)
         n = xm_get_le64(old);
     else if (rc != XM_ENOTFOUND)
         return rc;
     xm_put_le64(v, n + e->len);
-    return kv_put(t, st->dbi[XM_DB_COUNTERS], k, XM_TRIPLE_KEY_LEN, v, XM_U64_LEN);
+    return xm_row_put(t, st->dbi[XM_DB_COUNTERS], k, XM_TRIPLE_KEY_LEN, v, XM_U64_LEN);
 }
 
 /* META value of two u64s (alloc, blocks); absent reads as zeros, like the Python twin. */
-static int meta_get2(xm_store *st, MDB_txn *t, const char *name, uint64_t out[2])
+int xm_row_meta_get2(xm_store *st, MDB_txn *t, const char *name, uint64_t out[2])
 {
     const uint8_t *p;
-    int rc = kv_get_fixed(st, t, st->dbi[XM_DB_META], name, strlen(name), XM_U64X2_LEN, &p);
+    int rc = xm_row_get_fixed(st, t, st->dbi[XM_DB_META], name, strlen(name), XM_U64X2_LEN, &p);
     out[0] = out[1] = 0;
     if (rc == XM_ENOTFOUND)
         return XM_OK;
@@ -116,16 +116,16 @@ static int meta_get2(xm_store *st, MDB_txn *t, const char *name, uint64_t out[2]
     return rc;
 }
 
-static int meta_put2(xm_store *st, MDB_txn *t, const char *name, const uint64_t v[2])
+int xm_row_meta_put2(xm_store *st, MDB_txn *t, const char *name, const uint64_t v[2])
 {
     uint8_t b[XM_U64X2_LEN];
     xm_put_le64(b, v[0]);
     xm_put_le64(b + 8, v[1]);
-    return kv_put(t, st->dbi[XM_DB_META], name, strlen(name), b, sizeof b);
+    return xm_row_put(t, st->dbi[XM_DB_META], name, strlen(name), b, sizeof b);
 }
 
 /* One FREE run under the cursor, validated. */
-static int free_run(const xm_store *st, const MDB_val *k, const MDB_val *v, uint64_t *pbn, uint64_t *len)
+int xm_row_free_run(const xm_store *st, const MDB_val *k, const MDB_val *v, uint64_t *pbn, uint64_t *len)
 {
     if (k->mv_size != XM_PBN_KEY_LEN || v->mv_size != XM_U64_LEN || !xm_in_map(st, k->mv_data, 8) ||
         !xm_in_map(st, v->mv_data, 8))
@@ -135,100 +135,9 @@ static int free_run(const xm_store *st, const MDB_val *k, const MDB_val *v, uint
     return *len == 0 || *pbn > UINT64_MAX / XM_BLOCK_SIZE - *len ? XM_ECORRUPT : XM_OK;
 }
 
-/* Twin of allocator.allocate: free runs from the next-fit hint on, then from the start, then
- * fresh space at the high-water mark.  Runs go to out[] (cap entries). */
-static int allocate(xm_store *st, MDB_txn *t, uint64_t need, xm_extent *out, size_t cap, size_t *nout)
-{
-    uint64_t alloc[2], totals[2], taken = 0;
-    int rc = meta_get2(st, t, XM_META_ALLOC, alloc);
-    if (rc)
-        return rc;
-    uint64_t hwm = alloc[0], hint = alloc[1];
-    size_t n = 0;
-    MDB_cursor *c;
-    if ((rc = mdb_cursor_open(t, st->dbi[XM_DB_FREE], &c)))
-        return xm_rc(rc);
-    for (int pass = 0; pass < 2 && need > 0 && rc == XM_OK; pass++) {
-        uint8_t kb[XM_PBN_KEY_LEN];
-        xm_put_be64(kb, pass == 0 ? hint : 0);
-        MDB_val k = {sizeof kb, kb}, fv;
-        rc = mdb_cursor_get(c, &k, &fv, MDB_SET_RANGE);
-        while (rc == XM_OK && need > 0) {
-            uint64_t pbn, len;
-            if ((rc = free_run(st, &k, &fv, &pbn, &len)))
-                break;
-            if (pass == 1 && pbn >= hint)
-                break;
-            uint64_t take = len < need ? len : need;
-            if (n >= cap) {
-                rc = XM_ESLOW; /* too fragmented for the fast path */
-                break;
-            }
-            if ((rc = mdb_cursor_del(c, 0)))
-                break;
-            if (take < len) {
-                uint8_t nk[XM_PBN_KEY_LEN], nv[XM_U64_LEN];
-                xm_put_be64(nk, pbn + take);
-                xm_put_le64(nv, len - take);
-                if ((rc = kv_put(t, st->dbi[XM_DB_FREE], nk, sizeof nk, nv, sizeof nv)))
-                    break;
-            }
-            out[n++] = (xm_extent){0, pbn, 0, (uint32_t)take, 0};
-            need -= take;
-            taken += take;
-            hint = pbn + take;
-            xm_put_be64(kb, pbn + take);
-            k = (MDB_val){sizeof kb, kb};
-            rc = mdb_cursor_get(c, &k, &fv, MDB_SET_RANGE);
-        }
-        if (rc == MDB_NOTFOUND)
-            rc = XM_OK;
-    }
-    mdb_cursor_close(c);
-    if (rc)
-        return xm_rc(rc);
-    if (need) {
-        const uint8_t *p;
-        if ((rc = kv_get_fixed(st, t, st->dbi[XM_DB_META], XM_META_POOL_BLOCKS,
-                               strlen(XM_META_POOL_BLOCKS), XM_U64_LEN, &p)))
-            return rc == XM_ENOTFOUND ? XM_ECORRUPT : rc;
-        uint64_t pool_blocks = xm_get_le64(p);
-        if (hwm > pool_blocks || need > pool_blocks - hwm)
-            return ENOSPC;
-        if (n >= cap)
-            return XM_ESLOW;
-        out[n++] = (xm_extent){0, hwm, 0, (uint32_t)need, 0};
-        hwm += need;
-        hint = hwm;
-    }
-    alloc[0] = hwm;
-    alloc[1] = hint;
-    if ((rc = meta_put2(st, t, XM_META_ALLOC, alloc)))
-        return rc;
-    if (taken) {
-        if ((rc = meta_get2(st, t, XM_META_BLOCKS, totals)))
-            return rc;
-        if (totals[0] < taken)
-            return XM_ECORRUPT; /* FREE holds more than the totals say */
-        totals[0] -= taken;
-        if ((rc = meta_put2(st, t, XM_META_BLOCKS, totals)))
-            return rc;
-    }
-    /* merge physically contiguous runs */
-    size_t m = 0;
-    for (size_t i = 0; i < n; i++) {
-        if (m > 0 && out[m - 1].pbn + out[m - 1].len == out[i].pbn)
-            out[m - 1].len += out[i].len;
-        else
-            out[m++] = out[i];
-    }
-    *nout = m;
-    return XM_OK;
-}
-
 /* Twin of extmap.overlay followed by kill: nw becomes current over its range; the covered
  * parts of the old records become dead records (death = the volume's epoch). */
-static int overlay(xm_store *st, MDB_txn *t, MDB_cursor *c, uint32_t vol, xm_volstate *vs,
+int xm_row_overlay(xm_store *st, MDB_txn *t, MDB_cursor *c, uint32_t vol, xm_volstate *vs,
                    const xm_extent *nw)
 {
     xm_extent old[BATCH], keep[BATCH + 2], gone[BATCH];
@@ -257,7 +166,7 @@ static int overlay(xm_store *st, MDB_txn *t, MDB_cursor *c, uint32_t vol, xm_vol
     }
     for (size_t i = 0; i < ng; i++) {
         if (gone[i].birth > vs->max_snap || (gone[i].flags & XM_F_SHARED))
-            return XM_ECORRUPT; /* cannot happen: such parts are written in place */
+            return XM_ECORRUPT; /* cannot happen: such parts are written in place */ /* cannot happen: such parts are written in place */
         if ((rc = add_dead(st, t, vol, &gone[i], vs->epoch)))
             return rc;
         vs->live_blocks -= gone[i].len;
@@ -268,9 +177,8 @@ static int overlay(xm_store *st, MDB_txn *t, MDB_cursor *c, uint32_t vol, xm_vol
 
 /* Full-block content of blocks [a, b) for a write of [offset, offset+length): the new data,
  * and the old content of partly written first and last blocks (read-modify-write). */
-static int fill_blocks(xm_store *st, uint32_t vol, const xm_extent *recs, size_t n, uint64_t a,
-                       uint64_t b, uint64_t offset, uint64_t length, const uint8_t *buf,
-                       uint8_t *out)
+static int fill_blocks(xm_store *st, uint32_t vol, const xm_extent *recs, size_t n, uint64_t a, uint64_t b,
+                       uint64_t offset, uint64_t length, const uint8_t *buf, uint8_t *out)
 {
     uint64_t end = offset + length;
     uint64_t edges[2] = {a, b - 1};
@@ -283,8 +191,8 @@ static int fill_blocks(xm_store *st, uint32_t vol, const xm_extent *recs, size_t
             continue;
         for (size_t j = 0; j < n; j++) {
             if (recs[j].lba <= blk && blk < recs[j].lba + recs[j].len) {
-                int rc = xm_pool_read(st, vol, recs[j].pbn + blk - recs[j].lba, 0,
-                                      XM_BLOCK_SIZE, out + (blk - a) * XM_BLOCK_SIZE);
+                int rc = xm_pool_read(st, vol, recs[j].pbn + blk - recs[j].lba, 0, XM_BLOCK_SIZE,
+                                      out + (blk - a) * XM_BLOCK_SIZE);
                 if (rc)
                     return rc;
                 break;
@@ -297,113 +205,169 @@ static int fill_blocks(xm_store *st, uint32_t vol, const xm_extent *recs, size_t
     return XM_OK;
 }
 
-/* Blocks [a, b) to new blocks: allocate, write the data there, overlay the map. */
-static int redirect_run(xm_store *st, MDB_txn *t, MDB_cursor *c, uint32_t vol, xm_volstate *vs,
-                        const xm_extent *recs, size_t n, uint64_t a, uint64_t b,
-                        uint64_t offset, uint64_t length, const uint8_t *buf)
+/* [lo, hi) cut block by block into in-place segments (inplace[]: lba, len, pbn of the first
+ * block: a block in the overlay, or a record born after the newest snapshot) and runs to
+ * redirect (redir[]: lba, len).  Both need hi - lo entries. */
+static void cut(const xm_extent *recs, size_t n, const xm_ovhits *ov, uint64_t lo, uint64_t hi,
+                uint64_t max_snap, xm_extent *inplace, size_t *ni, xm_extent *redir, size_t *nr)
 {
-    xm_extent runs[MAX_RUNS];
-    size_t nruns;
-    int rc;
-    uint8_t *data = malloc((b - a) * XM_BLOCK_SIZE);
-    if (!data)
-        return ENOMEM;
-    if ((rc = fill_blocks(st, vol, recs, n, a, b, offset, length, buf, data)) ||
-        (rc = allocate(st, t, b - a, runs, MAX_RUNS, &nruns)))
-        goto out;
-    uint64_t pos = 0;
-    for (size_t r = 0; r < nruns && rc == XM_OK; r++) {
-        if ((rc = xm_pool_write(st, vol, runs[r].pbn, 0, (uint64_t)runs[r].len * XM_BLOCK_SIZE,
-                                data + pos * XM_BLOCK_SIZE)))
-            break;
-        for (uint64_t k = 0; k < runs[r].len && rc == XM_OK; k += XM_MAX_EXTENT) {
-            uint64_t m = runs[r].len - k < XM_MAX_EXTENT ? runs[r].len - k : XM_MAX_EXTENT;
-            xm_extent nw = {a + pos + k, runs[r].pbn + k, vs->epoch, (uint32_t)m, 0};
-            rc = overlay(st, t, c, vol, vs, &nw);
+    size_t i = 0, j = 0;
+    *ni = *nr = 0;
+    for (uint64_t b = lo; b < hi; b++) {
+        while (i < n && recs[i].lba + recs[i].len <= b)
+            i++;
+        while (j < ov->n && ov->hit[j].lba < b)
+            j++;
+        uint64_t pbn = XM_HOLE;
+        if (j < ov->n && ov->hit[j].lba == b)
+            pbn = ov->hit[j].pbn;
+        else if (i < n && recs[i].lba <= b && recs[i].birth > max_snap)
+            pbn = recs[i].pbn + (b - recs[i].lba);
+        if (pbn != XM_HOLE) {
+            xm_extent *l = *ni ? &inplace[*ni - 1] : NULL;
+            if (l && l->lba + l->len == b && l->pbn + l->len == pbn)
+                l->len++;
+            else
+                inplace[(*ni)++] = (xm_extent){b, pbn, 0, 1, 0};
+        } else if (*nr > 0 && redir[*nr - 1].lba + redir[*nr - 1].len == b) {
+            redir[*nr - 1].len++;
+        } else {
+            redir[(*nr)++] = (xm_extent){b, XM_HOLE, 0, 1, 0};
         }
-        pos += runs[r].len;
     }
-out:
-    free(data);
+}
+
+/* The redirected runs: fill each with its full-block content and write it to reserved blocks
+ * (blocks[]: lba, pbn, len per piece, at most cap pieces), before anything is published. */
+static int write_redirected(xm_store *st, uint32_t vol, const xm_extent *recs, size_t n, const xm_extent *redir,
+                            size_t nr, const xm_extent *runs, size_t nruns, uint64_t offset,
+                            uint64_t length, const uint8_t *buf, xm_extent *blocks, size_t cap,
+                            size_t *nb)
+{
+    size_t ri = 0;
+    uint64_t rused = 0;
+    int rc = XM_OK;
+    *nb = 0;
+    for (size_t r = 0; r < nr && rc == XM_OK; r++) {
+        uint64_t a = redir[r].lba, b = a + redir[r].len;
+        uint8_t *data = malloc((b - a) * XM_BLOCK_SIZE);
+        if (!data)
+            return ENOMEM;
+        rc = fill_blocks(st, vol, recs, n, a, b, offset, length, buf, data);
+        for (uint64_t pos = a; pos < b && rc == XM_OK;) {
+            uint64_t m = runs[ri].len - rused < b - pos ? runs[ri].len - rused : b - pos;
+            if (*nb >= cap) {
+                rc = XM_ESLOW;
+                break;
+            }
+            blocks[(*nb)++] = (xm_extent){pos, runs[ri].pbn + rused, 0, (uint32_t)m, 0};
+            rc = xm_pool_write(st, vol, runs[ri].pbn + rused, 0, m * XM_BLOCK_SIZE,
+                               data + (pos - a) * XM_BLOCK_SIZE);
+            pos += m;
+            rused += m;
+            if (rused == runs[ri].len) {
+                ri++;
+                rused = 0;
+            }
+        }
+        free(data);
+    }
     return rc;
 }
 
-/* [lo, hi) cut by record into in-place segments (inplace[]: lba, len, pbn of the first block)
- * and runs to redirect (redir[]: lba, len).  Both need n+1 entries. */
-static void cut(const xm_extent *recs, size_t n, uint64_t lo, uint64_t hi, uint64_t max_snap,
-                xm_extent *inplace, size_t *ni, xm_extent *redir, size_t *nr)
+/* One attempt of xm_write_row; XM_EAGAIN_ROW: start over (see xm_batch.c). */
+static int write_row_once(xm_store *st, uint32_t vol, uint64_t offset, uint64_t length,
+                          const uint8_t *buf, xm_extent *inplace, xm_extent *redir)
 {
-    uint64_t pos = lo;
-    size_t i = 0;
-    *ni = *nr = 0;
-    while (pos < hi) {
-        while (i < n && recs[i].lba + recs[i].len <= pos)
-            i++;
-        uint64_t seg_end;
-        int eligible = 0;
-        if (i < n && recs[i].lba <= pos) {
-            seg_end = recs[i].lba + recs[i].len < hi ? recs[i].lba + recs[i].len : hi;
-            eligible = recs[i].birth > max_snap;
-        } else {
-            seg_end = i < n && recs[i].lba < hi ? recs[i].lba : hi;
-        }
-        if (eligible)
-            inplace[(*ni)++] = (xm_extent){pos, recs[i].pbn + pos - recs[i].lba, 0,
-                                           (uint32_t)(seg_end - pos), 0};
-        else if (*nr > 0 && redir[*nr - 1].lba + redir[*nr - 1].len == pos)
-            redir[*nr - 1].len += (uint32_t)(seg_end - pos);
-        else
-            redir[(*nr)++] = (xm_extent){pos, XM_HOLE, 0, (uint32_t)(seg_end - pos), 0};
-        pos = seg_end;
-    }
-}
-
-int xm_write_row(xm_store *st, uint32_t vol, uint64_t offset, uint64_t length, const uint8_t *buf)
-{
-    xm_extent recs[BATCH], inplace[BATCH + 1], redir[BATCH + 1];
+    xm_extent recs[BATCH], runs[MAX_RUNS], blocks[2 * MAX_RUNS + BATCH];
     xm_volstate vs;
     xm_io io;
-    uint8_t vk[XM_VOL_KEY_LEN], vb[XM_VOLSTATE_LEN];
+    xm_ovhits ov = {.for_write = 1};
+    uint8_t vk[XM_VOL_KEY_LEN];
     const uint8_t *raw;
-    size_t n, ni, nr;
+    size_t n, ni, nr, nruns, nb;
     int more, rc;
-    if ((rc = xm_io_begin(&io, st, vol, offset, length, 1, 1)) || length == 0)
-        return xm_io_end(&io, rc);
+    if ((rc = xm_io_begin_ov(&io, st, vol, offset, length, 1, &ov)) || length == 0)
+        goto end;
     xm_put_be32(vk, vol);
-    if ((rc = kv_get_fixed(st, io.txn, st->dbi[XM_DB_VOLSTATE], vk, sizeof vk, XM_VOLSTATE_LEN, &raw)))
-        return xm_io_end(&io, rc == XM_ENOTFOUND ? XM_ENOVOL : rc);
+    if ((rc = xm_row_get_fixed(st, io.txn, st->dbi[XM_DB_VOLSTATE], vk, sizeof vk, XM_VOLSTATE_LEN,
+                               &raw))) {
+        rc = rc == XM_ENOTFOUND ? XM_ENOVOL : rc;
+        goto end;
+    }
     xm_volstate_decode(raw, XM_VOLSTATE_LEN, &vs);
-    if (offset + length > vs.size_bytes)
-        return xm_io_end(&io, XM_ERANGE);
     uint64_t lo = offset / XM_BLOCK_SIZE, hi = (offset + length + XM_BLOCK_SIZE - 1) / XM_BLOCK_SIZE;
     if ((rc = xm_scan_live(st, io.live, vol, lo, hi, recs, BATCH, &n, &more)))
-        return xm_io_end(&io, rc);
-    if (more)
-        return xm_io_end(&io, XM_ESLOW);
+        goto end;
+    if (more) {
+        rc = XM_ESLOW;
+        goto end;
+    }
     for (size_t i = 0; i < n; i++)
-        if (recs[i].flags & XM_F_SHARED)
-            return xm_io_end(&io, XM_ESLOW);
-    /* Decide everything, then write: redirect (which may refuse or fail) and commit first, the
-     * in-place segments last. */
-    cut(recs, n, lo, hi, vs.max_snap, inplace, &ni, redir, &nr);
+        if (recs[i].flags & XM_F_SHARED) {
+            rc = XM_ESLOW;
+            goto end;
+        }
+    cut(recs, n, &ov, lo, hi, vs.max_snap, inplace, &ni, redir, &nr);
+    uint64_t need = 0;
     for (size_t r = 0; r < nr; r++)
-        if ((rc = redirect_run(st, io.txn, io.live, vol, &vs, recs, n, redir[r].lba,
-                               redir[r].lba + redir[r].len, offset, length, buf)))
-            return xm_io_end(&io, rc);
-    if (nr > 0) {
-        xm_volstate_encode(vb, &vs);
-        if ((rc = kv_put(io.txn, st->dbi[XM_DB_VOLSTATE], vk, sizeof vk, vb, sizeof vb)) ||
-            (rc = xm_io_commit(&io)))
-            return xm_io_end(&io, rc);
+        need += redir[r].len;
+    if (need > 0) {
+        if (xm_ov_full(st, need)) {
+            rc = XM_EAGAIN_ROW + 1; /* apply the batch outside the gate, then again */
+            goto end;
+        }
+        if ((rc = xm_ov_alloc(st, need, runs, MAX_RUNS, &nruns)))
+            goto end;
+        rc = write_redirected(st, vol, recs, n, redir, nr, runs, nruns, offset, length, buf, blocks,
+                              sizeof blocks / sizeof blocks[0], &nb);
+        if (rc) {
+            xm_ov_discard(st, runs, nruns);
+            goto end;
+        }
+        if ((rc = xm_ov_insert(st, vol, blocks, nb, vs.epoch, ov.gen, runs, nruns)))
+            goto end;
         STAT_ADD(st, redirected_writes, 1);
     }
+    /* The in-place parts last: a refused or failed redirect wrote nothing over the volume's
+     * blocks. */
     uint64_t end = offset + length;
     for (size_t i = 0; i < ni && rc == XM_OK; i++) {
         uint64_t s = inplace[i].lba * XM_BLOCK_SIZE > offset ? inplace[i].lba * XM_BLOCK_SIZE : offset;
         uint64_t e = (inplace[i].lba + inplace[i].len) * XM_BLOCK_SIZE;
         e = e < end ? e : end;
-        rc = xm_pool_write(st, vol, inplace[i].pbn, s - inplace[i].lba * XM_BLOCK_SIZE,
-                           e - s, buf + (s - offset));
+        rc = xm_pool_write(st, vol, inplace[i].pbn, s - inplace[i].lba * XM_BLOCK_SIZE, e - s,
+                           buf + (s - offset));
     }
+end:
+    xm_ov_free(&ov);
     return xm_io_end(&io, rc);
+}
+
+int xm_write_row(xm_store *st, uint32_t vol, uint64_t offset, uint64_t length, const uint8_t *buf)
+{
+    uint64_t nblk = length ? (offset % XM_BLOCK_SIZE + length + XM_BLOCK_SIZE - 1) / XM_BLOCK_SIZE : 0;
+    if (nblk > st->ov_max / 2)
+        return XM_ESLOW; /* a huge write: the general path, in one transaction */
+    /* A full filesystem: no new map records before the metadata has room (xm_space.c); the
+     * general path then answers ENOSPC. */
+    int src = xm_space_check(st, XM_SPACE_GROW);
+    if (src)
+        return src;
+    xm_extent *inplace = malloc((nblk + 1) * sizeof *inplace);
+    xm_extent *redir = malloc((nblk + 1) * sizeof *redir);
+    int rc = inplace && redir ? XM_EAGAIN_ROW : ENOMEM;
+    for (int attempt = 0; attempt < 8 && (rc == XM_EAGAIN_ROW || rc == XM_EAGAIN_ROW + 1); attempt++) {
+        if (rc == XM_EAGAIN_ROW + 1 && (rc = xm_batch_commit(st)))
+            break;
+        /* reserve outside the gate: it may wait for LMDB's writer lock */
+        if ((rc = xm_ov_ensure(st, nblk)) && rc != ENOSPC)
+            break;
+        rc = write_row_once(st, vol, offset, length, buf, inplace, redir);
+    }
+    if (rc == XM_EAGAIN_ROW || rc == XM_EAGAIN_ROW + 1)
+        rc = XM_ESLOW;
+    free(inplace);
+    free(redir);
+    return rc;
 }

@@ -1,7 +1,8 @@
 """The child of tests/test_crash.py: a seeded workload on the engine that logs what it does.
 
 Log lines (JSON, appended with one write each, so a kill leaves whole lines): an op's intent
-before it starts and its `done` after it returns.  A flush's `done` is a durability point; every
+before it starts and its `done` after it returns (a write's `done` says how many redirected
+blocks wait in the group-commit overlay).  A flush's `done` is a durability point; every
 metadata op is followed by a flush before its `done`.  Block content: a header (magic, lba, seq,
 crc32 of the rest) and filler derived from seq, so a torn or misplaced block is recognisable.
 """
@@ -15,6 +16,7 @@ import struct
 import sys
 import zlib
 
+from snapdisk import native
 from snapdisk.native import BLOCK_SIZE
 from snapdisk.volume import Engine
 
@@ -47,11 +49,20 @@ def main() -> None:
         os.write(fd, (json.dumps(rec) + "\n").encode())
 
     e = Engine.open(store)
+    # group commit: how often the committer applies the overlay (argv[5], microseconds; 0: only
+    # when something else does), so that kills land both with redirected writes still in the
+    # overlay and with batches committed but not flushed
+    if len(sys.argv) > 5:
+        native.batch_config(e.native, int(sys.argv[5]), 16384)
     seq = seq0
+    vols: list[str] = []
+    ids: dict[str, int] = {}
     while True:
-        vols = [v.name for v in e.list_volumes()]
+        if not vols:  # looked up again after each metadata op only: a Python read transaction
+            vols = [v.name for v in e.list_volumes()]  # applies the group-commit overlay
+            ids = {v: e.volume_id(v) for v in vols}
         vol = rng.choice(vols)
-        vid = e.volume_id(vol)
+        vid = ids[vol]
         r = rng.random()
         if r < 0.55:
             lba = rng.randrange(NBLOCKS)
@@ -60,7 +71,7 @@ def main() -> None:
             seq += n
             log(op="w", v=vol, lba=lba, seqs=seqs)
             e.write(vid, lba * BLOCK_SIZE, b"".join(block(lba + i, s) for i, s in enumerate(seqs)))
-            log(op="done")
+            log(op="done", pend=native.batch_pending(e.native))  # blocks not yet in LMDB
         elif r < 0.65:
             lba = rng.randrange(NBLOCKS)
             n = rng.randint(1, NBLOCKS - lba)
@@ -98,6 +109,7 @@ def main() -> None:
                 e.delete_volume(victim)
             e.flush()
             log(op="done")
+            vols = []
 
 
 if __name__ == "__main__":

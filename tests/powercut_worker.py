@@ -1,7 +1,7 @@
 """The two child processes of tests/test_powercut.py.
 
     powercut_worker.py run STORE LOG SEED MODE SECONDS
-        create a store (MODE default, sync: sync_commits, or sync-data: sync_commits plus
+        create a store (MODE default; unsafe-nosync: the MDB_NOSYNC opt-in; or sync-data:
         every redirected write's data fdatasync()ed before its map commits, by sending
         redirected writes through the Python write path with a syncing Pool.write: what a
         data-before-map fix would do) and volumes a and b, log {"op": "ready"}, then run a
@@ -67,7 +67,9 @@ def run(store: str, log_path: str, seed: int, mode: str, seconds: float) -> None
     def log(**rec: object) -> None:
         os.write(fd, (json.dumps({**rec, "t": time.monotonic()}) + "\n").encode())
 
-    e = Engine.create(store, StoreConfig(pool_bytes=POOL_BYTES, sync_commits=mode != "default"))
+    # default: synced commits and group commit (issue 9); unsafe-nosync: the MDB_NOSYNC opt-in
+    e = Engine.create(store, StoreConfig(pool_bytes=POOL_BYTES,
+                                         unsafe_nosync=mode == "unsafe-nosync"))
     for name in ("a", "b"):
         e.create_volume(name, NBLOCKS * BLOCK_SIZE)
     e.flush()

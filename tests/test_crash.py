@@ -148,11 +148,13 @@ def test_kill9_at_random_moments(tmp_path: Path) -> None:
     rng = random.Random(int(os.environ.get("SNAPDISK_CRASH_SEED", "1234")))
     worker = os.path.join(os.path.dirname(__file__), "crash_worker.py")
     seq = 0
-    stats = {"records": 0, "metadata_ops": 0}
+    stats = {"records": 0, "metadata_ops": 0, "in_overlay": 0, "batched_unflushed": 0}
     for kill in range(KILLS):
         log_path.write_text("")
+        # the group committer's interval: on demand only, the default 5 ms, or every 1 ms
+        interval = rng.choice([0, 0, 5000, 1000])
         proc = subprocess.Popen([sys.executable, worker, str(store), str(log_path),
-                                 str(rng.randrange(1 << 30)), str(seq)],
+                                 str(rng.randrange(1 << 30)), str(seq), str(interval)],
                                 stderr=subprocess.PIPE)
         try:
             # let it get going (interpreter start-up is ~0.3 s), then kill at a random moment:
@@ -171,6 +173,8 @@ def test_kill9_at_random_moments(tmp_path: Path) -> None:
         stats["metadata_ops"] += sum(r["op"] in ("snap", "rollback", "clone", "delsnap", "delvol")
                                      for r in log)
         seq = max([seq] + [s for r in log if r["op"] == "w" for s in r["seqs"]])
+        stats["in_overlay"] += _in_overlay(log)
+        stats["batched_unflushed"] += _batched_unflushed(log)
         _, candidates, since = expectations(log, base)
         with Engine.open(str(store)) as e:  # opens without repair
             report = e.check()
@@ -178,3 +182,29 @@ def test_kill9_at_random_moments(tmp_path: Path) -> None:
             base = actual_state(e)
         verify(base, candidates, since)
     assert stats["records"] > KILLS * 10 and stats["metadata_ops"] > KILLS, stats
+    # group commit: kills landed between a redirected write and its batch's commit, and between
+    # a committed batch and the next FLUSH
+    assert stats["in_overlay"] >= KILLS // 5 and stats["batched_unflushed"] >= KILLS // 10, stats
+
+
+def _writes_done(log: list[dict[str, Any]]) -> list[int]:
+    """The overlay's size after each write that returned since the last flush began."""
+    out: list[int] = []
+    for i, r in enumerate(log):
+        if r["op"] == "f":
+            out = []
+        elif r["op"] == "done" and "pend" in r and i > 0 and log[i - 1]["op"] == "w":
+            out.append(r["pend"])
+    return out
+
+
+def _in_overlay(log: list[dict[str, Any]]) -> bool:
+    """Killed with acknowledged redirected writes still in the overlay."""
+    pend = _writes_done(log)
+    return bool(pend) and pend[-1] > 0
+
+
+def _batched_unflushed(log: list[dict[str, Any]]) -> bool:
+    """Killed after a batch committed writes that no FLUSH has covered yet."""
+    pend = _writes_done(log)
+    return any(p > 0 for p in pend) and pend[-1] == 0

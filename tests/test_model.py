@@ -6,6 +6,12 @@ and against an in-memory model of every volume and snapshot.  After every step: 
 every snapshot reads back as the model says, the capacity figures equal the model's count of
 referenced blocks, and the integrity check passes.
 
+Group commit: the committer is off and the overlay bounded at 64 blocks, so redirected writes
+wait in the overlay until something applies them; after every step, before anything applies
+them (Python read transactions do), the live view is read and its block status taken through
+the hot path, which must answer from the overlay; and rewriting a block written since the
+volume's last snapshot must go in place (the overlay's in-place check).
+
 The model gives each written block version a unique id; a block's bytes are kept per version.
 Capacity in the model: a version is held while some live view or snapshot view maps it; deleting
 snapshot S frees the versions only S holds.
@@ -24,7 +30,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, precondition, rule
 
-from snapdisk import errors
+from snapdisk import errors, native
 from snapdisk.native import BLOCK_SIZE
 from snapdisk.store import StoreConfig
 from snapdisk.volume import Engine
@@ -38,6 +44,7 @@ class MVol:
     size_blocks: int
     blocks: dict[int, int] = field(default_factory=dict)  # block -> version id
     snaps: dict[str, tuple[int, dict[int, int]]] = field(default_factory=dict)  # name -> (size, blocks)
+    fresh: set[int] = field(default_factory=set)  # written since the last snapshot: in place
 
 
 class EngineModel(RuleBasedStateMachine):
@@ -50,6 +57,8 @@ class EngineModel(RuleBasedStateMachine):
         self.engine = Engine.create(self.dir, StoreConfig(pool_bytes=4096 * BS,
                                                           manual_snapshot_quota=6))
         self.engine._c_redirect = self.c_redirect
+        native.batch_config(self.engine.native, 0, 64)  # no committer, a small bound
+        self.vids: dict[str, int] = {}
         self.model: dict[str, MVol] = {}
         self.content: dict[int, bytes] = {}
         self.names = itertools.count()
@@ -86,7 +95,9 @@ class EngineModel(RuleBasedStateMachine):
             vol.blocks[b] = v
 
     def _vid(self, name: str) -> int:
-        return self.engine.volume_id(name)
+        if name not in self.vids:  # (a lookup is a Python read: it applies the overlay)
+            self.vids[name] = self.engine.volume_id(name)
+        return self.vids[name]
 
     # ---- rules ----------------------------------------------------------------------------
 
@@ -114,6 +125,19 @@ class EngineModel(RuleBasedStateMachine):
         payload = bytes([next(_ids) % 251 + 1]) * length
         self.engine.write(self._vid(vol), start, payload)
         self._apply(m, start, payload)
+        m.fresh.update(range(start // BS, -(-(start + length) // BS)))
+
+    @precondition(lambda self: any(m.fresh for m in self.model.values()))
+    @rule(data=st.data())
+    def rewrite_fresh(self, data: st.DataObject) -> None:
+        """A block written since the volume's last snapshot is rewritten in place, whether its
+        record is in LMDB or still in the overlay."""
+        name = data.draw(st.sampled_from(sorted(n for n, m in self.model.items() if m.fresh)))
+        m = self.model[name]
+        b = data.draw(st.sampled_from(sorted(m.fresh)))
+        before = self.engine.native.stats()["redirected_writes"]
+        self.engine.write(self._vid(name), b * BS, self._bytes(m.blocks, b * BS, (b + 1) * BS))
+        assert self.engine.native.stats()["redirected_writes"] == before, (name, b)
 
     @rule(vol=volumes, data=st.data(), zero=st.booleans())
     def trim_or_zero(self, vol: str, data: st.DataObject, zero: bool) -> None:
@@ -133,6 +157,7 @@ class EngineModel(RuleBasedStateMachine):
             lo, hi = -(-start // BS), (start + length) // BS
             for b in range(lo, hi):
                 m.blocks.pop(b, None)
+        m.fresh.difference_update(range(start // BS, -(-(start + length) // BS)))
 
     def _apply_zero_len(self, m: MVol, start: int, length: int) -> None:
         end = start + length
@@ -155,6 +180,7 @@ class EngineModel(RuleBasedStateMachine):
             assert len(m.snaps) >= 6
             return
         m.snaps[name] = (m.size_blocks, dict(m.blocks))
+        m.fresh.clear()
 
     @rule(vol=volumes, data=st.data())
     def delete_snapshot(self, vol: str, data: st.DataObject) -> None:
@@ -174,6 +200,7 @@ class EngineModel(RuleBasedStateMachine):
         self.engine.rollback(vol, name)
         m.size_blocks, blocks = m.snaps[name]
         m.blocks = dict(blocks)
+        m.fresh.clear()
 
     @rule(target=volumes, vol=volumes, data=st.data())
     def clone(self, vol: str, data: st.DataObject) -> str:
@@ -183,6 +210,7 @@ class EngineModel(RuleBasedStateMachine):
         snap = data.draw(st.sampled_from(sorted(m.snaps)))
         name = f"c{next(self.names)}"
         self.engine.clone(vol, snap, name)
+        m.fresh.clear()  # the source's records in the snapshot's view become SHARED
         size, blocks = m.snaps[snap]
         self.model[name] = MVol(size, dict(blocks))
         return name
@@ -193,6 +221,7 @@ class EngineModel(RuleBasedStateMachine):
             return
         self.engine.delete_volume(vol)
         del self.model[vol]
+        self.vids.pop(vol, None)
 
     @rule(vol=volumes, grow=st.integers(1, 8))
     def resize(self, vol: str, grow: int) -> None:
@@ -211,6 +240,7 @@ class EngineModel(RuleBasedStateMachine):
         self.engine.close()
         self.engine = Engine.open(self.dir)
         self.engine._c_redirect = self.c_redirect
+        native.batch_config(self.engine.native, 0, 64)
 
     @precondition(lambda self: self.model)
     @rule(vol=volumes)
@@ -230,8 +260,24 @@ class EngineModel(RuleBasedStateMachine):
 
     # ---- invariants -----------------------------------------------------------------------
 
+    def _hot_path_matches(self) -> None:
+        """Through the hot path only (C calls, no Python read transaction, so a pending batch
+        stays pending): live reads and block status as the model says."""
+        for name, m in self.model.items():
+            if name not in self.vids:
+                continue
+            vid = self.vids[name]
+            got = self.engine.read(vid, 0, m.size_blocks * BS)
+            assert got == self._bytes(m.blocks, 0, m.size_blocks * BS), f"volume {name} (hot)"
+            allocated = [False] * m.size_blocks
+            for off, length, alloc in self.engine.block_status(vid, 0, m.size_blocks * BS):
+                for b in range(off // BS, (off + length) // BS):
+                    allocated[b] = alloc
+            assert allocated == [b in m.blocks for b in range(m.size_blocks)], f"{name} status"
+
     @invariant()
     def reads_match(self) -> None:
+        self._hot_path_matches()
         for name, m in self.model.items():
             vid = self._vid(name)
             info = self.engine.volume_info(name)

@@ -45,6 +45,10 @@ def run(path: Path, seed: int) -> tuple[dict[str, list[tuple[bytes, bytes]]], di
                     off += rnd.randrange(1, BS)
                     length = min(length, VOL_BYTES - off) - rnd.randrange(0, BS)
                 e.write(vol, off, rnd.randbytes(8) * (length // 8) + bytes(length % 8))
+                # one group-commit batch per write, as the Python twin commits each write: a
+                # batch of several writes kills neighbouring blocks as one dead record (the
+                # same map, other bytes; tests/test_batch.py compares batched runs by content)
+                e.commit_batch()
         content = b"".join(e.read(v, 0, VOL_BYTES) for v in vols)
         return dump(e), e.native.stats(), content
     finally:

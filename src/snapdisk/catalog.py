@@ -169,6 +169,10 @@ class SnapshotInfo:
     exclusive_bytes: int | None = None
     slot: str | None = None  # kind auto: its policy slot
     expires: float | None = None  # kind auto: when retention deletes it (None: never)
+    # snapshot create only (issue 9 item 3): waiting for the I/O gate, and the transaction
+    # (which also commits the pending group-commit batch) with its sync
+    gate_wait_ms: float | None = None
+    commit_ms: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -12,11 +12,12 @@ transaction that uses it.  Concurrency: see volume.py.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar, cast
 
-from . import allocator, bulk, capacity, catalog, encryption, errors, extmap, keys, layout
+from . import allocator, bulk, capacity, catalog, encryption, errors, extmap, keys, layout, native
 from .catalog import SnapshotInfo, VolumeInfo
 from .check import CheckReport, check_store
 from .layout import (
@@ -32,6 +33,23 @@ from .pool import Pool
 from .snapshots import Cancel, Progress, Snapshots, Steps, cancel_point
 from .store import StoreConfig, StoreDir
 from .volume import DataPath, configure
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def durable(method: F) -> F:
+    """A control operation replies only once it is durable (issue 9).  By default its
+    transactions are synced commits (each applied the group-commit overlay first, its data
+    fdatasync()ed before), so it is durable when its last commit returns; this is the one place
+    that syncs it on an unsafe_nosync store too (measured: a second sync after each snapshot
+    doubled snapshot create's latency under load for nothing)."""
+    @functools.wraps(method)
+    def wrapper(self: Engine, *args: Any, **kwargs: Any) -> Any:
+        result = method(self, *args, **kwargs)
+        if self.config.unsafe_nosync:
+            self.native.sync()
+        return result
+    return cast(F, wrapper)
 
 
 class Engine:
@@ -102,6 +120,13 @@ class Engine:
         with self.native.gate_exclusive():
             configure(self.native, vs)
 
+    def commit_batch(self) -> None:
+        """Apply the group-commit overlay (pending redirected writes) to LMDB now.  Write
+        transactions do it themselves; Python read transactions do not (the hot path reads the
+        overlay; snapshot views never include it: its blocks are born in the current epoch),
+        so the readers of counters and of the whole map (usage, check) call this first."""
+        native.batch_commit(self.native)
+
     # ---- lookups ----------------------------------------------------------------------------
 
     def volume_id(self, name: str) -> int:
@@ -126,24 +151,30 @@ class Engine:
         return info
 
     def list_snapshots(self, volume: str, with_usage: bool = True) -> list[SnapshotInfo]:
+        if with_usage:
+            self.commit_batch()  # exclusive bytes count the dead records a batch adds
         with self.native.txn() as t:
             return capacity.list_snapshots(t, volume, with_usage)
 
     def snapshot_info(self, volume: str, snap: str | int) -> SnapshotInfo:
+        self.commit_batch()
         with self.native.txn() as t:
             return capacity.snapshot_info(t, volume, snap)
 
     def usage(self, volume: str | None = None) -> dict[str, Any]:
+        self.commit_batch()
         with self.native.txn() as t:
             return capacity.usage(t, self.pool, volume, self.native)
 
     def check(self) -> CheckReport:
         self.snapshots.bulk.finish_all()  # marked bulk work first: the invariants hold after it
+        self.commit_batch()
         with self.native.txn() as t:
             return check_store(t)
 
     # ---- volumes ----------------------------------------------------------------------------
 
+    @durable
     def create_volume(self, name: str, size_bytes: int, extra: dict[str, Any] | None = None,
                       encrypt: keys.Secret | None = None) -> VolumeInfo:
         """A new volume; encrypt: encrypted under a new data key wrapped by that passphrase
@@ -159,6 +190,7 @@ class Engine:
             self.keys.load([vs.vol])
         return self.volume_info(name)
 
+    @durable
     def resize_volume(self, name: str, size_bytes: int) -> VolumeInfo:
         catalog.check_size(size_bytes)
         with self.native.gate_exclusive():
@@ -173,6 +205,7 @@ class Engine:
             configure(self.native, vs)
         return self.volume_info(name)
 
+    @durable
     def delete_volume(self, name: str, progress: Progress | None = None,
                       cancel: Cancel | None = None) -> None:
         """Drop the volume, its snapshots and names; release every block only it held.  One
@@ -203,6 +236,7 @@ class Engine:
 
     # ---- snapshots (snapshots.py) -----------------------------------------------------------
 
+    @durable
     def create_snapshot(self, volume: str, name: str | None = None, kind: str = "manual",
                         policy: str | None = None) -> SnapshotInfo:
         with self.native.txn() as t:
@@ -210,14 +244,17 @@ class Engine:
                 raise errors.Busy(f"volume {volume!r} is being rolled back: try again later")
         return self.snapshots.create(volume, name, kind, policy)
 
+    @durable
     def delete_snapshot(self, volume: str, snap: str | int, progress: Progress | None = None,
                         cancel: Cancel | None = None) -> None:
         self.snapshots.delete(volume, snap, progress, cancel)
 
+    @durable
     def rollback(self, volume: str, snap: str | int, progress: Progress | None = None,
                  cancel: Cancel | None = None) -> None:
         self.snapshots.rollback(volume, snap, progress, cancel)
 
+    @durable
     def clone(self, volume: str, snap: str | int, new_name: str,
               progress: Progress | None = None, cancel: Cancel | None = None) -> VolumeInfo:
         vol = self.snapshots.clone(volume, snap, new_name, progress, cancel)

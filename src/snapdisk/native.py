@@ -292,7 +292,8 @@ class NativeStore:
 
     def __init__(self, meta_dir: str, pool_path: str, create: bool, sync_commits: bool,
                  map_bytes: int):
-        flags = (lib.XM_OPEN_CREATE if create else 0) | (lib.XM_OPEN_SYNC_COMMITS if sync_commits else 0)
+        # sync_commits=False is the unsafe opt-in (MDB_NOSYNC); commits are synced otherwise
+        flags = (lib.XM_OPEN_CREATE if create else 0) | (0 if sync_commits else lib.XM_OPEN_UNSAFE_NOSYNC)
         p = ffi.new("xm_store **")
         rc = lib.xm_open(meta_dir.encode(), pool_path.encode(), flags, map_bytes, p)
         if rc == lib.XM_ECORRUPT:
@@ -529,3 +530,23 @@ def bulk_clone_step(ns: NativeStore, src: int, epoch: int, dst: int, lo: int, hi
     check(lib.xm_bulk_clone_step(ns.ptr, src, epoch, dst, lo, hi, pos_key, len(pos_key), n),
           "clone")
     return int(n[0])
+# ---- group commit (issue 9): the overlay of redirected writes (native/xm_batch.c) ----------
+
+def batch_commit(store: NativeStore) -> None:
+    """Apply the pending redirected writes now, in one synced transaction."""
+    check(lib.xm_batch_commit(store.ptr), "group commit")
+
+
+def batch_config(store: NativeStore, interval_us: int, max_blocks: int) -> None:
+    """The committer's interval (0: only on demand) and the overlay's bound in blocks."""
+    check(lib.xm_batch_config(store.ptr, interval_us, max_blocks), "group commit config")
+
+
+def batch_pending(store: NativeStore) -> int:
+    """Blocks of redirected writes in the overlay, not yet in LMDB."""
+    return int(lib.xm_batch_pending(store.ptr))
+
+
+def pool_datasync(store: NativeStore) -> None:
+    """fdatasync(pool.dat): data before the map commit that points at it (the Python path)."""
+    check(lib.xm_pool_datasync(store.ptr), "fdatasync pool")

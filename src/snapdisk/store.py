@@ -82,7 +82,13 @@ class StoreConfig:
     """Options fixed at `init` (and some changeable later): META `config`, JSON."""
 
     pool_bytes: int | None = None  # None: default_pool_bytes of the free space at init
+    # Durability (issue 9): LMDB commits are synced and redirected writes group-committed, so a
+    # power cut loses only unflushed writes.  sync_commits is kept for old configs (commits are
+    # synced whatever it says); unsafe_nosync opts into MDB_NOSYNC: a power cut or kernel
+    # crash may then lose commits since the last FLUSH and damage the environment (LMDB's
+    # caveat), with control operations that already replied.  Written only when set.
     sync_commits: bool = False
+    unsafe_nosync: bool = False
     manual_snapshot_quota: int = 256
     auto_snapshot_quota: int = 256
     map_bytes: int = DEFAULT_MAP_BYTES  # LMDB map size: the most metadata the store can hold
@@ -94,14 +100,15 @@ class StoreConfig:
              "map_bytes", "timezone", "policies")
 
     def to_json(self) -> bytes:
-        # timezone and policies are optional keys (absent: the defaults), so a store that uses
-        # neither keeps format 2's exact bytes.
+        # timezone, policies and unsafe_nosync are optional keys (absent: the defaults), so a
+        # store that uses none of them keeps format 2's exact bytes.
         d = {k: getattr(self, k) for k in self.KNOWN}
         if d["timezone"] is None:
             del d["timezone"]
         if not d["policies"]:
             del d["policies"]
-        return layout.encode_json(d | self.extra)
+        unsafe = {"unsafe_nosync": True} if self.unsafe_nosync else {}
+        return layout.encode_json(d | unsafe | self.extra)
 
     @classmethod
     def from_json(cls, raw: bytes | None) -> StoreConfig:
@@ -114,8 +121,10 @@ class StoreConfig:
                  "auto_snapshot_quota": f(d, "auto_snapshot_quota", int, what, 256),
                  "map_bytes": f(d, "map_bytes", int, what, DEFAULT_MAP_BYTES),
                  "timezone": f(d, "timezone", (str, type(None)), what, None),
-                 "policies": f(d, "policies", dict, what, {})}
-        return cls(**known, extra={k: v for k, v in d.items() if k not in cls.KNOWN})
+                 "policies": f(d, "policies", dict, what, {}),
+                 "unsafe_nosync": f(d, "unsafe_nosync", bool, what, False)}
+        return cls(**known, extra={k: v for k, v in d.items()
+                                   if k not in cls.KNOWN and k != "unsafe_nosync"})
 
     def validate(self) -> None:
         if not isinstance(self.pool_bytes, int) or self.pool_bytes < MIN_POOL_BYTES:
@@ -231,7 +240,7 @@ class StoreDir:
         os.makedirs(os.path.join(tmp, "meta"), mode=0o700)
         pool = p["pool.dat"] if pool_given else os.path.join(tmp, "pool.dat")
         native = NativeStore(os.path.join(tmp, "meta"), pool, True,
-                             config.sync_commits, config.map_bytes)
+                             not config.unsafe_nosync, config.map_bytes)
         try:
             with native.txn(write=True) as t:
                 put = t.put
@@ -262,14 +271,14 @@ class StoreDir:
         if lock_fd is None:
             lock_fd = cls._lock(p["lock"])
         try:
-            native = NativeStore(p["meta"], p["pool.dat"], False, False, DEFAULT_MAP_BYTES)
+            native = NativeStore(p["meta"], p["pool.dat"], False, True, DEFAULT_MAP_BYTES)
             try:
                 config = cls._read_format(native, path)
-                if config.sync_commits or config.map_bytes != DEFAULT_MAP_BYTES:
+                if config.unsafe_nosync or config.map_bytes != DEFAULT_MAP_BYTES:
                     # reopen with the store's own durability setting and map size
                     native.close()
-                    native = NativeStore(p["meta"], p["pool.dat"], False, config.sync_commits,
-                                         config.map_bytes)
+                    native = NativeStore(p["meta"], p["pool.dat"], False,
+                                         not config.unsafe_nosync, config.map_bytes)
             except BaseException:
                 native.close()
                 raise

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from . import allocator, catalog, errors, extmap
 from .catalog import SnapshotInfo, VolState, VolumeInfo
 from .layout import BLOCK_SIZE, F_SHARED, MAX_EXTENT, VS_ENCRYPTED
-from .native import HOLE, Extent, NativeStore, Txn, extents, space_check_grow
+from .native import HOLE, Extent, NativeStore, Txn, extents, pool_datasync, space_check_grow
 from .pool import Pool
 
 if TYPE_CHECKING:
@@ -108,6 +108,7 @@ class DataPath:
                     check_io(vs, offset, len(data))
                     self._write_locked(t, vs, offset, memoryview(data).cast("B"), freed)
                     vs.save(t)
+                    pool_datasync(self.native)  # data before the (synced) map commit
                 return
             except errors.PoolFull:
                 if attempt:
@@ -183,6 +184,7 @@ class DataPath:
                 for s, x in edges:
                     if s < x:
                         self._write_locked(t, vs, s, memoryview(bytes(x - s)), freed)
+                pool_datasync(self.native)  # data before the (synced) map commit
             vs.save(t)
         self.punch(freed)
         if fua:

@@ -90,16 +90,16 @@ def cmd_init(a: argparse.Namespace, ctx: Context) -> Result:
     from ..engine import Engine
     from ..schedule import local_zone_name, zone
     from ..store import StoreConfig, pool_warnings
-    config = StoreConfig(pool_bytes=a.pool_size, sync_commits=a.sync_commits,
+    config = StoreConfig(pool_bytes=a.pool_size, unsafe_nosync=a.unsafe_no_sync,
                          timezone=zone(a.timezone or local_zone_name()).key)
     warnings = pool_warnings(ctx.store, a.pool_size) if a.pool_size is not None else []
     Engine.create(ctx.store, config).close()
     result = {"store": ctx.store, "pool_bytes": config.pool_bytes,
-              "sync_commits": config.sync_commits, "timezone": config.timezone,
+              "sync_commits": not config.unsafe_nosync, "timezone": config.timezone,
               "warnings": warnings}
     return result, "\n".join(
         [f"created store {ctx.store} (pool {format_size(config.pool_bytes)}, "
-         f"sync commits {'on' if config.sync_commits else 'off'})"]
+         f"sync commits {'off (UNSAFE)' if config.unsafe_nosync else 'on'})"]
         + [f"warning: {w}" for w in warnings])
 
 
@@ -176,13 +176,19 @@ def register_init(sub: Any) -> None:
         pool file is sparse), with a warning: writes then fail with ENOSPC once the
         filesystem is full.  An existing store is never overwritten (exit code 4).""", """
         snapdisk --store /srv/disks init --pool-size 100G
-        SNAPDISK_STORE=/tmp/s snapdisk init --sync-commits""")
+        SNAPDISK_STORE=/tmp/s snapdisk init""")
     p.add_argument("--pool-size", type=size_arg, metavar="SIZE",
                    help="capacity of the data pool (default: 90%% of the filesystem's free "
                         "space less a metadata reserve)")
     p.add_argument("--sync-commits", action="store_true",
-                   help="make every metadata commit durable at once (slower); by default "
-                        "durability comes with each NBD FLUSH")
+                   help="accepted for old scripts: metadata commits are always synced now "
+                        "(redirected writes are group-committed), unless --unsafe-no-sync")
+    p.add_argument("--unsafe-no-sync", action="store_true",
+                   help="UNSAFE: do not sync metadata commits (LMDB MDB_NOSYNC) until a FLUSH. "
+                        "A power cut or kernel crash may then lose snapshots, clones, "
+                        "rollbacks and deletes that already replied, and can damage the "
+                        "metadata beyond repair (LMDB's caveat).  A process crash is still "
+                        "safe.  For scratch stores only")
     p.add_argument("--timezone", metavar="ZONE", help="IANA time zone of snapshot policy slots "
                    "(default: the system's local zone)")
 

@@ -1,0 +1,531 @@
+/*
+ * xm_batch.c - group commit of redirected writes.
+ *
+ * xm_write_row no longer runs an LMDB write transaction per request.  It writes the data to
+ * blocks taken from an in-memory reservation of free runs (still FREE in LMDB: a crash leaks
+ * nothing) and publishes the map change in an in-memory overlay: a hash of (vol, lba) -> (pbn,
+ * birth), one entry per block.  The hot path consults the overlay first (xm_io_begin_ov): a
+ * block in it reads from its new pbn, and is the volume's own, born now, so later writes go
+ * in place to it.  One LMDB write transaction applies the overlay (claiming the blocks from
+ * FREE or the high-water mark, then xm_row_overlay: kills, dead records, counters, exactly the
+ * old per-request transaction's changes):
+ *   - every OV_INTERVAL_US, by the committer thread;
+ *   - at every xm_sync (FLUSH, FUA, close), synchronously;
+ *   - at the start of every other write transaction (xm_wtxn_begin: snapshot, rollback,
+ *     clone, delete, trim, the Python write path...), inside it, so those see and commit it;
+ *   - when the overlay holds ov_max blocks, by the writer that would pass the bound.
+ * The pool is fdatasync()ed before every transaction that applies entries: data before the
+ * map that points at it.  Batches never free a block (a redirect kills only records that a
+ * snapshot holds), so nothing reaches PENDING here; frees in foreign transactions keep the
+ * PENDING rule.
+ *
+ * Consistency: an entry is removed only after the commit that put it in LIVE, and readers look
+ * the overlay up before taking their read transaction, so a block is always found in one or
+ * the other.  A redirect decided on a map that changed before it was published (ov_gen moved:
+ * another commit, or a foreign transaction is open) or on a block that got an entry meanwhile
+ * is not published: xm_write_row starts over (XM_EAGAIN_ROW).  So the applier only ever kills
+ * records a snapshot holds, as the per-request transaction did.
+ *
+ * The reservation and the FREE edits of a claim are xm_resv.c.
+ *
+ * Memory: at most ov_max blocks (default 16384: 64 MiB of data, ~1.3 MB of slots), twice as
+ * many slots; a writer that would pass ov_max applies the batch first.
+ */
+#include "xm_internal.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+static uint64_t ov_hash(uint32_t vol, uint64_t lba)
+{
+    uint64_t x = lba * 0x9E3779B97F4A7C15ull ^ ((uint64_t)vol * 0xC2B2AE3D27D4EB4Full);
+    return x ^ (x >> 29);
+}
+
+static ov_ent *ov_find(xm_store *st, uint32_t vol, uint64_t lba)
+{
+    uint32_t m = st->ov_slots - 1;
+    for (uint32_t i = (uint32_t)ov_hash(vol, lba) & m;; i = (i + 1) & m) {
+        ov_ent *e = &st->ov[i];
+        if (!e->used)
+            return NULL;
+        if (e->vol == vol && e->lba == lba)
+            return e;
+    }
+}
+
+static void ov_put(xm_store *st, const ov_ent *src)
+{
+    uint32_t m = st->ov_slots - 1;
+    uint32_t i = (uint32_t)ov_hash(src->vol, src->lba) & m;
+    while (st->ov[i].used)
+        i = (i + 1) & m;
+    st->ov[i] = *src;
+    st->ov[i].used = 1;
+    st->ov_count++;
+}
+
+/* Drop the taken entries (committed) or make them pending again (aborted).  With ov_mu. */
+static void ov_settle(xm_store *st, int committed)
+{
+    st->ov_busy = 0;
+    pthread_cond_broadcast(&st->ov_cv);
+    if (!committed) {
+        for (uint32_t i = 0; i < st->ov_slots; i++)
+            st->ov[i].taken = 0;
+        return;
+    }
+    ov_ent *tmp = st->ov_spare; /* keep <= ov_slots / 2: xm_ov_insert's bound */
+    uint32_t k = 0;
+    for (uint32_t i = 0; i < st->ov_slots; i++)
+        if (st->ov[i].used && !st->ov[i].taken)
+            tmp[k++] = st->ov[i];
+    memset(st->ov, 0, st->ov_slots * sizeof *st->ov);
+    st->ov_count = 0;
+    for (uint32_t i = 0; i < k; i++)
+        ov_put(st, &tmp[i]);
+}
+
+static int cmp_hit(const void *a, const void *b)
+{
+    const xm_extent *x = a, *y = b;
+    return x->lba < y->lba ? -1 : x->lba > y->lba;
+}
+
+int xm_ov_lookup(xm_store *st, uint32_t vol, uint64_t lo, uint64_t hi, xm_ovhits *h)
+{
+    h->n = 0;
+    h->hit = h->local;
+    pthread_mutex_lock(&st->ov_mu);
+    while (h->for_write && st->ov_foreign)
+        pthread_cond_wait(&st->ov_cv, &st->ov_mu);
+    h->gen = st->ov_gen;
+    if (st->ov_count == 0 || hi <= lo) {
+        pthread_mutex_unlock(&st->ov_mu);
+        return XM_OK;
+    }
+    uint64_t cap = hi - lo < st->ov_count ? hi - lo : st->ov_count;
+    if (cap > sizeof h->local / sizeof h->local[0] && !(h->hit = malloc(cap * sizeof *h->hit))) {
+        h->hit = h->local;
+        pthread_mutex_unlock(&st->ov_mu);
+        return ENOMEM;
+    }
+    if (hi - lo <= 2 * (uint64_t)st->ov_count) { /* probe each block */
+        for (uint64_t b = lo; b < hi && h->n < cap; b++) {
+            ov_ent *e = ov_find(st, vol, b);
+            if (e)
+                h->hit[h->n++] = (xm_extent){b, e->pbn, e->birth, 1, 0};
+        }
+    } else { /* a long range: scan the slots */
+        for (uint32_t i = 0; i < st->ov_slots && h->n < cap; i++) {
+            ov_ent *e = &st->ov[i];
+            if (e->used && e->vol == vol && e->lba >= lo && e->lba < hi)
+                h->hit[h->n++] = (xm_extent){e->lba, e->pbn, e->birth, 1, 0};
+        }
+        qsort(h->hit, h->n, sizeof *h->hit, cmp_hit);
+    }
+    pthread_mutex_unlock(&st->ov_mu);
+    return XM_OK;
+}
+
+void xm_ov_free(xm_ovhits *h)
+{
+    if (h->hit && h->hit != h->local)
+        free(h->hit);
+    h->hit = h->local;
+    h->n = 0;
+}
+
+int xm_ov_full(xm_store *st, uint64_t need)
+{
+    pthread_mutex_lock(&st->ov_mu);
+    int full = st->ov_count + need > st->ov_max;
+    pthread_mutex_unlock(&st->ov_mu);
+    return full;
+}
+
+int xm_ov_insert(xm_store *st, uint32_t vol, const xm_extent *blocks, size_t n, uint64_t birth,
+                 uint64_t gen, const xm_extent *runs, size_t nruns)
+{
+    int rc = XM_OK;
+    uint64_t total = 0;
+    pthread_mutex_lock(&st->ov_mu);
+    for (size_t r = 0; r < n; r++)
+        total += blocks[r].len;
+    if (st->ov_gen != gen || st->ov_foreign || st->ov_count + total > st->ov_slots / 2)
+        rc = XM_EAGAIN_ROW;
+    for (size_t r = 0; r < n && rc == XM_OK; r++)
+        for (uint32_t k = 0; k < blocks[r].len && rc == XM_OK; k++)
+            if (ov_find(st, vol, blocks[r].lba + k))
+                rc = XM_EAGAIN_ROW;
+    for (size_t r = 0; r < n && rc == XM_OK; r++)
+        for (uint32_t k = 0; k < blocks[r].len; k++)
+            ov_put(st, &(ov_ent){blocks[r].lba + k, blocks[r].pbn + k, birth, ++st->ov_seq, vol, 1,
+                                 0});
+    if (rc)
+        xm_ov_give_back(st, runs, nruns);
+    xm_ov_inflight_done(st);
+    pthread_mutex_unlock(&st->ov_mu);
+    return rc;
+}
+
+/* ---- applying the overlay ------------------------------------------------------------------ */
+
+static int cmp_pbn(const void *a, const void *b)
+{
+    const ov_ent *x = a, *y = b;
+    return x->pbn < y->pbn ? -1 : x->pbn > y->pbn;
+}
+
+static int cmp_map(const void *a, const void *b)
+{
+    const ov_ent *x = a, *y = b;
+    if (x->vol != y->vol)
+        return x->vol < y->vol ? -1 : 1;
+    return x->lba < y->lba ? -1 : x->lba > y->lba;
+}
+
+/* Claim the entries' blocks (FREE, or the high-water mark: a gap below a claimed block goes to
+ * FREE), then put them in the map.  Runs stay short enough for xm_row_overlay's scan. */
+static int apply(xm_store *st, MDB_txn *t, ov_ent *e, size_t n)
+{
+    uint64_t alloc[2], totals[2], taken = 0, gap = 0;
+    int rc;
+    if ((rc = xm_row_meta_get2(st, t, XM_META_ALLOC, alloc)) ||
+        (rc = xm_row_meta_get2(st, t, XM_META_BLOCKS, totals)))
+        return rc;
+    qsort(e, n, sizeof *e, cmp_pbn);
+    for (size_t i = 0, j; i < n && rc == XM_OK; i = j) {
+        for (j = i + 1; j < n && e[j].pbn == e[j - 1].pbn + 1;)
+            j++;
+        uint64_t pbn = e[i].pbn, len = j - i;
+        if (pbn < alloc[0]) {
+            uint64_t l = alloc[0] - pbn < len ? alloc[0] - pbn : len;
+            rc = xm_free_take(st, t, pbn, l);
+            taken += l;
+            pbn += l;
+            len -= l;
+        }
+        if (rc == XM_OK && len > 0) {
+            if (pbn > alloc[0]) {
+                rc = xm_free_insert(st, t, alloc[0], pbn - alloc[0]);
+                gap += pbn - alloc[0];
+            }
+            alloc[0] = pbn + len;
+        }
+        alloc[1] = e[j - 1].pbn + 1;
+    }
+    if (rc)
+        return rc;
+    if (totals[0] + gap < taken)
+        return XM_ECORRUPT;
+    totals[0] = totals[0] + gap - taken;
+    if ((rc = xm_row_meta_put2(st, t, XM_META_ALLOC, alloc)) ||
+        (rc = xm_row_meta_put2(st, t, XM_META_BLOCKS, totals)))
+        return rc;
+    qsort(e, n, sizeof *e, cmp_map);
+    MDB_cursor *c;
+    if ((rc = xm_rc(mdb_cursor_open(t, st->dbi[XM_DB_LIVE], &c))))
+        return rc;
+    for (size_t i = 0, j; i < n && rc == XM_OK; i = j) {
+        uint8_t vk[XM_VOL_KEY_LEN], vb[XM_VOLSTATE_LEN];
+        const uint8_t *raw;
+        xm_volstate vs;
+        xm_put_be32(vk, e[i].vol);
+        if ((rc = xm_row_get_fixed(st, t, st->dbi[XM_DB_VOLSTATE], vk, sizeof vk, XM_VOLSTATE_LEN,
+                                   &raw)))
+            break;
+        xm_volstate_decode(raw, XM_VOLSTATE_LEN, &vs);
+        for (j = i; j < n && e[j].vol == e[i].vol && rc == XM_OK;) {
+            size_t k = j + 1;
+            /* runs of at most 240 blocks (xm_row_overlay scans BATCH records), cut at lbas
+             * that are multiples of XM_MAX_EXTENT, so that sequential writes still fill records
+             * to XM_MAX_EXTENT (a run merges into its left neighbour only whole) */
+            while (k < n && k - j < 240 && e[k].lba % XM_MAX_EXTENT != 0 && e[k].vol == e[j].vol &&
+                   e[k].lba == e[k - 1].lba + 1 &&
+                   e[k].pbn == e[k - 1].pbn + 1 && e[k].birth == e[j].birth)
+                k++;
+            xm_extent nw = {e[j].lba, e[j].pbn, e[j].birth, (uint32_t)(k - j), 0};
+            rc = xm_row_overlay(st, t, c, e[j].vol, &vs, &nw);
+            j = k;
+        }
+        xm_volstate_encode(vb, &vs);
+        if (rc == XM_OK)
+            rc = xm_row_put(t, st->dbi[XM_DB_VOLSTATE], vk, sizeof vk, vb, sizeof vb);
+    }
+    mdb_cursor_close(c);
+    return rc;
+}
+
+/* Mark every entry taken and copy them out (caller frees *out); ov_settle must follow.  Called
+ * with ov_mu and LMDB's writer lock held.  The previous transaction may have committed (and
+ * released the writer lock) without having settled its entries yet: wait for that, or they
+ * would be applied twice. */
+static int take_upto(xm_store *st, ov_ent **out, size_t *n, uint64_t max_seq)
+{
+    *n = 0;
+    *out = NULL;
+    while (st->ov_busy)
+        pthread_cond_wait(&st->ov_cv, &st->ov_mu);
+    st->ov_busy = 1;
+    if (st->ov_count == 0)
+        return XM_OK;
+    ov_ent *e = malloc(st->ov_count * sizeof *e);
+    if (!e)
+        return ENOMEM;
+    for (uint32_t i = 0; i < st->ov_slots; i++)
+        if (st->ov[i].used && st->ov[i].seq <= max_seq) {
+            st->ov[i].taken = 1;
+            e[(*n)++] = st->ov[i];
+        }
+    *out = e;
+    return XM_OK;
+}
+
+static int take_all(xm_store *st, ov_ent **out, size_t *n)
+{
+    return take_upto(st, out, n, UINT64_MAX);
+}
+
+static void synced(xm_store *st, uint64_t covered)
+{
+    pthread_mutex_lock(&st->ov_mu);
+    if (covered > st->synced_seq)
+        st->synced_seq = covered;
+    pthread_mutex_unlock(&st->ov_mu);
+}
+
+/* Apply the taken entries in t: data first (fdatasync, unless an earlier one covered them all),
+ * then the map. */
+static int apply_taken(xm_store *st, MDB_txn *t, ov_ent *e, size_t n)
+{
+    uint64_t top = 0;
+    for (size_t i = 0; i < n; i++)
+        top = e[i].seq > top ? e[i].seq : top;
+    pthread_mutex_lock(&st->ov_mu);
+    int need = top > st->synced_seq;
+    pthread_mutex_unlock(&st->ov_mu);
+    if (n == 0)
+        return XM_OK;
+    if (need) {
+        if (fdatasync(st->pool_fd) != 0)
+            return errno;
+        synced(st, top);
+    }
+    return apply(st, t, e, n);
+}
+
+int xm_wtxn_begin(xm_store *st, MDB_txn **out)
+{
+    ov_ent *e;
+    size_t n;
+    /* A full filesystem: refused before LMDB touches a page (xm_space.c); what frees space
+     * keeps a reserve.  (Batches of acknowledged writes are never refused here.) */
+    int rc = xm_space_check(st, XM_SPACE_ANY);
+    if (rc)
+        return rc;
+    rc = xm_rc(mdb_txn_begin(st->env, NULL, 0, out));
+    if (rc)
+        return rc;
+    pthread_mutex_lock(&st->ov_mu);
+    st->ov_foreign = 1; /* no entry is published from now on: in-flight ones come back */
+    while (st->ov_inflight)
+        pthread_cond_wait(&st->ov_cv, &st->ov_mu);
+    st->nresv = 0; /* this transaction may allocate anything FREE */
+    st->resv_blocks = 0;
+    rc = take_all(st, &e, &n);
+    st->ov_txn = *out;
+    pthread_mutex_unlock(&st->ov_mu);
+    if (rc == XM_OK)
+        rc = apply_taken(st, *out, e, n);
+    free(e);
+    if (rc) {
+        mdb_txn_abort(*out);
+        xm_wtxn_end(st, 0);
+    }
+    return rc;
+}
+
+void xm_wtxn_end(xm_store *st, int committed)
+{
+    pthread_mutex_lock(&st->ov_mu);
+    ov_settle(st, committed);
+    st->ov_foreign = 0;
+    st->ov_txn = NULL;
+    st->ov_gen++;
+    pthread_cond_broadcast(&st->ov_cv);
+    pthread_mutex_unlock(&st->ov_mu);
+    if (committed)
+        xm_space_after_commit(st); /* keep data.mdb's headroom */
+}
+
+/* Apply the overlay in a transaction of its own (the committer, xm_sync, a full overlay). */
+int xm_batch_commit(xm_store *st)
+{
+    MDB_txn *t;
+    ov_ent *e;
+    size_t n;
+    /* Nothing to do, or a foreign write transaction is open: it applied the overlay itself
+     * and nothing can be published until it ends; it may be this thread's (a sync from inside
+     * a transaction), which must not wait for LMDB's writer lock. */
+    pthread_mutex_lock(&st->ov_mu);
+    int idle = st->ov_count == 0 || st->ov_foreign;
+    pthread_mutex_unlock(&st->ov_mu);
+    if (idle)
+        return XM_OK;
+    /* The data first, holding no lock: entries published before it began are covered, and
+     * neither writers (who may need the writer lock for a reservation) nor the next snapshot
+     * wait behind this fdatasync. */
+    pthread_mutex_lock(&st->ov_mu);
+    uint64_t covered = st->ov_seq;
+    pthread_mutex_unlock(&st->ov_mu);
+    if (fdatasync(st->pool_fd) != 0)
+        return errno;
+    synced(st, covered);
+    pthread_mutex_lock(&st->apply_mu);
+    int rc = xm_rc(mdb_txn_begin(st->env, NULL, 0, &t));
+    if (rc) {
+        pthread_mutex_unlock(&st->apply_mu);
+        return rc;
+    }
+    pthread_mutex_lock(&st->ov_mu);
+    rc = take_upto(st, &e, &n, covered);
+    pthread_mutex_unlock(&st->ov_mu);
+    if (rc == XM_OK && n == 0) {
+        mdb_txn_abort(t);
+        pthread_mutex_lock(&st->ov_mu);
+        ov_settle(st, 0);
+        pthread_mutex_unlock(&st->ov_mu);
+        pthread_mutex_unlock(&st->apply_mu);
+        return XM_OK;
+    }
+    if (rc == XM_OK)
+        rc = apply(st, t, e, n); /* their data is durable: the fdatasync above */
+    rc = rc ? (mdb_txn_abort(t), rc) : xm_rc(mdb_txn_commit(t));
+    free(e);
+    pthread_mutex_lock(&st->ov_mu);
+    ov_settle(st, rc == XM_OK);
+    st->ov_gen++;
+    pthread_cond_broadcast(&st->ov_cv);
+    pthread_mutex_unlock(&st->ov_mu);
+    pthread_mutex_unlock(&st->apply_mu);
+    if (rc == XM_OK)
+        xm_space_after_commit(st);
+    return rc;
+}
+
+int xm_pool_datasync(xm_store *st)
+{
+    return fdatasync(st->pool_fd) == 0 ? XM_OK : errno;
+}
+
+int xm_batch_before_read(xm_store *st)
+{
+    return xm_batch_commit(st);
+}
+
+static void *committer(void *arg)
+{
+    xm_store *st = arg;
+    pthread_mutex_lock(&st->ov_mu);
+    while (!st->stop) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        uint64_t ns = (uint64_t)ts.tv_nsec + (st->interval_us ? st->interval_us : 1000000) * 1000;
+        ts.tv_sec += ns / 1000000000;
+        ts.tv_nsec = ns % 1000000000;
+        if (pthread_cond_timedwait(&st->cm_cv, &st->ov_mu, &ts) != ETIMEDOUT)
+            continue; /* stop, or a new interval */
+        if (st->ov_count == 0 || st->interval_us == 0)
+            continue;
+        pthread_mutex_unlock(&st->ov_mu);
+        int rc = xm_batch_commit(st);
+        pthread_mutex_lock(&st->ov_mu);
+        if (rc)
+            st->batch_err = rc;
+    }
+    pthread_mutex_unlock(&st->ov_mu);
+    return NULL;
+}
+
+int xm_batch_init(xm_store *st)
+{
+    st->ov_max = OV_MAX_DEFAULT;
+    st->ov_slots = 4 * OV_MAX_DEFAULT; /* load factor <= 1/2 (xm_ov_insert's bound) */
+    st->interval_us = OV_INTERVAL_US;
+    st->ov = calloc(st->ov_slots, sizeof *st->ov);
+    st->ov_spare = calloc(st->ov_slots / 2, sizeof *st->ov_spare);
+    if (!st->ov || !st->ov_spare) {
+        free(st->ov);
+        free(st->ov_spare);
+        st->ov = NULL;
+        return ENOMEM;
+    }
+    pthread_mutex_init(&st->ov_mu, NULL);
+    pthread_mutex_init(&st->apply_mu, NULL);
+    pthread_cond_init(&st->ov_cv, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&st->cm_cv, &ca);
+    pthread_condattr_destroy(&ca);
+    if (pthread_create(&st->committer, NULL, committer, st) == 0)
+        st->committer_on = 1;
+    return XM_OK;
+}
+
+void xm_batch_fini(xm_store *st)
+{
+    if (!st->ov)
+        return;
+    if (st->committer_on) {
+        pthread_mutex_lock(&st->ov_mu);
+        st->stop = 1;
+        pthread_cond_broadcast(&st->cm_cv);
+        pthread_mutex_unlock(&st->ov_mu);
+        pthread_join(st->committer, NULL);
+        st->committer_on = 0;
+    }
+    xm_batch_commit(st); /* what a clean close leaves out is lost like any unflushed write */
+    pthread_mutex_destroy(&st->ov_mu);
+    pthread_mutex_destroy(&st->apply_mu);
+    pthread_cond_destroy(&st->ov_cv);
+    pthread_cond_destroy(&st->cm_cv);
+    free(st->ov);
+    free(st->ov_spare);
+    st->ov = NULL;
+}
+
+/* ---- public knobs (xm.h) ------------------------------------------------------------------ */
+
+int xm_batch_config(xm_store *st, uint64_t interval_us, uint32_t max_blocks)
+{
+    if (max_blocks == 0 || max_blocks > st->ov_slots / 2)
+        return EINVAL;
+    pthread_mutex_lock(&st->ov_mu);
+    st->interval_us = interval_us;
+    st->ov_max = max_blocks;
+    pthread_cond_broadcast(&st->cm_cv);
+    pthread_mutex_unlock(&st->ov_mu);
+    return XM_OK;
+}
+
+uint64_t xm_batch_pending(xm_store *st)
+{
+    pthread_mutex_lock(&st->ov_mu);
+    uint64_t n = st->ov_count;
+    pthread_mutex_unlock(&st->ov_mu);
+    return n;
+}
+
+int xm_batch_error(xm_store *st)
+{
+    pthread_mutex_lock(&st->ov_mu);
+    int rc = st->batch_err;
+    st->batch_err = 0;
+    pthread_mutex_unlock(&st->ov_mu);
+    return rc;
+}

@@ -1,0 +1,276 @@
+/*
+ * xm_resv.c - where group commit's redirected writes get their blocks: an in-memory reservation
+ * of free runs (still FREE in LMDB until the batch that uses them commits, so a crash leaks
+ * nothing), and the FREE edits with which a batch claims them (xm_batch.c).
+ */
+#include "xm_internal.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ---- the reservation ---------------------------------------------------------------------- */
+
+static int cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Add [pbn, pbn+len) minus the sorted blocks used[] to the reservation, up to want blocks. */
+static void resv_add(xm_store *st, uint64_t pbn, uint64_t len, const uint64_t *used, size_t nused,
+                     uint64_t want)
+{
+    uint64_t end = pbn + len;
+    size_t i = 0;
+    while (i < nused && used[i] < pbn)
+        i++;
+    while (pbn < end && st->resv_blocks < want && st->nresv < RESV_RUNS) {
+        uint64_t stop = i < nused && used[i] < end ? used[i] : end;
+        if (stop > pbn) {
+            uint64_t take = stop - pbn;
+            if (take > want - st->resv_blocks)
+                take = want - st->resv_blocks;
+            if (take > XM_MAX_EXTENT)
+                take = XM_MAX_EXTENT;
+            st->resv[st->nresv++] = (xm_extent){0, pbn, 0, (uint32_t)take, 0};
+            st->resv_blocks += take;
+            pbn += take;
+            continue;
+        }
+        pbn = stop + 1; /* skip a block the overlay already uses */
+        i++;
+    }
+}
+
+/* A new reservation of at least want blocks: free runs from the next-fit hint on, then from
+ * the start, then the space at the high-water mark, minus the blocks the overlay holds (they
+ * are still FREE in LMDB until their batch commits).  Holds LMDB's writer lock while it reads
+ * FREE, and no redirected write is between xm_ov_alloc and xm_ov_insert meanwhile, so no other
+ * transaction and no other reservation can hand out the same blocks. */
+static int reserve(xm_store *st, uint64_t want)
+{
+    MDB_txn *t;
+    MDB_cursor *c = NULL;
+    uint64_t alloc[2], *used = NULL;
+    int rc = xm_rc(mdb_txn_begin(st->env, NULL, 0, &t));
+    if (rc)
+        return rc;
+    pthread_mutex_lock(&st->ov_mu);
+    while (st->ov_inflight)
+        pthread_cond_wait(&st->ov_cv, &st->ov_mu);
+    st->nresv = 0;
+    st->resv_blocks = 0;
+    size_t nused = 0;
+    if (st->ov_count && !(used = malloc(st->ov_count * sizeof *used))) {
+        rc = ENOMEM;
+        goto out;
+    }
+    for (uint32_t i = 0; i < st->ov_slots; i++)
+        if (st->ov[i].used)
+            used[nused++] = st->ov[i].pbn;
+    qsort(used, nused, sizeof *used, cmp_u64);
+    if ((rc = xm_row_meta_get2(st, t, XM_META_ALLOC, alloc)))
+        goto out;
+    if ((rc = xm_rc(mdb_cursor_open(t, st->dbi[XM_DB_FREE], &c))))
+        goto out;
+    for (int pass = 0; pass < 2 && st->resv_blocks < want && st->nresv < RESV_RUNS; pass++) {
+        uint8_t kb[XM_PBN_KEY_LEN];
+        xm_put_be64(kb, pass == 0 ? alloc[1] : 0);
+        MDB_val k = {sizeof kb, kb}, v;
+        int r = mdb_cursor_get(c, &k, &v, MDB_SET_RANGE);
+        while (r == 0 && st->resv_blocks < want && st->nresv < RESV_RUNS) {
+            uint64_t pbn, len;
+            if ((rc = xm_row_free_run(st, &k, &v, &pbn, &len)))
+                goto out;
+            if (pass == 1 && pbn >= alloc[1])
+                break;
+            resv_add(st, pbn, len, used, nused, want);
+            r = mdb_cursor_get(c, &k, &v, MDB_NEXT);
+        }
+        if (r && r != MDB_NOTFOUND) {
+            rc = xm_rc(r);
+            goto out;
+        }
+    }
+    if (st->resv_blocks < want && st->nresv < RESV_RUNS) {
+        const uint8_t *p;
+        rc = xm_row_get_fixed(st, t, st->dbi[XM_DB_META], XM_META_POOL_BLOCKS,
+                              strlen(XM_META_POOL_BLOCKS), XM_U64_LEN, &p);
+        if (rc)
+            goto out;
+        uint64_t pool_blocks = xm_get_le64(p);
+        if (alloc[0] < pool_blocks)
+            resv_add(st, alloc[0], pool_blocks - alloc[0], used, nused, want);
+    }
+    if (st->resv_blocks == 0)
+        rc = ENOSPC;
+out:
+    if (rc) {
+        st->nresv = 0;
+        st->resv_blocks = 0;
+    }
+    pthread_mutex_unlock(&st->ov_mu);
+    if (c)
+        mdb_cursor_close(c);
+    mdb_txn_abort(t);
+    free(used);
+    return rc;
+}
+
+int xm_ov_alloc(xm_store *st, uint64_t need, xm_extent *out, size_t cap, size_t *nout)
+{
+    for (int attempt = 0;; attempt++) {
+        pthread_mutex_lock(&st->ov_mu);
+        if (st->resv_blocks >= need) {
+            size_t n = 0, i = 0;
+            uint64_t left = need;
+            while (left > 0 && n < cap) {
+                xm_extent *r = &st->resv[i];
+                uint64_t take = r->len < left ? r->len : left;
+                out[n++] = (xm_extent){0, r->pbn, 0, (uint32_t)take, 0};
+                r->pbn += take;
+                r->len -= (uint32_t)take;
+                left -= take;
+                if (r->len == 0)
+                    i++;
+            }
+            if (left == 0) {
+                memmove(st->resv, st->resv + i, (st->nresv - i) * sizeof *st->resv);
+                st->nresv -= i;
+                st->resv_blocks -= need;
+                st->ov_inflight++;
+                pthread_mutex_unlock(&st->ov_mu);
+                *nout = n;
+                return XM_OK;
+            }
+            /* too fragmented for cap runs: undo and let the general path do it */
+            st->nresv = 0;
+            st->resv_blocks = 0;
+            pthread_mutex_unlock(&st->ov_mu);
+            return XM_ESLOW;
+        }
+        pthread_mutex_unlock(&st->ov_mu);
+        if (attempt >= 2)
+            return ENOSPC;
+        int rc = reserve(st, need > RESV_BLOCKS ? need : RESV_BLOCKS);
+        if (rc == ENOSPC && attempt == 0)
+            continue; /* a smaller reservation may still fit need */
+        if (rc)
+            return rc;
+    }
+}
+
+void xm_ov_inflight_done(xm_store *st)
+{
+    if (--st->ov_inflight == 0)
+        pthread_cond_broadcast(&st->ov_cv);
+}
+
+/* Unpublished blocks back to the front of the reservation (with ov_mu), so a retried write
+ * gets the same ones and sequential writes stay contiguous.  Still FREE in LMDB, and nobody
+ * drops the reservation while they are in flight. */
+void xm_ov_give_back(xm_store *st, const xm_extent *runs, size_t n)
+{
+    if (n == 0 || st->nresv + n > RESV_RUNS)
+        return; /* simply not reused by this reservation */
+    memmove(st->resv + n, st->resv, st->nresv * sizeof *st->resv);
+    for (size_t i = 0; i < n; i++) {
+        st->resv[i] = (xm_extent){0, runs[i].pbn, 0, runs[i].len, 0};
+        st->resv_blocks += runs[i].len;
+    }
+    st->nresv += n;
+}
+
+void xm_ov_discard(xm_store *st, const xm_extent *runs, size_t n)
+{
+    pthread_mutex_lock(&st->ov_mu);
+    xm_ov_give_back(st, runs, n);
+    xm_ov_inflight_done(st);
+    pthread_mutex_unlock(&st->ov_mu);
+}
+
+int xm_ov_ensure(xm_store *st, uint64_t need)
+{
+    pthread_mutex_lock(&st->ov_mu);
+    int ok = st->resv_blocks >= need;
+    pthread_mutex_unlock(&st->ov_mu);
+    return ok ? XM_OK : reserve(st, need > RESV_BLOCKS ? need : RESV_BLOCKS);
+}
+
+/* Put [pbn, pbn+len) into FREE, coalescing with its neighbours. */
+int xm_free_insert(xm_store *st, MDB_txn *t, uint64_t pbn, uint64_t len)
+{
+    MDB_cursor *c;
+    uint8_t kb[XM_PBN_KEY_LEN], vb[XM_U64_LEN];
+    int rc = xm_rc(mdb_cursor_open(t, st->dbi[XM_DB_FREE], &c));
+    if (rc)
+        return rc;
+    xm_put_be64(kb, pbn + len);
+    MDB_val k = {sizeof kb, kb}, v;
+    int r = mdb_cursor_get(c, &k, &v, MDB_SET_KEY); /* the run just after */
+    uint64_t p, l;
+    if (r == 0 && (rc = xm_row_free_run(st, &k, &v, &p, &l)) == XM_OK) {
+        len += l;
+        rc = xm_rc(mdb_cursor_del(c, 0));
+    }
+    if (rc == XM_OK) {
+        xm_put_be64(kb, pbn);
+        k = (MDB_val){sizeof kb, kb};
+        r = mdb_cursor_get(c, &k, &v, MDB_SET_RANGE);
+        r = r == 0 ? mdb_cursor_get(c, &k, &v, MDB_PREV) : mdb_cursor_get(c, &k, &v, MDB_LAST);
+        if (r == 0 && (rc = xm_row_free_run(st, &k, &v, &p, &l)) == XM_OK && p + l == pbn) {
+            pbn = p;
+            len += l;
+            rc = xm_rc(mdb_cursor_del(c, 0));
+        }
+    }
+    mdb_cursor_close(c);
+    if (rc)
+        return rc;
+    xm_put_be64(kb, pbn);
+    xm_put_le64(vb, len);
+    return xm_row_put(t, st->dbi[XM_DB_FREE], kb, sizeof kb, vb, sizeof vb);
+}
+
+/* Take [pbn, pbn+len) out of FREE (it must be there). */
+int xm_free_take(xm_store *st, MDB_txn *t, uint64_t pbn, uint64_t len)
+{
+    while (len > 0) {
+        MDB_cursor *c;
+        uint8_t kb[XM_PBN_KEY_LEN], vb[XM_U64_LEN];
+        uint64_t p, l;
+        int rc = xm_rc(mdb_cursor_open(t, st->dbi[XM_DB_FREE], &c));
+        if (rc)
+            return rc;
+        xm_put_be64(kb, pbn + 1);
+        MDB_val k = {sizeof kb, kb}, v;
+        int r = mdb_cursor_get(c, &k, &v, MDB_SET_RANGE);
+        r = r == 0 ? mdb_cursor_get(c, &k, &v, MDB_PREV) : mdb_cursor_get(c, &k, &v, MDB_LAST);
+        if (r)
+            rc = r == MDB_NOTFOUND ? XM_ECORRUPT : xm_rc(r);
+        else if ((rc = xm_row_free_run(st, &k, &v, &p, &l)) == XM_OK && !(p <= pbn && pbn < p + l))
+            rc = XM_ECORRUPT; /* the overlay's block is not free: cannot happen */
+        if (rc == XM_OK)
+            rc = xm_rc(mdb_cursor_del(c, 0));
+        mdb_cursor_close(c);
+        if (rc)
+            return rc;
+        uint64_t take = p + l - pbn < len ? p + l - pbn : len;
+        if (pbn > p) {
+            xm_put_be64(kb, p);
+            xm_put_le64(vb, pbn - p);
+            if ((rc = xm_row_put(t, st->dbi[XM_DB_FREE], kb, sizeof kb, vb, sizeof vb)))
+                return rc;
+        }
+        if (pbn + take < p + l) {
+            xm_put_be64(kb, pbn + take);
+            xm_put_le64(vb, p + l - pbn - take);
+            if ((rc = xm_row_put(t, st->dbi[XM_DB_FREE], kb, sizeof kb, vb, sizeof vb)))
+                return rc;
+        }
+        pbn += take;
+        len -= take;
+    }
+    return XM_OK;
+}

@@ -1,0 +1,257 @@
+"""Group commit (native/xm_batch.c): redirected writes wait in an in-memory overlay until one
+transaction applies them.  The committer is switched off here (interval 0), so the overlay
+holds what the test put there until something applies it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from snapdisk import native
+from snapdisk.layout import DB_LIVE, decode_rec, vol_key
+from snapdisk.native import BLOCK_SIZE
+from snapdisk.store import StoreConfig
+from snapdisk.volume import Engine
+
+BS = BLOCK_SIZE
+MiB = 1 << 20
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[Engine]:
+    e = Engine.create(str(tmp_path / "s"), StoreConfig(pool_bytes=64 * MiB))
+    native.batch_config(e.native, 0, 256)  # no committer; at most 256 blocks pending
+    try:
+        yield e
+    finally:
+        e.close()
+
+
+def live_blocks(e: Engine, vol: int) -> dict[int, int]:
+    """lba -> pbn of the LIVE map as LMDB has it (the C key/value API: no batch applied)."""
+    out = {}
+    lib, ffi = native.lib, native.ffi
+    p = ffi.new("xm_txn **")
+    native.check(lib.xm_txn_begin(e.native.ptr, 0, p), "begin")
+    # a read transaction applies the overlay first: count what is pending before it
+    t = p[0]
+    try:
+        key = ffi.new("xm_val *")
+        val = ffi.new("xm_val *")
+        c = ffi.new("xm_cur **")
+        native.check(lib.xm_cur_open(t, DB_LIVE, c), "cursor")
+        prefix = vol_key(vol)
+        rc = lib.xm_cur_get(c[0], lib.XM_SET_RANGE, prefix, len(prefix), key, val)
+        while rc == 0:
+            k = bytes(ffi.buffer(key.data, key.len))
+            if not k.startswith(prefix):
+                break
+            length, _, pbn, _ = decode_rec(bytes(ffi.buffer(val.data, val.len)), "live")
+            lba = int.from_bytes(k[4:], "big")
+            for i in range(length):
+                out[lba + i] = pbn + i
+            rc = lib.xm_cur_get(c[0], lib.XM_NEXT, b"", 0, key, val)
+        lib.xm_cur_close(c[0])
+    finally:
+        lib.xm_txn_abort(t)
+    return out
+
+
+def snapshotted_volume(e: Engine, nblocks: int = 64) -> int:
+    v = e.create_volume("v", 4 * MiB).id
+    for b in range(nblocks):
+        e.write(v, b * BS, bytes([b % 250 + 1]) * BS)
+    e.create_snapshot("v", "s1")  # from here on, every first write to a block is redirected
+    assert native.batch_pending(e.native) == 0
+    return v
+
+
+def test_redirected_writes_wait_in_the_overlay_and_reads_see_them(engine: Engine) -> None:
+    v = snapshotted_volume(engine)
+    before = engine.native.stats()["redirected_writes"]
+    for b in range(0, 16):
+        engine.write(v, b * BS, b"N" * BS)
+    assert engine.native.stats()["redirected_writes"] - before == 16
+    assert native.batch_pending(engine.native) == 16  # nothing applied yet
+    for b in range(16):
+        assert engine.read(v, b * BS, BS) == b"N" * BS  # the overlay, before the map
+    assert engine.read(v, 16 * BS, BS) == bytes([17]) * BS
+    # an unaligned read across overlay and map blocks
+    assert engine.read(v, 15 * BS + 100, BS) == b"N" * (BS - 100) + bytes([17]) * 100
+    # the snapshot never sees the overlay (its blocks are born after it)
+    s1 = engine.snapshot_id("v", "s1")
+    assert engine.read_snapshot(v, s1, 0, BS) == bytes([1]) * BS
+
+
+def test_overlay_blocks_are_written_in_place(engine: Engine) -> None:
+    v = snapshotted_volume(engine)
+    engine.write(v, 3 * BS, b"a" * BS)
+    assert native.batch_pending(engine.native) == 1
+    before = engine.native.stats()
+    engine.write(v, 3 * BS, b"b" * BS)  # the overlay's block is the volume's own, born now
+    engine.write(v, 3 * BS + 10, b"c" * 10)  # a partial write too
+    after = engine.native.stats()
+    assert after["redirected_writes"] == before["redirected_writes"]
+    assert after["fast_writes"] - before["fast_writes"] == 2
+    assert native.batch_pending(engine.native) == 1
+    assert engine.read(v, 3 * BS, BS) == b"b" * 10 + b"c" * 10 + b"b" * (BS - 20)
+
+
+def test_block_status_sees_the_overlay(engine: Engine) -> None:
+    v = engine.create_volume("v", 4 * MiB).id
+    engine.create_snapshot("v")
+    engine.write(v, 5 * BS, b"x" * BS)
+    engine.write(v, 9 * BS, b"x" * 2 * BS)
+    assert native.batch_pending(engine.native) == 3
+    assert engine.block_status(v, 0, 16 * BS) == [
+        (0, 5 * BS, False), (5 * BS, BS, True), (6 * BS, 3 * BS, False),
+        (9 * BS, 2 * BS, True), (11 * BS, 5 * BS, False)]
+
+
+def test_the_map_gets_the_overlay_only_when_a_batch_commits(engine: Engine) -> None:
+    v = snapshotted_volume(engine)
+    old = live_blocks(engine, v)  # (applies nothing: the overlay is empty)
+    for b in range(8):
+        engine.write(v, b * BS, b"n" * BS)
+    assert native.batch_pending(engine.native) == 8
+    native.batch_commit(engine.native)
+    assert native.batch_pending(engine.native) == 0
+    new = live_blocks(engine, v)
+    assert all(new[b] != old[b] for b in range(8)) and all(new[b] == old[b] for b in range(8, 64))
+    assert engine.check().ok
+
+
+@pytest.mark.parametrize("op", ["snapshot", "trim", "rollback", "clone", "delete_snapshot",
+                                "resize", "usage", "check", "flush", "python_read"])
+def test_every_other_map_operation_applies_the_overlay_first(engine: Engine, op: str) -> None:
+    v = snapshotted_volume(engine)
+    engine.create_snapshot("v", "s2")
+    for b in range(4):
+        engine.write(v, b * BS, b"n" * BS)
+    assert native.batch_pending(engine.native) == 4
+    if op == "snapshot":
+        engine.create_snapshot("v", "s3")
+    elif op == "trim":
+        engine.trim(v, 32 * BS, BS)
+    elif op == "rollback":
+        engine.rollback("v", "s2")
+    elif op == "clone":
+        engine.clone("v", "s2", "c")
+    elif op == "delete_snapshot":
+        engine.delete_snapshot("v", "s1")
+    elif op == "resize":
+        engine.resize_volume("v", 8 * MiB)
+    elif op == "usage":
+        engine.usage()
+    elif op == "check":
+        assert engine.check().ok
+    elif op == "flush":
+        engine.flush()
+    else:
+        with engine.native.txn() as t:
+            assert t.get(DB_LIVE, vol_key(v) + bytes(8)) is not None
+    assert native.batch_pending(engine.native) == 0
+    expect = bytes([1]) * BS if op == "rollback" else b"n" * BS
+    assert engine.read(v, 0, BS) == expect
+    assert engine.check().ok
+
+
+def test_the_overlay_is_bounded(engine: Engine) -> None:
+    v = snapshotted_volume(engine, 1000)
+    for b in range(600):  # the bound is 256 blocks: the writer applies the batch itself
+        engine.write(v, b * BS, b"m" * BS)
+        assert native.batch_pending(engine.native) <= 256
+    assert native.batch_pending(engine.native) > 0
+    engine.flush()
+    assert all(engine.read(v, b * BS, BS) == b"m" * BS for b in range(600))
+    assert engine.check().ok
+    big = 200 * BS  # more than half the bound: the general path, in one transaction
+    engine.create_snapshot("v")
+    engine.write(v, 0, b"B" * big)
+    assert native.batch_pending(engine.native) == 0
+    assert engine.read(v, 0, big) == b"B" * big
+
+
+CRASH = """
+import os, sys
+from snapdisk import native
+from snapdisk.store import StoreConfig
+from snapdisk.volume import Engine
+e = Engine.create(sys.argv[1], StoreConfig(pool_bytes=64 << 20))
+native.batch_config(e.native, 0, 256)
+v = e.create_volume("v", 4 << 20).id
+for b in range(64):
+    e.write(v, b * 4096, bytes([b + 1]) * 4096)
+e.create_snapshot("v", "s1")
+for b in range(32):
+    e.write(v, b * 4096, b"z" * 4096)
+assert native.batch_pending(e.native) == 32
+os._exit(0)  # a crash: the batch never commits
+"""
+
+
+def test_a_crash_with_a_pending_batch_leaks_no_block(tmp_path: Path) -> None:
+    """The reserved blocks are still FREE in LMDB, so a batch that never commits costs nothing:
+    after the crash the store opens, its block accounting checks out, and the unflushed
+    writes read their old content."""
+    store = str(tmp_path / "s")
+    subprocess.run([sys.executable, "-c", CRASH, store], check=True, timeout=60)
+    e = Engine.open(store)
+    try:
+        report = e.check()
+        assert report.ok, report
+        v = e.volume_id("v")
+        assert all(e.read(v, b * BS, BS) == bytes([b + 1]) * BS for b in range(64))
+    finally:
+        e.close()
+
+
+def test_concurrent_redirected_writes_and_snapshots(engine: Engine) -> None:
+    native.batch_config(engine.native, 1000, 256)  # the committer on, every 1 ms
+    v = snapshotted_volume(engine, 256)
+    stop = threading.Event()
+    errs: list[BaseException] = []
+
+    def writer(k: int) -> None:
+        try:
+            i = 0
+            while not stop.is_set():
+                b = (i * 7 + k * 128) % 256
+                engine.write(v, b * BS, bytes([k]) * 8 + i.to_bytes(8, "little") + bytes(BS - 16))
+                i += 1
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errs.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in (1, 2)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(20):
+            engine.create_snapshot("v")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not errs, errs
+    engine.flush()
+    assert engine.check().ok
+    for b in range(256):
+        d = engine.read(v, b * BS, BS)
+        assert d[:8] in (bytes([1]) * 8, bytes([2]) * 8, bytes([b % 250 + 1]) * 8), b
+
+
+def test_snapshot_create_reports_its_gate_wait_and_commit_time(engine: Engine) -> None:
+    """Issue 9 item 3: both parts of a snapshot's latency, in its result (and so in
+    `snapshot create --json`); the transaction applied the pending batch."""
+    v = snapshotted_volume(engine)
+    engine.write(v, 0, b"p" * BS)
+    assert native.batch_pending(engine.native) == 1
+    info = engine.create_snapshot("v", "timed").to_dict()
+    assert native.batch_pending(engine.native) == 0
+    assert isinstance(info["gate_wait_ms"], float) and info["gate_wait_ms"] >= 0
+    assert isinstance(info["commit_ms"], float) and info["commit_ms"] > 0
