@@ -139,154 +139,6 @@ def insert(old: Sequence[Extent], new: Extent, max_len: int = MAX_EXTENT
 
 # ---- the store handle -------------------------------------------------------------------
 
-class Txn:
-    """An LMDB transaction through the C core.  Use as a context manager: commit on success,
-    abort on exception.  A write transaction must end on the thread that began it."""
-
-    def __init__(self, handle: NativeStore, write: bool):
-        self._store = handle
-        self.write = write
-        p = ffi.new("xm_txn **")
-        check(lib.xm_txn_begin(handle.ptr, 1 if write else 0, p), "begin transaction")
-        self._t: Any = p[0]
-        self._val = ffi.new("xm_val *")
-        self._kval = ffi.new("xm_val *")
-        self.ops = 0  # key/value operations, for tests that count work
-
-    def __enter__(self) -> Txn:
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if self._t is None:
-            return
-        if exc_type is None:
-            self.commit()
-        else:
-            self.abort()
-
-    def commit(self) -> None:
-        t, self._t = self._t, None
-        check(lib.xm_txn_commit(t), "commit")
-
-    def abort(self) -> None:
-        t, self._t = self._t, None
-        if t is not None:
-            lib.xm_txn_abort(t)
-
-    def get(self, db: int, key: bytes) -> bytes | None:
-        self.ops += 1
-        rc = lib.xm_get(self._t, db, key, len(key), self._val)
-        if rc == lib.XM_ENOTFOUND:
-            return None
-        check(rc, "get")
-        return bytes(ffi.buffer(self._val.data, self._val.len))
-
-    def put(self, db: int, key: bytes, value: bytes) -> None:
-        self.ops += 1
-        check(lib.xm_put(self._t, db, key, len(key), value, len(value)), "put")
-
-    def delete(self, db: int, key: bytes) -> bool:
-        self.ops += 1
-        rc = lib.xm_del(self._t, db, key, len(key))
-        if rc == lib.XM_ENOTFOUND:
-            return False
-        check(rc, "delete")
-        return True
-
-    def delete_prefix(self, db: int, prefix: bytes) -> int:
-        n = ffi.new("uint64_t *")
-        check(lib.xm_del_prefix(self._t, db, prefix, len(prefix), n), "delete range")
-        self.ops += n[0]
-        return int(n[0])
-
-    def cursor(self, db: int) -> Cursor:
-        return Cursor(self, db)
-
-    def scan(self, db: int, start: bytes, stop: bytes | None = None
-             ) -> Iterator[tuple[bytes, bytes]]:
-        """(key, value) for start <= key < stop (stop None: to the end)."""
-        with self.cursor(db) as cur:
-            item = cur.seek(start)
-            while item is not None and (stop is None or item[0] < stop):
-                yield item
-                item = cur.next()
-
-    def scan_prefix(self, db: int, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
-        for k, v in self.scan(db, prefix):
-            if not k.startswith(prefix):
-                return
-            yield k, v
-
-    def live_overlap(self, vol: int, lba: int, nblocks: int) -> list[Extent]:
-        """Live records of vol overlapping or touching [lba, lba+nblocks)."""
-        cap = 64
-        while True:
-            out = ffi.new("xm_extent[]", cap)
-            n = ffi.new("size_t *")
-            rc = lib.xm_live_overlap(self._t, vol, lba, nblocks, out, cap, n)
-            if rc == lib.XM_ESPACE:
-                cap = max(cap * 4, nblocks + 2)
-                continue
-            check(rc, "map lookup")
-            self.ops += n[0] + 1
-            return from_c(out, n[0])
-
-
-class Cursor:
-    def __init__(self, txn: Txn, db: int):
-        self._txn = txn
-        p = ffi.new("xm_cur **")
-        check(lib.xm_cur_open(txn._t, db, p), "open cursor")
-        self._c: Any = p[0]
-        self._k = ffi.new("xm_val *")
-        self._v = ffi.new("xm_val *")
-
-    def __enter__(self) -> Cursor:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self._c is not None:
-            lib.xm_cur_close(self._c)
-            self._c = None
-
-    def _get(self, op: int, key: bytes = b"") -> tuple[bytes, bytes] | None:
-        self._txn.ops += 1
-        rc = lib.xm_cur_get(self._c, op, key, len(key), self._k, self._v)
-        if rc == lib.XM_ENOTFOUND:
-            return None
-        check(rc, "cursor")
-        return (bytes(ffi.buffer(self._k.data, self._k.len)),
-                bytes(ffi.buffer(self._v.data, self._v.len)))
-
-    def seek(self, key: bytes) -> tuple[bytes, bytes] | None:
-        """First record with a key >= key."""
-        if not key:  # LMDB rejects empty keys
-            return self._get(lib.XM_FIRST)
-        return self._get(lib.XM_SET_RANGE, key)
-
-    def next(self) -> tuple[bytes, bytes] | None:
-        return self._get(lib.XM_NEXT)
-
-    def prev(self) -> tuple[bytes, bytes] | None:
-        return self._get(lib.XM_PREV)
-
-    def last(self) -> tuple[bytes, bytes] | None:
-        return self._get(lib.XM_LAST)
-
-    def seek_le(self, key: bytes) -> tuple[bytes, bytes] | None:
-        """Last record with a key <= key."""
-        item = self.seek(key)
-        if item is not None and item[0] == key:
-            return item
-        return self.prev() if item is not None else self.last()
-
-    def delete(self) -> None:
-        check(lib.xm_cur_del(self._c), "cursor delete")
-
-
 class NativeStore:
     """This process's handle on one store's LMDB environment and pool file."""
 
@@ -440,113 +292,29 @@ class NativeStore:
         return int(lib.xm_vol_key_state(self.ptr, vol))
 
 
-# ---- a full filesystem under the store (native/xm_space.c) --------------------------------
-
-def space_info(store: NativeStore) -> dict[str, int | bool]:
-    """The metadata's room on its filesystem: free space there, data.mdb used and reserved
-    (given real blocks ahead of LMDB's use), the headroom kept, and whether it is low
-    (allocating writes are refused with ENOSPC until the filesystem has room again)."""
-    s = ffi.new("xm_space *")
-    check(lib.xm_space_info(store.ptr, s), "space info")
-    return {"fs_free_bytes": int(s.fs_free_bytes), "meta_used_bytes": int(s.meta_used_bytes),
-            "meta_reserved_bytes": int(s.meta_reserved_bytes),
-            "meta_ahead_bytes": int(s.ahead_bytes), "meta_space_low": bool(s.low),
-            "no_fallocate": bool(s.no_fallocate)}
-
-
-def space_check_grow(store: NativeStore) -> None:
-    """PoolFull (ENOSPC) if a write that allocates may not begin: the filesystem has no room
-    left for the metadata it adds (xm_space_check)."""
-    if lib.xm_space_check(store.ptr, lib.XM_SPACE_GROW) == _errno.ENOSPC:
-        raise errors.PoolFull("no space left on the store's filesystem for the metadata of "
-                              "new blocks: delete snapshots or volumes, or free space there")
-
-
 # ---- encrypted volumes (xm_crypt.c) ----------------------------------------------------------
 
 KEY_PLAIN: int = lib.XM_KEY_PLAIN
 KEY_LOCKED: int = lib.XM_KEY_LOCKED
 KEY_UNLOCKED: int = lib.XM_KEY_UNLOCKED
 KEY_BYTES: int = lib.XM_KEY_BYTES
-# ---- bulk metadata walks (xm_bulk.c): one bounded write transaction per call ----------------
-
-def bulk_drop_window(ns: NativeStore, vol: int, window: Sequence[int], limit: int,
-                     punch_min: int) -> int:
-    """Drop up to limit dead records of a deleted snapshot's window (death_lo, death_hi,
-    birth_lo, birth_hi); returns how many (fewer than limit: the window is empty)."""
-    n = ffi.new("uint64_t *")
-    dlo, dhi, blo, bhi = window
-    check(lib.xm_bulk_drop_window(ns.ptr, vol, dlo, dhi, blo, bhi, limit, punch_min, n),
-          "snapshot delete")
-    return int(n[0])
 
 
-def bulk_drop_volume(ns: NativeStore, vol: int, limit: int, punch_min: int) -> int:
-    """Release and remove up to limit map records of a deleted volume; returns how many."""
-    n = ffi.new("uint64_t *")
-    check(lib.xm_bulk_drop_volume(ns.ptr, vol, limit, punch_min, n), "volume delete")
-    return int(n[0])
+# The bindings of the store's operations beyond the handle (a full filesystem, bulk walks,
+# group commit) live in native_ops.py, to keep this module about the core; re-exported here
+# because callers know them as native.X.  (Imported last: native_ops imports this module.)
 
-
-def bulk_del_range(ns: NativeStore, db: int, lo: bytes, hi: bytes, limit: int) -> int:
-    """Delete up to limit keys of db in [lo, hi); returns how many."""
-    n = ffi.new("uint64_t *")
-    check(lib.xm_bulk_del_range(ns.ptr, db, lo, len(lo), hi, len(hi), limit, n), "range delete")
-    return int(n[0])
-
-
-def bulk_ops() -> int:
-    """Key/value operations the C walks have done in this process (tests/test_work.py)."""
-    return int(lib.xm_bulk_ops())
-
-
-class RollbackPlan:
-    """xm_bulk_rollback_plan's arrays, kept in C form for the chunks (no per-record Python)."""
-
-    def __init__(self, ns: NativeStore, vol: int, epoch: int, birth_indexed: bool, pos: int):
-        nr, nt, w = ffi.new("size_t *"), ffi.new("size_t *"), ffi.new("uint64_t *")
-        r, t = ffi.new("xm_extent **"), ffi.new("xm_extent **")
-        check(lib.xm_bulk_rollback_plan(ns.ptr, vol, epoch, 1 if birth_indexed else 0, pos,
-                                        r, nr, t, nt, w), "rollback plan")
-        self.ranges = ffi.gc(r[0], lib.xm_bulk_free)
-        self.targets = ffi.gc(t[0], lib.xm_bulk_free)
-        self.ns, self.vol = ns, vol
-        self.nr, self.nt, self.weight = int(nr[0]), int(nt[0]), int(w[0])
-        self._k, self._ti = ffi.new("size_t *"), ffi.new("size_t *")
-
-    def apply(self, limit: int, pos_key: bytes, punch_min: int) -> int:
-        """The next chunk (xm_bulk_rollback_apply); returns its weight, 0 when done."""
-        n = ffi.new("uint64_t *")
-        check(lib.xm_bulk_rollback_apply(self.ns.ptr, self.vol, self.ranges, self.nr,
-                                         self.targets, self.nt, self._k, self._ti, limit,
-                                         pos_key, len(pos_key), punch_min, n), "rollback")
-        return int(n[0])
-
-
-def bulk_clone_step(ns: NativeStore, src: int, epoch: int, dst: int, lo: int, hi: int,
-                    pos_key: bytes) -> int:
-    """One clone step in one write transaction (xm_bulk_clone_step); returns the records."""
-    n = ffi.new("uint64_t *")
-    check(lib.xm_bulk_clone_step(ns.ptr, src, epoch, dst, lo, hi, pos_key, len(pos_key), n),
-          "clone")
-    return int(n[0])
-# ---- group commit (issue 9): the overlay of redirected writes (native/xm_batch.c) ----------
-
-def batch_commit(store: NativeStore) -> None:
-    """Apply the pending redirected writes now, in one synced transaction."""
-    check(lib.xm_batch_commit(store.ptr), "group commit")
-
-
-def batch_config(store: NativeStore, interval_us: int, max_blocks: int) -> None:
-    """The committer's interval (0: only on demand) and the overlay's bound in blocks."""
-    check(lib.xm_batch_config(store.ptr, interval_us, max_blocks), "group commit config")
-
-
-def batch_pending(store: NativeStore) -> int:
-    """Blocks of redirected writes in the overlay, not yet in LMDB."""
-    return int(lib.xm_batch_pending(store.ptr))
-
-
-def pool_datasync(store: NativeStore) -> None:
-    """fdatasync(pool.dat): data before the map commit that points at it (the Python path)."""
-    check(lib.xm_pool_datasync(store.ptr), "fdatasync pool")
+from .native_ops import RollbackPlan as RollbackPlan  # noqa: E402
+from .native_ops import batch_commit as batch_commit  # noqa: E402
+from .native_ops import batch_config as batch_config  # noqa: E402
+from .native_ops import batch_pending as batch_pending  # noqa: E402
+from .native_ops import bulk_clone_step as bulk_clone_step  # noqa: E402
+from .native_ops import bulk_del_range as bulk_del_range  # noqa: E402
+from .native_ops import bulk_drop_volume as bulk_drop_volume  # noqa: E402
+from .native_ops import bulk_drop_window as bulk_drop_window  # noqa: E402
+from .native_ops import bulk_ops as bulk_ops  # noqa: E402
+from .native_ops import pool_datasync as pool_datasync  # noqa: E402
+from .native_ops import space_check_grow as space_check_grow  # noqa: E402
+from .native_ops import space_info as space_info  # noqa: E402
+from .native_txn import Cursor as Cursor  # noqa: E402  (native_txn.py: transactions, cursors)
+from .native_txn import Txn as Txn  # noqa: E402
