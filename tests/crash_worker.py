@@ -15,6 +15,8 @@ import random
 import struct
 import sys
 import zlib
+from collections.abc import Callable
+from typing import Any
 
 from snapdisk import native
 from snapdisk.native import BLOCK_SIZE
@@ -83,33 +85,43 @@ def main() -> None:
             e.flush()
             log(op="done")
         else:
-            snaps = [s.name for s in e.list_snapshots(vol, with_usage=False)]
-            m = rng.random()
-            if not snaps or (m < 0.4 and len(snaps) < 40):
-                name = f"s{seq}-{rng.randrange(10**6)}"
-                log(op="snap", v=vol, name=name)
-                e.create_snapshot(vol, name)
-            elif m < 0.6:
-                name = rng.choice(snaps)
-                log(op="rollback", v=vol, name=name)
-                e.rollback(vol, name)
-            elif m < 0.75 and len(vols) < 5:
-                name, new = rng.choice(snaps), f"c{seq}-{rng.randrange(10**6)}"
-                log(op="clone", v=vol, name=name, new=new)
-                e.clone(vol, name, new)
-            elif m < 0.9 or len(vols) <= 2:
-                name = rng.choice(snaps)
-                log(op="delsnap", v=vol, name=name)
-                e.delete_snapshot(vol, name)
-            else:
-                victim = rng.choice([v for v in vols if v.startswith("c")] or [vol])
-                if victim == vol and not vol.startswith("c"):
-                    continue
-                log(op="delvol", v=victim)
-                e.delete_volume(victim)
+            if not metadata_op(e, rng, vol, vols, seq, log, max_snaps=40, max_vols=5):
+                continue
             e.flush()
             log(op="done")
             vols = []
+
+
+def metadata_op(e: Any, rng: random.Random, vol: str, vols: list[str], seq: int,
+                log: Callable[..., None], max_snaps: int, max_vols: int) -> bool:
+    """One random metadata operation on vol, logged before it starts: a snapshot, a rollback,
+    a clone, a snapshot delete or a clone's delete (shared with tests/powercut_worker.py).
+    False if it chose nothing to do."""
+    snaps = [s.name for s in e.list_snapshots(vol, with_usage=False)]
+    m = rng.random()
+    if not snaps or (m < 0.4 and len(snaps) < max_snaps):
+        name = f"s{seq}-{rng.randrange(10**6)}"
+        log(op="snap", v=vol, name=name)
+        e.create_snapshot(vol, name)
+    elif m < 0.6:
+        name = rng.choice(snaps)
+        log(op="rollback", v=vol, name=name)
+        e.rollback(vol, name)
+    elif m < 0.75 and len(vols) < max_vols:
+        name, new = rng.choice(snaps), f"c{seq}-{rng.randrange(10**6)}"
+        log(op="clone", v=vol, name=name, new=new)
+        e.clone(vol, name, new)
+    elif m < 0.9 or len(vols) <= 2:
+        name = rng.choice(snaps)
+        log(op="delsnap", v=vol, name=name)
+        e.delete_snapshot(vol, name)
+    else:
+        victim = rng.choice([v for v in vols if v.startswith("c")] or [vol])
+        if victim == vol and not vol.startswith("c"):
+            return False
+        log(op="delvol", v=victim)
+        e.delete_volume(victim)
+    return True
 
 
 if __name__ == "__main__":

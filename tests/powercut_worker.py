@@ -40,7 +40,7 @@ from snapdisk.store import StoreConfig
 from snapdisk.volume import Engine
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from crash_worker import NBLOCKS, block, decode  # noqa: E402
+from crash_worker import NBLOCKS, block, decode, metadata_op  # noqa: E402
 
 POOL_BYTES = 32 << 20
 MAX_SNAPS = 12
@@ -98,30 +98,8 @@ def run(store: str, log_path: str, seed: int, mode: str, seconds: float) -> None
             log(op="f")
             e.flush()
         else:
-            snaps = [s.name for s in e.list_snapshots(vol, with_usage=False)]
-            m = rng.random()
-            if not snaps or (m < 0.4 and len(snaps) < MAX_SNAPS):
-                name = f"s{seq}-{rng.randrange(10**6)}"
-                log(op="snap", v=vol, name=name)
-                e.create_snapshot(vol, name)
-            elif m < 0.6:
-                name = rng.choice(snaps)
-                log(op="rollback", v=vol, name=name)
-                e.rollback(vol, name)
-            elif m < 0.75 and len(vols) < MAX_VOLS:
-                name, new = rng.choice(snaps), f"c{seq}-{rng.randrange(10**6)}"
-                log(op="clone", v=vol, name=name, new=new)
-                e.clone(vol, name, new)
-            elif m < 0.9 or len(vols) <= 2:
-                name = rng.choice(snaps)
-                log(op="delsnap", v=vol, name=name)
-                e.delete_snapshot(vol, name)
-            else:
-                victim = rng.choice([v for v in vols if v.startswith("c")] or [vol])
-                if victim == vol and not vol.startswith("c"):
-                    continue
-                log(op="delvol", v=victim)
-                e.delete_volume(victim)
+            if not metadata_op(e, rng, vol, vols, seq, log, MAX_SNAPS, MAX_VOLS):
+                continue
         log(op="done")
     e.close()
     log(op="end")

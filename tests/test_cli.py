@@ -461,3 +461,37 @@ def test_ctrl_c_after_the_job_finished(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(errors.Cancelled, match="already completed"):
         ctx.run_job("roll back", "rollback", volume="v", snapshot="s")
     assert job.cancelled
+
+
+# ---- issue 10: a damaged store refused by serve; listings past the request-line limit --------
+
+def test_serve_refuses_a_damaged_store(store: str) -> None:
+    """A VOLSTATE record of the wrong size: `serve` refuses with exit 10 (corrupt) and says what
+    it could not read, as `check` does, and leaves no server behind."""
+    from snapdisk import layout
+    from snapdisk.engine import Engine
+    run_cli(store, "volume", "create", "vm", "16M")
+    with Engine.open(store) as e, e.native.txn(write=True) as t:
+        t.put(layout.DB_VOLSTATE, layout.vol_key(1), b"\x01" * 37)
+    r = run_cli(store, "serve", check=False)
+    assert_error(r, errors.Corrupt.exit_code, r"volume 1|VOLSTATE|volume state|bytes")
+    assert run_cli(store, "--json", "status").json()["running"] is False
+
+
+def test_volume_list_with_thousands_of_volumes(store: str) -> None:
+    """volume list with 5000 volumes (long names) is a reply of several MiB: the CLI reads it
+    through the server's control socket."""
+    from snapdisk import catalog
+    from snapdisk.control import protocol
+    from snapdisk.engine import Engine
+    with Engine.open(store) as e, e.native.txn(write=True) as t:
+        for i in range(5000):
+            catalog.new_volume(t, f"v{i:05d}-{'x' * 60}", 1 << 20, None, {})
+    run_cli(store, "serve")
+    try:
+        r = run_cli(store, "--json", "volume", "list")
+        vols = r.json()
+        assert len(vols) == 5000
+        assert len(protocol.encode({"result": vols})) > protocol.MAX_LINE_BYTES
+    finally:
+        run_cli(store, "stop", "--force")

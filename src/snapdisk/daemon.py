@@ -42,7 +42,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from . import errors
+from . import errors, startup_error
 from .control.client import Client
 from .listen import ensure_psk, export_uri, listen_str, nbd_answers, parse_listen
 from .pidfile import alive as _alive
@@ -271,6 +271,7 @@ def serve(store: str, listen: str | None = None, foreground: bool = False, *,
     if foreground:
         os.execvpe(argv[0], argv, env)
     log_start = os.path.getsize(p["log"]) if os.path.exists(p["log"]) else 0
+    startup_error.clear(store)
     with tempfile.TemporaryFile() as err:
         try:
             proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
@@ -287,6 +288,9 @@ def serve(store: str, listen: str | None = None, foreground: bool = False, *,
         err.seek(0)
         early = err.read().decode(errors="replace").strip()
     if rc != 0:
+        failed = startup_error.take(store)
+        if failed is not None:
+            raise failed
         raise errors.ServerError(f"nbdkit failed to start (exit status {rc}): {early}")
 
     def since_start() -> str:
@@ -304,6 +308,9 @@ def serve(store: str, listen: str | None = None, foreground: bool = False, *,
         pid = _read_pid(p["pidfile"])
         if pid is not None and not _alive(pid):
             _remove_stale(store, sock)
+            failed = startup_error.take(store)  # the plugin's own error (startup_error.py)
+            if failed is not None:
+                raise failed
             raise errors.ServerError(f"the server exited while starting: {since_start()}")
         if (pid is not None and running_pid(store) == pid
                 and _control_answers(p["control_socket"]) and nbd_answers("unix", sock, 0)

@@ -41,7 +41,7 @@ from typing import Any, TypeVar
 
 import nbdkit  # provided by nbdkit's python plugin at run time
 
-from snapdisk import errors
+from snapdisk import errors, startup_error
 from snapdisk.connections import Connection
 from snapdisk.daemon import THREAD_MODELS, UNSAFE_THREAD_MODELS
 from snapdisk.service import Service, open_log
@@ -147,12 +147,16 @@ def after_fork() -> None:
         open_log(_params["log"])
     store = _params["store"]
     sock = _params.get("listen", "").removeprefix("unix:") or os.path.join(store, "nbd.sock")
-    svc = Service(store, socket_path=sock, tcp=_params.get("tcp"),
-                  tls_psk=_params.get("tls-psk"), on_stop=nbdkit.shutdown,
-                  clock=_params.get("clock"))
-    _enter, _leave = svc.connections.enter, svc.connections.leave
-    _svc = svc
-    svc.start()
+    try:
+        svc = Service(store, socket_path=sock, tcp=_params.get("tcp"),
+                      tls_psk=_params.get("tls-psk"), on_stop=nbdkit.shutdown,
+                      clock=_params.get("clock"))
+        _enter, _leave = svc.connections.enter, svc.connections.leave
+        _svc = svc
+        svc.start()
+    except errors.SnapdiskError as e:
+        startup_error.write(store, e)  # for `snapdisk serve`: the error's own code and exit
+        raise
 
 
 def cleanup() -> None:
