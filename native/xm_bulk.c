@@ -52,15 +52,8 @@ int bk_del(MDB_txn *t, MDB_dbi d, const void *k, size_t kl)
 int bk_get_fixed(xm_store *st, MDB_txn *t, MDB_dbi d, const void *k, size_t kl, size_t want,
                         const uint8_t **out)
 {
-    MDB_val key = {kl, (void *)k}, v;
-    OP();
-    int rc = mdb_get(t, d, &key, &v);
-    if (rc)
-        return xm_rc(rc);
-    if (v.mv_size != want || !xm_in_map(st, v.mv_data, v.mv_size))
-        return XM_ECORRUPT;
-    *out = v.mv_data;
-    return XM_OK;
+    OP(); /* counted here; the lookup and its checks are the ROW path's */
+    return xm_row_get_fixed(st, t, d, k, kl, want, out);
 }
 
 
