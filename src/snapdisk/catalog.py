@@ -132,10 +132,13 @@ class SnapshotRecord:
     referenced_blocks: int
     slot: str | None = None  # kind auto: the policy slot it was taken for (schedule.slot_text)
     expires: float | None = None  # kind auto: when retention deletes it (None: never)
+    # send/receive (sendrecv.py): the identity of a received snapshot, the sender's; absent
+    # on every other record (their identity is derived, sendrecv.snapshot_guid), no format change
+    guid: str | None = None
 
     def encode(self) -> bytes:
         d = asdict(self)
-        for k in ("slot", "expires"):  # only automatic snapshots carry them
+        for k in ("slot", "expires", "guid"):  # only automatic snapshots carry slot, expires
             if d[k] is None:
                 del d[k]
         return layout.encode_json(d)
@@ -149,7 +152,8 @@ class SnapshotRecord:
                   f(d, "kind", str, what), f(d, "policy", (str, type(None)), what, None),
                   f(d, "size_bytes", int, what), f(d, "referenced_blocks", int, what),
                   f(d, "slot", (str, type(None)), what, None),
-                  f(d, "expires", (int, float, type(None)), what, None))
+                  f(d, "expires", (int, float, type(None)), what, None),
+                  f(d, "guid", (str, type(None)), what, None))
         if rec.kind not in KINDS or rec.size_bytes <= 0 or rec.referenced_blocks < 0:
             raise errors.Corrupt(f"cannot read {what}: kind {rec.kind!r}, "
                                  f"size {rec.size_bytes}, {rec.referenced_blocks} blocks")

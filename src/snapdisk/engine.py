@@ -116,6 +116,7 @@ class Engine:
                       for k, v in t.scan(DB_VOLSTATE, b"")]
         for vs in states:
             configure(self.native, vs)
+        self._recover_receives()  # send/receive: undo what a crash interrupted (sendrecv.py)
 
     def _configure_gated(self, vs: catalog.VolState) -> None:
         with self.native.gate_exclusive():
@@ -333,3 +334,19 @@ class Engine:
     def diff(self, volume: str, base: str | int | None, target: str | int | None,
              base_volume: str | None = None) -> list[diff_.Change]:
         return diff_.changed_ranges(self, volume, base, target, base_volume)
+
+    # ---- send / receive (issue 13: sendrecv.py, the stream format in stream.py) ------------
+
+    def send_stream(self, volume: str, snap: str | int, out: Any, base: str | int | None = None,
+                    progress: Progress | None = None) -> dict[str, Any]:
+        from . import sendrecv
+        return sendrecv.send(self, volume, snap, out, base, progress)
+
+    def receive_stream(self, volume: str, src: Any, force: bool = False,
+                       progress: Progress | None = None, reserve: Any = None) -> dict[str, Any]:
+        from . import sendrecv
+        return sendrecv.receive(self, volume, src, force, progress, reserve)
+
+    def _recover_receives(self) -> None:
+        from . import sendrecv
+        sendrecv.recover(self)
