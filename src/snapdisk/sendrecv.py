@@ -180,17 +180,24 @@ def receive(engine: Engine, volume: str, src: BinaryIO, force: bool = False,
     target, frm = _check_meta(header)
     catalog.check_name(volume, "volume")
     reserve = reserve or (lambda vol, what: nullcontext())
-    if frm is None:
-        vol, undo = _begin_full(engine, volume, header, target)
-    else:
-        vol, undo = _begin_incremental(engine, volume, header, target, frm, force)
+    what = f"receive into volume {volume!r}"
+    undo: Callable[[], None] | None = None
     try:
-        with reserve(vol, f"receive into volume {volume!r}"):
+        if frm is None:
+            vol, undo = _begin_full(engine, volume, header, target)
+            guard = reserve(vol, what)
+        else:
+            vol = engine.volume_id(volume)
+            guard = reserve(vol, what)  # before --force's rollback: clients are cut off first
+        with guard:
+            if frm is not None:
+                undo = _begin_incremental(engine, volume, vol, header, target, frm, force)
             _apply(engine, vol, reader, header, progress, frm is None)
             engine.flush()
             name = _finish(engine, vol, volume, target)
     except BaseException as e:
-        if isinstance(e, Exception | KeyboardInterrupt):  # a crash leaves it to recover()
+        # Failed or cancelled: undo now.  A crash (nothing runs on) leaves it to recover().
+        if undo is not None and isinstance(e, Exception | KeyboardInterrupt):
             undo()
         if isinstance(e, OSError):
             raise errors.SnapdiskError(f"cannot read the stream: {e.strerror or e}") from e
@@ -227,11 +234,12 @@ def _begin_full(engine: Engine, volume: str, header: Header, target: dict[str, A
     return info.id, lambda: _undo(engine, info.id)
 
 
-def _begin_incremental(engine: Engine, volume: str, header: Header, target: dict[str, Any],
-                       frm: dict[str, Any], force: bool) -> tuple[int, Callable[[], None]]:
+def _begin_incremental(engine: Engine, volume: str, vol: int, header: Header,
+                       target: dict[str, Any], frm: dict[str, Any], force: bool
+                       ) -> Callable[[], None]:
+    """Check that the stream applies onto volume, then mark it; the undo of the mark."""
     sent = snapshot_ref(volume, target)
     with engine.native.txn() as t:
-        vol = catalog.vol_id(t, volume)
         vs = catalog.state(t, vol)
         if MARKER in catalog.vol_record(t, vol).extra:
             raise errors.Busy(f"volume {volume!r} is receiving another stream")
@@ -265,7 +273,7 @@ def _begin_incremental(engine: Engine, volume: str, header: Header, target: dict
     engine.native.sync()
     if header.size_bytes > vs.size_bytes:
         engine.resize_volume(volume, header.size_bytes)
-    return vol, lambda: _undo(engine, vol)
+    return lambda: _undo(engine, vol)
 
 
 def _apply(engine: Engine, vol: int, reader: StreamReader, header: Header,

@@ -143,7 +143,10 @@ class StreamWriter:
         self._write(raw)
 
     def _write(self, data: Any) -> None:
-        self.out.write(data)
+        view = memoryview(data).cast("B")
+        while view:  # a raw file's write() may write less (a pipe, a signal)
+            n = self.out.write(view)
+            view = view[len(view) if n is None else n:]
         self.bytes += len(data)
 
     def _record(self, kind: int, offset: int, length: int, payload: Any = b"") -> None:

@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     device_cmds.register(sub)
     key_cmds.register(sub)
     diff_cmds.register(sub)  # issue 13
+    # send / receive (issue 13)
+    from . import stream_cmds
+    stream_cmds.register(sub)
     return parser
 
 

@@ -361,3 +361,7 @@ from . import (  # noqa: E402,F401
     key_ops,
     policy_ops,
 )
+
+# isort: split
+# send / receive (issue 13): control/stream_ops.py
+from . import stream_ops  # noqa: E402,F401
