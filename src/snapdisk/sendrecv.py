@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from . import catalog, encryption, errors, extmap, layout
+from . import catalog, diff, encryption, errors, extmap, layout
 from .layout import BLOCK_SIZE, DB_NAMES, DB_SNAPS, DB_VOLUMES
 from .native import Txn
 from .snapshots import Progress
@@ -258,7 +258,7 @@ def _begin_incremental(engine: Engine, volume: str, vol: int, header: Header,
             raise errors.InvalidArgument(f"the stream's snapshot is {header.size_bytes} bytes, "
                                          f"volume {volume!r} {vs.size_bytes}: cannot shrink")
     base_epoch = newest["id"]
-    if engine.diff(volume, base_epoch, None):
+    if _live_changed(engine, vol, base_epoch, engine.diff(volume, base_epoch, None)):
         if not force:
             raise errors.InvalidArgument(
                 f"volume {volume!r} was written after its newest snapshot "
@@ -274,6 +274,24 @@ def _begin_incremental(engine: Engine, volume: str, vol: int, header: Header,
     if header.size_bytes > vs.size_bytes:
         engine.resize_volume(volume, header.size_bytes)
     return lambda: _undo(engine, vol)
+
+
+def _live_changed(engine: Engine, vol: int, epoch: int, changes: list[Any]) -> bool:
+    """Whether the live view differs from snapshot epoch within the ranges diff.py found.
+    diff.py's ranges also hold records rewritten with the same blocks (a rollback brings old
+    content back as new records), so compare the physical blocks there: equal pbns are equal
+    bytes (diff.py says why); O(records in the ranges)."""
+    if not changes:
+        return False
+    engine.commit_batch()  # the live map, with the group-commit overlay applied
+    with engine.native.txn() as t:
+        for c in changes:
+            lo, hi = c.offset // BLOCK_SIZE, -(-(c.offset + c.length) // BLOCK_SIZE)
+            then = extmap.clip(extmap.view_at(t, vol, epoch, lo, hi), lo, hi)
+            now = extmap.clip(sorted(t.live_overlap(vol, lo, hi - lo)), lo, hi)
+            if diff.compare_views(then, now):
+                return True
+    return False
 
 
 def _apply(engine: Engine, vol: int, reader: StreamReader, header: Header,

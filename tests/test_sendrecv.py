@@ -1,0 +1,266 @@
+"""send / receive (sendrecv.py) between two stores: round trips compared byte for byte,
+refusals, and atomicity (cut and corrupted streams, cancel, kill -9 of the receiver)."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from snapdisk import errors, keys
+from snapdisk.engine import Engine
+from snapdisk.store import StoreConfig
+
+BS = 4096
+SIZE = 16 << 20
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def stores(tmp_path: Path) -> Iterator[tuple[Engine, Engine]]:
+    a = Engine.create(str(tmp_path / "a"), StoreConfig(pool_bytes=512 << 20))
+    b = Engine.create(str(tmp_path / "b"), StoreConfig(pool_bytes=512 << 20))
+    try:
+        yield a, b
+    finally:
+        a.close()
+        b.close()
+
+
+def scribble(e: Engine, volume: str, rnd: random.Random, n: int = 40) -> None:
+    """Random writes (some of zeros), trims and zeroes over the volume."""
+    vol = e.volume_id(volume)
+    nblocks = e.volume_info(volume).size_bytes // BS
+    for _ in range(n):
+        blk, ln = rnd.randrange(nblocks), rnd.randint(1, 64)
+        ln = min(ln, nblocks - blk)
+        op = rnd.random()
+        if op < 0.7:
+            e.write(vol, blk * BS, rnd.randbytes(ln * BS))
+        elif op < 0.8:
+            e.write(vol, blk * BS, bytes(ln * BS))
+        elif op < 0.9:
+            e.trim(vol, blk * BS, ln * BS)
+        else:
+            e.zero(vol, blk * BS, ln * BS)
+
+
+def send(e: Engine, ref: str, base: str | None = None) -> tuple[bytes, dict]:
+    vol, snap = ref.split("@")
+    out = io.BytesIO()
+    summary = e.send_stream(vol, snap, out, None if base is None else base.split("@")[1])
+    return out.getvalue(), summary
+
+
+def receive(e: Engine, volume: str, raw: bytes, **kw: object) -> dict:
+    return e.receive_stream(volume, io.BytesIO(raw), **kw)  # type: ignore[arg-type]
+
+
+def same_snapshot(a: Engine, av: str, b: Engine, bv: str, snap: str) -> None:
+    ea, eb = a.snapshot_id(av, snap), b.snapshot_id(bv, snap)
+    va, vb = a.volume_id(av), b.volume_id(bv)
+    size = a.snapshot_size(va, ea)
+    assert b.snapshot_size(vb, eb) == size
+    for off in range(0, size, 4 << 20):
+        n = min(4 << 20, size - off)
+        assert a.read_snapshot(va, ea, off, n) == b.read_snapshot(vb, eb, off, n), (snap, off)
+
+
+def state(e: Engine) -> tuple[object, ...]:
+    """What a failed receive must leave unchanged: volumes, snapshots, live bytes; check ok."""
+    report = e.check()
+    assert report.ok, report
+    vols = [(v.name, v.size_bytes, v.extra) for v in e.list_volumes()]
+    snaps = {v: [(s.id, s.name) for s in e.list_snapshots(v, with_usage=False)]
+             for v, _, _ in vols}
+    data = {v: e.read(e.volume_id(v), 0, size) for v, size, _ in vols}
+    return vols, snaps, data
+
+
+def chain(a: Engine, rnd: random.Random, n: int = 4) -> list[str]:
+    a.create_volume("v", SIZE)
+    names = []
+    for i in range(n):
+        scribble(a, "v", rnd)
+        names.append(f"s{i}")
+        a.create_snapshot("v", names[-1])
+    return names
+
+
+def test_full_then_chain_of_incrementals(stores: tuple[Engine, Engine]) -> None:
+    a, b = stores
+    names = chain(a, random.Random(1), 5)
+    raw, s = send(a, "v@s0")
+    assert not s["incremental"] and s["trim_bytes"] == 0
+    r = receive(b, "w", raw)
+    assert r["snapshot"]["guid"] == s["snapshot"]["guid"]
+    for prev, cur in zip(names, names[1:], strict=False):
+        raw, s = send(a, f"v@{cur}", base=f"v@{prev}")
+        changed = sum(c.length for c in a.diff("v", prev, cur))
+        # only the changed ranges are in the stream, each once
+        assert s["data_bytes"] + s["zero_bytes"] + s["trim_bytes"] == changed
+        receive(b, "w", raw)
+    for n in names:
+        same_snapshot(a, "v", b, "w", n)
+    assert b.read(b.volume_id("w"), 0, SIZE) == \
+        a.read_snapshot(a.volume_id("v"), a.snapshot_id("v", names[-1]), 0, SIZE)
+    assert b.check().ok and a.check().ok
+    assert [x.name for x in b.list_snapshots("w")] == names
+    # chained: the receiver sends on, keeping the identities
+    raw, s2 = send(b, f"w@{names[-1]}", base=f"w@{names[-2]}")
+    assert s2["base"]["guid"] == s["base"]["guid"] and s2["snapshot"]["guid"] == \
+        s["snapshot"]["guid"]
+
+
+def test_clone_snapshot_full(stores: tuple[Engine, Engine]) -> None:
+    a, b = stores
+    rnd = random.Random(2)
+    chain(a, rnd, 2)
+    a.clone("v", "s0", "c")
+    scribble(a, "c", rnd)
+    a.create_snapshot("c", "cs")
+    receive(b, "c2", send(a, "c@cs")[0])
+    same_snapshot(a, "c", b, "c2", "cs")
+
+
+def test_wrong_base_is_refused_naming_both(stores: tuple[Engine, Engine]) -> None:
+    a, b = stores
+    chain(a, random.Random(3), 3)
+    receive(b, "w", send(a, "v@s0")[0])
+    before = state(b)
+    raw = send(a, "v@s2", base="v@s1")[0]
+    with pytest.raises(errors.InvalidArgument) as e:
+        receive(b, "w", raw)
+    assert "v@s1" in e.value.message and "w@s0" in e.value.message, e.value.message
+    assert state(b) == before
+    with pytest.raises(errors.VolumeNotFound):
+        receive(b, "nothere", raw)
+    with pytest.raises(errors.AlreadyExists):
+        receive(b, "w", send(a, "v@s0")[0])  # a full stream onto an existing volume
+    assert state(b) == before
+
+
+def test_written_after_newest_snapshot_refused_unless_force(
+        stores: tuple[Engine, Engine]) -> None:
+    a, b = stores
+    chain(a, random.Random(4), 2)
+    receive(b, "w", send(a, "v@s0")[0])
+    b.write(b.volume_id("w"), 0, b"x" * BS)
+    before = state(b)
+    raw = send(a, "v@s1", base="v@s0")[0]
+    with pytest.raises(errors.InvalidArgument, match="written after its newest snapshot"):
+        receive(b, "w", raw)
+    assert state(b) == before
+    receive(b, "w", raw, force=True)
+    same_snapshot(a, "v", b, "w", "s1")
+
+
+def test_encrypted_volume_is_refused(stores: tuple[Engine, Engine]) -> None:
+    a, _ = stores
+    a.create_volume("sec", SIZE, encrypt=keys.Secret(passphrase=b"open sesame"))
+    a.create_snapshot("sec", "s")
+    with pytest.raises(errors.Unsupported) as e:
+        send(a, "sec@s")
+    assert "physical block number" in e.value.message and "--decrypt" in e.value.message
+
+
+def test_growing_volume(stores: tuple[Engine, Engine]) -> None:
+    a, b = stores
+    chain(a, random.Random(5), 1)
+    receive(b, "w", send(a, "v@s0")[0])
+    a.resize_volume("v", SIZE * 2)
+    a.write(a.volume_id("v"), SIZE + BS, b"y" * BS)
+    a.create_snapshot("v", "big")
+    receive(b, "w", send(a, "v@big", base="v@s0")[0])
+    same_snapshot(a, "v", b, "w", "big")
+
+
+@pytest.mark.parametrize("incremental", [False, True])
+def test_cut_and_flipped_streams_leave_nothing(stores: tuple[Engine, Engine],
+                                               incremental: bool) -> None:
+    a, b = stores
+    chain(a, random.Random(6), 2)
+    if incremental:
+        receive(b, "w", send(a, "v@s0")[0])
+        raw = send(a, "v@s1", base="v@s0")[0]
+    else:
+        raw = send(a, "v@s1")[0]
+    before = state(b)
+    rnd = random.Random(7)
+    meta_end = raw.index(b"SDSTREAM") + 32 + int.from_bytes(raw[24:28], "little") + 32
+    cuts = {0, 5, 31, 40, meta_end - 1, meta_end, meta_end + 30, len(raw) - 1, len(raw) - 8,
+            len(raw) - 50, len(raw) - 100}
+    cuts |= {rnd.randrange(len(raw)) for _ in range(14)}
+    for cut in sorted(cuts):
+        with pytest.raises(errors.FormatError):
+            receive(b, "w", raw[:cut])
+    assert state(b) == before
+    for _ in range(20):
+        bad = bytearray(raw)
+        bad[rnd.randrange(len(raw))] ^= 1 << rnd.randrange(8)
+        with pytest.raises(errors.FormatError):
+            receive(b, "w", bytes(bad))
+    assert state(b) == before
+    receive(b, "w", raw)  # the whole stream still applies
+    same_snapshot(a, "v", b, "w", "s1")
+
+
+def test_cancel_undoes(stores: tuple[Engine, Engine]) -> None:
+    a, b = stores
+    chain(a, random.Random(8), 1)
+    raw = send(a, "v@s0")[0]
+    before = state(b)
+    calls = []
+
+    def progress(done: int, total: int) -> None:
+        calls.append(done)
+        if len(calls) > 3:
+            raise errors.Cancelled("cancelled")
+
+    with pytest.raises(errors.Cancelled):
+        b.receive_stream("w", io.BytesIO(raw), progress=progress)
+    assert state(b) == before
+
+
+# ---- kill -9 of a receiving process -----------------------------------------------------------
+
+@pytest.mark.parametrize("incremental", [False, True])
+def test_kill9_mid_receive_leaves_nothing(tmp_path: Path, incremental: bool) -> None:
+    a = Engine.create(str(tmp_path / "a"), StoreConfig(pool_bytes=512 << 20))
+    b_path = str(tmp_path / "b")
+    with a, Engine.create(b_path, StoreConfig(pool_bytes=512 << 20)) as b:
+        a.create_volume("v", 64 << 20)
+        a.write(a.volume_id("v"), 0, random.Random(9).randbytes(8 << 20))
+        a.create_snapshot("v", "s0")
+        a.write(a.volume_id("v"), 0, random.Random(10).randbytes(48 << 20))
+        a.create_snapshot("v", "s1")
+        if incremental:
+            receive(b, "w", send(a, "v@s0")[0])
+            raw = send(a, "v@s1", base="v@s0")[0]
+        else:
+            raw = send(a, "v@s1")[0]
+        before = state(b)
+    proc = subprocess.Popen([sys.executable, "-m", "snapdisk.cli", "--store", b_path,
+                             "receive", "w"], stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write(raw[:len(raw) // 2])  # returns once the receiver has read most of it
+        proc.stdin.flush()
+        time.sleep(1.0)
+        assert proc.poll() is None
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    with Engine.open(b_path) as b:  # open undoes the interrupted receive
+        assert state(b) == before
+        assert not [v for v in b.list_volumes() if v.name.startswith("receiving-")]
+        receive(b, "w", raw)
+        assert b.check().ok
