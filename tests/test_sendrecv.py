@@ -4,6 +4,7 @@ refusals, and atomicity (cut and corrupted streams, cancel, kill -9 of the recei
 from __future__ import annotations
 
 import io
+import json
 import os
 import random
 import signal
@@ -264,3 +265,111 @@ def test_kill9_mid_receive_leaves_nothing(tmp_path: Path, incremental: bool) -> 
         assert not [v for v in b.list_volumes() if v.name.startswith("receiving-")]
         receive(b, "w", raw)
         assert b.check().ok
+
+
+# ---- through the CLI, offline and through servers (real pipes, real NBD clients) --------------
+
+CLI = f"{sys.executable} -m snapdisk.cli"
+
+
+def sh(cmd: str, tmp: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """A shell pipeline; TMPDIR private, so that the descriptor sockets left behind show."""
+    env = {**os.environ, "TMPDIR": str(tmp / "tmp")}
+    (tmp / "tmp").mkdir(exist_ok=True)
+    r = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True,
+                       env=env, stdin=subprocess.DEVNULL, timeout=300)
+    if check:
+        assert r.returncode == 0, (cmd, r.stdout, r.stderr)
+    return r
+
+
+def make_source(path: Path, rnd: random.Random) -> str:
+    with Engine.create(str(path), StoreConfig(pool_bytes=512 << 20)) as e:
+        e.create_volume("v", SIZE)
+        scribble(e, "v", rnd)
+        e.create_snapshot("v", "s0")
+    return str(path)
+
+
+def test_cli_pipe_offline(tmp_path: Path) -> None:
+    a = make_source(tmp_path / "a", random.Random(11))
+    b = str(tmp_path / "b")
+    Engine.create(b, StoreConfig(pool_bytes=512 << 20)).close()
+    sh(f"{CLI} --store {a} send v@s0 | {CLI} --store {b} receive w", tmp_path)
+    with Engine.open(a) as e:
+        scribble(e, "v", random.Random(12))
+        e.create_snapshot("v", "s1")
+    f = tmp_path / "inc.sdstream"
+    r = sh(f"{CLI} --store {a} --json send v@s1 --from v@s0 -o {f}", tmp_path)
+    sent = json.loads(r.stdout)
+    assert sent["incremental"] and sent["stream_bytes"] == f.stat().st_size
+    r = sh(f"{CLI} --store {b} --json receive w -i {f}", tmp_path)
+    assert json.loads(r.stdout)["snapshot"]["guid"] == sent["snapshot"]["guid"]
+    r = sh(f"{CLI} --store {a} --json send v@s1 | cat", tmp_path, check=False)
+    assert r.returncode == 2 and "-o FILE" in r.stderr
+    full = tmp_path / "full.sdstream"
+    sh(f"{CLI} --store {a} send v@s1 -o {full}", tmp_path)
+    r = sh(f"head -c 100000 {full} | {CLI} --store {b} receive w9", tmp_path, check=False)
+    assert r.returncode == errors.FormatError.exit_code and "cut or truncated" in r.stderr
+    with Engine.open(a) as ea, Engine.open(b) as eb:
+        for s in ("s0", "s1"):
+            same_snapshot(ea, "v", eb, "w", s)
+        assert eb.check().ok
+    assert os.listdir(tmp_path / "tmp") == []
+
+
+def qemu_compare(x: str, y: str) -> None:
+    r = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", x, y],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, (x, y, r.stdout, r.stderr)
+
+
+def test_through_servers_qemu_img_compare(tmp_path: Path, served) -> None:  # type: ignore[no-untyped-def]
+    """Both stores served: the CLI pipes go through both control sockets (descriptors passed
+    to the servers), the snapshots compared over NBD with qemu-img; then the ops with a path."""
+    import nbd
+    sa = served(make_source(tmp_path / "a", random.Random(13)))
+    b = str(tmp_path / "b")
+    Engine.create(b, StoreConfig(pool_bytes=512 << 20)).close()
+    sb = served(b)
+    sh(f"{CLI} --store {sa.store} send v@s0 | {CLI} --store {sb.store} receive w", tmp_path)
+    rnd = random.Random(14)
+    for i in (1, 2, 3):
+        h = sa.connect("v")
+        for _ in range(30):
+            h.pwrite(rnd.randbytes(BS * rnd.randint(1, 16)), rnd.randrange(SIZE // BS - 16) * BS)
+        h.trim(BS * 64, BS * rnd.randrange(64))
+        h.shutdown()
+        sa.call("snapshot.create", volume="v", name=f"s{i}")
+        sh(f"{CLI} --store {sa.store} send v@s{i} --from v@s{i - 1} | "
+           f"{CLI} --store {sb.store} receive w", tmp_path)
+    # the jobs ran in the servers
+    assert {j["op"] for j in sa.call("job.list")} == {"send"}  # type: ignore[union-attr]
+    assert {j["op"] for j in sb.call("job.list")} == {"receive"}  # type: ignore[union-attr]
+    for i in range(4):
+        qemu_compare(sa.uri(f"v@s{i}"), sb.uri(f"w@s{i}"))
+    qemu_compare(sa.uri("v@s3"), sb.uri("w"))
+    # a live NBD client of the target: the receive is refused (Busy), then forced
+    h = sb.connect("w")
+    f = tmp_path / "s4.sdstream"
+    sa.call("snapshot.create", volume="v", name="s4")
+    sa.call("send", volume="v", snapshot="s4", base="s3", path=str(f))
+    with pytest.raises(errors.Busy, match="connected"):
+        sb.call("receive", volume="w", path=str(f))
+    assert [s["name"] for s in sb.call("snapshot.list", volume="w")][-1] == "s3"  # type: ignore[index]
+    sb.call("receive", volume="w", path=str(f), force=True)
+    with pytest.raises(nbd.Error):
+        h.pread(BS, 0)  # cut off
+    qemu_compare(sa.uri("v@s4"), sb.uri("w@s4"))
+    # a cut stream through the server leaves nothing, and the server lives on
+    r = sh(f"{CLI} --store {sa.store} send v@s0 | head -c 5000 | "
+           f"{CLI} --store {sb.store} receive w2", tmp_path, check=False)
+    assert r.returncode == errors.FormatError.exit_code, r.stderr
+    assert [v["name"] for v in sb.call("volume.list")] == ["w"]  # type: ignore[union-attr]
+    assert sb.call("check")["ok"]  # type: ignore[index]
+    # a reader that goes away: send fails, the server lives on
+    r = sh(f"{CLI} --store {sa.store} send v@s4 | head -c 100 >/dev/null", tmp_path,
+           check=False)
+    assert r.returncode != 0
+    assert sa.call("status")["running"]  # type: ignore[index]
+    assert os.listdir(tmp_path / "tmp") == []
