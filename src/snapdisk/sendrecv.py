@@ -36,8 +36,11 @@ receive VOL — atomic, also across kill -9:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import queue
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
@@ -47,12 +50,22 @@ from . import catalog, diff, encryption, errors, extmap, layout
 from .layout import BLOCK_SIZE, DB_NAMES, DB_SNAPS, DB_VOLUMES
 from .native import Txn
 from .snapshots import Progress
-from .stream import DATA, DATA_CHUNK, TRIM, Header, StreamReader, StreamWriter, snapshot_ref
+from .stream import (
+    DATA,
+    DATA_CHUNK,
+    TRIM,
+    Header,
+    Record,
+    StreamReader,
+    StreamWriter,
+    snapshot_ref,
+)
 
 if TYPE_CHECKING:
     from .engine import Engine
 
 MARKER = "receiving"
+AHEAD = 2  # records verified ahead of the writes (_read_ahead)
 TEMP_PREFIX = "receiving-"
 Reserve = Callable[[int, str], AbstractContextManager[Any]]
 ZEROS = bytes(DATA_CHUNK)
@@ -115,7 +128,7 @@ def send(engine: Engine, volume: str, snap: str | int, out: BinaryIO,
                 for kind, off, length, payload in reader.window(pos, n):
                     if kind == TRIM:
                         w.trim(off, length)
-                    elif payload == ZEROS[:length]:
+                    elif _zeros(payload):
                         w.zero(off, length)
                     else:
                         w.data(off, payload)
@@ -128,6 +141,13 @@ def send(engine: Engine, volume: str, snap: str | int, out: BinaryIO,
     return {"volume": volume, "snapshot": target, "base": frm, "size_bytes": size,
             "incremental": frm is not None, "stream_bytes": w.bytes, **totals.to_dict(),
             "seconds": round(time.monotonic() - t0, 3)}
+
+
+def _zeros(payload: memoryview) -> bool:
+    # memoryview == bytes compares item by item (~120 MiB/s measured); a copy then memcmp
+    # is ~10x faster, and most data blocks differ from zeros in their first bytes anyway.
+    return payload[:64] == ZEROS[:min(64, len(payload))] and \
+        payload.tobytes() == ZEROS[:len(payload)]
 
 
 class _WindowReader:
@@ -172,7 +192,7 @@ def receive(engine: Engine, volume: str, src: BinaryIO, force: bool = False,
             progress: Progress | None = None, reserve: Reserve | None = None) -> dict[str, Any]:
     """Apply the stream read from src to volume (see the module docstring); a summary."""
     t0 = time.monotonic()
-    reader = StreamReader(src)
+    reader = StreamReader(src, buffers=AHEAD + 2)
     try:
         header = reader.header()
     except OSError as e:
@@ -300,7 +320,7 @@ def _apply(engine: Engine, vol: int, reader: StreamReader, header: Header,
     done = 0
     if progress:
         progress(0, total)
-    for r in reader.records():
+    for r in _read_ahead(reader):
         if r.kind == DATA:
             engine.write(vol, r.offset, r.payload)
         elif not fresh:  # ZERO or TRIM: a new volume reads zeros there already
@@ -308,6 +328,48 @@ def _apply(engine: Engine, vol: int, reader: StreamReader, header: Header,
         done += r.length
         if progress:
             progress(done, max(total, done))
+
+
+def _read_ahead(reader: StreamReader) -> Iterator[Record]:
+    """reader.records() read and verified in a thread, AHEAD records ahead of the caller, so
+    hashing (hashlib releases the GIL) overlaps the writes (so does the C write path): the
+    receive's own ceiling rose from ~1x to ~2x the slower of the two on 2 cores.  The reader
+    rotates AHEAD + 2 payload buffers: one being filled, AHEAD queued, one being written."""
+    q: queue.Queue[Any] = queue.Queue(AHEAD)
+    stop = threading.Event()
+    end = object()
+
+    def produce() -> None:
+        try:
+            for r in reader.records():
+                while not stop.is_set():
+                    try:
+                        q.put(r, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(end)
+        except BaseException as e:  # handed to the consumer, raised there
+            q.put(e)
+
+    thread = threading.Thread(target=produce, name="snapdisk-receive-read", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is end:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                q.get_nowait()  # unblock the producer's put
+        thread.join(timeout=1)  # a producer blocked on a stalled pipe: left to end there
 
 
 def _finish(engine: Engine, vol: int, volume: str, target: dict[str, Any]) -> str:

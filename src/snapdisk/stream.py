@@ -190,20 +190,34 @@ class Record:
 class StreamReader:
     """Reads and verifies one stream from src (a binary file object).  header() first, then
     records() to the end; a record is yielded only once its digest is checked, and the last
-    one is followed by the checked trailer (records() returns normally only then)."""
+    one is followed by the checked trailer (records() returns normally only then).  Payloads
+    are read into `buffers` rotating buffers: a DATA payload stays valid while fewer than
+    `buffers` further DATA records are read (a consumer in another thread holds a few)."""
 
     src: BinaryIO
+    buffers: int = 1
     pos: int = 0
     totals: Totals = field(default_factory=Totals)
-    _buf: bytearray = field(default_factory=lambda: bytearray(DATA_CHUNK))
+
+    def __post_init__(self) -> None:
+        self._bufs = [bytearray(DATA_CHUNK) for _ in range(self.buffers)]
+        self._next = 0
+        self._small = bytearray(REC_BYTES)
 
     def _bad(self, what: str) -> errors.FormatError:
         return errors.FormatError(f"bad send stream at byte {self.pos}: {what}")
 
-    def _read(self, n: int, what: str) -> memoryview:
-        if n > len(self._buf):
-            self._buf = bytearray(n)
-        view = memoryview(self._buf)[:n]
+    def _read(self, n: int, what: str, payload: bool = False) -> memoryview:
+        if payload:
+            i, self._next = self._next, (self._next + 1) % len(self._bufs)
+            if n > len(self._bufs[i]):
+                self._bufs[i] = bytearray(n)
+            buf = self._bufs[i]
+        else:
+            if n > len(self._small):
+                self._small = bytearray(n)
+            buf = self._small
+        view = memoryview(buf)[:n]
         got = 0
         while got < n:
             k = self.src.readinto(view[got:])  # type: ignore[attr-defined]
@@ -255,7 +269,7 @@ class StreamReader:
                 self._trailer()
                 return
             self._check_range(kind, offset, length)
-            payload = self._read(length, "a data record") if kind == DATA else None
+            payload = self._read(length, "a data record", True) if kind == DATA else None
             if rec[REC.size:] != _sha(rec[:REC.size], payload if payload is not None else b""):
                 self.pos = at
                 raise self._bad(f"{KINDS[kind]} record {seq} at volume offset {offset} does "
