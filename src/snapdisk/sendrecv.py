@@ -18,7 +18,7 @@ epoch, snapshot created), 128 bits in hex.  Chained replication (A -> B -> C) ke
 so "the receiver's newest snapshot IS the stream's base" is a guid comparison.
 
 receive VOL — atomic, also across kill -9:
-    full         into a new hidden volume `receiving-<hex>` whose record carries a
+    full         into a new volume `receiving-<hex>` (listed, reserved) whose record carries a
                  `receiving` marker; at the verified trailer: flush, snapshot it, then ONE
                  transaction renames it to VOL, sets the snapshot's guid and drops the marker.
     incremental  onto VOL, whose newest snapshot must be the stream's base, and whose live
@@ -438,6 +438,11 @@ def recover(engine: Engine) -> list[str]:
             if b'"' + MARKER.encode() + b'"' in raw:
                 vol = layout.parse_vol_key(k)
                 found.append((vol, catalog.VolumeRecord.decode(raw, vol).name))
-    for vol, _name in found:
-        _undo(engine, vol)
-    return [name for _, name in found]
+    undone = []
+    for vol, name in found:
+        try:
+            _undo(engine, vol)
+            undone.append(name)
+        except errors.SnapdiskError:  # the store still opens; the marker stays for next time
+            continue
+    return undone
