@@ -7,6 +7,7 @@ import hashlib
 import io
 import random
 import struct
+import zlib
 
 import pytest
 
@@ -55,36 +56,31 @@ def test_known_answer_layout() -> None:
     pos = 32 + len(meta)
     assert raw[pos:pos + 32] == hd
     pos += 32
-    rec0 = struct.pack("<B3xIQQ", DATA, 0, 0, 4096)
-    assert raw[pos:pos + 24] == rec0
-    assert raw[pos + 24:pos + 56] == hashlib.sha256(rec0 + b"\x01" * 4096).digest()
-    assert raw[pos + 56:pos + 56 + 4096] == b"\x01" * 4096
-    pos += 56 + 4096
-    rec1 = struct.pack("<B3xIQQ", ZERO, 1, 4096, 4096)
-    rec2 = struct.pack("<B3xIQQ", TRIM, 2, 8192, 4096)
-    rec3 = struct.pack("<B3xIQQ", DATA, 3, 12288, 512)
-    assert raw[pos:pos + 56] == rec1 + hashlib.sha256(rec1).digest()
-    assert raw[pos + 56:pos + 112] == rec2 + hashlib.sha256(rec2).digest()
-    pos += 112
-    assert raw[pos:pos + 24] == rec3
-    pos += 56 + 512
-    end = struct.pack("<B3xIQQ", 255, 4, 0, 0)
-    assert raw[pos:pos + 56] == end + hashlib.sha256(end).digest()
+
+    def rec(kind: int, seq: int, off: int, n: int, payload: bytes = b"") -> bytes:
+        fields = struct.pack("<B3xIQQ", kind, seq, off, n)
+        return fields + struct.pack("<II", zlib.crc32(fields + payload), 0)
+
+    recs = [rec(DATA, 0, 0, 4096, b"\x01" * 4096), rec(ZERO, 1, 4096, 4096),
+            rec(TRIM, 2, 8192, 4096), rec(DATA, 3, 12288, 512, b"\x02" * 512),
+            rec(255, 4, 0, 0)]
+    body = recs[0] + b"\x01" * 4096 + recs[1] + recs[2] + recs[3] + b"\x02" * 512 + recs[4]
+    assert raw[pos:pos + len(body)] == body
+    pos += len(body)
     totals = struct.pack("<QQQ", 4608, 4096, 4096)
-    assert raw[pos + 56:pos + 80] == totals
+    assert raw[pos:pos + 24] == totals
     h = hashlib.sha256(hd)
-    for r in (rec0 + hashlib.sha256(rec0 + b"\x01" * 4096).digest(),
-              rec1 + hashlib.sha256(rec1).digest(), rec2 + hashlib.sha256(rec2).digest(),
-              rec3 + hashlib.sha256(rec3 + b"\x02" * 512).digest(),
-              end + hashlib.sha256(end).digest(), totals):
+    for r in recs + [totals]:
         h.update(r)
-    assert raw[pos + 80:pos + 112] == h.digest()
-    assert raw[pos + 112:] == b"SDSTREND"
-    assert len(raw) == 32 + len(meta) + 32 + 4 * 56 + 4608 + 56 + 24 + 32 + 8
+    assert raw[pos + 24:pos + 56] == h.digest()
+    assert raw[pos + 56:] == b"SDSTREND"
+    assert len(raw) == 32 + len(meta) + 32 + 5 * 32 + 4608 + 24 + 32 + 8
+    assert zlib.crc32(struct.pack("<B3xIQQ", ZERO, 1, 4096, 4096)) == ZERO_CRC
     assert hashlib.sha256(raw).hexdigest() == KNOWN_SHA256
 
 
-KNOWN_SHA256 = "f8b80947bfa53523225e83414551e66439637465055d3100e210263d5a04c9ee"
+KNOWN_SHA256 = "2fc857c7bb5088bcb40647583438ec1a458166fad37a75965f715bbe7448067f"
+ZERO_CRC = 0x3c213ee8
 
 
 def test_round_trip() -> None:
@@ -143,7 +139,7 @@ def test_oversized_data_record_is_refused_before_reading_it() -> None:
     out = io.BytesIO()
     w = StreamWriter(out, Header(64 << 20, META))
     head = stream.REC.pack(DATA, 0, 0, stream.MAX_DATA + 4096)
-    out.write(head + bytes(32))
+    out.write(head + bytes(8))
     with pytest.raises(errors.FormatError, match="out of range"):
         read_all(out.getvalue())
     del w
