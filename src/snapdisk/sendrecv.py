@@ -66,6 +66,7 @@ if TYPE_CHECKING:
 
 MARKER = "receiving"
 AHEAD = 2  # records verified ahead of the writes (_read_ahead)
+PROGRESS_BYTES = 8 << 20  # progress (and the cancel check in it) every 8 MiB of data
 TEMP_PREFIX = "receiving-"
 Reserve = Callable[[int, str], AbstractContextManager[Any]]
 ZEROS = bytes(DATA_CHUNK)
@@ -117,7 +118,7 @@ def send(engine: Engine, volume: str, snap: str | int, out: BinaryIO,
     meta = {"volume": volume, "snapshot": target, "base": frm, "range_bytes": total,
             "sender": "snapdisk"}
     reader = _WindowReader(engine, vol, epoch)
-    done = 0
+    done = reported = 0
     if progress:
         progress(0, total)
     try:
@@ -133,8 +134,9 @@ def send(engine: Engine, volume: str, snap: str | int, out: BinaryIO,
                     else:
                         w.data(off, payload)
                 done += n
-                if progress:
+                if progress and (done - reported >= PROGRESS_BYTES or done == total):
                     progress(done, total)
+                    reported = done
         totals = w.finish()
     except OSError as e:
         raise errors.SnapdiskError(f"cannot write the stream: {e.strerror or e}") from e
@@ -317,7 +319,7 @@ def _live_changed(engine: Engine, vol: int, epoch: int, changes: list[Any]) -> b
 def _apply(engine: Engine, vol: int, reader: StreamReader, header: Header,
            progress: Progress | None, fresh: bool) -> None:
     total = int(header.meta.get("range_bytes") or 0)
-    done = 0
+    done = reported = 0
     if progress:
         progress(0, total)
     # A new volume maps nothing, so the in-place attempt engine.write makes first always
@@ -331,8 +333,9 @@ def _apply(engine: Engine, vol: int, reader: StreamReader, header: Header,
         elif not fresh:  # ZERO or TRIM: a new volume reads zeros there already
             engine.zero(vol, r.offset, r.length)
         done += r.length
-        if progress:
+        if progress and (done - reported >= PROGRESS_BYTES or r.kind != DATA):
             progress(done, max(total, done))
+            reported = done
 
 
 def _read_ahead(reader: StreamReader) -> Iterator[Record]:
