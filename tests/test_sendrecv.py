@@ -370,9 +370,69 @@ def test_through_servers_qemu_img_compare(tmp_path: Path, served) -> None:  # ty
     assert r.returncode == errors.FormatError.exit_code, r.stderr
     assert [v["name"] for v in sb.call("volume.list")] == ["w"]  # type: ignore[union-attr]
     assert sb.call("check")["ok"]  # type: ignore[index]
+    assert sb.call("check")["ok"]  # type: ignore[index]
+    # one store, one server: send | receive within it
+    sh(f"{CLI} --store {sb.store} send w@s4 | {CLI} --store {sb.store} receive w3", tmp_path)
+    qemu_compare(sb.uri("w@s4"), sb.uri("w3@s4"))
     # a reader that goes away: send fails, the server lives on
     r = sh(f"{CLI} --store {sa.store} send v@s4 | head -c 100 >/dev/null", tmp_path,
            check=False)
     assert r.returncode != 0
     assert sa.call("status")["running"]  # type: ignore[index]
     assert os.listdir(tmp_path / "tmp") == []
+
+
+@pytest.mark.parametrize("incremental", [False, True])
+def test_kill9_of_the_receiving_server(tmp_path: Path, served, incremental: bool) -> None:  # type: ignore[no-untyped-def]
+    """The server dies mid-receive (kill -9); restarted, it has undone the receive before
+    serving anything: nothing half-made is listed, check is clean."""
+    a = make_source(tmp_path / "a", random.Random(15))
+    with Engine.open(a) as e:
+        e.write(e.volume_id("v"), 0, random.Random(16).randbytes(SIZE))
+        e.create_snapshot("v", "s1")
+        full, inc = send(e, "v@s0")[0], send(e, "v@s1", base="v@s0")[0]
+    b = str(tmp_path / "b")
+    with Engine.create(b, StoreConfig(pool_bytes=512 << 20)) as e:
+        if incremental:
+            receive(e, "w", full)
+        before = state(e)
+    raw = inc if incremental else send_big(tmp_path)
+    sb = served(b)
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "snapdisk.cli", "--store", b, "receive", "w"],
+                            stdin=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write(raw[:len(raw) // 2])
+        proc.stdin.flush()
+        time.sleep(1.0)
+        os.kill(sb.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    wait_gone(sb.pid)
+    sb2 = served(b)
+    names = [v["name"] for v in sb2.call("volume.list")]  # type: ignore[union-attr]
+    assert names == (["w"] if incremental else []), names
+    assert sb2.call("check")["ok"]  # type: ignore[index]
+    sb2.call("stop")
+    wait_gone(sb2.pid)
+    with Engine.open(b) as e:
+        assert state(e) == before
+
+
+def wait_gone(pid: int) -> None:
+    from snapdisk import daemon
+    deadline = time.monotonic() + 15
+    while daemon._alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not daemon._alive(pid)
+
+
+def send_big(tmp_path: Path) -> bytes:
+    """A full stream large enough to be cut midway (32 MiB of data)."""
+    with Engine.create(str(tmp_path / "big"), StoreConfig(pool_bytes=256 << 20)) as e:
+        e.create_volume("v", 32 << 20)
+        e.write(e.volume_id("v"), 0, random.Random(17).randbytes(32 << 20))
+        e.create_snapshot("v", "s0")
+        return send(e, "v@s0")[0]
