@@ -356,3 +356,7 @@ def job_wait(engine: Engine, ctx: Context, job: int, timeout: float | None, even
 # The key.* ops of encrypted volumes (control/key_ops.py) and the policy, config and quota ops
 # (control/policy_ops.py) register themselves in OPS.
 from . import key_ops, policy_ops  # noqa: E402,F401
+
+# issue 13: image export/import (control/image_ops.py) registers itself in OPS as well (a call,
+# not an import statement, so that the import block above stays one sorted block).
+__import__(f"{__package__}.image_ops")
