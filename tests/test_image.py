@@ -258,3 +258,38 @@ def test_probe_known_answers(tmp_path: Path) -> None:
     subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(p), str(q)], check=True)
     assert imagecopy.probe(str(q)).format == "qcow2"
     assert imagecopy.probe(str(q), "raw").format == "raw"  # as told: its bytes as a raw disk
+
+
+def test_ctrl_c_offline_cancels_and_stops_the_temporary_server(tmp_path: Path) -> None:
+    import signal
+    import sys
+    import time
+    store = make_store(tmp_path / "store", pool_bytes=512 * MiB)
+    img = tmp_path / "big.raw"
+    with open(img, "wb") as f:
+        for _ in range(256):
+            f.write(os.urandom(MiB))
+    proc = subprocess.Popen([sys.executable, "-m", "snapdisk.cli", "--store", store, "--json",
+                             "import", str(img), "w"], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pid = None
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # JSON progress lines: interrupt once qemu-img runs
+            pid = pid or server_pid(store)
+            if '"total": 0' not in line and "job.progress" in line:
+                proc.send_signal(signal.SIGINT)
+                break
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, (out, err)
+    assert pid is not None
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{pid}") and server_pid(store) is None
+    with Engine.open(store) as e:
+        assert e.list_volumes() == []  # the half-made volume was deleted
