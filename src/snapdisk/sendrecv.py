@@ -4,8 +4,8 @@ send VOL@SNAP [--from VOL@BASE]
     The ranges to send come from diff.py (a full stream: the snapshot's mapped ranges; an
     incremental one: the ranges changed since BASE, never more).  Each range is read from the
     snapshot's view one window (stream.DATA_CHUNK) at a time, in one read transaction under the
-    shared I/O gate, into one reused buffer: allocated runs become DATA records (ZERO when all
-    zeros), holes TRIM records.  Nothing is written to the sender's store.
+    shared I/O gate, into one reused buffer (streamio.py): allocated runs become DATA records
+    (ZERO when all zeros), holes TRIM records.  Nothing is written to the sender's store.
 
     Encrypted volumes are refused: the issue asks for a raw (ciphertext) send, but the XTS
     tweak is the physical block number (docs/encryption.md), so the ciphertext is bound to
@@ -36,13 +36,10 @@ receive VOL — atomic, also across kill -9:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import queue
 import secrets
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -55,21 +52,19 @@ from .stream import (
     DATA_CHUNK,
     TRIM,
     Header,
-    Record,
     StreamReader,
     StreamWriter,
     snapshot_ref,
 )
+from .streamio import AHEAD, WindowReader, read_ahead, zeros
 
 if TYPE_CHECKING:
     from .engine import Engine
 
 MARKER = "receiving"
-AHEAD = 2  # records verified ahead of the writes (_read_ahead)
 PROGRESS_BYTES = 8 << 20  # progress (and the cancel check in it) every 8 MiB of data
 TEMP_PREFIX = "receiving-"
 Reserve = Callable[[int, str], AbstractContextManager[Any]]
-ZEROS = bytes(DATA_CHUNK)
 ENCRYPTED_REFUSAL = (
     "volume {v!r} is encrypted: send refuses it.  A raw (ciphertext) stream is not possible on "
     "this format: the AES-XTS tweak is the physical block number (docs/encryption.md), so the "
@@ -117,7 +112,7 @@ def send(engine: Engine, volume: str, snap: str | int, out: BinaryIO,
     total = sum(c.length for c in changes)
     meta = {"volume": volume, "snapshot": target, "base": frm, "range_bytes": total,
             "sender": "snapdisk"}
-    reader = _WindowReader(engine, vol, epoch)
+    reader = WindowReader(engine, vol, epoch)
     done = reported = 0
     if progress:
         progress(0, total)
@@ -129,7 +124,7 @@ def send(engine: Engine, volume: str, snap: str | int, out: BinaryIO,
                 for kind, off, length, payload in reader.window(pos, n):
                     if kind == TRIM:
                         w.trim(off, length)
-                    elif _zeros(payload):
+                    elif zeros(payload):
                         w.zero(off, length)
                     else:
                         w.data(off, payload)
@@ -143,49 +138,6 @@ def send(engine: Engine, volume: str, snap: str | int, out: BinaryIO,
     return {"volume": volume, "snapshot": target, "base": frm, "size_bytes": size,
             "incremental": frm is not None, "stream_bytes": w.bytes, **totals.to_dict(),
             "seconds": round(time.monotonic() - t0, 3)}
-
-
-def _zeros(payload: memoryview) -> bool:
-    # memoryview == bytes compares item by item (~120 MiB/s measured); a copy then memcmp
-    # is ~10x faster, and most data blocks differ from zeros in their first bytes anyway.
-    return payload[:64] == ZEROS[:min(64, len(payload))] and \
-        payload.tobytes() == ZEROS[:len(payload)]
-
-
-class _WindowReader:
-    """One window of a snapshot's view: its holes and allocated runs, data read into one
-    reused buffer (the same reads as volume.read_snapshot, without its per-call copies)."""
-
-    def __init__(self, engine: Engine, vol: int, epoch: int):
-        self.engine, self.vol, self.epoch = engine, vol, epoch
-        self.buf = bytearray(DATA_CHUNK)
-        self.view = memoryview(self.buf)
-
-    def window(self, offset: int, length: int) -> Iterator[tuple[int, int, int, memoryview]]:
-        """(kind DATA or TRIM, offset, length, payload) covering [offset, offset+length);
-        offset block aligned, length <= DATA_CHUNK.  Payloads valid until the next call."""
-        end = offset + length
-        lo, hi = offset // BLOCK_SIZE, -(-end // BLOCK_SIZE)
-        runs: list[tuple[int, int, int]] = []  # (kind, start, stop) in bytes
-        ns = self.engine.native
-        with ns.gate_shared(), ns.txn() as t:
-            catalog.snap_record(t, self.vol, self.epoch)  # still there
-            for r in extmap.clip(extmap.view_at(t, self.vol, self.epoch, lo, hi), lo, hi):
-                s, x = r.lba * BLOCK_SIZE, min((r.lba + r.len) * BLOCK_SIZE, end)
-                self.engine.pool.read_into(r.pbn, self.view[s - offset:x - offset],
-                                           vol=self.vol)
-                if runs and runs[-1][2] == s:
-                    runs[-1] = (DATA, runs[-1][1], x)
-                else:
-                    runs.append((DATA, s, x))
-        pos = offset
-        for _, s, x in runs:
-            if pos < s:
-                yield TRIM, pos, s - pos, self.view[:0]
-            yield DATA, s, x - s, self.view[s - offset:x - offset]
-            pos = x
-        if pos < end:
-            yield TRIM, pos, end - pos, self.view[:0]
 
 
 # ---- receive ----------------------------------------------------------------------------------
@@ -326,7 +278,7 @@ def _apply(engine: Engine, vol: int, reader: StreamReader, header: Header,
     # fails there (measured: ~15 % of a full receive's write time): straight to the C
     # redirect-on-write path, and engine.write only where that declines.
     write_row = engine.native.write_row if fresh and engine.io.c_redirect else None
-    for r in _read_ahead(reader):
+    for r in read_ahead(reader):
         if r.kind == DATA:
             if write_row is None or not write_row(vol, r.offset, r.payload):
                 engine.write(vol, r.offset, r.payload)
@@ -336,48 +288,6 @@ def _apply(engine: Engine, vol: int, reader: StreamReader, header: Header,
         if progress and (done - reported >= PROGRESS_BYTES or r.kind != DATA):
             progress(done, max(total, done))
             reported = done
-
-
-def _read_ahead(reader: StreamReader) -> Iterator[Record]:
-    """reader.records() read and verified in a thread, AHEAD records ahead of the caller, so
-    hashing (hashlib releases the GIL) overlaps the writes (so does the C write path): the
-    receive's own ceiling rose from ~1x to ~2x the slower of the two on 2 cores.  The reader
-    rotates AHEAD + 2 payload buffers: one being filled, AHEAD queued, one being written."""
-    q: queue.Queue[Any] = queue.Queue(AHEAD)
-    stop = threading.Event()
-    end = object()
-
-    def produce() -> None:
-        try:
-            for r in reader.records():
-                while not stop.is_set():
-                    try:
-                        q.put(r, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put(end)
-        except BaseException as e:  # handed to the consumer, raised there
-            q.put(e)
-
-    thread = threading.Thread(target=produce, name="snapdisk-receive-read", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = q.get()
-            if item is end:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        with contextlib.suppress(queue.Empty):
-            while True:
-                q.get_nowait()  # unblock the producer's put
-        thread.join(timeout=1)  # a producer blocked on a stalled pipe: left to end there
 
 
 def _finish(engine: Engine, vol: int, volume: str, target: dict[str, Any]) -> str:
