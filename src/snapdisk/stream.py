@@ -23,7 +23,7 @@ error burst of up to 32 bits and all but 2**-32 of other damage to a record.
                                snapshot    the sent snapshot: {name, id, created, guid}
                                base        the same for the base, null for a full stream
                                range_bytes bytes the records below cover (for progress)
-                               sender      "snapdisk VERSION"
+                               sender      "snapdisk" (the writing program)
     32+L  32  header digest  SHA-256 of bytes [0, 32+L)
 
     records, 0 or more, each
