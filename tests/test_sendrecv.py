@@ -436,3 +436,24 @@ def send_big(tmp_path: Path) -> bytes:
         e.write(e.volume_id("v"), 0, random.Random(17).randbytes(32 << 20))
         e.create_snapshot("v", "s0")
         return send(e, "v@s0")[0]
+
+
+def test_guid_is_an_optional_key_of_the_snapshot_record() -> None:
+    """Old records have no guid (and still decode); a received one keeps the sender's."""
+    from snapdisk.catalog import SnapshotRecord
+    old = b'{"created":1.0,"kind":"manual","name":"s","policy":null,"referenced_blocks":0,' \
+          b'"size_bytes":4096}'
+    rec = SnapshotRecord.decode(old, 1, 2)
+    assert rec.guid is None and b"guid" not in rec.encode()
+    rec.guid = "abc"
+    assert SnapshotRecord.decode(rec.encode(), 1, 2).guid == "abc"
+
+
+def test_received_snapshot_keeps_the_guid_across_reopen(tmp_path: Path) -> None:
+    a = make_source(tmp_path / "a", random.Random(18))
+    with Engine.open(a) as e:
+        raw, s = send(e, "v@s0")
+    with Engine.create(str(tmp_path / "b"), StoreConfig(pool_bytes=256 << 20)) as e:
+        receive(e, "w", raw)
+    with Engine.open(str(tmp_path / "b")) as e:
+        assert send(e, "w@s0")[1]["snapshot"]["guid"] == s["snapshot"]["guid"]
