@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     store_cmds.register(sub)
     device_cmds.register(sub)
     key_cmds.register(sub)
+    # Backups to S3-compatible object storage (cli/backup_cmds.py).
+    from . import backup_cmds
+    backup_cmds.register(sub)
     return parser
 
 

@@ -356,3 +356,7 @@ def job_wait(engine: Engine, ctx: Context, job: int, timeout: float | None, even
 # The key.* ops of encrypted volumes (control/key_ops.py) and the policy, config and quota ops
 # (control/policy_ops.py) register themselves in OPS.
 from . import key_ops, policy_ops  # noqa: E402,F401
+
+# Backups to S3-compatible object storage (control/backup_ops.py).
+# isort: split
+from . import backup_ops  # noqa: E402,F401
