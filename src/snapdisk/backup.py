@@ -24,7 +24,6 @@ backup VOL@SNAP s3://BUCKET/PREFIX:
 
 from __future__ import annotations
 
-import importlib
 import threading
 import time
 from collections.abc import Callable
@@ -32,7 +31,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from . import backup_repo as repo
-from . import catalog, encryption, errors
+from . import catalog, diff, encryption, errors
 from .backup_repo import CHUNK_SIZE, Extent, Manifest
 from .s3 import Bucket
 from .snapshots import Cancel, Progress, Steps
@@ -113,12 +112,6 @@ class Repository:
 
 def _changes(engine: Engine, volume: str, base: int | None, epoch: int
              ) -> list[tuple[int, int]]:
-    try:
-        diff: Any = importlib.import_module("snapdisk.diff")
-    except ImportError:  # TEMPORARY until diff.py lands on main: every mapped range
-        vol = engine.volume_id(volume)
-        size = engine.snapshot_size(vol, epoch)
-        return [(o, n) for o, n, a in engine.snapshot_block_status(vol, epoch, 0, size) if a]
     return [(c.offset, c.length) for c in diff.changed_ranges(engine, volume, base, epoch)]
 
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
 from . import allocator, bulk, capacity, catalog, encryption, errors, extmap, keys, layout, native
+from . import diff as diff_  # changed blocks (issue 13)
 from .catalog import SnapshotInfo, VolumeInfo
 from .check import CheckReport, check_store
 from .layout import (
@@ -326,6 +327,12 @@ class Engine:
 
     def snapshot_size(self, vol: int, epoch: int) -> int:
         return self.io.snapshot_size(vol, epoch)
+
+    # ---- changed blocks (issue 13: diff.py) ----------------------------------------------------
+
+    def diff(self, volume: str, base: str | int | None, target: str | int | None,
+             base_volume: str | None = None) -> list[diff_.Change]:
+        return diff_.changed_ranges(self, volume, base, target, base_volume)
 
     # ---- backups to S3-compatible object storage (backup.py, backup_restore.py) -------------
 

@@ -66,7 +66,7 @@ class Policies:
         c = self.sd.config
         return {"timezone": self.zone_name(), "timezone_set": c.timezone is not None,
                 "manual-snapshot-quota": c.manual_snapshot_quota,
-                "auto-snapshot-quota": c.auto_snapshot_quota, "sync-commits": c.sync_commits,
+                "auto-snapshot-quota": c.auto_snapshot_quota, "sync-commits": not c.unsafe_nosync,
                 "pool-bytes": c.pool_bytes, "policies": len(c.policies)}
 
     def config_set(self, key: str, value: str | int) -> dict[str, Any]:

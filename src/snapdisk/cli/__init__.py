@@ -30,7 +30,15 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from .. import errors
-from . import device_cmds, key_cmds, policy_cmds, snapshot_cmds, store_cmds, volume_cmds
+from . import (
+    device_cmds,
+    diff_cmds,  # changed blocks (issue 13)
+    key_cmds,
+    policy_cmds,
+    snapshot_cmds,
+    store_cmds,
+    volume_cmds,
+)
 from .context import Context, Result
 from .parsing import DEFAULT_STORE, EXIT_INTERRUPTED, Formatter, add_globals, exit_codes_text, split_ref
 from .progress import ProgressView, progress_mode
@@ -90,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     store_cmds.register(sub)
     device_cmds.register(sub)
     key_cmds.register(sub)
+    diff_cmds.register(sub)  # issue 13
     # Backups to S3-compatible object storage (cli/backup_cmds.py).
     from . import backup_cmds
     backup_cmds.register(sub)

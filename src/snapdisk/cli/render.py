@@ -51,15 +51,23 @@ def format_time(ts: float | None) -> str:
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: str = "") -> str:
-    """A plain aligned table; columns whose index is in `right` (as digits) align right."""
-    cells = [list(headers)] + [["-" if c is None else str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = []
-    for r in cells:
-        parts = [c.rjust(w) if str(i) in right else c.ljust(w)
-                 for i, (c, w) in enumerate(zip(r, widths))]
-        lines.append("  ".join(parts).rstrip())
-    return "\n".join(lines)
+    """An aligned plain-text table (rich, no borders: output a script can still split on
+    whitespace); columns whose index is in `right` (as digits) align right.  Rendered at a
+    fixed, wide width, never wrapped or cut to the terminal: a long name stays whole."""
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(box=None, show_edge=False, pad_edge=False, padding=(0, 2, 0, 0),
+              header_style="", highlight=False)
+    for i, h in enumerate(headers):
+        t.add_column(h, justify="right" if str(i) in right else "left", no_wrap=True)
+    for r in rows:
+        t.add_row(*("-" if c is None else str(c) for c in r))
+    console = Console(width=100_000, no_color=True, color_system=None, highlight=False,
+                      emoji=False, markup=False, force_terminal=False, soft_wrap=True)
+    with console.capture() as cap:
+        console.print(t)
+    return "\n".join(line.rstrip() for line in cap.get().rstrip("\n").split("\n"))
 
 
 def fields(pairs: Sequence[tuple[str, Any]]) -> str:

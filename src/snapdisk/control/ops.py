@@ -355,7 +355,12 @@ def job_wait(engine: Engine, ctx: Context, job: int, timeout: float | None, even
 
 # The key.* ops of encrypted volumes (control/key_ops.py) and the policy, config and quota ops
 # (control/policy_ops.py) register themselves in OPS.
-from . import key_ops, policy_ops  # noqa: E402,F401
+# changed blocks (issue 13)
+from . import (  # noqa: E402,F401
+    diff_ops,  # noqa: E402,F401
+    key_ops,
+    policy_ops,
+)
 
 # Backups to S3-compatible object storage (control/backup_ops.py).
 # isort: split
