@@ -206,8 +206,9 @@ def _kill(pid: int) -> None:
         return
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            if not any(d.encode() in f.read() for d in DAEMONS):
-                return  # the pid was reused: not ours any more
+            cmdline = f.read()
+        if not any(d.encode() in cmdline for d in DAEMONS):
+            return  # the pid was reused: not ours any more
         os.kill(pid, signal.SIGKILL)
     except (OSError, ProcessLookupError):
         return

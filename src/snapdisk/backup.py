@@ -9,9 +9,10 @@ backup VOL@SNAP s3://BUCKET/PREFIX:
    never by reading data), intersected with SNAP's allocated runs (a trimmed range is dropped
    from the base and becomes a hole), cut at every CHUNK_SIZE window of the address space.
 3. Those pieces are read and packed in order into chunks of up to CHUNK_SIZE bytes (an
-   all-zero piece is a hole, never uploaded).  So a full backup's chunk is one window's
-   allocated data (a clone's backup names the same chunks as its origin's: nothing new is
-   uploaded), and an incremental backup's 4 KiB scattered changes cost 4 KiB each, not a
+   all-zero piece is a hole, never uploaded): in a full backup one chunk per window (its
+   allocated data: a clone's backup names the same chunks as its origin's, so only its own
+   changed windows are uploaded), in an incremental one across windows, so that its 4 KiB
+   scattered changes cost 4 KiB each in few objects, not a
    whole chunk: with fixed 1 MiB (or even 64 KiB) chunks, 10 % of blocks changed at random
    touch nearly every chunk (1 - 0.9^16 = 81 % of 64 KiB chunks), far from the 1.2x target.
    The price: a packed chunk rarely deduplicates, and a long chain of incrementals makes the
@@ -161,7 +162,8 @@ def backup(engine: Engine, volume: str, snap: str | int, url: str,
     allocated = [(o, n) for o, n, a in engine.snapshot_block_status(vol, epoch, 0, size) if a]
     pieces = repo.split_windows(repo.intersect(changed, allocated))
     kept = repo.cut(base.extents, changed) if base else []
-    up = _Uploader(r, Steps(sum(n for _, n in pieces), progress, cancel, every=1))
+    up = _Uploader(r, Steps(sum(n for _, n in pieces), progress, cancel, every=1),
+                   per_window=base is None)
     new = up.run(engine.snapshot_reader(vol, epoch), pieces)
     m = Manifest(volume, vol, info.created, {"name": srec.name, "id": epoch,
                                             "created": srec.created},
@@ -254,8 +256,8 @@ def prune(url: str, keep_last: int | None = None, keep_days: float | None = None
 class _Uploader:
     """Reads pieces, packs them into chunks, uploads the new ones with a thread pool."""
 
-    def __init__(self, r: Repository, steps: Steps):
-        self.r, self.steps = r, steps
+    def __init__(self, r: Repository, steps: Steps, per_window: bool):
+        self.r, self.steps, self.per_window = r, steps, per_window
         self.known = set(r.chunks())
         self.read_bytes = self.new_chunks = self.new_bytes = self.stored_bytes = 0
         self.reused_chunks = 0
@@ -276,7 +278,9 @@ class _Uploader:
                         if view == _zeros(p_n):
                             self.steps.step(p_n)
                             continue  # written zeros: restored as a hole
-                        if len(buf) + p_n > CHUNK_SIZE:
+                        if len(buf) + p_n > CHUNK_SIZE or (
+                                self.per_window and group
+                                and group[0][0] // CHUNK_SIZE != p_off // CHUNK_SIZE):
                             out += self._flush(pool, buf, group)
                             buf, group = bytearray(), []
                         group.append((p_off, p_n, len(buf)))
