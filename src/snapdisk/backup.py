@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -97,7 +98,7 @@ class Repository:
         raise errors.NotFound(f"no backup of {volume}@{snap} in {self.bucket.where()} "
                               f"(backups of {volume}: {have})")
 
-    def fetch(self, key: str, name: str = "") -> bytes:
+    def fetch(self, key: str, name: str = "") -> bytes | memoryview:
         """A chunk's plaintext, verified; Corrupt names the chunk (and the backup)."""
         of = f" (of backup {name})" if name else ""
         try:
@@ -171,7 +172,8 @@ def backup(engine: Engine, volume: str, snap: str | int, url: str,
     if not r.bucket.put(m.name, repo.encode_manifest(m), create_only=True):
         raise errors.AlreadyExists(f"{r.bucket.where(m.name)} exists and is not a backup of "
                                    "this snapshot (another volume of that name?)")
-    return {**m.summary(), "already_backed_up": False, "changed_bytes": up.read_bytes,
+    return {**m.summary(), "already_backed_up": False, "changed_bytes": sum(n for _, n in pieces),
+            "read_bytes": up.read_bytes,
             "uploaded_chunks": up.new_chunks, "uploaded_bytes": up.new_bytes,
             "stored_bytes": up.stored_bytes, "reused_chunks": up.reused_chunks,
             "puts": r.bucket.stats.puts, "seconds": time.monotonic() - t0}
@@ -254,82 +256,98 @@ def prune(url: str, keep_last: int | None = None, keep_days: float | None = None
 
 
 class _Uploader:
-    """Reads pieces, packs them into chunks, uploads the new ones with a thread pool."""
+    """Packs pieces into chunks and has a thread pool read, hash, compress and upload them:
+    each task reads its own pieces (the snapshot reads are the slowest step, and their C
+    parts release the GIL), drops all-zero ones, and uploads the chunk unless the
+    repository has it.  The packing is planned before any read, so it is deterministic."""
 
     def __init__(self, r: Repository, steps: Steps, per_window: bool):
         self.r, self.steps, self.per_window = r, steps, per_window
         self.known = set(r.chunks())
         self.read_bytes = self.new_chunks = self.new_bytes = self.stored_bytes = 0
         self.reused_chunks = 0
-        self.pending: list[tuple[Future[None], int]] = []
 
     def run(self, read: Callable[[int, Any], None], pieces: list[tuple[int, int]]
             ) -> list[Extent]:
         out: list[Extent] = []
+        pending: deque[tuple[Future[list[Extent]], int]] = deque()
         with ThreadPoolExecutor(THREADS) as pool:
             try:
-                buf, group = bytearray(), list[tuple[int, int, int]]()
-                for off, n, parts in _coalesce(pieces):
-                    data = bytearray(n)
-                    read(off, data)
-                    self.read_bytes += n
-                    for p_off, p_n in parts:
-                        view = memoryview(data)[p_off - off:p_off - off + p_n]
-                        if view == _zeros(p_n):
-                            self.steps.step(p_n)
-                            continue  # written zeros: restored as a hole
-                        if len(buf) + p_n > CHUNK_SIZE or (
-                                self.per_window and group
-                                and group[0][0] // CHUNK_SIZE != p_off // CHUNK_SIZE):
-                            out += self._flush(pool, buf, group)
-                            buf, group = bytearray(), []
-                        group.append((p_off, p_n, len(buf)))
-                        buf += view
-                if group:
-                    out += self._flush(pool, buf, group)
-                self._drain(0)
+                for pack in self._plan(pieces):
+                    while len(pending) >= 2 * THREADS:
+                        self._reap(pending, out)
+                    pending.append((pool.submit(self._chunk, read, pack),
+                                    sum(n for _, n in pack)))
+                while pending:
+                    self._reap(pending, out)
             except BaseException:
-                for f, _ in self.pending:
+                for f, _ in pending:
                     f.cancel()
                 raise
-        return out
+        return sorted(out, key=lambda e: e.offset)
 
-    def _flush(self, pool: ThreadPoolExecutor, buf: bytearray,
-               group: list[tuple[int, int, int]]) -> list[Extent]:
-        data = bytes(buf)
-        key = repo.digest(data)
-        self._drain(2 * THREADS)
-        n = sum(g[1] for g in group)
-        if key not in self.known:
-            self.known.add(key)
-            self.pending.append((pool.submit(self._put, data), n))
-        else:
-            self.reused_chunks += 1
-            self.steps.step(n)
-        return [Extent(off, length, key, skip) for off, length, skip in group]
+    def _reap(self, pending: deque[tuple[Future[list[Extent]], int]], out: list[Extent]
+              ) -> None:
+        f, n = pending.popleft()
+        out += f.result()
+        self.steps.step(n)
 
-    def _put(self, data: bytes) -> None:
-        key, obj = repo.encode_chunk(data)
-        self.r.bucket.put(repo.chunk_name(key), obj)
+    def _plan(self, pieces: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+        packs: list[list[tuple[int, int]]] = []
+        used = 0
+        for off, n in pieces:
+            if not packs or used + n > CHUNK_SIZE or (
+                    self.per_window and packs[-1][0][0] // CHUNK_SIZE != off // CHUNK_SIZE):
+                packs.append([])
+                used = 0
+            packs[-1].append((off, n))
+            used += n
+        return packs
+
+    def _chunk(self, read: Callable[[int, Any], None], pack: list[tuple[int, int]]
+               ) -> list[Extent]:
+        buf = bytearray()
+        group: list[tuple[int, int, int]] = []
+        nread = 0
+        for off, n, parts in _coalesce(pack):
+            data = bytearray(n)
+            read(off, data)
+            nread += n
+            view = memoryview(data)
+            for p_off, p_n in parts:
+                piece = view[p_off - off:p_off - off + p_n]
+                # written zeros are restored as a hole (bytearray == buffer is a memcmp;
+                # memoryview == memoryview compares item by item, 7 ms per MiB)
+                if piece[0] != 0 or data[p_off - off:p_off - off + p_n] != _zeros(p_n):
+                    group.append((p_off, p_n, len(buf)))
+                    buf += piece
         with self.r.lock:
-            self.new_chunks += 1
-            self.new_bytes += len(data)
-            self.stored_bytes += len(obj)
+            self.read_bytes += nread
+        if not group:
+            return []
+        key = repo.digest(buf)
+        with self.r.lock:
+            fresh = key not in self.known
+            self.known.add(key)
+            self.reused_chunks += not fresh
+        if fresh:
+            _, obj = repo.encode_chunk(buf, key)
+            self.r.bucket.put(repo.chunk_name(key), obj)
+            with self.r.lock:
+                self.new_chunks += 1
+                self.new_bytes += len(buf)
+                self.stored_bytes += len(obj)
+        return [Extent(off, n, key, skip) for off, n, skip in group]
 
-    def _drain(self, limit: int) -> None:
-        """Wait until at most limit uploads are in flight (raising the first failure)."""
-        while len(self.pending) > limit:
-            f, n = self.pending.pop(0)
-            f.result()
-            self.steps.step(n)
 
-
-def _coalesce(pieces: list[tuple[int, int]], most: int = 4 * CHUNK_SIZE
+def _coalesce(pieces: list[tuple[int, int]], gap: int = 256 << 10, most: int = 4 * CHUNK_SIZE
               ) -> list[tuple[int, int, list[tuple[int, int]]]]:
-    """Adjacent pieces joined into reads of up to `most` bytes: (offset, length, pieces)."""
+    """Pieces joined into reads of up to `most` bytes, across gaps of up to `gap` bytes:
+    (offset, length, pieces).  Measured: one snapshot read costs ~0.2 ms plus ~4 ms per
+    MiB, so 10 % of the blocks changed at random read faster as whole spans."""
     out: list[tuple[int, int, list[tuple[int, int]]]] = []
     for off, n in pieces:
-        if out and out[-1][0] + out[-1][1] == off and off + n - out[-1][0] <= most:
+        if out and out[-1][0] + out[-1][1] + gap >= off and off + n - out[-1][0] <= most:
             out[-1][2].append((off, n))
             out[-1] = (out[-1][0], off + n - out[-1][0], out[-1][2])
         else:

@@ -77,12 +77,24 @@ def _exists_not(engine: Engine, name: str) -> None:
 
 def _write(engine: Engine, r: Repository, vol: int, name: str, extents: list[Extent],
            progress: Progress | None, cancel: Cancel | None) -> None:
-    """Fetch each chunk once (a thread pool, a bounded window ahead), write its extents."""
+    """Each chunk is fetched once, verified and its extents written by a task of a thread
+    pool (measured: the store's first writes, ~8 ms per MiB here, are the slowest step; the
+    data path takes concurrent writers, as nbdkit's threads are); a bounded window ahead."""
     uses: dict[str, list[Extent]] = {}
     for e in extents:
         uses.setdefault(e.key, []).append(e)
     steps = Steps(sum(e.length for e in extents), progress, cancel, every=1)
-    window: deque[tuple[str, Future[bytes]]] = deque()
+
+    def one(key: str) -> int:
+        data = r.fetch(key, name)
+        for e in uses[key]:
+            if e.skip + e.length > len(data):
+                raise errors.Corrupt(f"chunk {key} (of backup {name}) is {len(data)} bytes: "
+                                     "the manifest reads past it")
+            engine.write(vol, e.offset, data[e.skip:e.skip + e.length])
+        return sum(e.length for e in uses[key])
+
+    window: deque[Future[int]] = deque()
     keys = iter(uses)
     with ThreadPoolExecutor(THREADS) as pool:
         try:
@@ -91,19 +103,12 @@ def _write(engine: Engine, r: Repository, vol: int, name: str, extents: list[Ext
                     key = next(keys, None)
                     if key is None:
                         break
-                    window.append((key, pool.submit(r.fetch, key, name)))
+                    window.append(pool.submit(one, key))
                 if not window:
                     break
-                key, f = window.popleft()
-                data = memoryview(f.result())
-                for e in uses[key]:
-                    if e.skip + e.length > len(data):
-                        raise errors.Corrupt(f"chunk {key} (of backup {name}) is "
-                                             f"{len(data)} bytes: the manifest reads past it")
-                    engine.write(vol, e.offset, data[e.skip:e.skip + e.length])
-                    steps.step(e.length)
+                steps.step(window.popleft().result())
         except BaseException:
-            for _, f in window:
+            for f in window:
                 f.cancel()
             raise
     steps.finish()
