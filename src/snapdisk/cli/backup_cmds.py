@@ -93,13 +93,14 @@ def cmd_restore(a: argparse.Namespace, ctx: Context) -> Result:
                f"(snapshot {r['backup']['snapshot']}), {format_size(r['fetched_bytes'])} fetched")
 
 
-ENV_TEXT = """credentials: boto3's default chain (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
-AWS_SESSION_TOKEN, AWS_PROFILE, ~/.aws/credentials), never options; the endpoint:
---endpoint, else $SNAPDISK_S3_ENDPOINT, else $AWS_ENDPOINT_URL, else AWS."""
+ENV_TEXT = """
+        Credentials: boto3's default chain (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+        AWS_SESSION_TOKEN, AWS_PROFILE, ~/.aws/credentials), never options.  The endpoint:
+        --endpoint, else $SNAPDISK_S3_ENDPOINT, else $AWS_ENDPOINT_URL, else AWS."""
 
 
 def register(sub: Any) -> None:
-    p = add_command(sub, "backup", cmd_backup, "back up snapshots to S3-compatible storage", f"""
+    p = add_command(sub, "backup", cmd_backup, "back up snapshots to S3-compatible storage", """
         backup VOL@SNAP s3://BUCKET/PREFIX: uploads the snapshot as content-addressed,
         compressed, checksummed chunks (deduplicated across the repository's snapshots and
         volumes), then its manifest: a backup is complete or invisible.  The first backup of
@@ -107,18 +108,20 @@ def register(sub: Any) -> None:
         backed-up snapshot that still exists here.  An interrupted backup run again (or with
         --resume) uploads only what is missing.  Encrypted volumes are refused (see
         docs/backup.md: back up a `snapshot copy --decrypt`).
+
+
         backup list URL: the backups in the repository.
         backup verify URL VOL@SNAP: fetch every chunk of that backup and check its checksum.
         backup prune URL --keep-last N | --keep-days D: per volume, delete the other
         backups, then the chunks no kept backup names.
-        {ENV_TEXT}""", """
+        """ + ENV_TEXT, """
         export AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=...
         snapdisk backup web@monday s3://backups/site-a --endpoint http://rgw:7480
         snapdisk backup list s3://backups/site-a
         snapdisk backup verify s3://backups/site-a web@monday
         snapdisk backup prune s3://backups/site-a --keep-last 7""")
-    p.add_argument("words", nargs="+", metavar="VOL@SNAP URL | list URL | verify URL VOL@SNAP "
-                   "| prune URL")
+    p.add_argument("words", nargs="+", metavar="ARG",
+                   help="VOL@SNAP URL | list URL | verify URL VOL@SNAP | prune URL")
     p.add_argument("--endpoint", metavar="URL", help="the S3 endpoint (http://host:port)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted backup (every run skips uploaded chunks)")
@@ -126,12 +129,12 @@ def register(sub: Any) -> None:
     g.add_argument("--keep-last", type=int, metavar="N", help="prune: keep the newest N")
     g.add_argument("--keep-days", type=float, metavar="D",
                    help="prune: keep backups of snapshots taken in the last D days")
-    p = add_command(sub, "restore", cmd_restore, "restore a backup into a new volume", f"""
+    p = add_command(sub, "restore", cmd_restore, "restore a backup into a new volume", """
         Fetches the backup's chunks (each checked against its checksum before it is written;
         a missing or damaged one is an error naming it) into a hidden volume, snapshots it
         under the backed-up snapshot's name and only then names it NEWVOL: on any failure
         no volume is left.  Holes stay holes.
-        {ENV_TEXT}""", """
+        """ + ENV_TEXT, """
         snapdisk --store /srv/disks restore s3://backups/site-a web@monday web""")
     p.add_argument("url", metavar="s3://BUCKET/PREFIX")
     p.add_argument("ref", metavar="VOLUME@SNAPSHOT")
