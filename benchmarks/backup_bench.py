@@ -1,7 +1,7 @@
 """Backups to S3 (issue 13): incremental cost, and full backup / restore throughput against a
 plain boto3 multi-threaded upload / download of the same bytes to the same radosgw.
 
-    python -m benchmarks.backup_bench --quick     # a 256 MiB volume
+    python -m benchmarks.backup_bench --quick     # a 64 MiB volume
     python -m benchmarks.backup_bench --full      # 1 GiB (the issue's size)
 
 One run: a one-node memstore radosgw on loopback (tests/radosgw.py), a store with a volume of
@@ -62,7 +62,7 @@ def run(quick: bool, size: int | None = None) -> dict[str, Any]:
     from snapdisk.engine import Engine
     from snapdisk.store import StoreConfig
 
-    size = size or (256 * MiB if quick else 1024 * MiB)
+    size = size or (64 * MiB if quick else 1024 * MiB)
     why = radosgw.installed()
     if why:
         return {"skipped": why}
@@ -127,7 +127,7 @@ def run(quick: bool, size: int | None = None) -> dict[str, Any]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--quick", action="store_true", help="a 256 MiB volume")
+    g.add_argument("--quick", action="store_true", help="a 64 MiB volume")
     g.add_argument("--full", action="store_true", help="a 1 GiB volume (default)")
     p.add_argument("--size-mib", type=int, help="another volume size")
     a = p.parse_args()
