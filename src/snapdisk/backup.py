@@ -60,14 +60,13 @@ class Repository:
     def open(cls, url: str, endpoint: str | None = None,
              credentials: dict[str, Any] | None = None, create: bool = False) -> Repository:
         b = Bucket(url, endpoint, credentials, THREADS)
-        if create:
-            b.ensure_bucket()
         try:
             raw = b.get(repo.CONFIG_NAME)
         except errors.NotFound:
             if not create:
                 raise errors.NotFound(f"{b.where()} is no snapdisk backup repository (no "
                                       "config object): nothing was backed up there") from None
+            b.ensure_bucket()  # a new repository (in a new bucket, maybe)
             b.put(repo.CONFIG_NAME, repo.encode_config(), create_only=True)
             raw = b.get(repo.CONFIG_NAME)
         repo.check_config(raw, b.where())
