@@ -25,6 +25,8 @@ backup VOL@SNAP s3://BUCKET/PREFIX:
 
 from __future__ import annotations
 
+import bisect
+import functools
 import threading
 import time
 from collections import deque
@@ -33,8 +35,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from . import backup_repo as repo
-from . import catalog, diff, encryption, errors
-from .backup_repo import CHUNK_SIZE, Extent, Manifest
+from . import catalog, diff, encryption, errors, extmap
+from .backup_repo import BLOCK_SIZE, CHUNK_SIZE, Extent, Manifest
 from .s3 import Bucket
 from .snapshots import Cancel, Progress, Steps
 
@@ -164,7 +166,7 @@ def backup(engine: Engine, volume: str, snap: str | int, url: str,
     kept = repo.cut(base.extents, changed) if base else []
     up = _Uploader(r, Steps(sum(n for _, n in pieces), progress, cancel, every=1),
                    per_window=base is None)
-    new = up.run(engine.snapshot_reader(vol, epoch), pieces)
+    new = up.run(functools.partial(_read_pieces, engine, vol, epoch), pieces)
     m = Manifest(volume, vol, info.created, {"name": srec.name, "id": epoch,
                                             "created": srec.created},
                  size, time.time(), base.name if base else None, repo.merge(kept, new))
@@ -266,7 +268,7 @@ class _Uploader:
         self.read_bytes = self.new_chunks = self.new_bytes = self.stored_bytes = 0
         self.reused_chunks = 0
 
-    def run(self, read: Callable[[int, Any], None], pieces: list[tuple[int, int]]
+    def run(self, read: Reader, pieces: list[tuple[int, int]]
             ) -> list[Extent]:
         out: list[Extent] = []
         pending: deque[tuple[Future[list[Extent]], int]] = deque()
@@ -303,25 +305,17 @@ class _Uploader:
             used += n
         return packs
 
-    def _chunk(self, read: Callable[[int, Any], None], pack: list[tuple[int, int]]
-               ) -> list[Extent]:
+    def _chunk(self, read: Reader, pack: list[tuple[int, int]]) -> list[Extent]:
         buf = bytearray()
         group: list[tuple[int, int, int]] = []
-        nread = 0
-        for off, n, parts in _coalesce(pack):
-            data = bytearray(n)
-            read(off, data)
-            nread += n
-            view = memoryview(data)
-            for p_off, p_n in parts:
-                piece = view[p_off - off:p_off - off + p_n]
-                # written zeros are restored as a hole (bytearray == buffer is a memcmp;
-                # memoryview == memoryview compares item by item, 7 ms per MiB)
-                if piece[0] != 0 or data[p_off - off:p_off - off + p_n] != _zeros(p_n):
-                    group.append((p_off, p_n, len(buf)))
-                    buf += piece
+        for (off, n), data in zip(pack, read(pack)):
+            # written zeros are restored as a hole (bytearray == buffer is a memcmp;
+            # memoryview == memoryview compares item by item, 7 ms per MiB)
+            if data[0] != 0 or data != _zeros(n):
+                group.append((off, n, len(buf)))
+                buf += data
         with self.r.lock:
-            self.read_bytes += nread
+            self.read_bytes += sum(n for _, n in pack)
         if not group:
             return []
         key = repo.digest(buf)
@@ -339,18 +333,36 @@ class _Uploader:
         return [Extent(off, n, key, skip) for off, n, skip in group]
 
 
-def _coalesce(pieces: list[tuple[int, int]], gap: int = 256 << 10, most: int = 4 * CHUNK_SIZE
-              ) -> list[tuple[int, int, list[tuple[int, int]]]]:
-    """Pieces joined into reads of up to `most` bytes, across gaps of up to `gap` bytes:
-    (offset, length, pieces).  Measured: one snapshot read costs ~0.2 ms plus ~4 ms per
-    MiB, so 10 % of the blocks changed at random read faster as whole spans."""
-    out: list[tuple[int, int, list[tuple[int, int]]]] = []
-    for off, n in pieces:
-        if out and out[-1][0] + out[-1][1] + gap >= off and off + n - out[-1][0] <= most:
-            out[-1][2].append((off, n))
-            out[-1] = (out[-1][0], off + n - out[-1][0], out[-1][2])
-        else:
-            out.append((off, n, [(off, n)]))
+Reader = Callable[[list[tuple[int, int]]], list[bytearray]]
+
+
+def _read_pieces(engine: Engine, vol: int, epoch: int, pieces: list[tuple[int, int]]
+                 ) -> list[bytearray]:
+    """The bytes of snapshot epoch's block-aligned pieces (sorted): one map lookup for the
+    whole span, then a pool read per record a piece touches.  volume.read_snapshot of each
+    piece costs ~0.2 ms (a lookup each), and of the whole span ~4 ms per MiB on a fragmented
+    map: 10 % of the blocks changed at random read 2-3 times faster this way.  The volume is
+    not encrypted (refused earlier), so the pool's bytes are the data."""
+    lo = pieces[0][0] // BLOCK_SIZE
+    hi = -(-sum(pieces[-1]) // BLOCK_SIZE)
+    out = []
+    with engine.native.gate_shared(), engine.native.txn() as t:
+        recs = extmap.clip(extmap.view_at(t, vol, epoch, lo, hi), lo, hi)
+        starts = [r.lba for r in recs]
+        for off, n in pieces:
+            buf = bytearray(n)  # zeros where no record (not in a piece: they are allocated)
+            view = memoryview(buf)
+            b0, b1 = off // BLOCK_SIZE, (off + n) // BLOCK_SIZE
+            i = max(bisect.bisect_right(starts, b0) - 1, 0)
+            while i < len(recs) and recs[i].lba < b1:
+                r = recs[i]
+                s, x = max(r.lba, b0), min(r.lba + r.len, b1)
+                if s < x:
+                    engine.pool.read_into(r.pbn + s - r.lba,
+                                          view[(s - b0) * BLOCK_SIZE:(x - b0) * BLOCK_SIZE],
+                                          vol=vol)
+                i += 1
+            out.append(buf)
     return out
 
 
