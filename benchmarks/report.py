@@ -123,6 +123,10 @@ def build(out: str, res: dict[str, Any]) -> str:
         section_multiconn(body, sc["multi-conn"])
     if "policy" in sc:
         section_policy(body, sc["policy"], targets)
+    # ---- issue 11: encrypted volumes (benchmarks/encryption.py) ----
+    if "encryption" in sc:
+        from benchmarks.encryption import section as section_encryption
+        section_encryption(body, sc["encryption"], targets)
     for name, err in res["errors"].items():
         body(f"## {name}: failed", "", "```", err.rstrip()[-3000:], "```", "")
 

@@ -333,6 +333,22 @@ class Engine:
     def diff(self, volume: str, base: str | int | None, target: str | int | None,
              base_volume: str | None = None) -> list[diff_.Change]:
         return diff_.changed_ranges(self, volume, base, target, base_volume)
+    # ---- issue 13: disk images out and in (imagecopy.py; control/image_ops.py) ----------------
+
+    def export_image(self, volume: str, snap: str | int, path: str, fmt: str, nbd_socket: str,
+                     overwrite: bool = False, progress: Progress | None = None
+                     ) -> dict[str, Any]:
+        """A snapshot to a raw or qcow2 file through its export on nbd_socket (a server's)."""
+        from . import imagecopy
+        return imagecopy.export_snapshot(self, volume, snap, path, fmt, nbd_socket, overwrite,
+                                         progress)
+
+    def import_image(self, path: str, name: str, fmt: str | None, nbd_socket: str,
+                     encrypt: keys.Secret | None = None, progress: Progress | None = None
+                     ) -> dict[str, Any]:
+        """A new volume from a raw or qcow2 image, written through its export on nbd_socket."""
+        from . import imagecopy
+        return imagecopy.import_volume(self, path, name, fmt, nbd_socket, encrypt, progress)
 
     # ---- backups to S3-compatible object storage (backup.py, backup_restore.py) -------------
 

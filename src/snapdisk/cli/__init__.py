@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     device_cmds.register(sub)
     key_cmds.register(sub)
     diff_cmds.register(sub)  # issue 13
+    # issue 13: export / import of disk images (cli/image_cmds.py)
+    from . import image_cmds
+    image_cmds.register(sub)
     # Backups to S3-compatible object storage (cli/backup_cmds.py).
     from . import backup_cmds
     backup_cmds.register(sub)

@@ -353,14 +353,10 @@ def job_wait(engine: Engine, ctx: Context, job: int, timeout: float | None, even
     return j.wait(limit)
 
 
-# The key.* ops of encrypted volumes (control/key_ops.py) and the policy, config and quota ops
-# (control/policy_ops.py) register themselves in OPS.
-# changed blocks (issue 13)
-from . import (  # noqa: E402,F401
-    diff_ops,  # noqa: E402,F401
-    key_ops,
-    policy_ops,
-)
+# The key.* ops of encrypted volumes (control/key_ops.py), the policy, config and quota ops
+# (control/policy_ops.py), and issue 13's diff (diff_ops.py) and image export/import
+# (image_ops.py) register themselves in OPS.
+from . import diff_ops, image_ops, key_ops, policy_ops  # noqa: E402,F401
 
 # Backups to S3-compatible object storage (control/backup_ops.py).
 # isort: split
