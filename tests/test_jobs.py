@@ -199,10 +199,11 @@ def test_local_backend_jobs(local: LocalBackend) -> None:
     with pytest.raises(errors.InvalidArgument):  # bad arguments: refused before any job
         local.start_job("rollback", volume="v")
     assert [j["op"] for j in local.call("job.list")][:2] == ["rollback", "clone"]
-    assert sorted(ops.job_ops()) == ["clone", "image.export", "image.import", "receive",
+    assert sorted(ops.job_ops()) == ["backup", "backup.prune", "backup.verify", "clone",
+                                     "image.export", "image.import", "receive", "restore",
                                      "rollback", "send", "snapshot.copy", "snapshot.delete",
                                      "volume.delete"]
-    # snapshot.copy: issue 11; image.*, send, receive: issue 13
+    # snapshot.copy: issue 11; backup*, restore, image.*, send, receive: issue 13
 
 
 def test_progress_lights_up_when_the_engine_takes_it(local: LocalBackend,

@@ -366,3 +366,35 @@ class Engine:
     def _recover_receives(self) -> None:
         from . import sendrecv
         sendrecv.recover(self)
+    # ---- backups to S3-compatible object storage (backup.py, backup_restore.py) -------------
+
+    def backup(self, volume: str, snap: str | int, url: str, endpoint: str | None = None,
+               credentials: dict[str, Any] | None = None, resume: bool = False,
+               progress: Progress | None = None, cancel: Cancel | None = None
+               ) -> dict[str, Any]:
+        from . import backup
+        return backup.backup(self, volume, snap, url, endpoint, credentials, resume, progress,
+                             cancel)
+
+    def restore_backup(self, url: str, volume: str, snap: str, new_name: str,
+                       endpoint: str | None = None, credentials: dict[str, Any] | None = None,
+                       progress: Progress | None = None, cancel: Cancel | None = None
+                       ) -> dict[str, Any]:
+        from . import backup_restore
+        return backup_restore.restore(self, url, volume, snap, new_name, endpoint, credentials,
+                                      progress, cancel)
+
+    def backup_verify(self, url: str, volume: str, snap: str, endpoint: str | None = None,
+                      credentials: dict[str, Any] | None = None,
+                      progress: Progress | None = None, cancel: Cancel | None = None
+                      ) -> dict[str, Any]:
+        from . import backup
+        return backup.verify(url, volume, snap, endpoint, credentials, progress, cancel)
+
+    def backup_prune(self, url: str, keep_last: int | None = None,
+                     keep_days: float | None = None, endpoint: str | None = None,
+                     credentials: dict[str, Any] | None = None,
+                     progress: Progress | None = None, cancel: Cancel | None = None
+                     ) -> dict[str, Any]:
+        from . import backup
+        return backup.prune(url, keep_last, keep_days, endpoint, credentials, progress, cancel)

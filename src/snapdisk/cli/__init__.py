@@ -31,12 +31,15 @@ from typing import NoReturn
 
 from .. import errors
 from . import (
+    backup_cmds,
     device_cmds,
-    diff_cmds,  # changed blocks (issue 13)
+    diff_cmds,
+    image_cmds,
     key_cmds,
     policy_cmds,
     snapshot_cmds,
     store_cmds,
+    stream_cmds,
     volume_cmds,
 )
 from .context import Context, Result
@@ -98,13 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     store_cmds.register(sub)
     device_cmds.register(sub)
     key_cmds.register(sub)
-    diff_cmds.register(sub)  # issue 13
-    # issue 13: export / import of disk images (cli/image_cmds.py)
-    from . import image_cmds
+    # Disaster recovery: changed blocks, images, send/receive, backups to object storage.
+    diff_cmds.register(sub)
     image_cmds.register(sub)
-    # send / receive (issue 13)
-    from . import stream_cmds
     stream_cmds.register(sub)
+    backup_cmds.register(sub)
     return parser
 
 

@@ -355,5 +355,6 @@ def job_wait(engine: Engine, ctx: Context, job: int, timeout: float | None, even
 
 # The key.* ops of encrypted volumes (control/key_ops.py), the policy, config and quota ops
 # (control/policy_ops.py), and the disaster-recovery ops: diff (diff_ops.py), image export and
-# import (image_ops.py), send and receive (stream_ops.py) register themselves in OPS.
-from . import diff_ops, image_ops, key_ops, policy_ops, stream_ops  # noqa: E402,F401
+# import (image_ops.py), send and receive (stream_ops.py), backups to S3-compatible object
+# storage (backup_ops.py) register themselves in OPS.
+from . import backup_ops, diff_ops, image_ops, key_ops, policy_ops, stream_ops  # noqa: E402,F401

@@ -1,0 +1,256 @@
+"""Backups against a real S3 server the tests start (tests/radosgw.py: one-node Ceph radosgw on
+127.0.0.1, memstore): full and incremental backups, restore into a second store compared byte
+for byte, dedup, prune, radosgw killed mid-backup, a deleted chunk, encrypted volumes, the CLI
+offline and through a running server (with qemu-img compare over the NBD exports)."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import served_store
+from e2e_helpers import run_cli
+from radosgw import Radosgw
+
+from snapdisk import backup, backup_repo, backup_restore, catalog, errors, keys
+from snapdisk.engine import Engine
+from snapdisk.store import StoreConfig
+
+pytest_plugins = ["s3_fixture"]
+
+MiB = 1 << 20
+BS = 4096
+SIZE = 24 * MiB
+
+
+def new_store(path: Path) -> Engine:
+    return Engine.create(str(path), StoreConfig(pool_bytes=256 * MiB))
+
+
+@pytest.fixture
+def stores(tmp_path: Path) -> Iterator[tuple[Engine, Engine]]:
+    a, b = new_store(tmp_path / "a"), new_store(tmp_path / "b")
+    try:
+        yield a, b
+    finally:
+        a.close()
+        b.close()
+
+
+def fill(e: Engine, name: str, rng: random.Random) -> int:
+    """A volume with random data, a run of zeros (written), and holes."""
+    e.create_volume(name, SIZE)
+    vol = e.volume_id(name)
+    e.write(vol, 0, rng.randbytes(5 * MiB + 3 * BS))
+    e.write(vol, 9 * MiB, bytes(2 * MiB))  # written zeros: restored as a hole
+    e.write(vol, 16 * MiB - BS, rng.randbytes(3 * BS))  # across a chunk window
+    return vol
+
+
+def scatter(e: Engine, vol: int, rng: random.Random, n: int) -> int:
+    for _ in range(n):
+        off = rng.randrange(SIZE // BS) * BS
+        if not 9 * MiB <= off < 11 * MiB:  # the written zeros stay zeros (same() checks them)
+            e.write(vol, off, rng.randbytes(BS))
+    e.trim(vol, 2 * MiB, 64 * 1024)
+    return n * BS
+
+
+def same(a: Engine, vol: int, snap: str, b: Engine, name: str) -> None:
+    epoch = a.snapshot_id(a_name(a, vol), snap)
+    want = a.read_snapshot(vol, epoch, 0, SIZE)
+    wid = b.volume_id(name)
+    assert b.read(wid, 0, SIZE) == want
+    restored_snap = b.snapshot_id(name, snap)
+    assert b.read_snapshot(wid, restored_snap, 0, SIZE) == want
+    # holes stay holes: nothing is allocated where the source has a hole or wrote zeros
+    mapped = sum(n for _, n, a in b.block_status(wid, 0, SIZE) if a)
+    assert mapped <= sum(n for _, n, x in a.snapshot_block_status(vol, epoch, 0, SIZE) if x)
+    assert not any(x for _, _, x in b.block_status(wid, 9 * MiB, 2 * MiB))
+
+
+def a_name(e: Engine, vol: int) -> str:
+    return next(v.name for v in e.list_volumes() if v.id == vol)
+
+
+def test_full_then_incremental_restore_elsewhere(stores: tuple[Engine, Engine],
+                                                 s3_url: str) -> None:
+    a, b = stores
+    rng = random.Random(1)
+    vol = fill(a, "web", rng)
+    a.create_snapshot("web", "s1")
+    full = a.backup("web", "s1", s3_url)
+    assert full["base"] is None and full["uploaded_bytes"] == full["mapped_bytes"]
+    assert full["mapped_bytes"] == 5 * MiB + 6 * BS  # the written zeros are not uploaded
+    changed = scatter(a, vol, rng, 40)
+    a.create_snapshot("web", "s2")
+    inc = a.backup("web", "s2", s3_url)
+    assert inc["base"] == full["name"]
+    # only changed ranges were read and uploaded (block granular: no whole chunks)
+    assert inc["changed_bytes"] <= changed and inc["uploaded_bytes"] <= changed
+    again = a.backup("web", "s2", s3_url)
+    assert again["already_backed_up"] and again["uploaded_bytes"] == 0
+    names = [x["snapshot"] for x in backup.list_backups(s3_url)]
+    assert names == ["s1", "s2"]
+    for snap, new in (("s1", "r1"), ("s2", "r2")):
+        b.restore_backup(s3_url, "web", snap, new)
+        same(a, vol, snap, b, new)
+    assert backup.verify(s3_url, "web", "s2")["ok"]
+
+
+def test_clone_backup_deduplicates(stores: tuple[Engine, Engine], s3_url: str) -> None:
+    a, _ = stores
+    fill(a, "web", random.Random(2))
+    a.create_snapshot("web", "s1")
+    first = a.backup("web", "s1", s3_url)
+    a.clone("web", "s1", "web-clone")
+    a.write(a.volume_id("web-clone"), 20 * MiB, b"c" * BS)
+    a.create_snapshot("web-clone", "c1")
+    r = a.backup("web-clone", "c1", s3_url)
+    assert r["base"] is None  # another volume: a full backup...
+    assert r["uploaded_chunks"] <= 1 and r["uploaded_bytes"] <= BS  # ...of almost nothing new
+    assert r["reused_chunks"] == first["uploaded_chunks"]
+
+
+def test_prune_keeps_what_is_referenced(stores: tuple[Engine, Engine], s3_url: str) -> None:
+    a, b = stores
+    rng = random.Random(3)
+    vol = fill(a, "web", rng)
+    a.create_snapshot("web", "s1")
+    a.backup("web", "s1", s3_url)
+    for i in (2, 3):  # s3 rewrites the blocks s2 changed: s2's own chunk is no longer needed
+        a.write(vol, 3 * MiB, rng.randbytes(2 * BS))
+        a.write(vol, 20 * MiB, rng.randbytes(BS))
+        a.create_snapshot("web", f"s{i}")
+        assert a.backup("web", f"s{i}", s3_url)["uploaded_chunks"] == 1
+    r = backup.prune(s3_url, keep_last=1)
+    assert [backup_repo.parse_manifest_name(n)[2] for n in r["deleted_backups"]] == ["s1", "s2"]
+    assert r["deleted_chunks"] == 1  # s2's; s1's are still named by s3
+    assert [x["snapshot"] for x in backup.list_backups(s3_url)] == ["s3"]
+    assert backup.verify(s3_url, "web", "s3")["ok"]
+    b.restore_backup(s3_url, "web", "s3", "r3")
+    same(a, vol, "s3", b, "r3")
+    assert backup.prune(s3_url, keep_days=1)["deleted_chunks"] == 0
+    assert backup.prune(s3_url, keep_last=0)["kept_chunks"] == 0
+    assert backup.list_backups(s3_url) == []
+
+
+def test_radosgw_killed_mid_backup_then_resumed(
+        s3_server: Radosgw, stores: tuple[Engine, Engine], s3_url: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = stores
+    monkeypatch.setattr(backup, "THREADS", 2)  # few uploads in flight: the kill is midway
+    vol = fill(a, "web", random.Random(4))
+    a.write(vol, 11 * MiB, random.Random(5).randbytes(4 * MiB))
+    a.create_snapshot("web", "s1")
+    seen = []
+
+    def kill_midway(done: int, total: int) -> None:
+        seen.append(done)
+        if done >= 3 * MiB and s3_server.pids.get("client.rgw.gw"):
+            s3_server.kill_rgw()
+
+    try:
+        with pytest.raises(errors.SnapdiskError):
+            a.backup("web", "s1", s3_url, progress=kill_midway)
+    finally:
+        s3_server.start_rgw()
+    assert backup.list_backups(s3_url) == []  # invisible: no manifest
+    r = a.backup("web", "s1", s3_url, resume=True)
+    assert 0 < r["uploaded_bytes"] < r["mapped_bytes"]  # what the first run uploaded stays
+    assert backup.verify(s3_url, "web", "s1")["ok"]
+    b.restore_backup(s3_url, "web", "s1", "r1")
+    same(a, vol, "s1", b, "r1")
+
+
+def test_deleted_chunk_found_by_verify_and_refused_by_restore(
+        s3_server: Radosgw, stores: tuple[Engine, Engine], s3_url: str) -> None:
+    a, b = stores
+    fill(a, "web", random.Random(6))
+    a.create_snapshot("web", "s1")
+    a.backup("web", "s1", s3_url)
+    r = backup.Repository.open(s3_url)
+    m = r.find("web", "s1")
+    victim = m.chunk_keys()[-1]
+    r.bucket.delete([backup_repo.chunk_name(victim)])
+    with pytest.raises(errors.Corrupt, match=f"chunk {victim} .*missing"):
+        backup.verify(s3_url, "web", "s1")
+    with pytest.raises(errors.Corrupt, match=f"chunk {victim}"):
+        b.restore_backup(s3_url, "web", "s1", "r1")
+    assert [v.name for v in b.list_volumes()] == []  # nothing half-made left
+    # a damaged chunk (a flipped byte) likewise
+    other = m.chunk_keys()[0]
+    raw = bytearray(r.bucket.get(backup_repo.chunk_name(other)))
+    raw[-1] ^= 1
+    r.bucket.put(backup_repo.chunk_name(other), bytes(raw))
+    with pytest.raises(errors.Corrupt, match=f"chunk {other}.*checksum"):
+        b.restore_backup(s3_url, "web", "s1", "r1")
+    assert [v.name for v in b.list_volumes()] == []
+
+
+def test_restore_leftover_of_a_crash_is_cleaned(stores: tuple[Engine, Engine],
+                                                s3_url: str) -> None:
+    a, b = stores
+    fill(a, "web", random.Random(7))
+    a.create_snapshot("web", "s1")
+    a.backup("web", "s1", s3_url)
+    with b.native.txn(write=True) as t:  # what a kill -9 mid-restore leaves
+        catalog.new_volume(t, backup_restore.HIDDEN + "dead", SIZE, None,
+                           {backup_restore.MARKER: {"name": "r0"}})
+    b.restore_backup(s3_url, "web", "s1", "r1")
+    assert [v.name for v in b.list_volumes()] == ["r1"]
+    with pytest.raises(errors.AlreadyExists):
+        b.restore_backup(s3_url, "web", "s1", "r1")
+
+
+def test_encrypted_volume_is_refused(stores: tuple[Engine, Engine], s3_url: str) -> None:
+    a, _ = stores
+    a.create_volume("sec", 4 * MiB, encrypt=keys.Secret(passphrase=b"pw"))
+    a.write(a.volume_id("sec"), 0, b"s" * BS)
+    a.create_snapshot("sec", "s1")
+    with pytest.raises(errors.Unsupported, match="physical block number.*--decrypt"):
+        a.backup("sec", "s1", s3_url)
+    # the workaround works
+    a.copy_snapshot("sec", "s1", "sec-plain", mode="decrypt")
+    a.create_snapshot("sec-plain", "s1")
+    assert a.backup("sec-plain", "s1", s3_url)["mapped_bytes"] == BS
+
+
+def test_cli_offline_and_through_the_server(s3_server: Radosgw, tmp_path: Path,
+                                            s3_url: str) -> None:
+    sa, sb = str(tmp_path / "a"), str(tmp_path / "b")
+    with new_store(Path(sa)) as a:
+        vol = fill(a, "web", random.Random(8))
+        a.create_snapshot("web", "s1")
+    # offline: no server runs for store a
+    r = run_cli(sa, "--json", "backup", "web@s1", s3_url).json()
+    assert r["base"] is None and r["uploaded_chunks"] > 0
+    out = run_cli(sa, "backup", "list", s3_url).stdout
+    assert "web" in out and "s1" in out and "full" in out
+    # no store at all: list and verify still work
+    assert run_cli(str(tmp_path / "none"), "--json", "backup", "verify", s3_url,
+                   "web@s1").json()["ok"]
+    with served_store(sa) as srv_a:
+        with srv_a.client() as c:
+            c.call("snapshot.create", volume="web", name="s2")
+            c.call("volume.info", name="web")
+        r2 = run_cli(sa, "--json", "backup", "web@s2", s3_url, "--resume").json()
+        assert r2["base"] == r["name"] and r2["uploaded_bytes"] == 0
+        bad = run_cli(sa, "--json", "backup", "verify", s3_url, "web@nope", check=False)
+        assert bad.returncode == errors.NotFound.exit_code and "web@s1" in bad.stderr
+        with Engine.create(sb, StoreConfig(pool_bytes=256 * MiB)):
+            pass
+        with served_store(sb) as srv_b:
+            got = run_cli(sb, "--json", "restore", s3_url, "web@s2", "copy").json()
+            assert got["name"] == "copy" and got["snapshots"] == 1
+            cmp = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw",
+                                  srv_a.uri("web@s2"), srv_b.uri("copy@s2")],
+                                 capture_output=True, text=True, timeout=120)
+            assert cmp.returncode == 0, cmp
+        pr = run_cli(sa, "--json", "backup", "prune", s3_url, "--keep-last", "1").json()
+        assert len(pr["deleted_backups"]) == 1
+    with Engine.open(sb) as b, Engine.open(sa) as a:
+        same(a, vol, "s2", b, "copy")
