@@ -127,6 +127,10 @@ def build(out: str, res: dict[str, Any]) -> str:
     if "encryption" in sc:
         from benchmarks.encryption import section as section_encryption
         section_encryption(body, sc["encryption"], targets)
+    # ---- issue 13: disaster recovery (benchmarks/dr_bench.py) ----
+    if "disaster-recovery" in sc:
+        from benchmarks.dr_bench import section as section_dr
+        section_dr(body, sc["disaster-recovery"], targets)
     for name, err in res["errors"].items():
         body(f"## {name}: failed", "", "```", err.rstrip()[-3000:], "```", "")
 

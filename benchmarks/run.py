@@ -36,15 +36,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TOOLS = ["fio", "nbdkit", "qemu-img", "qemu-nbd", "qemu-storage-daemon"]  # fincore: optional
 
 
-# ---- issue 11: encrypted vs plain volumes, snapshot copy --encrypt (benchmarks/encryption.py) ----
-def _register_encryption() -> None:
-    from benchmarks import encryption
-    scenarios.SCENARIOS.setdefault("encryption", encryption.scenario)
-
-
-_register_encryption()
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes, one round: checks the suite runs")

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from benchmarks import datasets, fio, memory, multiconn, peers, policy_bench
+from benchmarks import datasets, dr_bench, encryption, fio, memory, multiconn, peers, policy_bench
 from benchmarks.lab import GIB, HERE, MIB, Lab, Settings, _cache, _res, rotate
 from benchmarks.snapshot_scenarios import _phases, rollback_delete, snapshot_every_second, snapshot_latency
 from snapdisk.daemon import DEFAULT_THREADS, THREAD_MODELS
@@ -195,4 +195,6 @@ SCENARIOS: dict[str, Callable[[Lab], dict[str, Any]]] = {
     "rss": server_rss,
     "core": core,
     "policy": policy_bench.policy_every_hour,
+    "encryption": encryption.scenario,
+    "disaster-recovery": dr_bench.scenario,
 }

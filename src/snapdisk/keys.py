@@ -46,10 +46,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
-
 from . import errors
 
 CIPHER = "aes-256-xts-plain64"
@@ -137,6 +133,7 @@ def _derive(secret: Secret, kek: dict[str, Any]) -> bytes:
             and 1 <= p <= MAX_P):
         raise errors.BadKey("the wrapped key record's scrypt parameters are out of bounds")
     salt = _unb64(kek.get("salt"), "salt")
+    from cryptography.hazmat.primitives.kdf.scrypt import Scrypt  # imported when used: 50 ms
     return Scrypt(salt=salt, length=KEK_BYTES, n=n, r=r, p=p).derive(secret.passphrase)
 
 
@@ -160,6 +157,7 @@ def wrap(data_key: bytearray, secret: Secret, key_id: str | None = None) -> dict
     nonce = secrets.token_bytes(12)
     kek = _derive(secret, rec["kek"])
     rec["nonce"] = _b64(nonce)
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
     rec["wrapped"] = _b64(AESGCM(kek).encrypt(nonce, bytes(data_key), _aad(rec)))
     return rec
 
@@ -176,6 +174,8 @@ def unwrap(rec: dict[str, Any], secret: Secret) -> bytearray:
     wrapped = _unb64(rec.get("wrapped"), "wrapped key")
     if len(nonce) != 12:
         raise errors.BadKey("the wrapped key record is damaged (nonce)")
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
     try:
         key = bytearray(AESGCM(kek).decrypt(nonce, wrapped, _aad(rec)))
     except InvalidTag:
