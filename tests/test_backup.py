@@ -206,6 +206,21 @@ def test_restore_leftover_of_a_crash_is_cleaned(stores: tuple[Engine, Engine],
         b.restore_backup(s3_url, "web", "s1", "r1")
 
 
+def test_restore_leftover_is_cleaned_when_the_store_opens(tmp_path: Path) -> None:
+    e = new_store(tmp_path / "s")
+    e.create_volume("keep", SIZE)
+    with e.native.txn(write=True) as t:  # what a kill -9 mid-restore leaves
+        catalog.new_volume(t, backup_restore.HIDDEN + "dead", SIZE, None,
+                           {backup_restore.MARKER: {"name": "r0"}})
+    e.close()
+    e = Engine.open(str(tmp_path / "s"))
+    try:
+        assert [v.name for v in e.list_volumes()] == ["keep"]
+        assert e.check().ok
+    finally:
+        e.close()
+
+
 def test_encrypted_volume_is_refused(stores: tuple[Engine, Engine], s3_url: str) -> None:
     a, _ = stores
     a.create_volume("sec", 4 * MiB, encrypt=keys.Secret(passphrase=b"pw"))

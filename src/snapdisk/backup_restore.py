@@ -9,9 +9,8 @@ Nothing half-made is visible under NEWVOL: the data goes into a hidden volume na
 `.restore-HEX` (a name no user can create: names start with a letter or digit) whose record
 carries a `restoring` marker; at the end it is flushed, snapshotted, and renamed to NEWVOL in
 one transaction.  A failure or a cancel deletes it.  After a crash (kill -9) it stays behind
-under its hidden name; the next restore into the store deletes such leftovers (those no restore
-of this process is writing).  Simplification: it is not cleaned at open, and `volume list`
-shows it meanwhile.
+under its hidden name until the store is next opened (Engine.open deletes such leftovers) or a
+restore runs (it deletes those no restore of this process is writing).
 """
 
 from __future__ import annotations
@@ -129,7 +128,11 @@ def _publish(engine: Engine, vol: int, tmp: str, new_name: str) -> None:
 
 
 def clean_leftovers(engine: Engine) -> list[str]:
-    """Delete the hidden volumes of restores a crash interrupted (not those running here)."""
+    """Delete the hidden volumes of restores a crash interrupted (not those running here).
+    Engine.open calls it too (nothing runs yet then); a store without any costs one seek."""
+    with engine.native.txn() as t:
+        if next(t.scan_prefix(DB_NAMES, layout.vol_name_key(HIDDEN)), None) is None:
+            return []
     gone = []
     for v in engine.list_volumes():
         if v.name.startswith(HIDDEN) and MARKER in v.extra:

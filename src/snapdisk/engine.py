@@ -117,6 +117,8 @@ class Engine:
         for vs in states:
             configure(self.native, vs)
         self._recover_receives()  # send/receive: undo what a crash interrupted (sendrecv.py)
+        from . import backup_restore  # and the hidden volume of an interrupted restore
+        backup_restore.clean_leftovers(self)
 
     def _configure_gated(self, vs: catalog.VolState) -> None:
         with self.native.gate_exclusive():
