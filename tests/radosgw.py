@@ -268,3 +268,44 @@ def start(d: str, port: int, mem_bytes: int = 2 << 30) -> Radosgw:
 def _fsid(conf: str) -> str:
     with open(conf) as f:
         return next(line.split("=", 1)[1].strip() for line in f if line.startswith("fsid"))
+
+
+# ---- a command line, for scripts/demo ----------------------------------------------------------
+#
+#   python3 tests/radosgw.py up DIR     starts a cluster in DIR (made here), prints shell
+#                                       exports (AWS_* keys, SNAPDISK_S3_ENDPOINT), keeps the pids
+#                                       in DIR/pids.json
+#   python3 tests/radosgw.py down DIR   SIGKILLs exactly those pids (still ceph daemons), rm -rf DIR
+
+def _main(argv: list[str]) -> int:
+    import json
+    import shlex
+    import sys
+    if len(argv) != 3 or argv[1] not in ("up", "down"):
+        print("usage: radosgw.py up|down DIR", file=sys.stderr)
+        return 2
+    d = os.path.abspath(argv[2])
+    if argv[1] == "up":
+        why = installed()
+        if why:
+            print(f"radosgw.py: {why}", file=sys.stderr)
+            return 1
+        gw = start(d, free_port_pair(), mem_bytes=1 << 30)
+        with open(os.path.join(d, "pids.json"), "w") as f:
+            json.dump({"port": gw.port, "pids": gw.pids}, f)
+        for k, v in gw.env().items():
+            print(f"export {k}={shlex.quote(v)}")
+        return 0
+    try:
+        with open(os.path.join(d, "pids.json")) as f:
+            saved = json.load(f)
+    except OSError:
+        shutil.rmtree(d, ignore_errors=True)
+        return 0
+    Radosgw(d, saved["port"], {k: int(v) for k, v in saved["pids"].items()}).stop()
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(_main(sys.argv))
