@@ -469,3 +469,21 @@ def test_received_snapshot_keeps_the_guid_across_reopen(tmp_path: Path) -> None:
         receive(e, "w", raw)
     with Engine.open(str(tmp_path / "b")) as e:
         assert send(e, "w@s0")[1]["snapshot"]["guid"] == s["snapshot"]["guid"]
+
+
+def test_received_snapshot_keeps_the_senders_creation_time(tmp_path: Path) -> None:
+    a = Engine.create(str(tmp_path / "a"), StoreConfig(pool_bytes=64 << 20))
+    b = Engine.create(str(tmp_path / "b"), StoreConfig(pool_bytes=64 << 20))
+    try:
+        a.create_volume("v", 1 << 20)
+        a.write(a.volume_id("v"), 0, b"x" * 4096)
+        taken = a.create_snapshot("v", "s1").created
+        buf = io.BytesIO()
+        a.send_stream("v", "s1", buf)
+        time.sleep(0.05)
+        buf.seek(0)
+        b.receive_stream("v", buf)
+        assert b.snapshot_info("v", "s1").created == taken
+    finally:
+        a.close()
+        b.close()

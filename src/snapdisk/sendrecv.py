@@ -307,6 +307,10 @@ def _finish(engine: Engine, vol: int, volume: str, target: dict[str, Any]) -> st
         catalog.put_vol_record(t, vol, rec)
         srec = catalog.snap_record(t, vol, info.id)
         srec.guid = target["guid"]
+        created = target.get("created")
+        if isinstance(created, (int, float)) and not isinstance(created, bool) \
+                and 0 < created < 1e11:  # when it was taken on the sender (as zfs receive keeps)
+            srec.created = float(created)
         t.put(DB_SNAPS, layout.snap_key(vol, info.id), srec.encode())
     engine.native.sync()
     return info.name
