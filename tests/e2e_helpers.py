@@ -116,21 +116,32 @@ def init_store(store: str, pool: str = "2G") -> str:
     return store
 
 
+def serve_cli(store: str, teardown: Teardown, *serve_args: str) -> CLIResult:
+    """`snapdisk serve [ARGS]` whatever its exit code (a wrong --unlock secret exits 14 with
+    the server left running); any server it left gets a teardown that runs `snapdisk stop`
+    and then makes sure, by pid, that the server is gone."""
+    r = run_cli(store, "serve", *serve_args, check=False)
+    pid = server_pid(store)
+    if pid is not None:
+        def stop() -> None:
+            if pid_alive(pid):
+                subprocess.run(SNAPDISK + ["--store", store, "stop"], capture_output=True,
+                               timeout=60)
+            if pid_alive(pid):
+                kill_pid(pid)
+            assert not pid_alive(pid)
+
+        teardown.push(f"server {pid}", stop)
+    return r
+
+
 def start_server(store: str, teardown: Teardown, *serve_args: str) -> int:
-    """`snapdisk serve [ARGS]`, and a teardown that runs `snapdisk stop` and then makes sure,
-    by pid, that the server is gone."""
-    run_cli(store, "serve", *serve_args)
+    """`snapdisk serve [ARGS]`, which must succeed; stopped at teardown (serve_cli)."""
+    r = serve_cli(store, teardown, *serve_args)
+    if r.returncode != 0:
+        pytest.fail(f"snapdisk serve failed: {r!r}")
     pid = server_pid(store)
     assert pid is not None, "serve left no server.pid"
-
-    def stop() -> None:
-        if pid_alive(pid):
-            subprocess.run(SNAPDISK + ["--store", store, "stop"], capture_output=True, timeout=60)
-        if pid_alive(pid):
-            kill_pid(pid)
-        assert not pid_alive(pid)
-
-    teardown.push(f"server {pid}", stop)
     return pid
 
 

@@ -15,10 +15,8 @@ from conftest import Served
 from crypto_helpers import BS, PATTERN, make_encrypted_store, plaintext_hits
 from e2e_helpers import (  # noqa: F401  (teardown is a fixture)
     Teardown,
-    kill_pid,
-    pid_alive,
     run_cli,
-    server_pid,
+    serve_cli,
     teardown,
 )
 
@@ -139,15 +137,8 @@ def test_serve_unlock(tmp_path: Path, teardown: Teardown) -> None:  # noqa: F811
     run_cli(store, "volume", "create", "a", "4M", "--encrypt", "--passphrase-file", str(pw))
     run_cli(store, "volume", "create", "b", "4M", "--encrypt", "--key-file", str(kf))
     run_cli(store, "volume", "create", "c", "4M", "--encrypt", "--key-file", str(kf))
-    r = run_cli(store, "--json", "serve", "--unlock", "a", "--passphrase-file", str(pw),
-                "--unlock", "b", "--key-file", str(kf), check=False)
-    pid = server_pid(store)
-    if pid is not None:
-        def stop() -> None:
-            run_cli(store, "stop", check=False)
-            if pid_alive(pid):
-                kill_pid(pid)
-        teardown.push(f"server {pid}", stop)
+    r = serve_cli(store, teardown, "--json", "--unlock", "a", "--passphrase-file", str(pw),
+                  "--unlock", "b", "--key-file", str(kf))
     assert r.returncode == 0, r
     assert r.json()["unlocked"] == ["a", "b"]
     state = {v["name"]: v["locked"] for v in run_cli(store, "--json", "volume", "list").json()}

@@ -16,10 +16,8 @@ import pytest
 from crypto_helpers import PATTERN
 from e2e_helpers import (  # noqa: F401  (teardown is a fixture)
     Teardown,
-    kill_pid,
-    pid_alive,
     run_cli,
-    server_pid,
+    serve_cli,
     teardown,
 )
 
@@ -126,14 +124,7 @@ def test_a_tampered_wrapped_key_is_bad_key_and_nothing_is_served(
         assert r.returncode == BAD_KEY, r
     assert state(store) == before
 
-    r = run_cli(store, "serve", "--unlock", "sec", "--passphrase-file", str(pw), check=False)
-    pid = server_pid(store)
-    if pid is not None:
-        def stop() -> None:
-            run_cli(store, "stop", check=False)
-            if pid_alive(pid):
-                kill_pid(pid)
-        teardown.push(f"server {pid}", stop)
+    r = serve_cli(store, teardown, "--unlock", "sec", "--passphrase-file", str(pw))
     assert r.returncode == BAD_KEY, r
     vols = {v["name"]: v for v in run_cli(store, "--json", "volume", "list").json()}
     assert vols["sec"]["locked"] and vols["kf"]["locked"]
