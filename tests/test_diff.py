@@ -100,6 +100,13 @@ def test_diff_matches_the_bytes_between_every_pair(engine: Engine, seed: int) ->
             written = set().union(*touched[i + 1:j + 1]) if b is not None else \
                 set().union(*touched[i + 1:], live_t)
             assert differs <= got, (a, b, sorted(differs - got))
+            # Where the target has data inside the changed ranges (the rest are holes there).
+            changed, data = diff.changed_and_data(e, "v", a, b)
+            assert blocks_of(changed) == got
+            status = e.block_status(vol, 0, NBLOCKS * BS) if b is None else \
+                e.snapshot_block_status(vol, b, 0, NBLOCKS * BS)
+            mapped = {k for o, n, alloc in status if alloc for k in range(o // BS, (o + n) // BS)}
+            assert blocks_of(data) == got & mapped, (a, b)
             assert got <= written, (a, b, sorted(got - written))
             # The index walk and the block-by-block comparison of the two maps agree.
             with e.native.txn() as t:

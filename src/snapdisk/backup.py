@@ -5,9 +5,9 @@ backup VOL@SNAP s3://BUCKET/PREFIX:
 1. The base: the newest manifest of that volume in the repository whose snapshot still exists
    here (same volume id and creation time, same snapshot id, name and creation time) and is
    older than SNAP.  None: a full backup (from empty).
-2. The ranges to upload: diff.changed_ranges(base, SNAP) (computed from the map's epochs,
-   never by reading data), intersected with SNAP's allocated runs (a trimmed range is dropped
-   from the base and becomes a hole), cut at every CHUNK_SIZE window of the address space.
+2. The ranges to upload: diff.changed_and_data(base, SNAP) (computed from the map's epochs,
+   never by reading data): the changed ranges where SNAP has data (a changed range without
+   is dropped from the base and becomes a hole), cut at every CHUNK_SIZE window.
 3. Those pieces are read and packed in order into chunks of up to CHUNK_SIZE bytes (an
    all-zero piece is a hole, never uploaded): in a full backup one chunk per window (its
    allocated data: a clone's backup names the same chunks as its origin's, so only its own
@@ -114,8 +114,11 @@ class Repository:
 
 
 def _changes(engine: Engine, volume: str, base: int | None, epoch: int
-             ) -> list[tuple[int, int]]:
-    return [(c.offset, c.length) for c in diff.changed_ranges(engine, volume, base, epoch)]
+             ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(the changed ranges, the part of them holding data at epoch): both from the map, in
+    O(changed records) (diff.changed_and_data), never a walk of the whole snapshot."""
+    changed, data = diff.changed_and_data(engine, volume, base, epoch)
+    return [(c.offset, c.length) for c in changed], [(c.offset, c.length) for c in data]
 
 
 def _find_base(engine: Engine, r: Repository, volume: str, info: Any, epoch: int
@@ -160,9 +163,8 @@ def backup(engine: Engine, volume: str, snap: str | int, url: str,
     size = srec.size_bytes
     if base is not None and base.size_bytes != size:
         base = None  # resized since: a full backup (simpler than clipping the base)
-    changed = _changes(engine, volume, base.snapshot["id"] if base else None, epoch)
-    allocated = [(o, n) for o, n, a in engine.snapshot_block_status(vol, epoch, 0, size) if a]
-    pieces = repo.split_windows(repo.intersect(changed, allocated))
+    changed, allocated = _changes(engine, volume, base.snapshot["id"] if base else None, epoch)
+    pieces = repo.split_windows(allocated)
     kept = repo.cut(base.extents, changed) if base else []
     up = _Uploader(r, Steps(sum(n for _, n in pieces), progress, cancel, every=1),
                    per_window=base is None)

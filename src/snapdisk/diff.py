@@ -64,12 +64,20 @@ def changed_ranges(engine: Engine, volume: str, base: str | int | None,
                    target: str | int | None, base_volume: str | None = None) -> list[Change]:
     """What changed from `base` (a snapshot of base_volume, default `volume`; None: an empty
     volume) to `target` (a snapshot of `volume`; None: its live state)."""
+    return changed_and_data(engine, volume, base, target, base_volume)[0]
+
+
+def changed_and_data(engine: Engine, volume: str, base: str | int | None,
+                     target: str | int | None, base_volume: str | None = None
+                     ) -> tuple[list[Change], list[Change]]:
+    """changed_ranges, and the part of them where the target has data (mapped blocks; the
+    rest of the changed ranges are holes there), both from the map in O(changed)."""
     if target is None:
         engine.commit_batch()
     with engine.native.txn() as t:
         to = _point(t, volume, target)
         if base is None:
-            ranges = _mapped(t, to)
+            ranges = data = _mapped(t, to)
         else:
             frm = _point(t, base_volume or volume, base)
             if frm.epoch is None:
@@ -78,10 +86,12 @@ def changed_ranges(engine: Engine, volume: str, base: str | int | None,
                 if to.epoch is not None and to.epoch < frm.epoch:
                     raise errors.InvalidArgument(
                         f"snapshot {base!r} is newer than {target!r}: give the older one first")
-                ranges = same_volume(t, to.vol, frm.epoch, to.epoch)
+                gone, data = _same_volume(t, to.vol, frm.epoch, to.epoch)
+                ranges = gone + data
             else:
                 ranges = _compare(t, frm, to)
-    return _finish(ranges, to.size_bytes)
+                data = _intersect(ranges, _mapped(t, to))
+    return _finish(ranges, to.size_bytes), _finish(data, to.size_bytes)
 
 
 def _point(t: Txn, volume: str, snap: str | int | None) -> Point:
@@ -98,23 +108,34 @@ def _point(t: Txn, volume: str, snap: str | int | None) -> Point:
 def same_volume(t: Txn, vol: int, a: int, b: int | None) -> list[tuple[int, int]]:
     """Block ranges [lo, hi) whose mapping differs between epoch a and epoch b (None: live),
     from the indexes: O(changed records + death epochs after a)."""
+    gone, born = _same_volume(t, vol, a, b)
+    return gone + born
+
+
+def _same_volume(t: Txn, vol: int, a: int, b: int | None
+                 ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(ranges of records visible at a and gone by b, ranges of records born after a and
+    visible at b).  The second set is where b has data inside the changed ranges; the rest of
+    them is a hole at b (two records visible at one epoch never overlap, so a record visible
+    at b that is not born after a was visible at a too, and is in neither set)."""
     hi = INFINITY if b is None else b
-    out: list[tuple[int, int]] = []
+    gone: list[tuple[int, int]] = []
+    born: list[tuple[int, int]] = []
     # Visible at a, gone by b.
     for _, _, lba, n in extmap.window(t, vol, a + 1, hi, 0, a):
-        out.append((lba, lba + n))
+        gone.append((lba, lba + n))
     # Born after a, visible at b: live ones through LIVEBIRTH ...
     vs = catalog.state(t, vol)
     if vs.flags & layout.VS_BIRTH_INDEXED:
         stop = layout.livebirth_key(vol, hi, INFINITY)
         for k, v in t.scan(layout.DB_LIVEBIRTH, layout.livebirth_key(vol, a + 1, 0), stop):
             _, _, lba = layout.parse_triple(k, "birth index key")
-            out.append((lba, lba + layout.decode_len(v, "birth index entry")))
+            born.append((lba, lba + layout.decode_len(v, "birth index entry")))
     # ... and, for a snapshot target, dead ones that died after it.
     if b is not None:
         for _, _, lba, n in extmap.window(t, vol, b + 1, INFINITY, a + 1, b):
-            out.append((lba, lba + n))
-    return out
+            born.append((lba, lba + n))
+    return gone, born
 
 
 def _view(t: Txn, p: Point) -> list[Extent]:
@@ -157,6 +178,19 @@ def _pbn_at(v: list[Extent], i: int, lba: int) -> int | None:
     if i < len(v) and v[i].lba <= lba < v[i].lba + v[i].len:
         return int(v[i].pbn) + (lba - v[i].lba)
     return None
+
+
+def _intersect(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    a, b = extmap.merge_ranges(a), extmap.merge_ranges(b)
+    out, j = [], 0
+    for lo, hi in a:
+        while j < len(b) and b[j][1] <= lo:
+            j += 1
+        k = j
+        while k < len(b) and b[k][0] < hi:
+            out.append((max(lo, b[k][0]), min(hi, b[k][1])))
+            k += 1
+    return out
 
 
 def _finish(ranges: list[tuple[int, int]], size_bytes: int) -> list[Change]:
