@@ -358,8 +358,10 @@ void xm_wtxn_end(xm_store *st, int committed)
     st->ov_gen++;
     pthread_cond_broadcast(&st->ov_cv);
     pthread_mutex_unlock(&st->ov_mu);
-    if (committed)
+    if (committed) {
+        xm_commit_done(st);
         xm_space_after_commit(st); /* keep data.mdb's headroom */
+    }
 }
 
 /* Apply the overlay in a transaction of its own (the committer, xm_sync, a full overlay). */
@@ -377,14 +379,17 @@ int xm_batch_commit(xm_store *st)
     if (idle)
         return XM_OK;
     /* The data first, holding no lock: entries published before it began are covered, and
-     * neither writers (who may need the writer lock for a reservation) nor the next snapshot
-     * wait behind this fdatasync. */
+     * neither writers nor the next snapshot wait behind this fdatasync.  (xm_sync's own
+     * fdatasync may already cover them.) */
     pthread_mutex_lock(&st->ov_mu);
     uint64_t covered = st->ov_seq;
+    int need = covered > st->synced_seq;
     pthread_mutex_unlock(&st->ov_mu);
-    if (fdatasync(st->pool_fd) != 0)
-        return errno;
-    synced(st, covered);
+    if (need) {
+        if (fdatasync(st->pool_fd) != 0)
+            return errno;
+        synced(st, covered);
+    }
     pthread_mutex_lock(&st->apply_mu);
     int rc = xm_rc(mdb_txn_begin(st->env, NULL, 0, &t));
     if (rc) {
@@ -412,9 +417,22 @@ int xm_batch_commit(xm_store *st)
     pthread_cond_broadcast(&st->ov_cv);
     pthread_mutex_unlock(&st->ov_mu);
     pthread_mutex_unlock(&st->apply_mu);
-    if (rc == XM_OK)
+    if (rc == XM_OK) {
+        xm_commit_done(st);
         xm_space_after_commit(st);
+    }
     return rc;
+}
+
+int xm_batch_sync_data(xm_store *st)
+{
+    pthread_mutex_lock(&st->ov_mu);
+    uint64_t covered = st->ov_seq;
+    pthread_mutex_unlock(&st->ov_mu);
+    if (fdatasync(st->pool_fd) != 0)
+        return errno;
+    synced(st, covered);
+    return XM_OK;
 }
 
 int xm_pool_datasync(xm_store *st)

@@ -181,7 +181,12 @@ def default_export(readonly: bool, is_tls: bool) -> str:
 
 @_guarded
 def open(readonly: bool) -> Connection:
-    return _service().open_export(nbdkit.export_name(), readonly)  # the canonical name
+    svc = _service()
+    h = svc.open_export(nbdkit.export_name(), readonly)  # the canonical name
+    if h.epoch is None:  # a live export's reads: one C call, counted there (issue 9 item 4)
+        h.bind_counted_read(svc.require_engine().native.counted_reader(
+            h.vol, h.cconn, f"export {h.export!r}"))
+    return h
 
 
 def close(h: Connection) -> None:
@@ -249,6 +254,9 @@ def can_multi_conn(h: Connection) -> bool:
 
 def pread(h: Connection, buf: Any, offset: int, flags: int) -> None:
     try:
+        if h.counted:  # xm_conn_read counts it in flight and checks the revocation
+            h.read(offset, buf)  # type: ignore[misc]
+            return
         _enter(h)
         try:
             h.read(offset, buf)  # type: ignore[misc]

@@ -18,7 +18,7 @@ from typing import Any
 from . import bulk, capacity, catalog, encryption, errors, extmap, layout
 from .catalog import KINDS, SnapshotInfo, SnapshotRecord, VolState, VolumeRecord
 from .layout import BLOCK_SIZE, DB_LIVEBIRTH
-from .native import NativeStore, Txn
+from .native import NativeStore, Txn, batch_commit
 from .store import StoreConfig
 from .volume import PUNCH_BULK_MIN_BLOCKS, DataPath, Freed, configure
 
@@ -79,10 +79,15 @@ class Snapshots:
         if name is not None:
             catalog.check_name(name, "snapshot")
         freed: Freed = []
+        # The overlay's pending batch first, outside the gate (its fdatasync and commit), so
+        # that the snapshot's own transaction applies only the few writes since.
+        batch_commit(self.native)
         t0 = time.perf_counter()
         with self.native.gate_exclusive():
-            t1 = time.perf_counter()  # the gate wait; then one synced transaction that also
-            with self.native.txn(write=True) as t:  # applies the group-commit overlay
+            t1 = time.perf_counter()  # the gate wait; then one transaction that also applies
+            # the group-commit overlay; its durability point waits until the gate is open
+            # again (I/O after it needs it visible, not durable: docs/design.md)
+            with self.native.txn(write=True, deferred=True) as t:
                 vol = catalog.vol_id(t, volume)
                 vs = catalog.state(t, vol)
                 rec = catalog.vol_record(t, vol)
@@ -102,6 +107,7 @@ class Snapshots:
                 vs.save(t)
             t2 = time.perf_counter()
             configure(self.native, vs)
+        self.native.env_sync()  # durable before the reply, and before punching what it freed
         self.io.punch(freed, PUNCH_BULK_MIN_BLOCKS)
         return SnapshotInfo(volume, epoch, name, snap.created, kind, policy, vs.size_bytes,
                             snap.referenced_blocks * BLOCK_SIZE, slot=slot, expires=expires,
