@@ -73,6 +73,18 @@ static void ov_settle(xm_store *st, int committed)
 {
     st->ov_busy = 0;
     pthread_cond_broadcast(&st->ov_cv);
+    /* Every write transaction settles: one that took nothing (a bulk chunk, a Python
+     * transaction with an empty overlay) must not pay the table's scan and memset (perf: 25 %
+     * of a rollback's CPU, with reserve's scan below). */
+    uint32_t ntaken = st->ov_ntaken;
+    st->ov_ntaken = 0;
+    if (ntaken == 0)
+        return;
+    if (committed && ntaken == st->ov_count) { /* all of them: the common case */
+        memset(st->ov, 0, st->ov_slots * sizeof *st->ov);
+        st->ov_count = 0;
+        return;
+    }
     if (!committed) {
         for (uint32_t i = 0; i < st->ov_slots; i++)
             st->ov[i].taken = 0;
@@ -276,11 +288,13 @@ static int take_upto(xm_store *st, ov_ent **out, size_t *n, uint64_t max_seq)
     ov_ent *e = malloc(st->ov_count * sizeof *e);
     if (!e)
         return ENOMEM;
-    for (uint32_t i = 0; i < st->ov_slots; i++)
-        if (st->ov[i].used && st->ov[i].seq <= max_seq) {
+    uint32_t seen = 0;
+    for (uint32_t i = 0; i < st->ov_slots && seen < st->ov_count; i++)
+        if (st->ov[i].used && (++seen, st->ov[i].seq <= max_seq)) {
             st->ov[i].taken = 1;
             e[(*n)++] = st->ov[i];
         }
+    st->ov_ntaken = (uint32_t)*n;
     *out = e;
     return XM_OK;
 }

@@ -224,6 +224,7 @@ void xm_close(xm_store *st)
             open_stores[i] = NULL;
     pthread_mutex_unlock(&open_mu);
     xm_batch_fini(st);
+    (void)xm_env_sync(st); /* a clean close leaves every commit durable (a no-op if synced) */
     drain_rtxns(st);
     mdb_env_close(st->env);
     if (st->pool_fd >= 0)

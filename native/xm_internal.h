@@ -80,6 +80,7 @@ struct xm_store {
     ov_ent *ov;                /* ov_slots slots */
     ov_ent *ov_spare;          /* ov_slots / 2: ov_settle's copy (so it cannot fail) */
     uint32_t ov_slots, ov_max, ov_count, ov_inflight;
+    uint32_t ov_ntaken;        /* entries marked taken (take_upto), until the settle */
     uint64_t ov_gen;           /* bumped by every commit that changed the live map */
     uint64_t ov_seq;           /* entries published so far */
     uint64_t synced_seq;       /* entries up to this one have their data fdatasync()ed */

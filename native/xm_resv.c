@@ -79,7 +79,7 @@ static int reserve(xm_store *st, uint64_t want)
         rc = ENOMEM;
         goto out;
     }
-    for (uint32_t i = 0; i < st->ov_slots; i++)
+    for (uint32_t i = 0; i < st->ov_slots && nused < st->ov_count; i++)
         if (st->ov[i].used)
             used[nused++] = st->ov[i].pbn;
     qsort(used, nused, sizeof *used, cmp_u64);
