@@ -18,7 +18,7 @@ from typing import Any
 from . import bulk, capacity, catalog, encryption, errors, extmap, layout
 from .catalog import KINDS, SnapshotInfo, SnapshotRecord, VolState, VolumeRecord
 from .layout import BLOCK_SIZE, DB_LIVEBIRTH
-from .native import NativeStore, Txn, batch_commit
+from .native import NativeStore, Txn
 from .store import StoreConfig
 from .volume import PUNCH_BULK_MIN_BLOCKS, DataPath, Freed, configure
 
@@ -79,9 +79,6 @@ class Snapshots:
         if name is not None:
             catalog.check_name(name, "snapshot")
         freed: Freed = []
-        # The overlay's pending batch first, outside the gate (its fdatasync and commit), so
-        # that the snapshot's own transaction applies only the few writes since.
-        batch_commit(self.native)
         t0 = time.perf_counter()
         with self.native.gate_exclusive():
             t1 = time.perf_counter()  # the gate wait; then one transaction that also applies
