@@ -308,6 +308,30 @@ int xm_batch_error(xm_store *st);
 /* fdatasync the pool only: the Python write path calls it before committing a map change that
  * points at data it just wrote (data before map). */
 int xm_pool_datasync(xm_store *st);
+/* ---- durability points (issue 9, perf: MDB_NOMETASYNC) ---- */
+/* Make every committed transaction durable (mdb_env_sync(env, 1), skipped when no commit
+ * happened since the last one).  Commits are MDB_NOMETASYNC: a system crash may undo the last
+ * one until this (or the next commit) runs; see docs/design.md, "Durability". */
+int xm_env_sync(xm_store *st);
+/* Commit without the durability sync that xm_txn_commit does: the caller calls xm_env_sync
+ * before it tells anyone the change happened (snapshot create: after reopening the I/O gate). */
+int xm_txn_commit_deferred(xm_txn *txn);
+/* ---- the read hot path in one call (issue 9 item 4) ---- */
+/* One NBD connection's request count and revocation flag (connections.py's Connection.inflight
+ * and generation check, in C).  Allocated by Python (ffi.new), zeroed. */
+typedef struct {
+    uint32_t inflight;
+    uint32_t revoked;
+} xm_conn;
+#define XM_EREVOKED -30970        /* the connection was revoked (a forced rollback): reconnect */
+/* xm_read, counted in flight on c and refused (XM_EREVOKED) once c is revoked.  The count
+ * comes before the check, and xm_conn_revoke's store before the reader of xm_conn_inflight
+ * looks (both sequentially consistent): either the revoker sees this read in flight and waits
+ * for it, or this read sees the revocation. */
+int xm_conn_read(xm_store *st, xm_conn *c, uint32_t vol, uint64_t offset, uint64_t length,
+                 uint8_t *buf);
+void xm_conn_revoke(xm_conn *c);
+uint32_t xm_conn_inflight(xm_conn *c);
 
 /* cdef-end */
 

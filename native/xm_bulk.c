@@ -16,7 +16,7 @@
  *
  * Blocks freed by a chunk go to PENDING under the chunk's seq (allocator.release) and, after the
  * commit, merged runs of at least `punch_min` blocks are punched out of the pool file (like
- * volume.DataPath.punch).
+ * volume.DataPath.punch).  A chunk's transaction and its punch: xm_bulk_chunk.c.
  */
 #include "xm_bulk.h"
 
@@ -56,43 +56,6 @@ int bk_get_fixed(xm_store *st, MDB_txn *t, MDB_dbi d, const void *k, size_t kl, 
     return xm_row_get_fixed(st, t, d, k, kl, want, out);
 }
 
-
-static int freed_add(freed_list *f, uint64_t pbn, uint64_t len)
-{
-    if (f->n == f->cap) {
-        size_t cap = f->cap ? 2 * f->cap : 256;
-        void *p = realloc(f->run, cap * sizeof *f->run);
-        if (!p)
-            return ENOMEM;
-        f->run = p;
-        f->cap = cap;
-    }
-    f->run[f->n][0] = pbn;
-    f->run[f->n][1] = len;
-    f->n++;
-    return XM_OK;
-}
-
-static int cmp_run(const void *a, const void *b)
-{
-    uint64_t x = ((const uint64_t *)a)[0], y = ((const uint64_t *)b)[0];
-    return x < y ? -1 : x > y;
-}
-
-/* Twin of DataPath.punch: merged runs of at least min blocks go back to the filesystem.  A punch
- * failure is not an error of the walk (the blocks are free in the allocator either way). */
-static void freed_punch(xm_store *st, freed_list *f, uint64_t min)
-{
-    qsort(f->run, f->n, sizeof *f->run, cmp_run);
-    for (size_t i = 0; i < f->n;) {
-        uint64_t a = f->run[i][0], b = a + f->run[i][1];
-        for (i++; i < f->n && f->run[i][0] <= b; i++)
-            if (f->run[i][0] + f->run[i][1] > b)
-                b = f->run[i][0] + f->run[i][1];
-        if (b - a >= min)
-            (void)xm_pool_punch(st, a, b - a);
-    }
-}
 
 
 static int meta_get_u64(chunk *c, const char *name, uint64_t *out)
@@ -264,27 +227,6 @@ static int count_down(chunk *c, const uint8_t key[XM_TRIPLE_KEY_LEN], uint64_t l
         return bk_del(c->t, d, key, XM_TRIPLE_KEY_LEN);
     xm_put_le64(v, n - len);
     return bk_put(c->t, d, key, XM_TRIPLE_KEY_LEN, v, XM_U64_LEN);
-}
-
-int bk_begin(chunk *c, xm_store *st)
-{
-    memset(c, 0, sizeof *c);
-    c->st = st;
-    return xm_wtxn_begin(st, &c->t);
-}
-
-/* Commit (rc == XM_OK) or abort, punch what the committed chunk freed, free the list. */
-int bk_end(chunk *c, int rc, uint64_t punch_min)
-{
-    if (rc == XM_OK)
-        rc = xm_rc(mdb_txn_commit(c->t));
-    else
-        mdb_txn_abort(c->t);
-    xm_wtxn_end(c->st, rc == XM_OK); /* group commit's settle; data.mdb's headroom */
-    if (rc == XM_OK)
-        freed_punch(c->st, &c->freed, punch_min);
-    free(c->freed.run);
-    return rc;
 }
 
 typedef struct {

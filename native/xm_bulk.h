@@ -33,6 +33,7 @@ int bk_del(MDB_txn *t, MDB_dbi d, const void *k, size_t kl);
 /* The value under k if it is exactly want bytes long (XM_ENOTFOUND, XM_ECORRUPT). */
 int bk_get_fixed(xm_store *st, MDB_txn *t, MDB_dbi d, const void *k, size_t kl, size_t want,
                  const uint8_t **out);
+int freed_add(freed_list *f, uint64_t pbn, uint64_t len);
 int bk_begin(chunk *c, xm_store *st);
 /* Commit (rc == XM_OK) or abort; after a commit, punch merged freed runs >= punch_min. */
 int bk_end(chunk *c, int rc, uint64_t punch_min);

@@ -13,9 +13,16 @@
  * transactions (xm_txn_begin(write=1)) are LMDB's: one at a time, committed on the thread that
  * began them.
  *
- * Durability: commits are synced (LMDB's default) unless XM_OPEN_UNSAFE_NOSYNC; redirected
+ * Durability: the environment is opened with MDB_NOMETASYNC (unless XM_OPEN_UNSAFE_NOSYNC):
+ * each commit msync()s the map (the transaction's pages, and the previous commit's meta page)
+ * before it writes its own meta page, unsynced.  LMDB (lmdb.h, MDB_NOMETASYNC): "preserves the
+ * ACI ... but not D": a system crash may undo the last commit, never damage the environment.
+ * D comes from xm_env_sync (mdb_env_sync(env, 1)) at every point that promises durability:
+ * xm_sync (FLUSH, FUA, close), xm_txn_commit (every Python write transaction, unless
+ * deferred), the end of a bulk operation, before punching what a bulk chunk freed.  Redirected
  * writes are group-committed (xm_batch.c), the pool fdatasync()ed before each batch.  xm_sync
- * applies the batch and makes everything durable in order: pool data first, then the map.
+ * makes everything durable in order: pool data first, then the map.  docs/design.md,
+ * "Durability", has the whole argument.
  */
 #include "xm_internal.h"
 
@@ -155,6 +162,11 @@ int xm_open(const char *dir_path, const char *pool_path, unsigned flags, uint64_
     unsigned eflags = MDB_NOTLS | MDB_NORDAHEAD | MDB_WRITEMAP;
     if (flags & XM_OPEN_UNSAFE_NOSYNC)
         eflags |= MDB_NOSYNC; /* LMDB: a system crash can lose commits and damage the env */
+    else
+        eflags |= MDB_NOMETASYNC; /* one map flush per commit; D at xm_env_sync (top) */
+    st->unsafe = (flags & XM_OPEN_UNSAFE_NOSYNC) != 0;
+    st->commits = 1; /* open_dbs's commit: the first xm_env_sync covers it */
+    pthread_mutex_init(&st->sync_mu, NULL);
     if ((rc = mdb_env_open(st->env, dir_path, eflags, 0600)))
         goto fail;
     /* The structure first: opening the databases already walks the main B-tree. */
@@ -212,11 +224,13 @@ void xm_close(xm_store *st)
             open_stores[i] = NULL;
     pthread_mutex_unlock(&open_mu);
     xm_batch_fini(st);
+    (void)xm_env_sync(st); /* a clean close leaves every commit durable (a no-op if synced) */
     drain_rtxns(st);
     mdb_env_close(st->env);
     if (st->pool_fd >= 0)
         close(st->pool_fd);
     pthread_rwlock_destroy(&st->gate);
+    pthread_mutex_destroy(&st->sync_mu);
     pthread_mutex_destroy(&st->mu);
     for (int i = 0; i < RMW_LOCKS; i++)
         pthread_mutex_destroy(&st->rmw[i]);
@@ -226,17 +240,47 @@ void xm_close(xm_store *st)
     free(st);
 }
 
+/* mdb_env_sync(env, 1) unless no commit happened since the last one: every commit counted
+ * before it is durable after it (with MDB_WRITEMAP it msync()s the whole map, meta pages
+ * included). */
+static int env_sync(xm_store *st)
+{
+    uint64_t c = __atomic_load_n(&st->commits, __ATOMIC_ACQUIRE);
+    int rc = XM_OK;
+    pthread_mutex_lock(&st->sync_mu);
+    if (st->synced_commits < c) {
+        rc = xm_rc(mdb_env_sync(st->env, 1));
+        if (rc == XM_OK)
+            st->synced_commits = c;
+    }
+    pthread_mutex_unlock(&st->sync_mu);
+    return rc;
+}
+
+void xm_commit_done(xm_store *st)
+{
+    __atomic_add_fetch(&st->commits, 1, __ATOMIC_RELEASE);
+}
+
+int xm_env_sync(xm_store *st)
+{
+    /* An unsafe_nosync store promises nothing between FLUSHes (engine.durable syncs its
+     * control ops with xm_sync). */
+    return st->unsafe ? XM_OK : env_sync(st);
+}
+
 int xm_sync(xm_store *st)
 {
-    /* The batch first (its own fdatasync, then its synced commit), then what was written in
-     * place since, then the map (a no-op unless MDB_NOSYNC). */
-    int rc = xm_batch_commit(st);
+    /* One pool fdatasync covers every write completed before this call: in place, and the
+     * data of every overlay entry published so far.  Then the batch (its commit skips its own
+     * fdatasync: covered), then the map's durability point. */
+    int rc = xm_batch_sync_data(st);
+    if (rc == XM_OK)
+        rc = xm_batch_commit(st);
     if (rc)
         return rc;
     xm_batch_error(st); /* a failure of the committer's was retried by this commit */
-    if (fdatasync(st->pool_fd) != 0)
-        return errno;
-    return xm_rc(mdb_env_sync(st->env, 1));
+    return env_sync(st);
 }
 
 void xm_get_stats(xm_store *st, xm_stats *out)

@@ -80,6 +80,7 @@ struct xm_store {
     ov_ent *ov;                /* ov_slots slots */
     ov_ent *ov_spare;          /* ov_slots / 2: ov_settle's copy (so it cannot fail) */
     uint32_t ov_slots, ov_max, ov_count, ov_inflight;
+    uint32_t ov_ntaken;        /* entries marked taken (take_upto), until the settle */
     uint64_t ov_gen;           /* bumped by every commit that changed the live map */
     uint64_t ov_seq;           /* entries published so far */
     uint64_t synced_seq;       /* entries up to this one have their data fdatasync()ed */
@@ -90,6 +91,10 @@ struct xm_store {
     size_t nresv;
     uint64_t resv_blocks;
     int batch_err;             /* the committer's last failure, reported by xm_sync */
+    uint64_t commits;          /* LMDB write commits so far (atomic; xm_env_sync) */
+    uint64_t synced_commits;   /* commits made durable by xm_env_sync (sync_mu) */
+    pthread_mutex_t sync_mu;   /* one xm_env_sync at a time */
+    int unsafe;                /* XM_OPEN_UNSAFE_NOSYNC */
     uint64_t interval_us;
     pthread_t committer;
     int committer_on, stop;
@@ -182,6 +187,10 @@ int xm_ov_ensure(xm_store *st, uint64_t need);
  * commit or abort. */
 int xm_wtxn_begin(xm_store *st, MDB_txn **out);
 void xm_wtxn_end(xm_store *st, int committed);
+/* After every successful mdb_txn_commit of a write transaction (xm_env.c's count). */
+void xm_commit_done(xm_store *st);
+/* fdatasync the pool, covering every overlay entry published so far (xm_batch.c). */
+int xm_batch_sync_data(xm_store *st);
 /* Before a Python read transaction: apply the overlay, so that what Python reads of the map
  * (LIVE, counters, usage, check) includes the redirected writes.  Skipped while a foreign
  * write transaction is open (it applies the overlay itself, and may be this thread's). */

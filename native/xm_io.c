@@ -153,6 +153,26 @@ static int paint(xm_extent *out, size_t *k, size_t cap, const xm_ovhits *ov)
     return XM_OK;
 }
 
+int xm_conn_read(xm_store *st, xm_conn *c, uint32_t vol, uint64_t offset, uint64_t length,
+                 uint8_t *buf)
+{
+    __atomic_add_fetch(&c->inflight, 1, __ATOMIC_SEQ_CST);
+    int rc = __atomic_load_n(&c->revoked, __ATOMIC_SEQ_CST) ? XM_EREVOKED
+                                                             : xm_read(st, vol, offset, length, buf);
+    __atomic_sub_fetch(&c->inflight, 1, __ATOMIC_SEQ_CST);
+    return rc;
+}
+
+void xm_conn_revoke(xm_conn *c)
+{
+    __atomic_store_n(&c->revoked, 1, __ATOMIC_SEQ_CST);
+}
+
+uint32_t xm_conn_inflight(xm_conn *c)
+{
+    return __atomic_load_n(&c->inflight, __ATOMIC_SEQ_CST);
+}
+
 int xm_read(xm_store *st, uint32_t vol, uint64_t offset, uint64_t length, uint8_t *buf)
 {
     xm_extent recs[BATCH], plan[PLAN_CAP];

@@ -40,13 +40,26 @@ int xm_txn_begin(xm_store *st, int write, xm_txn **out)
     return XM_OK;
 }
 
-int xm_txn_commit(xm_txn *t)
+int xm_txn_commit_deferred(xm_txn *t)
 {
     int rc = mdb_txn_commit(t->txn);
     if (t->write)
-        xm_wtxn_end(t->st, rc == 0); /* (xm_space_after_commit is in there) */
+        xm_wtxn_end(t->st, rc == 0); /* (xm_space_after_commit, xm_commit_done are in there) */
     free(t);
     return xm_rc(rc);
+}
+
+/* A write transaction from Python is durable when this returns (MDB_NOMETASYNC: the commit
+ * alone may be undone by a system crash; xm_env_sync makes it durable).  Same cost as an
+ * LMDB synced commit: two flushes of the map. */
+int xm_txn_commit(xm_txn *t)
+{
+    xm_store *st = t->st;
+    int write = t->write;
+    int rc = xm_txn_commit_deferred(t);
+    if (rc == XM_OK && write)
+        rc = xm_env_sync(st);
+    return rc;
 }
 
 void xm_txn_abort(xm_txn *t)

@@ -10,6 +10,11 @@ the one way (in nbdkit 1.32) to cut a client off.
     later I/O fails with ESHUTDOWN (StaleConnection), waits until their in-flight I/O is done
     (no request that started before the revocation lands after it), then asks its owner to
     disconnect them (on_revoke).
+  * A live export's reads skip enter()/leave(): the plugin binds them (`bind_counted_read`) to
+    one C call, xm_conn_read, that counts the request in flight on the connection's `cconn`
+    and refuses it once revoked, with the same ordering argument as enter() (issue 9 item 4:
+    a 4 KiB read is one C call, no Python bookkeeping).  reserve() revokes and waits for both
+    counts.
   * `ClientSockets` finds the NBD clients' sockets of this process and shuts them down.
 
 nbdkit 1.32 gives a Python plugin no way to end a connection: nbdkit.disconnect() came later,
@@ -39,13 +44,14 @@ from contextlib import contextmanager, suppress
 from typing import Any
 
 from . import errors
+from ._xm import ffi, lib
 
 
 class Connection:
     """One NBD connection's handle (what the plugin's open() returns)."""
 
     __slots__ = ("export", "vol", "epoch", "key", "size_bytes", "readonly", "generation",
-                 "inflight", "opened", "socket_inode", "read", "write")
+                 "inflight", "opened", "socket_inode", "read", "write", "cconn", "counted")
 
     def __init__(self, export: str, vol: int, epoch: int | None, size_bytes: int, readonly: bool):
         self.export = export
@@ -63,6 +69,19 @@ class Connection:
         # The plugin's hot path, bound at open (Engine.live_io / snapshot_reader).
         self.read: Callable[[int, Any], None] | None = None
         self.write: Callable[[int, Any, bool], None] | None = None
+        # The C twin of inflight and of the generation check (xm_conn), and whether read is
+        # counted there (bind_counted_read) instead of by enter()/leave().
+        self.cconn: Any = ffi.new("xm_conn *")
+        self.counted = False
+
+    def bind_counted_read(self, read: Callable[[int, Any], None]) -> None:
+        """read: a reader that counts itself on self.cconn (NativeStore.counted_reader)."""
+        self.read = read
+        self.counted = True
+
+    def busy(self) -> bool:
+        """Requests in flight, counted in Python (enter) or in C (xm_conn_read)."""
+        return bool(self.inflight) or lib.xm_conn_inflight(self.cconn) > 0
 
 
 class Connections:
@@ -143,6 +162,8 @@ class Connections:
             self._reserved[vol] = what
             for key in {(c.vol, c.epoch) for c in hit}:
                 self._generation[key] = self._generation.get(key, 0) + 1
+            for c in hit:  # every connection of those keys is in hit: the same set, in C
+                lib.xm_conn_revoke(c.cconn)
         try:
             for c in hit:
                 self._wait_idle(c, deadline)
@@ -158,7 +179,7 @@ class Connections:
     def _wait_idle(c: Connection, deadline: float) -> None:
         """Wait for the requests c started before its revocation."""
         while True:
-            if not c.inflight:
+            if not c.busy():
                 return
             if time.monotonic() > deadline:
                 raise errors.Busy(f"export {c.export!r}: requests still in flight after revocation")

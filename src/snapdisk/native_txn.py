@@ -19,9 +19,12 @@ class Txn:
     """An LMDB transaction through the C core.  Use as a context manager: commit on success,
     abort on exception.  A write transaction must end on the thread that began it."""
 
-    def __init__(self, handle: NativeStore, write: bool):
+    def __init__(self, handle: NativeStore, write: bool, deferred: bool = False):
         self._store = handle
         self.write = write
+        # deferred: commit without the durability sync (MDB_NOMETASYNC: a system crash may
+        # undo the commit); the caller runs NativeStore.env_sync() before it reports success.
+        self.deferred = deferred
         p = ffi.new("xm_txn **")
         check(lib.xm_txn_begin(handle.ptr, 1 if write else 0, p), "begin transaction")
         self._t: Any = p[0]
@@ -42,7 +45,7 @@ class Txn:
 
     def commit(self) -> None:
         t, self._t = self._t, None
-        check(lib.xm_txn_commit(t), "commit")
+        check((lib.xm_txn_commit_deferred if self.deferred else lib.xm_txn_commit)(t), "commit")
 
     def abort(self) -> None:
         t, self._t = self._t, None
