@@ -35,37 +35,37 @@ static int cmp_run(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
-/* Twin of DataPath.punch: merged runs of at least min blocks go back to the filesystem.  A punch
- * failure is not an error of the walk (the blocks are free in the allocator either way). */
-static void freed_punch(xm_store *st, freed_list *f, uint64_t min)
+/* The merged runs of f of at least min blocks: punched back to the filesystem when st is given
+ * (twin of DataPath.punch; a punch failure is not an error of the walk: the blocks are free in
+ * the allocator either way); returns whether there is any such run. */
+static int merged_runs(xm_store *st, freed_list *f, uint64_t min)
 {
+    int any = 0;
     qsort(f->run, f->n, sizeof *f->run, cmp_run);
     for (size_t i = 0; i < f->n;) {
         uint64_t a = f->run[i][0], b = a + f->run[i][1];
         for (i++; i < f->n && f->run[i][0] <= b; i++)
             if (f->run[i][0] + f->run[i][1] > b)
                 b = f->run[i][0] + f->run[i][1];
-        if (b - a >= min)
+        if (b - a >= min) {
+            if (st == NULL)
+                return 1;
+            any = 1;
             (void)xm_pool_punch(st, a, b - a);
+        }
     }
+    return any;
 }
 
+static void freed_punch(xm_store *st, freed_list *f, uint64_t min)
+{
+    (void)merged_runs(st, f, min);
+}
 
 /* Would freed_punch punch anything? */
 static int punchable(freed_list *f, uint64_t min)
 {
-    if (f->n == 0)
-        return 0;
-    qsort(f->run, f->n, sizeof *f->run, cmp_run);
-    for (size_t i = 0; i < f->n;) {
-        uint64_t a = f->run[i][0], b = a + f->run[i][1];
-        for (i++; i < f->n && f->run[i][0] <= b; i++)
-            if (f->run[i][0] + f->run[i][1] > b)
-                b = f->run[i][0] + f->run[i][1];
-        if (b - a >= min)
-            return 1;
-    }
-    return 0;
+    return f->n != 0 && merged_runs(NULL, f, min);
 }
 
 int bk_begin(chunk *c, xm_store *st)
