@@ -13,6 +13,8 @@ import os
 import time
 from typing import Any
 
+from benchmarks.dr_bench import section as section_dr
+from benchmarks.encryption import section as section_encryption
 from benchmarks.policy_bench import section_policy
 from benchmarks.report_base import Doc, Target, fmt_span, human_bytes
 from benchmarks.report_io import section_core, section_first_writes, section_steady
@@ -123,13 +125,9 @@ def build(out: str, res: dict[str, Any]) -> str:
         section_multiconn(body, sc["multi-conn"])
     if "policy" in sc:
         section_policy(body, sc["policy"], targets)
-    # ---- issue 11: encrypted volumes (benchmarks/encryption.py) ----
     if "encryption" in sc:
-        from benchmarks.encryption import section as section_encryption
         section_encryption(body, sc["encryption"], targets)
-    # ---- issue 13: disaster recovery (benchmarks/dr_bench.py) ----
     if "disaster-recovery" in sc:
-        from benchmarks.dr_bench import section as section_dr
         section_dr(body, sc["disaster-recovery"], targets)
     for name, err in res["errors"].items():
         body(f"## {name}: failed", "", "```", err.rstrip()[-3000:], "```", "")

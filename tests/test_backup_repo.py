@@ -93,7 +93,6 @@ def test_extent_arithmetic() -> None:
     assert kept == [Extent(0, 4096, "a" * 64, 0), Extent(8192, 4096, "a" * 64, 8192),
                     Extent(69632, 4096, "b" * 64, 8192)]
     assert repo.cut(base, []) == base
-    assert repo.intersect([(0, 10), (20, 10)], [(5, 20)]) == [(5, 5), (20, 5)]
     mib = repo.CHUNK_SIZE
     assert repo.split_windows([(mib - 4096, 8192), (3 * mib, 2 * mib)]) == \
         [(mib - 4096, 4096), (mib, 4096), (3 * mib, mib), (4 * mib, mib)]

@@ -100,3 +100,10 @@ def test_range_helpers() -> None:
     assert extmap.merge_ranges([(5, 7), (0, 2), (1, 3), (7, 8)]) == [(0, 3), (5, 8)]
     assert extmap.clip([Extent(0, 100, 1, 10), Extent(20, 200, 1, 5)], 5, 22) == [
         Extent(5, 105, 1, 5), Extent(20, 200, 1, 2)]
+
+
+def test_intersect_ranges() -> None:
+    """[lo, hi) overlaps (diff.py: the changed ranges where a view maps blocks)."""
+    assert extmap.intersect_ranges([(0, 10), (20, 30)], [(5, 25)]) == [(5, 10), (20, 25)]
+    assert extmap.intersect_ranges([(5, 25)], [(20, 30), (0, 10)]) == [(5, 10), (20, 25)]
+    assert extmap.intersect_ranges([(0, 4)], [(4, 8)]) == []

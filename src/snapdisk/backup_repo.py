@@ -285,22 +285,6 @@ def merge(a: list[Extent], b: list[Extent]) -> list[Extent]:
     return sorted(a + b, key=lambda e: e.offset)
 
 
-def intersect(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The overlap of two sorted lists of (offset, length) ranges."""
-    out: list[tuple[int, int]] = []
-    i = j = 0
-    while i < len(a) and j < len(b):
-        lo = max(a[i][0], b[j][0])
-        hi = min(sum(a[i]), sum(b[j]))
-        if lo < hi:
-            out.append((lo, hi - lo))
-        if sum(a[i]) < sum(b[j]):
-            i += 1
-        else:
-            j += 1
-    return out
-
-
 def split_windows(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """ranges cut at every CHUNK_SIZE boundary of the address space (a piece never spans two
     windows: a whole window's piece is a whole chunk, the same in every backup)."""

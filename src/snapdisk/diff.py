@@ -89,8 +89,9 @@ def changed_and_data(engine: Engine, volume: str, base: str | int | None,
                 gone, data = _same_volume(t, to.vol, frm.epoch, to.epoch)
                 ranges = gone + data
             else:
-                ranges = _compare(t, frm, to)
-                data = _intersect(ranges, _mapped(t, to))
+                view = _view(t, to)
+                ranges = compare_views(_view(t, frm), view)
+                data = extmap.intersect_ranges(ranges, _ranges(view))
     return _finish(ranges, to.size_bytes), _finish(data, to.size_bytes)
 
 
@@ -147,8 +148,12 @@ def _view(t: Txn, p: Point) -> list[Extent]:
     return extmap.clip(sorted(recs), 0, nblocks)
 
 
+def _ranges(view: list[Extent]) -> list[tuple[int, int]]:
+    return [(e.lba, e.lba + e.len) for e in view]
+
+
 def _mapped(t: Txn, p: Point) -> list[tuple[int, int]]:
-    return [(e.lba, e.lba + e.len) for e in _view(t, p)]
+    return _ranges(_view(t, p))
 
 
 def _compare(t: Txn, a: Point, b: Point) -> list[tuple[int, int]]:
@@ -178,19 +183,6 @@ def _pbn_at(v: list[Extent], i: int, lba: int) -> int | None:
     if i < len(v) and v[i].lba <= lba < v[i].lba + v[i].len:
         return int(v[i].pbn) + (lba - v[i].lba)
     return None
-
-
-def _intersect(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    a, b = extmap.merge_ranges(a), extmap.merge_ranges(b)
-    out, j = [], 0
-    for lo, hi in a:
-        while j < len(b) and b[j][1] <= lo:
-            j += 1
-        k = j
-        while k < len(b) and b[k][0] < hi:
-            out.append((max(lo, b[k][0]), min(hi, b[k][1])))
-            k += 1
-    return out
 
 
 def _finish(ranges: list[tuple[int, int]], size_bytes: int) -> list[Change]:

@@ -245,6 +245,23 @@ def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
+def intersect_ranges(a: list[tuple[int, int]], b: list[tuple[int, int]]
+                     ) -> list[tuple[int, int]]:
+    """The overlap of two lists of [lo, hi) ranges (each merged and sorted first)."""
+    a, b = merge_ranges(a), merge_ranges(b)
+    out: list[tuple[int, int]] = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if lo < hi:
+            out.append((lo, hi))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
 def holes_over(t: Txn, vs: VolState, lo: int, hi: int, freed: list[tuple[int, int]]) -> None:
     """Unmap [lo, hi) of the live view, killing what was there."""
     pos = lo
