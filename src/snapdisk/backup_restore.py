@@ -30,7 +30,7 @@ from .snapshots import Cancel, Progress, Steps
 if TYPE_CHECKING:
     from .engine import Engine
 
-HIDDEN = ".restore-"
+HIDDEN = catalog.RESTORE_PREFIX
 MARKER = "restoring"
 _active: set[str] = set()  # hidden volumes a restore of this process is writing
 _active_lock = threading.Lock()
@@ -131,7 +131,7 @@ def clean_leftovers(engine: Engine) -> list[str]:
     """Delete the hidden volumes of restores a crash interrupted (not those running here).
     Engine.open calls it too (nothing runs yet then); a store without any costs one seek."""
     with engine.native.txn() as t:
-        if next(t.scan_prefix(DB_NAMES, layout.vol_name_key(HIDDEN)), None) is None:
+        if not catalog.has_volume_prefix(t, HIDDEN):
             return []
     gone = []
     for v in engine.list_volumes():

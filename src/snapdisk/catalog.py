@@ -24,6 +24,8 @@ from .native import Txn
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 NAME_RULE = "1-64 characters: letters, digits, '.', '_' or '-', starting with a letter or digit"
+# Hidden volumes: names no user can give (NAME_RE starts with a letter or digit).
+RESTORE_PREFIX = ".restore-"  # a restore's volume until it is published (backup_restore.py)
 # Snapshot names may also hold ':' and '+', for automatic snapshots named after their slot
 # (auto-2026-11-25T12:00+08:00, schedule.py); exportspec.py repeats this rule.
 SNAP_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,63}")
@@ -293,3 +295,8 @@ def info(t: Txn, vol: int) -> VolumeInfo:
     return VolumeInfo(vol, rec.name, vs.size_bytes, rec.created, rec.origin,
                       vs.live_blocks * BLOCK_SIZE, vs.nsnaps, rec.snapshots_manual,
                       rec.snapshots_auto, dict(rec.extra), rec.encryption is not None)
+
+
+def has_volume_prefix(t: Txn, prefix: str) -> bool:
+    """Whether any volume's name starts with prefix: one seek in NAMES."""
+    return next(t.scan_prefix(DB_NAMES, layout.vol_name_key(prefix)), None) is not None

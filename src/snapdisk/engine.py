@@ -117,8 +117,11 @@ class Engine:
         for vs in states:
             configure(self.native, vs)
         self._recover_receives()  # send/receive: undo what a crash interrupted (sendrecv.py)
-        from . import backup_restore  # and the hidden volume of an interrupted restore
-        backup_restore.clean_leftovers(self)
+        with self.native.txn() as t:  # the hidden volume of an interrupted restore
+            leftover = catalog.has_volume_prefix(t, catalog.RESTORE_PREFIX)
+        if leftover:  # (imported only then: the backup modules cost ~20 ms to import)
+            from . import backup_restore
+            backup_restore.clean_leftovers(self)
 
     def _configure_gated(self, vs: catalog.VolState) -> None:
         with self.native.gate_exclusive():
