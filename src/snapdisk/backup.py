@@ -25,8 +25,8 @@ backup VOL@SNAP s3://BUCKET/PREFIX:
 
 from __future__ import annotations
 
-import bisect
 import functools
+import itertools
 import threading
 import time
 from collections import deque
@@ -308,18 +308,25 @@ class _Uploader:
         return packs
 
     def _chunk(self, read: Reader, pack: list[tuple[int, int]]) -> list[Extent]:
-        buf = bytearray()
-        group: list[tuple[int, int, int]] = []
-        for (off, n), data in zip(pack, read(pack)):
-            # written zeros are restored as a hole (bytearray == buffer is a memcmp;
-            # memoryview == memoryview compares item by item, 7 ms per MiB)
-            if data[0] != 0 or data != _zeros(n):
-                group.append((off, n, len(buf)))
-                buf += data
+        buf = read(pack)  # the pieces back to back: the chunk, unless some are zeros
+        group: list[tuple[int, int, int]] = []  # (offset, length, skip) of the kept pieces
+        pos = 0
+        for off, n in pack:
+            # written zeros are restored as a hole; most data differs in its first byte, and
+            # bytearray == buffer is a memcmp (memoryview == memoryview compares item by
+            # item, 7 ms per MiB)
+            if buf[pos] != 0 or buf[pos:pos + n] != _zeros(n):
+                group.append((off, n, pos))
+            pos += n
         with self.r.lock:
-            self.read_bytes += sum(n for _, n in pack)
+            self.read_bytes += pos
         if not group:
             return []
+        if len(group) < len(pack):  # drop the zero pieces: the kept ones back to back
+            view = memoryview(buf)
+            buf = bytearray().join(view[s:s + n] for _, n, s in group)
+            group = [(off, n, s) for (off, n, _), s in
+                     zip(group, itertools.accumulate((n for _, n, _ in group), initial=0))]
         key = repo.digest(buf)
         with self.r.lock:
             fresh = key not in self.known
@@ -335,37 +342,40 @@ class _Uploader:
         return [Extent(off, n, key, skip) for off, n, skip in group]
 
 
-Reader = Callable[[list[tuple[int, int]]], list[bytearray]]
+Reader = Callable[[list[tuple[int, int]]], bytearray]
 
 
 def _read_pieces(engine: Engine, vol: int, epoch: int, pieces: list[tuple[int, int]]
-                 ) -> list[bytearray]:
-    """The bytes of snapshot epoch's block-aligned pieces (sorted): one map lookup for the
-    whole span, then a pool read per record a piece touches.  volume.read_snapshot of each
+                 ) -> bytearray:
+    """The bytes of snapshot epoch's block-aligned pieces (sorted), back to back in one
+    buffer: one map lookup for the whole span, then one pool read per (record, piece)
+    overlap, found by sweeping both sorted lists together.  volume.read_snapshot of each
     piece costs ~0.2 ms (a lookup each), and of the whole span ~4 ms per MiB on a fragmented
-    map: 10 % of the blocks changed at random read 2-3 times faster this way.  The volume is
-    not encrypted (refused earlier), so the pool's bytes are the data."""
+    map: 10 % of the blocks changed at random read 2-3 times faster this way; one buffer (no
+    per-piece bytearray, no joining copy) and the sweep (no clipped copy of the records, no
+    bisect per piece) halve the Python work per piece again.  The volume is not encrypted
+    (refused earlier), so the pool's bytes are the data."""
     lo = pieces[0][0] // BLOCK_SIZE
     hi = -(-sum(pieces[-1]) // BLOCK_SIZE)
-    out = []
+    buf = bytearray(sum(n for _, n in pieces))  # zeros where no record (none, in a piece)
+    view = memoryview(buf)
+    read_into = engine.pool.read_into
     with engine.native.gate_shared(), engine.native.txn() as t:
-        recs = extmap.clip(extmap.view_at(t, vol, epoch, lo, hi), lo, hi)
-        starts = [r.lba for r in recs]
+        recs = extmap.view_at(t, vol, epoch, lo, hi)  # sorted, disjoint, not clipped
+        i, pos = 0, 0
         for off, n in pieces:
-            buf = bytearray(n)  # zeros where no record (not in a piece: they are allocated)
-            view = memoryview(buf)
             b0, b1 = off // BLOCK_SIZE, (off + n) // BLOCK_SIZE
-            i = max(bisect.bisect_right(starts, b0) - 1, 0)
-            while i < len(recs) and recs[i].lba < b1:
-                r = recs[i]
-                s, x = max(r.lba, b0), min(r.lba + r.len, b1)
-                if s < x:
-                    engine.pool.read_into(r.pbn + s - r.lba,
-                                          view[(s - b0) * BLOCK_SIZE:(x - b0) * BLOCK_SIZE],
-                                          vol=vol)
+            while i < len(recs) and recs[i].lba + recs[i].len <= b0:
                 i += 1
-            out.append(buf)
-    return out
+            j = i
+            while j < len(recs) and recs[j].lba < b1:
+                r = recs[j]
+                s, x = max(r.lba, b0), min(r.lba + r.len, b1)
+                read_into(r.pbn + s - r.lba,
+                          view[pos + (s - b0) * BLOCK_SIZE:pos + (x - b0) * BLOCK_SIZE], vol=vol)
+                j += 1
+            pos += n
+    return buf
 
 
 _ZERO = bytes(CHUNK_SIZE)

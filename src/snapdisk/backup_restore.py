@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import secrets
 import threading
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING, Any
 
 from . import catalog, errors, layout
@@ -76,24 +75,28 @@ def _exists_not(engine: Engine, name: str) -> None:
 
 def _write(engine: Engine, r: Repository, vol: int, name: str, extents: list[Extent],
            progress: Progress | None, cancel: Cancel | None) -> None:
-    """Each chunk is fetched once, verified and its extents written by a task of a thread
-    pool (measured: the store's first writes, ~8 ms per MiB here, are the slowest step; the
-    data path takes concurrent writers, as nbdkit's threads are); a bounded window ahead."""
+    """A thread pool fetches and verifies the chunks (a bounded window ahead, taken in the
+    order they complete), and this thread writes them, so THREADS downloads stay in flight
+    all the time.  Measured (1 GiB, 8 threads, 2 cores shared with radosgw): when each pool
+    task also wrote its chunk, half the tasks' time went to writes queued behind each other's
+    (GIL hand-offs and the group commit's lock) and only ~4 GETs were in flight; one writer
+    needs ~1 ms of C per MiB, far below the network's time.  The hidden volume is fresh and
+    its extents disjoint (check_extents), so nothing is ever in place: the redirect-on-write
+    C path is tried first (as receive does, sendrecv.py), the general write if it declines."""
     uses: dict[str, list[Extent]] = {}
     for e in extents:
         uses.setdefault(e.key, []).append(e)
     steps = Steps(sum(e.length for e in extents), progress, cancel, every=1)
+    row = engine.native.write_row if engine.io.c_redirect else None
 
-    def one(key: str) -> int:
+    def fetch(key: str) -> tuple[str, bytes | memoryview]:
         data = r.fetch(key, name)
-        for e in uses[key]:
-            if e.skip + e.length > len(data):
-                raise errors.Corrupt(f"chunk {key} (of backup {name}) is {len(data)} bytes: "
-                                     "the manifest reads past it")
-            engine.write(vol, e.offset, data[e.skip:e.skip + e.length])
-        return sum(e.length for e in uses[key])
+        if max(e.skip + e.length for e in uses[key]) > len(data):
+            raise errors.Corrupt(f"chunk {key} (of backup {name}) is {len(data)} bytes: "
+                                 "the manifest reads past it")
+        return key, data
 
-    window: deque[Future[int]] = deque()
+    window: set[Future[tuple[str, bytes | memoryview]]] = set()
     keys = iter(uses)
     with ThreadPoolExecutor(THREADS) as pool:
         try:
@@ -102,10 +105,18 @@ def _write(engine: Engine, r: Repository, vol: int, name: str, extents: list[Ext
                     key = next(keys, None)
                     if key is None:
                         break
-                    window.append(pool.submit(one, key))
+                    window.add(pool.submit(fetch, key))
                 if not window:
                     break
-                steps.step(window.popleft().result())
+                done, window = wait(window, return_when=FIRST_COMPLETED)
+                for f in done:
+                    key, data = f.result()
+                    view = memoryview(data)
+                    for e in uses[key]:
+                        piece = view[e.skip:e.skip + e.length]
+                        if row is None or not row(vol, e.offset, piece):
+                            engine.write(vol, e.offset, piece)
+                    steps.step(sum(e.length for e in uses[key]))
         except BaseException:
             for f in window:
                 f.cancel()
