@@ -56,6 +56,7 @@ class Repository:
     def __init__(self, bucket: Bucket):
         self.bucket = bucket
         self._chunks: set[str] | None = None
+        self._listing: Future[set[str]] | None = None
         self.lock = threading.Lock()
 
     @classmethod
@@ -76,9 +77,26 @@ class Repository:
 
     def chunks(self) -> set[str]:
         if self._chunks is None:
-            self._chunks = {k for n, _, _ in self.bucket.list(repo.CHUNKS_DIR)
-                            if (k := repo.chunk_key(n))}
+            self._chunks = self._listing.result() if self._listing else self._list_chunks()
         return self._chunks
+
+    def _list_chunks(self) -> set[str]:
+        return {k for n, _, _ in self.bucket.list(repo.CHUNKS_DIR) if (k := repo.chunk_key(n))}
+
+    def list_chunks_ahead(self) -> None:
+        """List the chunks in a thread now (chunks() takes its result): the listing is mostly
+        waiting on the server, which a backup's map walk can use (~0.1 s of an incremental's
+        1-2 s for a 1 GiB volume's ~1100 chunks).  Its error, if any, is chunks()'s."""
+        if self._listing is None and self._chunks is None:
+            f: Future[set[str]] = Future()
+
+            def run() -> None:
+                try:
+                    f.set_result(self._list_chunks())
+                except BaseException as e:
+                    f.set_exception(e)
+            threading.Thread(target=run, name="snapdisk-list-chunks", daemon=True).start()
+            self._listing = f
 
     def manifest_names(self, volume: str | None = None) -> list[str]:
         under = repo.MANIFESTS_DIR + (f"{volume}/" if volume else "")
@@ -156,6 +174,7 @@ def backup(engine: Engine, volume: str, snap: str | int, url: str,
                                      f"as ciphertext: {ENCRYPTED_HINT}")
     info = engine.volume_info(volume)
     r = Repository.open(url, endpoint, credentials, create=True)
+    r.list_chunks_ahead()
     done, base = _find_base(engine, r, volume, info, epoch)
     if done is not None:
         return {**done.summary(), "already_backed_up": True, "uploaded_chunks": 0,

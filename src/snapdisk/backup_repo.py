@@ -224,7 +224,7 @@ def encode_manifest(m: Manifest) -> bytes:
            "chunks": keys,
            "extents": [[e.offset, e.length, index[e.key], e.skip] for e in m.extents]}
     plain = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
-    return _seal(MANIFEST_MAGIC, plain, CODEC_ZLIB, zlib.compress(plain, 6), digest(plain))
+    return _seal(MANIFEST_MAGIC, plain, CODEC_ZLIB, zlib.compress(plain, ZLIB_LEVEL), digest(plain))
 
 
 def decode_manifest(raw: bytes, name: str) -> Manifest:
