@@ -333,6 +333,14 @@ int xm_conn_read(xm_store *st, xm_conn *c, uint32_t vol, uint64_t offset, uint64
 void xm_conn_revoke(xm_conn *c);
 uint32_t xm_conn_inflight(xm_conn *c);
 
+/* ---- backups: many pieces of a snapshot in one call (issue 13, xm_multiread.c) ---- */
+/* Snapshot epoch of vol at n block-aligned pieces (byte offsets offs[i], lengths lens[i],
+ * sorted, not overlapping), back to back into buf (the sum of lens; holes read as zeros): one
+ * view of the pieces' span, one pool read per record-piece overlap.  EINVAL for unaligned or
+ * unsorted pieces.  Call with the gate held shared. */
+int xm_snap_readv(xm_store *st, uint32_t vol, uint64_t epoch, const uint64_t *offs,
+                  const uint64_t *lens, size_t n, uint8_t *buf);
+
 /* cdef-end */
 
 #endif

@@ -272,8 +272,8 @@ def test_cli_offline_and_through_the_server(s3_server: Radosgw, tmp_path: Path,
 
 
 def test_read_pieces_equals_per_piece_snapshot_reads(tmp_path: Path) -> None:
-    """_read_pieces' sweep (one map lookup, pieces back to back in one buffer) against
-    read_snapshot of each piece: pieces inside one record, across several, with holes between
+    """_read_pieces (C: native.snap_readv) and its Python twin against read_snapshot of each
+    piece: pieces inside one record, across several, with holes between
     them, and blocks overwritten after the snapshot (dead records the view must still see)."""
     rng = random.Random(7)
     with new_store(tmp_path / "a") as e:
@@ -285,8 +285,13 @@ def test_read_pieces_equals_per_piece_snapshot_reads(tmp_path: Path) -> None:
         scatter(e, vol, rng, 100)  # after the snapshot: its view keeps the old records
         starts = sorted(rng.sample(range(0, SIZE // BS - 8, 9), 300))
         pieces = [(b * BS, rng.randrange(1, 9) * BS) for b in starts]
-        got = backup._read_pieces(e, vol, epoch, pieces)
-        assert bytes(got) == b"".join(e.read_snapshot(vol, epoch, o, n) for o, n in pieces)
+        want = b"".join(e.read_snapshot(vol, epoch, o, n) for o, n in pieces)
+        assert bytes(backup._read_pieces(e, vol, epoch, pieces)) == want  # C
+        assert bytes(backup._read_pieces_py(e, vol, epoch, pieces)) == want  # its twin
+        assert bytes(backup._read_pieces(e, vol, epoch, pieces[5:6])) == want[
+            sum(n for _, n in pieces[:5]):sum(n for _, n in pieces[:6])]
+        with pytest.raises(errors.NativeError):  # unsorted pieces are refused
+            backup._read_pieces(e, vol, epoch, pieces[1:2] + pieces[:1])
 
 
 def test_scattered_zero_and_data_pieces_restore_equal(stores: tuple[Engine, Engine],

@@ -340,3 +340,17 @@ from .native_ops import space_check_grow as space_check_grow  # noqa: E402
 from .native_ops import space_info as space_info  # noqa: E402
 from .native_txn import Cursor as Cursor  # noqa: E402  (native_txn.py: transactions, cursors)
 from .native_txn import Txn as Txn  # noqa: E402
+
+# ---- backups: many pieces of a snapshot in one call (issue 13, xm_multiread.c) -------------
+
+def snap_readv(store: NativeStore, vol: int, epoch: int, pieces: Sequence[tuple[int, int]],
+               buf: Any) -> None:
+    """Snapshot epoch of vol at pieces ((offset, length) in bytes, block aligned, sorted),
+    back to back into buf (writable, at least their total length).  Gate held shared."""
+    n = len(pieces)
+    offs = ffi.new("uint64_t[]", [o for o, _ in pieces])
+    lens = ffi.new("uint64_t[]", [m for _, m in pieces])
+    if sum(m for _, m in pieces) > len(buf):
+        raise errors.InvalidArgument("snap_readv: the buffer is shorter than the pieces")
+    check(lib.xm_snap_readv(store.ptr, vol, epoch, offs, lens, n,
+                            ffi.from_buffer(buf, require_writable=True)), "snapshot read")
