@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import shutil
 import sys
 import tempfile
@@ -29,24 +30,34 @@ from typing import Any
 
 MiB = 1 << 20
 BS = 4096
+
+
+def _cpu() -> float:
+    """This process's CPU seconds (all threads): what each transfer costs besides the server,
+    which shares the machine's cores (radosgw runs in its own processes)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
 
 
-def _baseline(gw: Any, data: list[bytes], threads: int) -> tuple[float, float]:
+def _baseline(gw: Any, data: list[bytes], threads: int, cpu_s: dict[str, float]
+              ) -> tuple[float, float]:
     """(upload seconds, download seconds) of data as 1 MiB objects with plain boto3."""
     c = gw.client()
     bucket = "base-" + uuid.uuid4().hex[:8]
     c.create_bucket(Bucket=bucket)
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), _cpu()
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(lambda i: c.put_object(Bucket=bucket, Key=f"o/{i:06d}", Body=data[i]),
                       range(len(data))))
     up = time.perf_counter() - t
-    t = time.perf_counter()
+    cpu_s["baseline_upload"] = _cpu() - cpu
+    t, cpu = time.perf_counter(), _cpu()
     with ThreadPoolExecutor(threads) as pool:
         got = list(pool.map(lambda i: c.get_object(Bucket=bucket, Key=f"o/{i:06d}")["Body"]
                             .read(), range(len(data))))
     down = time.perf_counter() - t
+    cpu_s["baseline_download"] = _cpu() - cpu
     assert sum(map(len, got)) == sum(map(len, data))
     for i in range(0, len(data), 1000):
         c.delete_objects(Bucket=bucket, Delete={"Objects": [
@@ -71,6 +82,8 @@ def run(quick: bool, size: int | None = None) -> dict[str, Any]:
                        mem_bytes=max(4 << 30, 5 * size))
     os.environ.update(gw.env())
     out: dict[str, Any] = {"size_bytes": size, "threads": backup.THREADS}
+    cpu_s: dict[str, float] = {}
+    out["cpu_s"] = cpu_s
     try:
         gw.client().list_buckets()  # botocore loads its models once per process: not timed
         url = f"s3://bench-{uuid.uuid4().hex[:8]}/repo"
@@ -82,11 +95,12 @@ def run(quick: bool, size: int | None = None) -> dict[str, Any]:
             for i, d in enumerate(data):
                 a.write(vol, i * MiB, d)
             a.create_snapshot("v", "s1")
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), _cpu()
             full = a.backup("v", "s1", url)
             out["full_s"] = time.perf_counter() - t
+            cpu_s["full"] = _cpu() - cpu
             out["full_uploaded_bytes"] = full["uploaded_bytes"]
-            base_up, base_down = _baseline(gw, data, backup.THREADS)
+            base_up, base_down = _baseline(gw, data, backup.THREADS, cpu_s)
             del data
             out["baseline_upload_s"], out["baseline_download_s"] = base_up, base_down
             blocks = rng.sample(range(size // BS), size // BS // 10)
@@ -94,16 +108,18 @@ def run(quick: bool, size: int | None = None) -> dict[str, Any]:
                 a.write(vol, b * BS, rng.randbytes(BS))
             a.create_snapshot("v", "s2")
             changed = len(blocks) * BS
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), _cpu()
             inc = a.backup("v", "s2", url)
             out["incremental_s"] = time.perf_counter() - t
+            cpu_s["incremental"] = _cpu() - cpu
             out.update(changed_bytes=changed, incremental_uploaded_bytes=inc["uploaded_bytes"],
                        incremental_stored_bytes=inc["stored_bytes"],
                        incremental_chunks=inc["uploaded_chunks"])
         with Engine.create(os.path.join(work, "b"), StoreConfig(pool_bytes=2 * size)) as b:
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), _cpu()
             b.restore_backup(url, "v", "s1", "r1")
             out["restore_s"] = time.perf_counter() - t
+            cpu_s["restore"] = _cpu() - cpu
     finally:
         gw.stop()
         shutil.rmtree(work, ignore_errors=True)

@@ -52,6 +52,13 @@ def section(doc: Doc, d: dict[str, Any], targets: list[Target]) -> None:
              f"{bk['incremental_uploaded_bytes'] / mib:.1f} MiB up",
              f"{bk['changed_bytes'] / mib:.1f} MiB changed", "–"]], align="lrrr")
         doc("")
+        cpu = bk.get("cpu_s") or {}
+        if cpu:  # the two cores are shared with radosgw: client CPU is server time lost
+            doc("CPU seconds of the benchmark process (all its threads; radosgw not counted): "
+                f"full backup {cpu['full']:.2f} against boto3's upload "
+                f"{cpu['baseline_upload']:.2f}, restore {cpu['restore']:.2f} (sha256 of every "
+                f"chunk, the store's writes) against boto3's download "
+                f"{cpu['baseline_download']:.2f}, incremental {cpu['incremental']:.2f}.", "")
         targets += [
             Target("Incremental backup: uploaded / changed bytes", [bk["incremental_upload_ratio"]],
                    hi=1.2000001),
