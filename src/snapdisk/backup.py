@@ -34,8 +34,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+from . import backup_lock, catalog, diff, encryption, errors, extmap
 from . import backup_repo as repo
-from . import catalog, diff, encryption, errors, extmap
 from .backup_repo import BLOCK_SIZE, CHUNK_SIZE, Extent, Manifest
 from .s3 import Bucket
 from .snapshots import Cancel, Progress, Steps
@@ -156,6 +156,14 @@ def backup(engine: Engine, volume: str, snap: str | int, url: str,
                                      f"as ciphertext: {ENCRYPTED_HINT}")
     info = engine.volume_info(volume)
     r = Repository.open(url, endpoint, credentials, create=True)
+    # shared: backups run side by side, never beside a prune (backup_lock.py says why)
+    with backup_lock.hold(r.bucket, backup_lock.SHARED, f"backup of {volume}@{srec.name}") as lk:
+        return _backup(engine, r, lk, volume, vol, epoch, srec, info, progress, cancel, t0)
+
+
+def _backup(engine: Engine, r: Repository, lk: backup_lock.Lock, volume: str, vol: int,
+            epoch: int, srec: Any, info: Any, progress: Progress | None,
+            cancel: Cancel | None, t0: float) -> dict[str, Any]:
     done, base = _find_base(engine, r, volume, info, epoch)
     if done is not None:
         return {**done.summary(), "already_backed_up": True, "uploaded_chunks": 0,
@@ -172,6 +180,7 @@ def backup(engine: Engine, volume: str, snap: str | int, url: str,
     m = Manifest(volume, vol, info.created, {"name": srec.name, "id": epoch,
                                             "created": srec.created},
                  size, time.time(), base.name if base else None, repo.merge(kept, new))
+    lk.ensure()  # the manifest makes the chunks referenced: only while no prune can run
     if not r.bucket.put(m.name, repo.encode_manifest(m), create_only=True):
         raise errors.AlreadyExists(f"{r.bucket.where(m.name)} exists and is not a backup of "
                                    "this snapshot (another volume of that name?)")
@@ -194,6 +203,12 @@ def verify(url: str, volume: str, snap: str, endpoint: str | None = None,
     """Fetch every chunk VOLUME@SNAP's backup names and check it; Corrupt names the missing
     or damaged chunks."""
     r = Repository.open(url, endpoint, credentials)
+    with backup_lock.hold(r.bucket, backup_lock.SHARED, f"verify of {volume}@{snap}"):
+        return _verify(r, volume, snap, progress, cancel)
+
+
+def _verify(r: Repository, volume: str, snap: str, progress: Progress | None,
+            cancel: Cancel | None) -> dict[str, Any]:
     m = r.find(volume, snap)
     keys = m.chunk_keys()
     steps = Steps(len(keys), progress, cancel, every=1)
@@ -225,13 +240,21 @@ def prune(url: str, keep_last: int | None = None, keep_days: float | None = None
           now: float | None = None) -> dict[str, Any]:
     """Per volume, keep the newest keep_last backups, or those of snapshots taken in the last
     keep_days days; delete the other manifests, then every chunk no kept manifest names.
-    Not to be run while a backup into the same repository runs (its chunks have no manifest
-    yet: prune would delete them, and that backup's manifest would name missing chunks)."""
+    Holds the repository's exclusive lock: refused (Busy) while a backup, restore or verify
+    of it runs, since a running backup's chunks have no manifest yet."""
     if (keep_last is None) == (keep_days is None):
         raise errors.InvalidArgument("prune takes one of --keep-last N or --keep-days D")
     if (keep_last is not None and keep_last < 0) or (keep_days is not None and keep_days < 0):
         raise errors.InvalidArgument("--keep-last and --keep-days must not be negative")
     r = Repository.open(url, endpoint, credentials)
+    # exclusive: no backup may be between uploading chunks and naming them (backup_lock.py)
+    with backup_lock.hold(r.bucket, backup_lock.EXCLUSIVE, "prune") as lk:
+        return _prune(r, lk, keep_last, keep_days, progress, cancel, now)
+
+
+def _prune(r: Repository, lk: backup_lock.Lock, keep_last: int | None,
+           keep_days: float | None, progress: Progress | None, cancel: Cancel | None,
+           now: float | None) -> dict[str, Any]:
     steps = Steps(3, progress, cancel, every=1)
     by_vol: dict[str, list[Manifest]] = {}
     for n in r.manifest_names():
@@ -247,15 +270,18 @@ def prune(url: str, keep_last: int | None = None, keep_days: float | None = None
             keep = (len(ms) - i <= keep_last if keep_last is not None
                     else m.snapshot["created"] >= now - (keep_days or 0) * 86400)
             (kept if keep else drop).append(m)
+    lk.ensure()
     r.bucket.delete([m.name for m in drop])  # manifests first: no kept backup loses a chunk
     steps.step()
     live = {k for m in kept for k in m.chunk_keys()}
     dead = sorted(k for k in r.chunks() if k not in live)
+    lk.ensure()
     r.bucket.delete([repo.chunk_name(k) for k in dead])
+    r.bucket.delete(lk.abandoned)  # locks of killed backups (backup_lock.STALE)
     steps.finish()
     return {"deleted_backups": [m.summary()["name"] for m in drop],
             "kept_backups": [m.name for m in kept], "deleted_chunks": len(dead),
-            "kept_chunks": len(live)}
+            "kept_chunks": len(live), "deleted_locks": len(lk.abandoned)}
 
 
 class _Uploader:

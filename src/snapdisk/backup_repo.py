@@ -12,6 +12,7 @@ Layout under s3://BUCKET/PREFIX/ (PREFIX may be empty):
                                     HH its first two digits (spreads keys, as git does)
     manifests/VOLUME/EPOCH.SNAP     one backed-up snapshot; EPOCH = the snapshot's id on the
                                     source store, 20 decimal digits (names sort by age)
+    locks/KIND-HEX                  who is using the repository (backup_lock.py owns them)
 
 Chunk object (big-endian; HEADER = ">4sBBHI32s", 44 bytes, then the payload):
 

@@ -21,7 +21,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from . import catalog, errors, layout
+from . import backup_lock, catalog, errors, layout
 from .backup import THREADS, Repository
 from .backup_repo import Extent
 from .layout import DB_NAMES
@@ -41,6 +41,13 @@ def restore(engine: Engine, url: str, volume: str, snap: str, new_name: str,
             progress: Progress | None = None, cancel: Cancel | None = None) -> dict[str, Any]:
     catalog.check_name(new_name, "volume")
     r = Repository.open(url, endpoint, credentials)
+    # shared: a prune may not delete the chunks this restore is reading (backup_lock.py)
+    with backup_lock.hold(r.bucket, backup_lock.SHARED, f"restore of {volume}@{snap}"):
+        return _restore(engine, r, volume, snap, new_name, progress, cancel)
+
+
+def _restore(engine: Engine, r: Repository, volume: str, snap: str, new_name: str,
+             progress: Progress | None, cancel: Cancel | None) -> dict[str, Any]:
     m = r.find(volume, snap)
     _exists_not(engine, new_name)
     clean_leftovers(engine)
