@@ -6,6 +6,11 @@ ciphertext: volume.configure marks such a volume LOCKED in C unless its key is l
 volume and its clones share one data key (clones share blocks) and so one key id: unlock,
 lock and rotate act on every volume with the key id of the one named.  Unlocked data keys live
 in the Engine's keyring (keys.Keyring) and in the seam's OpenSSL contexts, nowhere else.
+
+The XTS tweak mode is the record's ("tweak": "lba" for every volume encrypted since store
+format 3; absent: the legacy pbn): the seam is told it with the key (VolumeKeys.load).  A
+received or restored encrypted volume (raw send: sendrecv.py, backup_restore.py) takes the
+sender's record as is (adopt): it unlocks with the sender's passphrase or key file.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from typing import Any
 
 from . import catalog, errors, keys
 from .layout import VS_ENCRYPTED
-from .native import KEY_UNLOCKED, NativeStore, Txn
+from .native import KEY_UNLOCKED, NativeStore, Txn, vol_set_tweak
 
 COPY_HINT = ("encrypting or decrypting a volume in place is not supported: copy a snapshot "
              "into a new volume with `snapdisk snapshot copy VOL@SNAP NEWVOL --encrypt` "
@@ -48,6 +53,22 @@ def init_new(t: Txn, vs: catalog.VolState, secret: keys.Secret, keyring: keys.Ke
     keyring.put(rec["key_id"], data_key)
 
 
+def adopt(t: Txn, vs: catalog.VolState, rec: dict[str, Any]) -> None:
+    """Make the just-created volume vs encrypted under a key record from elsewhere (a raw
+    stream or backup, checked by the caller with keys.record_problem): locked here until
+    someone unlocks it with the sender's secret."""
+    vr = catalog.vol_record(t, vs.vol)
+    vr.encryption = dict(rec)
+    catalog.put_vol_record(t, vs.vol, vr)
+    vs.flags |= VS_ENCRYPTED
+    vs.save(t)
+
+
+def tweak_lba(rec: dict[str, Any] | None) -> bool:
+    """Whether an encrypted volume's tweak is the logical block (raw send needs it)."""
+    return rec is not None and keys.tweak_mode(rec) == keys.TWEAK_LBA
+
+
 def inherit(t: Txn, src: int, vs: catalog.VolState) -> None:
     """A clone vs of src (in clone's transaction): the same key record, so the same key."""
     rec = record(t, src)
@@ -76,11 +97,13 @@ class VolumeKeys:
     def load(self, vols: list[int]) -> None:
         """Give the seam the keyring's keys of vols (after unlock, create, clone)."""
         with self.native.txn() as t:
-            pairs = [(v, (record(t, v) or {}).get("key_id")) for v in vols]
+            recs = [(v, record(t, v) or {}) for v in vols]
         with self.native.gate_exclusive():
-            for v, key_id in pairs:
+            for v, rec in recs:
+                key_id = rec.get("key_id")
                 key = self.keyring.get(key_id) if isinstance(key_id, str) else None
                 if key is not None:
+                    vol_set_tweak(self.native, v, tweak_lba(rec))  # before the key
                     self.native.vol_set_key(v, key)
 
     def unlock(self, name: str, secret: keys.Secret) -> dict[str, Any]:
@@ -140,7 +163,7 @@ class VolumeKeys:
                 raise
             self.keyring.throttle.succeeded(key_id)
             try:
-                new_rec = keys.wrap(data_key, new, key_id)
+                new_rec = keys.wrap(data_key, new, key_id, keys.tweak_mode(rec))
             finally:
                 data_key[:] = bytes(len(data_key))
             with self.native.txn(write=True) as t:
