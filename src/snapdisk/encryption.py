@@ -18,13 +18,58 @@ from __future__ import annotations
 from typing import Any
 
 from . import catalog, errors, keys
-from .layout import VS_ENCRYPTED
+from .layout import BLOCK_SIZE, VS_ENCRYPTED
 from .native import KEY_UNLOCKED, NativeStore, Txn, vol_set_tweak
 
 COPY_HINT = ("encrypting or decrypting a volume in place is not supported: copy a snapshot "
              "into a new volume with `snapdisk snapshot copy VOL@SNAP NEWVOL --encrypt` "
              "(or --decrypt)")
 
+
+# ---- raw send and backup: what of a key record travels (sendrecv.py, backup.py) --------------
+
+LEGACY_HINT = (
+    "its AES-XTS tweak is the physical block number (encrypted before store format 3; "
+    "docs/encryption.md), so its ciphertext is bound to this store's pool and means nothing "
+    "anywhere else.  Convert it once: `snapdisk snapshot copy {v}@SNAP NEWVOL --encrypt` "
+    "makes a volume under a new key whose tweak is the logical block, which is sent raw; or "
+    "send a plain copy (`snapdisk snapshot copy {v}@SNAP NEWVOL --decrypt`)")
+
+
+def travel_meta(rec: dict[str, Any] | None, volume: str, size: int) -> dict[str, Any] | None:
+    """What a raw stream (or backup manifest) of an encrypted volume carries of its key
+    record; None for a plain volume; Unsupported for one that cannot travel raw."""
+    if rec is None:
+        return None
+    if not tweak_lba(rec):
+        raise errors.Unsupported(f"volume {volume!r} is a legacy encrypted volume and cannot "
+                                 f"be sent or backed up raw: {LEGACY_HINT.format(v=volume)}")
+    if size % BLOCK_SIZE:
+        raise errors.Unsupported(
+            f"volume {volume!r} is encrypted and its snapshot is {size} bytes, not whole "
+            f"{BLOCK_SIZE}-byte blocks: raw transfer carries whole XTS data units (grow the "
+            "volume to a multiple of 4 KiB and take a new snapshot)")
+    return {"cipher": rec.get("cipher"), "tweak": keys.TWEAK_LBA, "key_id": rec.get("key_id"),
+            "record": dict(rec)}
+
+
+def received_record(enc: dict[str, Any] | None, what: str) -> dict[str, Any] | None:
+    """The key record of a received raw stream's (or backup's) `encryption`, checked without
+    any secret; FormatError naming what is wrong."""
+    if enc is None:
+        return None
+    rec = enc.get("record")
+    problem = keys.record_problem(rec)
+    if problem is None and (enc.get("key_id") != rec.get("key_id")  # type: ignore[union-attr]
+                            or enc.get("cipher") != rec.get("cipher")  # type: ignore[union-attr]
+                            or enc.get("tweak") != keys.TWEAK_LBA):
+        problem = "its cipher, tweak or key id disagrees with its key record"
+    if problem is not None:
+        raise errors.FormatError(f"{what}: the encryption it names is unusable ({problem})")
+    return dict(rec)  # type: ignore[arg-type]
+
+
+# ---- records of this store -------------------------------------------------------------------
 
 def record(t: Txn, vol: int) -> dict[str, Any] | None:
     return catalog.vol_record(t, vol).encryption
