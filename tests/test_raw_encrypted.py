@@ -404,3 +404,30 @@ def test_legacy_volume_backup_is_refused(tmp_path: Path, s3_url: str) -> None:
         a.create_snapshot("old", "s0")
         with pytest.raises(errors.Unsupported, match="snapshot copy old@SNAP NEWVOL --encrypt"):
             a.backup("old", "s0", s3_url)
+
+
+def test_cli_send_receive_unlock_offline(tmp_path: Path) -> None:
+    """The same commands as for plain volumes, offline (each command opens its store, so the
+    sender is locked): `send -o`, `receive -i`, `key unlock` with the sender's passphrase."""
+    from e2e_helpers import run_cli
+    sa, sb = str(tmp_path / "a"), str(tmp_path / "b")
+    pw = tmp_path / "pw"
+    pw.write_text("open sesame\n")
+    with new_store(Path(sa)) as a:
+        v = a.create_volume("sec", SIZE, encrypt=PW)
+        a.write(v.id, 0, PATTERN)
+        a.create_snapshot("sec", "s0")
+        want = a.read(v.id, 0, len(PATTERN))
+    new_store(Path(sb)).close()
+    out = tmp_path / "s.sdstream"
+    sent = run_cli(sa, "--json", "send", "sec@s0", "-o", str(out)).json()
+    assert sent["encrypted"] is True
+    got = run_cli(sb, "--json", "receive", "dr", "-i", str(out)).json()
+    assert got["encrypted"] is True
+    assert "LOCKED" in run_cli(sb, "volume", "list").stdout
+    assert run_cli(sb, "--json", "key", "info", "dr").json()["tweak"] == "lba"
+    run_cli(sb, "key", "unlock", "dr", "--passphrase-file", str(pw))
+    with Engine.open(sb) as b:
+        b.unlock("dr", PW)
+        assert b.read(b.volume_id("dr"), 0, len(PATTERN)) == want
+    assert plaintext_hits(sb, PATTERN) == []
