@@ -131,6 +131,22 @@ def test_seam_refuses_a_missing_lba_and_sub_block_raw_io(tmp_path: Path) -> None
             e.pool.read(pbn, BS, vol=v.id, lba=3)
 
 
+def test_the_tweak_mode_is_authenticated_and_checked() -> None:
+    key = keys.new_data_key()
+    rec = keys.wrap(key, PW)
+    assert rec["tweak"] == "lba" and keys.record_problem(rec) is None
+    assert keys.unwrap(rec, PW) == key
+    legacy = {k: v for k, v in rec.items() if k != "tweak"}  # the mode is in the GCM's AAD
+    with pytest.raises(errors.BadKey):
+        keys.unwrap(legacy, PW)
+    with pytest.raises(errors.BadKey):
+        keys.unwrap({**rec, "tweak": "other"}, PW)
+    old = keys.wrap(key, PW, rec["key_id"], keys.TWEAK_PBN)
+    assert "tweak" not in old and keys.tweak_mode(old) == "pbn"
+    assert "only 'lba'" in (keys.record_problem(old) or "")
+    assert keys.record_problem({**rec, "wrapped": "AAAA"}) == "a bad wrapped"
+
+
 # ---- send | receive ---------------------------------------------------------------------------
 
 def send(e: Engine, ref: str, base: str | None = None) -> tuple[bytes, dict]:
