@@ -315,6 +315,11 @@ def test_tampered_or_bad_encryption_header_is_refused(stores: tuple[Engine, Engi
         w.finish()
         with pytest.raises(errors.FormatError, match="encryption"):
             receive(b, "x", out.getvalue())
+    # cut, or a flipped ciphertext byte: refused, nothing left behind (the same undo as plain)
+    for bad in (raw[:len(raw) // 2], raw[:3000] + bytes([raw[3000] ^ 1]) + raw[3001:]):
+        with pytest.raises(errors.FormatError):
+            receive(b, "x", bad)
+        assert [v.name for v in b.list_volumes()] == []
     # a version 1 (plain) header on an encrypted stream: never written as plain data
     with pytest.raises(errors.FormatError, match="version 1 .* names an encryption"):
         receive(b, "x", raw[:8] + b"\1\0" + raw[10:])
