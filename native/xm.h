@@ -178,7 +178,7 @@ int xm_live_overlap(xm_txn *txn, uint32_t vol, uint64_t lba, uint64_t nblocks,
  * The only code that touches the pool file: every C path and Python's Pool go through these.
  * Addresses are blocks (pbn) plus a byte offset into the first one; the file is accessed in whole
  * blocks only (a partial block is read whole, or read, patched and written whole), so a
- * block-granular transform (a cipher, with the pbn as tweak) can be added in one place. */
+ * block-granular transform (a cipher, with the logical block as tweak) lives in one place. */
 
 /* nbytes from block pbn at offset_in_block into buf; never-written space reads as zeros.
  * vol is the volume whose data the blocks hold: an encrypted volume's blocks are decrypted with
