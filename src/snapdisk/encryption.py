@@ -69,6 +69,21 @@ def received_record(enc: dict[str, Any] | None, what: str) -> dict[str, Any] | N
     return dict(rec)  # type: ignore[arg-type]
 
 
+def same_key(volume: str, have: dict[str, Any] | None, rec: dict[str, Any] | None,
+              sent: str) -> None:
+    """An incremental stream (sent) applies onto a volume encrypted the same way: plain onto
+    plain, or ciphertext under the same key id (the same data key, tweak mode lba)."""
+    def says(r: dict[str, Any] | None) -> str:
+        return "plain" if r is None else f"encrypted under key id {r.get('key_id')}"
+    if (have is None) != (rec is None) or (have is not None and rec is not None and (
+            have.get("key_id") != rec.get("key_id") or not tweak_lba(have))):
+        raise errors.InvalidArgument(
+            f"cannot receive {sent}: the stream is {says(rec)}, but volume {volume!r} is "
+            f"{says(have)}" + ("" if have is None or tweak_lba(have)
+                               else " (a legacy, pbn-tweak volume)")
+            + "; an incremental stream applies only onto a volume with the same key")
+
+
 # ---- records of this store -------------------------------------------------------------------
 
 def record(t: Txn, vol: int) -> dict[str, Any] | None:

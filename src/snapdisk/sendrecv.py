@@ -238,7 +238,7 @@ def _begin_incremental(engine: Engine, volume: str, vol: int, header: Header,
         vs = catalog.state(t, vol)
         if MARKER in catalog.vol_record(t, vol).extra:
             raise errors.Busy(f"volume {volume!r} is receiving another stream")
-        _same_key(volume, encryption.record(t, vol), rec, snapshot_ref(volume, target))
+        encryption.same_key(volume, encryption.record(t, vol), rec, snapshot_ref(volume, target))
         newest = _identity(t, vol, vs.max_snap) if vs.max_snap else None
         if newest is None or newest["guid"] != frm["guid"]:
             have = "has no snapshot" if newest is None else \
@@ -270,21 +270,6 @@ def _begin_incremental(engine: Engine, volume: str, vol: int, header: Header,
     if header.size_bytes > vs.size_bytes:
         engine.resize_volume(volume, header.size_bytes)
     return lambda: _undo(engine, vol)
-
-
-def _same_key(volume: str, have: dict[str, Any] | None, rec: dict[str, Any] | None,
-              sent: str) -> None:
-    """An incremental stream applies onto a volume encrypted the same way: plain onto plain,
-    or ciphertext under the same key id (the same data key, tweak mode lba)."""
-    def says(r: dict[str, Any] | None) -> str:
-        return "plain" if r is None else f"encrypted under key id {r.get('key_id')}"
-    if (have is None) != (rec is None) or (have is not None and rec is not None and (
-            have.get("key_id") != rec.get("key_id") or not encryption.tweak_lba(have))):
-        raise errors.InvalidArgument(
-            f"cannot receive {sent}: the stream is {says(rec)}, but volume {volume!r} is "
-            f"{says(have)}" + ("" if have is None or encryption.tweak_lba(have)
-                               else " (a legacy, pbn-tweak volume)")
-            + "; an incremental stream applies only onto a volume with the same key")
 
 
 def _live_changed(engine: Engine, vol: int, epoch: int, changes: list[Any]) -> bool:
