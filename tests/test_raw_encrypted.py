@@ -452,3 +452,37 @@ def test_cli_send_receive_unlock_offline(tmp_path: Path) -> None:
         b.unlock("dr", PW)
         assert b.read(b.volume_id("dr"), 0, len(PATTERN)) == want
     assert plaintext_hits(sb, PATTERN) == []
+
+
+def test_through_servers_without_the_key(tmp_path: Path, served) -> None:  # type: ignore[no-untyped-def]
+    """Both stores served: the sender unlocked and written over NBD, the CLI pipe through both
+    control sockets; the receiving server never gets the key until unlocked with the sender's
+    passphrase, then qemu-img compares the snapshots over NBD; no plaintext under it."""
+    from test_sendrecv import CLI, qemu_compare, sh
+    sa_path, sb_path = tmp_path / "a", tmp_path / "b"
+    with new_store(sa_path) as e:
+        e.create_volume("v", SIZE, encrypt=PW)
+    new_store(sb_path).close()
+    sa, sb = served(str(sa_path)), served(str(sb_path))
+    sa.call("key.unlock", volume="v", passphrase="open sesame")
+    h = sa.connect("v")
+    for i in range(6):
+        h.pwrite(PATTERN, i * 5 * BS + (i * 512) % BS)
+    h.flush()
+    h.shutdown()
+    sa.call("snapshot.create", volume="v", name="s0")
+    sh(f"{CLI} --store {sa.store} send v@s0 | {CLI} --store {sb.store} receive w", tmp_path)
+    h = sa.connect("v")
+    h.pwrite(PATTERN[:5120], 7 * BS + 512)
+    h.flush()
+    h.shutdown()
+    sa.call("snapshot.create", volume="v", name="s1")
+    sh(f"{CLI} --store {sa.store} send v@s1 --from v@s0 | {CLI} --store {sb.store} receive w",
+       tmp_path)
+    info = sb.call("volume.info", name="w")
+    assert info["encrypted"] and info["locked"]  # type: ignore[index]
+    sb.call("key.unlock", volume="w", passphrase="open sesame")
+    for s in ("s0", "s1"):
+        qemu_compare(sa.uri(f"v@{s}"), sb.uri(f"w@{s}"))
+    sb.call("stop")
+    assert plaintext_hits(str(sb_path), PATTERN) == []
