@@ -222,8 +222,12 @@ def test_restore_leftover_is_cleaned_when_the_store_opens(tmp_path: Path) -> Non
 
 
 def test_encrypted_volume_is_refused(stores: tuple[Engine, Engine], s3_url: str) -> None:
+    """A legacy (pbn-tweak) encrypted volume; new ones are backed up raw
+    (test_raw_encrypted.py)."""
+    from crypto_helpers import make_legacy
     a, _ = stores
     a.create_volume("sec", 4 * MiB, encrypt=keys.Secret(passphrase=b"pw"))
+    make_legacy(a, "sec", keys.Secret(passphrase=b"pw"))
     a.write(a.volume_id("sec"), 0, b"s" * BS)
     a.create_snapshot("sec", "s1")
     with pytest.raises(errors.Unsupported, match="physical block number.*--decrypt"):

@@ -21,6 +21,12 @@ backup VOL@SNAP s3://BUCKET/PREFIX:
    already (listed once at the start) is skipped, which is also what makes a backup resumable
    after a crash or Ctrl-C: the next run uploads only what is missing.
 5. The manifest last (create-only): until then the backup is invisible.
+
+An encrypted volume is backed up raw: its pieces are read by threads in the pool seam's raw
+mode (native.raw_io: the blocks as stored, AES-XTS ciphertext with the logical block as tweak,
+no key needed), and its manifest (format 2) carries its wrapped key record; restore needs no
+key either, and the restored volume unlocks with the sender's secret.  A legacy (pbn-tweak)
+volume is refused (encryption.travel_meta says how to convert it).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 from . import backup_lock, catalog, diff, encryption, errors, extmap
 from . import backup_repo as repo
 from .backup_repo import BLOCK_SIZE, CHUNK_SIZE, Extent, Manifest
+from .native import raw_io
 from .s3 import Bucket
 from .snapshots import Cancel, Progress, Steps
 
@@ -44,10 +51,6 @@ if TYPE_CHECKING:
     from .engine import Engine
 
 THREADS = 8
-ENCRYPTED_HINT = ("the pool's AES-XTS tweak is the physical block number (docs/encryption.md), "
-                  "so its ciphertext means nothing outside this pool: a raw backup could never be "
-                  "restored.  Back up a decrypted copy instead: `snapdisk snapshot copy "
-                  "VOL@SNAP NEWVOL --decrypt`, snapshot it, then back that up")
 
 
 class Repository:
@@ -151,19 +154,17 @@ def backup(engine: Engine, volume: str, snap: str | int, url: str,
         vol = catalog.vol_id(t, volume)
         epoch = catalog.snap_epoch(t, vol, snap)
         srec = catalog.snap_record(t, vol, epoch)
-        if encryption.record(t, vol) is not None:
-            raise errors.Unsupported(f"volume {volume!r} is encrypted: it cannot be backed up "
-                                     f"as ciphertext: {ENCRYPTED_HINT}")
+        enc = encryption.travel_meta(encryption.record(t, vol), volume, srec.size_bytes)
     info = engine.volume_info(volume)
     r = Repository.open(url, endpoint, credentials, create=True)
     # shared: backups run side by side, never beside a prune (backup_lock.py says why)
     with backup_lock.hold(r.bucket, backup_lock.SHARED, f"backup of {volume}@{srec.name}") as lk:
-        return _backup(engine, r, lk, volume, vol, epoch, srec, info, progress, cancel, t0)
+        return _backup(engine, r, lk, volume, vol, epoch, srec, info, enc, progress, cancel, t0)
 
 
 def _backup(engine: Engine, r: Repository, lk: backup_lock.Lock, volume: str, vol: int,
-            epoch: int, srec: Any, info: Any, progress: Progress | None,
-            cancel: Cancel | None, t0: float) -> dict[str, Any]:
+            epoch: int, srec: Any, info: Any, enc: dict[str, Any] | None,
+            progress: Progress | None, cancel: Cancel | None, t0: float) -> dict[str, Any]:
     done, base = _find_base(engine, r, volume, info, epoch)
     if done is not None:
         return {**done.summary(), "already_backed_up": True, "uploaded_chunks": 0,
@@ -176,10 +177,11 @@ def _backup(engine: Engine, r: Repository, lk: backup_lock.Lock, volume: str, vo
     kept = repo.cut(base.extents, changed) if base else []
     up = _Uploader(r, Steps(sum(n for _, n in pieces), progress, cancel, every=1),
                    per_window=base is None)
-    new = up.run(functools.partial(_read_pieces, engine, vol, epoch), pieces)
+    read: Reader = functools.partial(_read_pieces, engine, vol, epoch)
+    new = up.run(read if enc is None else _raw(read), pieces)
     m = Manifest(volume, vol, info.created, {"name": srec.name, "id": epoch,
                                             "created": srec.created},
-                 size, time.time(), base.name if base else None, repo.merge(kept, new))
+                 size, time.time(), base.name if base else None, repo.merge(kept, new), enc)
     lk.ensure()  # the manifest makes the chunks referenced: only while no prune can run
     if not r.bucket.put(m.name, repo.encode_manifest(m), create_only=True):
         raise errors.AlreadyExists(f"{r.bucket.where(m.name)} exists and is not a backup of "
@@ -189,6 +191,16 @@ def _backup(engine: Engine, r: Repository, lk: backup_lock.Lock, volume: str, vo
             "uploaded_chunks": up.new_chunks, "uploaded_bytes": up.new_bytes,
             "stored_bytes": up.stored_bytes, "reused_chunks": up.reused_chunks,
             "puts": r.bucket.stats.puts, "seconds": time.monotonic() - t0}
+
+
+def _raw(read: Reader) -> Reader:
+    """read in the pool seam's raw mode, on whichever thread calls it (the uploaders'): an
+    encrypted volume's pieces as stored, ciphertext (the bytes _read_pieces returns are then
+    ciphertext, not the data)."""
+    def raw_read(pieces: list[tuple[int, int]]) -> list[bytearray]:
+        with raw_io():
+            return read(pieces)
+    return raw_read
 
 
 def list_backups(url: str, endpoint: str | None = None,
