@@ -51,7 +51,8 @@ class Connection:
     """One NBD connection's handle (what the plugin's open() returns)."""
 
     __slots__ = ("export", "vol", "epoch", "key", "size_bytes", "readonly", "generation",
-                 "inflight", "opened", "socket_inode", "read", "write", "cconn", "counted")
+                 "inflight", "opened", "socket_inode", "read", "write", "cconn", "counted",
+                 "pinned")
 
     def __init__(self, export: str, vol: int, epoch: int | None, size_bytes: int, readonly: bool):
         self.export = export
@@ -73,6 +74,8 @@ class Connection:
         # counted there (bind_counted_read) instead of by enter()/leave().
         self.cconn: Any = ffi.new("xm_conn *")
         self.counted = False
+        # The plugin's: (thread, PyGILState) of the connection thread's pinned thread state.
+        self.pinned: tuple[int, int] | None = None
 
     def bind_counted_read(self, read: Callable[[int, Any], None]) -> None:
         """read: a reader that counts itself on self.cconn (NativeStore.counted_reader)."""

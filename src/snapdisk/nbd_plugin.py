@@ -34,9 +34,11 @@ registry's enter/leave in C), so no Python bookkeeping is left per read (issue 9
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import functools
 import os
+import threading
 import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -188,12 +190,53 @@ def open(readonly: bool) -> Connection:
     if h.epoch is None:  # a live export's reads: one C call, counted there (issue 9 item 4)
         h.bind_counted_read(svc.require_engine().native.counted_reader(
             h.vol, h.cconn, f"export {h.export!r}"))
+    h.pinned = _pin_thread_state()
     return h
 
 
 def close(h: Connection) -> None:
+    _unpin_thread_state(h.pinned)
     if _svc is not None:
         _svc.close_export(h)
+
+
+# ---- the connection thread's Python thread state -------------------------------------------
+#
+# nbdkit's Python plugin wraps every callback in PyGILState_Ensure/Release, and nbdkit's
+# connection threads are not Python's: with no thread state of its own, each Ensure creates one
+# and each Release destroys it (PyThreadState_New, its frame stack mmapped and munmapped: page
+# faults and a TLB shootdown).  Measured (docs/design.md, "The read hot path"): about 13 us of
+# server CPU per request, two thirds of a 4 KiB read's.  So open(), which nbdkit calls on the
+# connection's own thread (under SERIALIZE_REQUESTS every request of the connection runs there
+# too: nbdkit starts worker threads only for PARALLEL), takes one more Ensure and keeps it:
+# Python's GILState count then never drops to zero between callbacks, and the thread state
+# lives until close() releases it.  The GIL itself is still released after every callback
+# (nbdkit's Release restores the UNLOCKED state it found).  PyGILState_Release on a thread
+# that did not Ensure is fatal, so close() releases only on the thread that pinned; elsewhere
+# (not seen with nbdkit 1.32) it leaves the thread state to be freed when Python finalizes.
+
+_ensure: Any = None
+_release: Any = None
+try:
+    _ensure = ctypes.pythonapi.PyGILState_Ensure
+    _ensure.restype = ctypes.c_int
+    _release = ctypes.pythonapi.PyGILState_Release
+    _release.argtypes = (ctypes.c_int,)
+    _release.restype = None
+except (AttributeError, OSError):  # a Python without its C API in reach: no pinning
+    _ensure = _release = None
+
+
+def _pin_thread_state() -> tuple[int, int] | None:
+    """(this thread, the Ensure state to release) or None."""
+    if _ensure is None:
+        return None
+    return threading.get_ident(), int(_ensure())
+
+
+def _unpin_thread_state(pinned: tuple[int, int] | None) -> None:
+    if pinned is not None and _release is not None and pinned[0] == threading.get_ident():
+        _release(pinned[1])
 
 
 @_guarded
