@@ -25,11 +25,16 @@ side by side), the only model: PARALLEL was slower for a Python plugin (a GIL ha
 request) and nbdkit 1.32.5 can abort under it when a client disconnects with pipelined writes in
 flight, so `threads=parallel` is refused (docs/design.md, "Concurrency", has the measurements).
 
+Each connection thread keeps its Python thread state from open() to close() (see "the
+connection thread's Python thread state" below): without that, nbdkit's embedding made and
+destroyed one per callback, most of a request's CPU.
+
 The hot path (pread, pwrite) is written flat, with the Engine's callables bound per connection at
-open(): in process it cost 3.0 us a 4 KiB read (os.preadv alone: 1.0 us), of which 0.5 us is the
-C core's map lookup and 0.3 us cffi's from_buffer.  A live export's pread is now one C call
-(xm_conn_read, bound at open: it counts the request in flight and checks the revocation, the
-registry's enter/leave in C), so no Python bookkeeping is left per read (issue 9 item 4).
+open().  A live export's pread is one C call (xm_conn_read: it counts the request in flight and
+checks the revocation, the registry's enter/leave in C), so no Python bookkeeping is left per
+read (issue 9 item 4): in process 2.5 us a 4 KiB read (os.preadv alone: 1.2 us), of which
+~0.95 us the C core's map lookup and 0.1 us cffi's from_buffer (docs/design.md, "The read hot
+path").
 """
 
 from __future__ import annotations
