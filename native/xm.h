@@ -178,17 +178,20 @@ int xm_live_overlap(xm_txn *txn, uint32_t vol, uint64_t lba, uint64_t nblocks,
  * The only code that touches the pool file: every C path and Python's Pool go through these.
  * Addresses are blocks (pbn) plus a byte offset into the first one; the file is accessed in whole
  * blocks only (a partial block is read whole, or read, patched and written whole), so a
- * block-granular transform (a cipher, with the pbn as tweak) can be added in one place. */
+ * block-granular transform (a cipher, with the logical block as tweak) lives in one place. */
 
 /* nbytes from block pbn at offset_in_block into buf; never-written space reads as zeros.
  * vol is the volume whose data the blocks hold: an encrypted volume's blocks are decrypted with
- * its key (XM_ELOCKED if it is locked); see xm_crypt.c.  Call with the gate held. */
-int xm_pool_read(xm_store *st, uint32_t vol, uint64_t pbn, uint64_t offset_in_block,
+ * its key (XM_ELOCKED if it is locked); see xm_crypt.c.  lba is the logical block number block
+ * pbn holds for vol (block pbn+i holds lba+i): the XTS tweak of volumes in lba mode; XM_NO_LBA
+ * where the caller has none (raw or plain access only: EINVAL for an lba-mode volume).  Call
+ * with the gate held. */
+int xm_pool_read(xm_store *st, uint32_t vol, uint64_t pbn, uint64_t lba, uint64_t offset_in_block,
                  uint64_t nbytes, uint8_t *buf);
 /* nbytes from buf to block pbn at offset_in_block; partial blocks are read-modify-written
  * (decrypted, patched, encrypted).  A full filesystem is ENOSPC (EDQUOT too). */
-int xm_pool_write(xm_store *st, uint32_t vol, uint64_t pbn, uint64_t offset_in_block,
-                  uint64_t nbytes, const uint8_t *buf);
+int xm_pool_write(xm_store *st, uint32_t vol, uint64_t pbn, uint64_t lba,
+                  uint64_t offset_in_block, uint64_t nbytes, const uint8_t *buf);
 /* Give nblocks from pbn back to the filesystem (they read as zeros after).  A filesystem without
  * hole punching keeps the space: that is success. */
 int xm_pool_punch(xm_store *st, uint64_t pbn, uint64_t nblocks);
@@ -235,7 +238,7 @@ int xm_space_check(xm_store *st, int what);
 int xm_space_info(xm_store *st, xm_space *out);
 /* ---- encrypted volumes (xm_crypt.c) -------------------------------------------------------
  * A volume's key slot: PLAIN (no cipher), LOCKED (encrypted, no key: its pool I/O returns
- * XM_ELOCKED) or UNLOCKED (AES-256-XTS, 64-byte key, 4 KiB data units, tweak = pbn).  Call
+ * XM_ELOCKED) or UNLOCKED (AES-256-XTS, 64-byte key, 4 KiB data units, tweak below).  Call
  * with the gate closed, as xm_vol_config.  The first xm_vol_set_key sets
  * prctl(PR_SET_DUMPABLE, 0). */
 #define XM_ELOCKED -30998         /* the volume is encrypted and its key is not loaded */
@@ -252,6 +255,18 @@ int xm_vol_clear_key(xm_store *st, uint32_t vol);
 int xm_vol_mark_encrypted(xm_store *st, uint32_t vol, int encrypted);
 /* vol's slot state; takes the gate shared (do not call it with the gate held). */
 int xm_vol_key_state(xm_store *st, uint32_t vol);
+/* ---- raw send of encrypted volumes (xm_crypt.c): tweak mode, raw I/O ----------------------
+ * vol's XTS tweak: XM_TWEAK_LBA (the logical block number; volumes encrypted since format 3)
+ * or XM_TWEAK_PBN (the physical block number; legacy).  Set before the key (the gate closed);
+ * kept across lock and unlock, reset to PBN by xm_vol_clear_key.  xm_raw_io(1) puts the CALLING
+ * THREAD in raw mode until xm_raw_io(0): its pool I/O of encrypted volumes moves ciphertext as
+ * stored (no cipher, a locked volume too), whole blocks only (EINVAL otherwise).  For send,
+ * backup, receive and restore only; never an NBD thread. */
+#define XM_TWEAK_PBN 0
+#define XM_TWEAK_LBA 1
+#define XM_NO_LBA 18446744073709551615ULL /* no logical block: UINT64_MAX */
+int xm_vol_set_tweak(xm_store *st, uint32_t vol, int mode);
+void xm_raw_io(int on);
 /* ---- bulk metadata walks (xm_bulk.c) ----------------------------------------------------
  *
  * Each call is one bounded write transaction (at most `limit` map records), committed before it

@@ -242,12 +242,22 @@ void xm_space_close(xm_store *st);
 void xm_space_after_commit(xm_store *st);
 /* ---- encrypted volumes (xm_crypt.c) ------------------------------------------------------ */
 
-/* For pool I/O of vol: *out NULL for a plain volume, else a fresh context (enc: encrypting)
- * holding vol's key, to free with EVP_CIPHER_CTX_free; XM_ELOCKED for a locked volume. */
-int xm_crypt_begin(xm_store *st, uint32_t vol, int enc, EVP_CIPHER_CTX **out);
+/* Pool I/O of vol from block pbn, which holds vol's logical block lba (XM_NO_LBA: unknown).
+ * out->c NULL for a plain volume, or raw (out->raw: the calling thread is in raw mode and vol
+ * is encrypted: no cipher, whole blocks only); else a fresh context (enc: encrypting) holding
+ * vol's key, to free with EVP_CIPHER_CTX_free, and out->tweak the data unit number of block
+ * pbn (lba or pbn, by vol's tweak mode).  XM_ELOCKED for a locked volume; EINVAL for an
+ * lba-tweak volume and lba XM_NO_LBA. */
+typedef struct {
+    EVP_CIPHER_CTX *c;
+    uint64_t tweak;
+    int raw;
+} xm_crypt;
+int xm_crypt_begin(xm_store *st, uint32_t vol, int enc, uint64_t pbn, uint64_t lba,
+                   xm_crypt *out);
 /* En- or decrypt nblocks whole blocks from in to out (may be equal): XTS, one 4 KiB data unit
- * per block, block pbn+i with tweak pbn+i. */
-int xm_crypt_blocks(EVP_CIPHER_CTX *c, uint64_t pbn, uint64_t nblocks, const uint8_t *in,
+ * per block, block i with tweak tweak0+i. */
+int xm_crypt_blocks(EVP_CIPHER_CTX *c, uint64_t tweak0, uint64_t nblocks, const uint8_t *in,
                     uint8_t *out);
 /* Wipe and free every key slot (xm_close). */
 void xm_crypt_close(xm_store *st);

@@ -104,8 +104,8 @@ static int apply_plan(xm_store *st, uint32_t vol, const xm_extent *plan, size_t 
             memset(buf + (s - offset), 0, e - s);
             continue;
         }
-        rc = wbuf ? xm_pool_write(st, vol, plan[i].pbn, s - rs, e - s, wbuf + (s - offset))
-                  : xm_pool_read(st, vol, plan[i].pbn, s - rs, e - s, buf + (s - offset));
+        rc = wbuf ? xm_pool_write(st, vol, plan[i].pbn, plan[i].lba, s - rs, e - s, wbuf + (s - offset))
+                  : xm_pool_read(st, vol, plan[i].pbn, plan[i].lba, s - rs, e - s, buf + (s - offset));
         if (rc)
             return rc;
     }
@@ -200,7 +200,7 @@ int xm_read(xm_store *st, uint32_t vol, uint64_t offset, uint64_t length, uint8_
     for (size_t i = 0; i < ov.n && rc == XM_OK; i++) {
         uint64_t bs = ov.hit[i].lba * XM_BLOCK_SIZE, s = bs > offset ? bs : offset;
         uint64_t e = bs + XM_BLOCK_SIZE < offset + length ? bs + XM_BLOCK_SIZE : offset + length;
-        rc = xm_pool_read(st, vol, ov.hit[i].pbn, s - bs, e - s, buf + (s - offset));
+        rc = xm_pool_read(st, vol, ov.hit[i].pbn, ov.hit[i].lba, s - bs, e - s, buf + (s - offset));
     }
     if (rc == XM_OK)
         STAT_ADD(st, fast_reads, 1);
@@ -225,7 +225,7 @@ int xm_write_inplace(xm_store *st, uint32_t vol, uint64_t offset, uint64_t lengt
         for (size_t i = 0; i < ov.n && rc == XM_OK; i++) {
             uint64_t bs = ov.hit[i].lba * XM_BLOCK_SIZE, s = bs > offset ? bs : offset;
             uint64_t e = bs + XM_BLOCK_SIZE < offset + length ? bs + XM_BLOCK_SIZE : offset + length;
-            rc = xm_pool_write(st, vol, ov.hit[i].pbn, s - bs, e - s, buf + (s - offset));
+            rc = xm_pool_write(st, vol, ov.hit[i].pbn, ov.hit[i].lba, s - bs, e - s, buf + (s - offset));
         }
         STAT_ADD(st, fast_writes, rc == XM_OK);
         STAT_ADD(st, slow_writes, rc == XM_ESLOW);

@@ -43,7 +43,7 @@
 
 /* cdef-begin: everything down to cdef-end is also read by native/build_ffi.py */
 
-#define XM_FORMAT_VERSION 2       /* on-disk format version this build writes (layout.py: MIGRATIONS) */
+#define XM_FORMAT_VERSION 3       /* on-disk format version this build writes (layout.py: MIGRATIONS) */
 #define XM_BLOCK_SIZE 4096        /* bytes per map block */
 #define XM_MAX_EXTENT 1024        /* longest map record in blocks (bounds snapshot-read scans) */
 #define XM_HOLE 18446744073709551615ULL /* pbn of a hole in a plan: UINT64_MAX (never stored) */

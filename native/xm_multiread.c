@@ -8,7 +8,9 @@
  * step): the live records born by epoch, plus the dead records with birth <= epoch < death,
  * over [lo, hi) of the whole span, sorted by lba (records visible at one epoch never overlap).
  * A snapshot view never needs the group-commit overlay (its entries are born now).  The caller
- * holds the I/O gate shared, as for any pool read.
+ * holds the I/O gate shared, as for any pool read.  Each read passes its logical block (the
+ * XTS tweak of lba-mode encrypted volumes); in raw mode (xm_raw_io) the calling thread gets the
+ * ciphertext as stored, which is what a raw backup of an encrypted volume uploads.
  */
 #include "xm_internal.h"
 
@@ -128,7 +130,7 @@ int xm_snap_readv(xm_store *st, uint32_t vol, uint64_t epoch, const uint64_t *of
             uint64_t s = recs[j].lba > b0 ? recs[j].lba : b0;
             uint64_t x = recs[j].lba + recs[j].len < b1 ? recs[j].lba + recs[j].len : b1;
             if (s < x)
-                rc = xm_pool_read(st, vol, recs[j].pbn + (s - recs[j].lba), 0,
+                rc = xm_pool_read(st, vol, recs[j].pbn + (s - recs[j].lba), s, 0,
                                   (x - s) * XM_BLOCK_SIZE, dst + (s - b0) * XM_BLOCK_SIZE);
         }
         dst += lens[p];

@@ -7,11 +7,14 @@
  * on a write patches it and writes it back whole: read-modify-write under a striped lock, so two
  * writes to different bytes of one block cannot lose each other's bytes; overlapping concurrent
  * writes have no defined order in NBD anyway).  That is what a block cipher needs, and this is
- * the one place it goes: every call names the volume whose data the blocks hold, and an
- * encrypted volume's blocks (xm_crypt.c: AES-256-XTS, tweak from the pbn) are decrypted in the
+ * the one place it goes: every call names the volume whose data the blocks hold and the logical
+ * block the first one holds for it, and an encrypted volume's blocks (xm_crypt.c: AES-256-XTS,
+ * tweak = that logical block number, or the pbn for legacy volumes) are decrypted in the
  * caller's buffer after each read and encrypted into a bounce buffer before each write, so only
  * ciphertext reaches the file.  A locked volume's I/O is XM_ELOCKED before the file is touched.
- * Clones share blocks, so they share their origin's key (the Python side registers it).
+ * Clones share blocks, so they share their origin's key (the Python side registers it).  A
+ * thread in raw mode (send, backup, receive, restore; xm_crypt.c) moves encrypted volumes'
+ * blocks as stored, whole blocks only.
  *
  * Errors are errno values; a full filesystem is ENOSPC (EDQUOT, a quota, too: the client is
  * told "no space" either way).
@@ -66,10 +69,12 @@ static int pwrite_full(int fd, const uint8_t *buf, size_t n, uint64_t off)
     return XM_OK;
 }
 
-/* Normalize (pbn, offset) so the offset is inside the first block; check the range fits. */
-static int locate(uint64_t *pbn, uint64_t *off, uint64_t nbytes)
+/* Normalize (pbn, lba, offset) so the offset is inside the first block; check the range fits. */
+static int locate(uint64_t *pbn, uint64_t *lba, uint64_t *off, uint64_t nbytes)
 {
     *pbn += *off / XM_BLOCK_SIZE;
+    if (*lba != XM_NO_LBA)
+        *lba += *off / XM_BLOCK_SIZE;
     *off %= XM_BLOCK_SIZE;
     if (*pbn > POOL_MAX_BYTES / XM_BLOCK_SIZE || nbytes > POOL_MAX_BYTES - *pbn * XM_BLOCK_SIZE - *off)
         return XM_ECORRUPT; /* addresses come from the map: only a damaged one gets here */
@@ -78,17 +83,24 @@ static int locate(uint64_t *pbn, uint64_t *off, uint64_t nbytes)
 
 #define BOUNCE_MAX (256 * XM_BLOCK_SIZE) /* encrypt at most 1 MiB per pwrite */
 
-static int read_blocks(xm_store *st, EVP_CIPHER_CTX *c, uint64_t pbn, uint64_t nblocks,
-                       uint8_t *buf)
+/* A raw call must move whole blocks: a sub-block piece of ciphertext means nothing. */
+static int raw_whole(const xm_crypt *x, uint64_t off, uint64_t nbytes)
+{
+    return x->raw && (off || nbytes % XM_BLOCK_SIZE) ? EINVAL : XM_OK;
+}
+
+/* Blocks pbn.. with tweaks tweak.. (xm_crypt.tweak plus the block's index in the call). */
+static int read_blocks(xm_store *st, EVP_CIPHER_CTX *c, uint64_t pbn, uint64_t tweak,
+                       uint64_t nblocks, uint8_t *buf)
 {
     int rc = pread_full(st->pool_fd, buf, nblocks * XM_BLOCK_SIZE, pbn * XM_BLOCK_SIZE);
     if (rc == XM_OK && c) /* a never-written (zero) block decrypts to noise: nothing reads one */
-        rc = xm_crypt_blocks(c, pbn, nblocks, buf, buf);
+        rc = xm_crypt_blocks(c, tweak, nblocks, buf, buf);
     return rc;
 }
 
-static int write_blocks(xm_store *st, EVP_CIPHER_CTX *c, uint64_t pbn, uint64_t nblocks,
-                        const uint8_t *buf)
+static int write_blocks(xm_store *st, EVP_CIPHER_CTX *c, uint64_t pbn, uint64_t tweak,
+                        uint64_t nblocks, const uint8_t *buf)
 {
     if (!c)
         return pwrite_full(st->pool_fd, buf, nblocks * XM_BLOCK_SIZE, pbn * XM_BLOCK_SIZE);
@@ -100,7 +112,7 @@ static int write_blocks(xm_store *st, EVP_CIPHER_CTX *c, uint64_t pbn, uint64_t 
     int rc = XM_OK;
     for (uint64_t i = 0; i < nblocks && rc == XM_OK; i += chunk) {
         uint64_t n = nblocks - i < chunk ? nblocks - i : chunk;
-        rc = xm_crypt_blocks(c, pbn + i, n, buf + i * XM_BLOCK_SIZE, bounce);
+        rc = xm_crypt_blocks(c, tweak + i, n, buf + i * XM_BLOCK_SIZE, bounce);
         if (rc == XM_OK)
             rc = pwrite_full(st->pool_fd, bounce, n * XM_BLOCK_SIZE, (pbn + i) * XM_BLOCK_SIZE);
     }
@@ -108,56 +120,59 @@ static int write_blocks(xm_store *st, EVP_CIPHER_CTX *c, uint64_t pbn, uint64_t 
     return rc;
 }
 
-static int pool_read(xm_store *st, EVP_CIPHER_CTX *c, uint64_t pbn, uint64_t off, uint64_t nbytes,
-                     uint8_t *buf)
+static int pool_read(xm_store *st, EVP_CIPHER_CTX *c, uint64_t pbn, uint64_t tweak, uint64_t off,
+                     uint64_t nbytes, uint8_t *buf)
 {
     uint8_t blk[XM_BLOCK_SIZE];
     int rc;
     if (off && nbytes) { /* a partial first block */
         uint64_t n = XM_BLOCK_SIZE - off < nbytes ? XM_BLOCK_SIZE - off : nbytes;
-        if ((rc = read_blocks(st, c, pbn, 1, blk)))
+        if ((rc = read_blocks(st, c, pbn, tweak, 1, blk)))
             return rc;
         memcpy(buf, blk + off, n);
         buf += n;
         nbytes -= n;
         pbn++;
+        tweak++;
     }
     uint64_t whole = nbytes / XM_BLOCK_SIZE;
-    if (whole && (rc = read_blocks(st, c, pbn, whole, buf)))
+    if (whole && (rc = read_blocks(st, c, pbn, tweak, whole, buf)))
         return rc;
     buf += whole * XM_BLOCK_SIZE;
     nbytes -= whole * XM_BLOCK_SIZE;
     if (nbytes) { /* a partial last block */
-        if ((rc = read_blocks(st, c, pbn + whole, 1, blk)))
+        if ((rc = read_blocks(st, c, pbn + whole, tweak + whole, 1, blk)))
             return rc;
         memcpy(buf, blk, nbytes);
     }
     return XM_OK;
 }
 
-int xm_pool_read(xm_store *st, uint32_t vol, uint64_t pbn, uint64_t off, uint64_t nbytes,
-                 uint8_t *buf)
+int xm_pool_read(xm_store *st, uint32_t vol, uint64_t pbn, uint64_t lba, uint64_t off,
+                 uint64_t nbytes, uint8_t *buf)
 {
-    EVP_CIPHER_CTX *c;
+    xm_crypt x;
     int rc;
-    if ((rc = locate(&pbn, &off, nbytes)) || (rc = xm_crypt_begin(st, vol, 0, &c)))
+    if ((rc = locate(&pbn, &lba, &off, nbytes)) || (rc = xm_crypt_begin(st, vol, 0, pbn, lba, &x)))
         return rc;
-    rc = pool_read(st, c, pbn, off, nbytes, buf);
-    EVP_CIPHER_CTX_free(c);
+    rc = raw_whole(&x, off, nbytes);
+    if (rc == XM_OK)
+        rc = pool_read(st, x.c, pbn, x.tweak, off, nbytes, buf);
+    EVP_CIPHER_CTX_free(x.c);
     return rc;
 }
 
 /* Write n bytes at off inside block pbn, keeping the block's other bytes. */
 static int patch_block(xm_store *st, EVP_CIPHER_CTX *enc, EVP_CIPHER_CTX *dec, uint64_t pbn,
-                       uint64_t off, uint64_t n, const uint8_t *src)
+                       uint64_t tweak, uint64_t off, uint64_t n, const uint8_t *src)
 {
     uint8_t blk[XM_BLOCK_SIZE];
     pthread_mutex_t *mu = &st->rmw[pbn % RMW_LOCKS];
     pthread_mutex_lock(mu);
-    int rc = read_blocks(st, dec, pbn, 1, blk);
+    int rc = read_blocks(st, dec, pbn, tweak, 1, blk);
     if (rc == XM_OK) {
         memcpy(blk + off, src, n);
-        rc = write_blocks(st, enc, pbn, 1, blk);
+        rc = write_blocks(st, enc, pbn, tweak, 1, blk);
     }
     pthread_mutex_unlock(mu);
     if (dec)
@@ -166,51 +181,54 @@ static int patch_block(xm_store *st, EVP_CIPHER_CTX *enc, EVP_CIPHER_CTX *dec, u
 }
 
 static int pool_write(xm_store *st, EVP_CIPHER_CTX *enc, EVP_CIPHER_CTX *dec, uint64_t pbn,
-                      uint64_t off, uint64_t nbytes, const uint8_t *buf)
+                      uint64_t tweak, uint64_t off, uint64_t nbytes, const uint8_t *buf)
 {
     int rc;
     if (off && nbytes) {
         uint64_t n = XM_BLOCK_SIZE - off < nbytes ? XM_BLOCK_SIZE - off : nbytes;
-        if ((rc = patch_block(st, enc, dec, pbn, off, n, buf)))
+        if ((rc = patch_block(st, enc, dec, pbn, tweak, off, n, buf)))
             return rc;
         buf += n;
         nbytes -= n;
         pbn++;
+        tweak++;
     }
     uint64_t whole = nbytes / XM_BLOCK_SIZE;
-    if (whole && (rc = write_blocks(st, enc, pbn, whole, buf)))
+    if (whole && (rc = write_blocks(st, enc, pbn, tweak, whole, buf)))
         return rc;
     buf += whole * XM_BLOCK_SIZE;
     nbytes -= whole * XM_BLOCK_SIZE;
     if (nbytes)
-        return patch_block(st, enc, dec, pbn + whole, 0, nbytes, buf);
+        return patch_block(st, enc, dec, pbn + whole, tweak + whole, 0, nbytes, buf);
     return XM_OK;
 }
 
-int xm_pool_write(xm_store *st, uint32_t vol, uint64_t pbn, uint64_t off, uint64_t nbytes,
-                  const uint8_t *buf)
+int xm_pool_write(xm_store *st, uint32_t vol, uint64_t pbn, uint64_t lba, uint64_t off,
+                  uint64_t nbytes, const uint8_t *buf)
 {
-    EVP_CIPHER_CTX *enc = NULL, *dec = NULL;
+    xm_crypt enc, dec = {NULL, 0, 0};
     int rc;
-    if ((rc = locate(&pbn, &off, nbytes)) || (rc = xm_crypt_begin(st, vol, 1, &enc)))
+    if ((rc = locate(&pbn, &lba, &off, nbytes)) || (rc = xm_crypt_begin(st, vol, 1, pbn, lba, &enc)))
+        return rc;
+    if ((rc = raw_whole(&enc, off, nbytes)))
         return rc;
     /* A decrypting context too only if a partial block needs read-modify-write. */
-    if (enc && ((off && nbytes) || (off + nbytes) % XM_BLOCK_SIZE) &&
-        (rc = xm_crypt_begin(st, vol, 0, &dec))) {
-        EVP_CIPHER_CTX_free(enc);
+    if (enc.c && ((off && nbytes) || (off + nbytes) % XM_BLOCK_SIZE) &&
+        (rc = xm_crypt_begin(st, vol, 0, pbn, lba, &dec))) {
+        EVP_CIPHER_CTX_free(enc.c);
         return rc;
     }
-    rc = pool_write(st, enc, dec, pbn, off, nbytes, buf);
-    EVP_CIPHER_CTX_free(enc);
-    EVP_CIPHER_CTX_free(dec);
+    rc = pool_write(st, enc.c, dec.c, pbn, enc.tweak, off, nbytes, buf);
+    EVP_CIPHER_CTX_free(enc.c);
+    EVP_CIPHER_CTX_free(dec.c);
     return rc;
 }
 
 int xm_pool_punch(xm_store *st, uint64_t pbn, uint64_t nblocks)
 {
-    uint64_t off = 0;
+    uint64_t off = 0, lba = XM_NO_LBA;
     int rc;
-    if (nblocks > POOL_MAX_BYTES / XM_BLOCK_SIZE || (rc = locate(&pbn, &off, nblocks * XM_BLOCK_SIZE)))
+    if (nblocks > POOL_MAX_BYTES / XM_BLOCK_SIZE || (rc = locate(&pbn, &lba, &off, nblocks * XM_BLOCK_SIZE)))
         return XM_ECORRUPT;
     if (nblocks == 0)
         return XM_OK;

@@ -191,7 +191,7 @@ static int fill_blocks(xm_store *st, uint32_t vol, const xm_extent *recs, size_t
             continue;
         for (size_t j = 0; j < n; j++) {
             if (recs[j].lba <= blk && blk < recs[j].lba + recs[j].len) {
-                int rc = xm_pool_read(st, vol, recs[j].pbn + blk - recs[j].lba, 0, XM_BLOCK_SIZE,
+                int rc = xm_pool_read(st, vol, recs[j].pbn + blk - recs[j].lba, blk, 0, XM_BLOCK_SIZE,
                                       out + (blk - a) * XM_BLOCK_SIZE);
                 if (rc)
                     return rc;
@@ -261,7 +261,7 @@ static int write_redirected(xm_store *st, uint32_t vol, const xm_extent *recs, s
                 break;
             }
             blocks[(*nb)++] = (xm_extent){pos, runs[ri].pbn + rused, 0, (uint32_t)m, 0};
-            rc = xm_pool_write(st, vol, runs[ri].pbn + rused, 0, m * XM_BLOCK_SIZE,
+            rc = xm_pool_write(st, vol, runs[ri].pbn + rused, pos, 0, m * XM_BLOCK_SIZE,
                                data + (pos - a) * XM_BLOCK_SIZE);
             pos += m;
             rused += m;
@@ -336,7 +336,7 @@ static int write_row_once(xm_store *st, uint32_t vol, uint64_t offset, uint64_t 
         uint64_t s = inplace[i].lba * XM_BLOCK_SIZE > offset ? inplace[i].lba * XM_BLOCK_SIZE : offset;
         uint64_t e = (inplace[i].lba + inplace[i].len) * XM_BLOCK_SIZE;
         e = e < end ? e : end;
-        rc = xm_pool_write(st, vol, inplace[i].pbn, s - inplace[i].lba * XM_BLOCK_SIZE, e - s,
+        rc = xm_pool_write(st, vol, inplace[i].pbn, inplace[i].lba, s - inplace[i].lba * XM_BLOCK_SIZE, e - s,
                            buf + (s - offset));
     }
 end:

@@ -65,3 +65,20 @@ def make_encrypted_store(path: Path) -> str:
         e.create_volume("plain", MiB)
     return str(path)
 
+
+
+def make_legacy(engine: Engine, name: str, secret: keys.Secret = PW) -> None:
+    """Make the just-created, still EMPTY and unlocked encrypted volume `name` a legacy one
+    (format 2's pbn tweak): its key record rewrapped without "tweak", the key reloaded into the
+    seam.  What a volume encrypted before format 3 looks like (raw send refuses it)."""
+    from snapdisk import catalog
+    with engine.native.txn(write=True) as t:
+        vol = catalog.vol_id(t, name)
+        vr = catalog.vol_record(t, vol)
+        assert vr.encryption is not None and engine.volume_info(name).live_bytes == 0
+        key = engine.keyring.get(vr.encryption["key_id"])
+        assert key is not None, "unlock it first"
+        vr.encryption = keys.wrap(key, secret, vr.encryption["key_id"], keys.TWEAK_PBN)
+        catalog.put_vol_record(t, vol, vr)
+    engine.keys.load([vol])
+    assert engine.key_info(name)["tweak"] == "pbn"

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from crypto_helpers import BS, PATTERN, PW, MiB, plaintext_hits
+from crypto_helpers import BS, PATTERN, PW, MiB, make_legacy, plaintext_hits
 
 from snapdisk import errors, keys
 from snapdisk.engine import Engine
@@ -130,9 +130,11 @@ def test_plain_volumes_are_not_converted_in_place(engine: Engine) -> None:
 
 def test_pool_format_is_standard_xts_with_the_pbn_as_tweak(engine: Engine) -> None:
     """The documented format (docs/encryption.md): XTS on 4 KiB units, tweak = pbn, decryptable
-    by an independent implementation with the data key."""
+    by an independent implementation with the data key.  Legacy volumes (format 2's: new ones
+    use the logical block, test_raw_encrypted.py checks that)."""
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
     v = engine.create_volume("v", MiB, encrypt=PW)
+    make_legacy(engine, "v")
     engine.write(v.id, 2 * BS, PATTERN[:BS])
     with engine.native.txn() as t:
         (rec,) = t.live_overlap(v.id, 2, 1)

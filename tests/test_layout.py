@@ -12,7 +12,7 @@ from snapdisk.store import StoreConfig
 
 
 def test_constants_come_from_c() -> None:
-    assert layout.FORMAT_VERSION == native.FORMAT_VERSION == 2
+    assert layout.FORMAT_VERSION == native.FORMAT_VERSION == 3  # 3: lba-tweak encryption
     assert (layout.BLOCK_SIZE, layout.MAX_EXTENT) == (4096, 1024)
     assert layout.INFINITY == (1 << 64) - 1
     assert (layout.VS_BIRTH_INDEXED, layout.VS_SHARED, layout.F_SHARED) == (1, 2, 1)

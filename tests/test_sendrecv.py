@@ -173,8 +173,11 @@ def test_written_after_newest_snapshot_refused_unless_force(
 
 
 def test_encrypted_volume_is_refused(stores: tuple[Engine, Engine]) -> None:
+    """A legacy (pbn-tweak) encrypted volume; new ones are sent raw (test_raw_encrypted.py)."""
+    from crypto_helpers import make_legacy
     a, _ = stores
     a.create_volume("sec", SIZE, encrypt=keys.Secret(passphrase=b"open sesame"))
+    make_legacy(a, "sec", keys.Secret(passphrase=b"open sesame"))
     a.create_snapshot("sec", "s")
     with pytest.raises(errors.Unsupported) as e:
         send(a, "sec@s")

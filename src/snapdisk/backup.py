@@ -21,6 +21,12 @@ backup VOL@SNAP s3://BUCKET/PREFIX:
    already (listed once at the start) is skipped, which is also what makes a backup resumable
    after a crash or Ctrl-C: the next run uploads only what is missing.
 5. The manifest last (create-only): until then the backup is invisible.
+
+An encrypted volume is backed up raw: its pieces are read by threads in the pool seam's raw
+mode (native.raw_io: the blocks as stored, AES-XTS ciphertext with the logical block as tweak,
+no key needed), and its manifest (format 2) carries its wrapped key record; restore needs no
+key either, and the restored volume unlocks with the sender's secret.  A legacy (pbn-tweak)
+volume is refused (encryption.travel_meta says how to convert it).
 """
 
 from __future__ import annotations
@@ -34,9 +40,10 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+from . import backup_lock, catalog, diff, encryption, errors, native
 from . import backup_repo as repo
-from . import catalog, diff, encryption, errors, extmap, native
-from .backup_repo import BLOCK_SIZE, CHUNK_SIZE, Extent, Manifest
+from .backup_repo import CHUNK_SIZE, Extent, Manifest
+from .native import raw_io
 from .s3 import Bucket
 from .snapshots import Cancel, Progress, Steps
 
@@ -44,10 +51,6 @@ if TYPE_CHECKING:
     from .engine import Engine
 
 THREADS = 8
-ENCRYPTED_HINT = ("the pool's AES-XTS tweak is the physical block number (docs/encryption.md), "
-                  "so its ciphertext means nothing outside this pool: a raw backup could never be "
-                  "restored.  Back up a decrypted copy instead: `snapdisk snapshot copy "
-                  "VOL@SNAP NEWVOL --decrypt`, snapshot it, then back that up")
 
 
 class Repository:
@@ -169,12 +172,18 @@ def backup(engine: Engine, volume: str, snap: str | int, url: str,
         vol = catalog.vol_id(t, volume)
         epoch = catalog.snap_epoch(t, vol, snap)
         srec = catalog.snap_record(t, vol, epoch)
-        if encryption.record(t, vol) is not None:
-            raise errors.Unsupported(f"volume {volume!r} is encrypted: it cannot be backed up "
-                                     f"as ciphertext: {ENCRYPTED_HINT}")
+        enc = encryption.travel_meta(encryption.record(t, vol), volume, srec.size_bytes)
     info = engine.volume_info(volume)
     r = Repository.open(url, endpoint, credentials, create=True)
-    r.list_chunks_ahead()
+    # shared: backups run side by side, never beside a prune (backup_lock.py says why)
+    with backup_lock.hold(r.bucket, backup_lock.SHARED, f"backup of {volume}@{srec.name}") as lk:
+        return _backup(engine, r, lk, volume, vol, epoch, srec, info, enc, progress, cancel, t0)
+
+
+def _backup(engine: Engine, r: Repository, lk: backup_lock.Lock, volume: str, vol: int,
+            epoch: int, srec: Any, info: Any, enc: dict[str, Any] | None,
+            progress: Progress | None, cancel: Cancel | None, t0: float) -> dict[str, Any]:
+    r.list_chunks_ahead()  # under the lock: no prune deletes what it lists
     done, base = _find_base(engine, r, volume, info, epoch)
     if done is not None:
         return {**done.summary(), "already_backed_up": True, "uploaded_chunks": 0,
@@ -187,10 +196,12 @@ def backup(engine: Engine, volume: str, snap: str | int, url: str,
     kept = repo.cut(base.extents, changed) if base else []
     up = _Uploader(r, Steps(sum(n for _, n in pieces), progress, cancel, every=1),
                    per_window=base is None)
-    new = up.run(functools.partial(_read_pieces, engine, vol, epoch), pieces)
+    read: Reader = functools.partial(_read_pieces, engine, vol, epoch)
+    new = up.run(read if enc is None else _raw(read), pieces)
     m = Manifest(volume, vol, info.created, {"name": srec.name, "id": epoch,
                                             "created": srec.created},
-                 size, time.time(), base.name if base else None, repo.merge(kept, new))
+                 size, time.time(), base.name if base else None, repo.merge(kept, new), enc)
+    lk.ensure()  # the manifest makes the chunks referenced: only while no prune can run
     if not r.bucket.put(m.name, repo.encode_manifest(m), create_only=True):
         raise errors.AlreadyExists(f"{r.bucket.where(m.name)} exists and is not a backup of "
                                    "this snapshot (another volume of that name?)")
@@ -199,6 +210,16 @@ def backup(engine: Engine, volume: str, snap: str | int, url: str,
             "uploaded_chunks": up.new_chunks, "uploaded_bytes": up.new_bytes,
             "stored_bytes": up.stored_bytes, "reused_chunks": up.reused_chunks,
             "puts": r.bucket.stats.puts, "seconds": time.monotonic() - t0}
+
+
+def _raw(read: Reader) -> Reader:
+    """read in the pool seam's raw mode, on whichever thread calls it (the uploaders'): an
+    encrypted volume's pieces as stored, ciphertext (the bytes _read_pieces returns are then
+    ciphertext, not the data)."""
+    def raw_read(pieces: list[tuple[int, int]]) -> bytearray:
+        with raw_io():
+            return read(pieces)
+    return raw_read
 
 
 def list_backups(url: str, endpoint: str | None = None,
@@ -213,6 +234,12 @@ def verify(url: str, volume: str, snap: str, endpoint: str | None = None,
     """Fetch every chunk VOLUME@SNAP's backup names and check it; Corrupt names the missing
     or damaged chunks."""
     r = Repository.open(url, endpoint, credentials)
+    with backup_lock.hold(r.bucket, backup_lock.SHARED, f"verify of {volume}@{snap}"):
+        return _verify(r, volume, snap, progress, cancel)
+
+
+def _verify(r: Repository, volume: str, snap: str, progress: Progress | None,
+            cancel: Cancel | None) -> dict[str, Any]:
     m = r.find(volume, snap)
     keys = m.chunk_keys()
     steps = Steps(len(keys), progress, cancel, every=1)
@@ -244,13 +271,21 @@ def prune(url: str, keep_last: int | None = None, keep_days: float | None = None
           now: float | None = None) -> dict[str, Any]:
     """Per volume, keep the newest keep_last backups, or those of snapshots taken in the last
     keep_days days; delete the other manifests, then every chunk no kept manifest names.
-    Not to be run while a backup into the same repository runs (its chunks have no manifest
-    yet: prune would delete them, and that backup's manifest would name missing chunks)."""
+    Holds the repository's exclusive lock: refused (Busy) while a backup, restore or verify
+    of it runs, since a running backup's chunks have no manifest yet."""
     if (keep_last is None) == (keep_days is None):
         raise errors.InvalidArgument("prune takes one of --keep-last N or --keep-days D")
     if (keep_last is not None and keep_last < 0) or (keep_days is not None and keep_days < 0):
         raise errors.InvalidArgument("--keep-last and --keep-days must not be negative")
     r = Repository.open(url, endpoint, credentials)
+    # exclusive: no backup may be between uploading chunks and naming them (backup_lock.py)
+    with backup_lock.hold(r.bucket, backup_lock.EXCLUSIVE, "prune") as lk:
+        return _prune(r, lk, keep_last, keep_days, progress, cancel, now)
+
+
+def _prune(r: Repository, lk: backup_lock.Lock, keep_last: int | None,
+           keep_days: float | None, progress: Progress | None, cancel: Cancel | None,
+           now: float | None) -> dict[str, Any]:
     steps = Steps(3, progress, cancel, every=1)
     by_vol: dict[str, list[Manifest]] = {}
     for n in r.manifest_names():
@@ -266,15 +301,18 @@ def prune(url: str, keep_last: int | None = None, keep_days: float | None = None
             keep = (len(ms) - i <= keep_last if keep_last is not None
                     else m.snapshot["created"] >= now - (keep_days or 0) * 86400)
             (kept if keep else drop).append(m)
+    lk.ensure()
     r.bucket.delete([m.name for m in drop])  # manifests first: no kept backup loses a chunk
     steps.step()
     live = {k for m in kept for k in m.chunk_keys()}
     dead = sorted(k for k in r.chunks() if k not in live)
+    lk.ensure()
     r.bucket.delete([repo.chunk_name(k) for k in dead])
+    r.bucket.delete(lk.abandoned)  # locks of killed backups (backup_lock.STALE)
     steps.finish()
     return {"deleted_backups": [m.summary()["name"] for m in drop],
             "kept_backups": [m.name for m in kept], "deleted_chunks": len(dead),
-            "kept_chunks": len(live)}
+            "kept_chunks": len(live), "deleted_locks": len(lk.abandoned)}
 
 
 class _Uploader:
@@ -368,42 +406,13 @@ def _read_pieces(engine: Engine, vol: int, epoch: int, pieces: list[tuple[int, i
                  ) -> bytearray:
     """The bytes of snapshot epoch's block-aligned pieces (sorted), back to back in one
     buffer, in one C call (native.snap_readv, GIL released): one view of the pieces' span,
-    one pool read per record-piece overlap.  Its Python twin below took ~10 us of Python per
+    one pool read per record-piece overlap.  Its Python twin (tests/test_backup.py) took ~10 us of Python per
     4 KiB piece (the view's dead-record scan, the sweep, a call per read): ~0.3 s of CPU for
     the ~26k scattered pieces of 10 % of a 1 GiB volume, on the cores the S3 server shares.
     The volume is not encrypted (refused earlier), so the pool's bytes are the data."""
     buf = bytearray(sum(n for _, n in pieces))
     with engine.native.gate_shared():
         native.snap_readv(engine.native, vol, epoch, pieces, buf)
-    return buf
-
-
-def _read_pieces_py(engine: Engine, vol: int, epoch: int, pieces: list[tuple[int, int]]
-                    ) -> bytearray:
-    """The twin of _read_pieces (tests compare them): one map lookup for the whole span
-    (extmap.view_at), then one pool read per (record, piece) overlap, found by sweeping both
-    sorted lists together.  volume.read_snapshot of each piece costs ~0.2 ms (a lookup each),
-    and of the whole span ~4 ms per MiB on a fragmented map."""
-    lo = pieces[0][0] // BLOCK_SIZE
-    hi = -(-sum(pieces[-1]) // BLOCK_SIZE)
-    buf = bytearray(sum(n for _, n in pieces))  # zeros where no record (none, in a piece)
-    view = memoryview(buf)
-    read_into = engine.pool.read_into
-    with engine.native.gate_shared(), engine.native.txn() as t:
-        recs = extmap.view_at(t, vol, epoch, lo, hi)  # sorted, disjoint, not clipped
-        i, pos = 0, 0
-        for off, n in pieces:
-            b0, b1 = off // BLOCK_SIZE, (off + n) // BLOCK_SIZE
-            while i < len(recs) and recs[i].lba + recs[i].len <= b0:
-                i += 1
-            j = i
-            while j < len(recs) and recs[j].lba < b1:
-                r = recs[j]
-                s, x = max(r.lba, b0), min(r.lba + r.len, b1)
-                read_into(r.pbn + s - r.lba,
-                          view[pos + (s - b0) * BLOCK_SIZE:pos + (x - b0) * BLOCK_SIZE], vol=vol)
-                j += 1
-            pos += n
     return buf
 
 

@@ -12,6 +12,7 @@ Layout under s3://BUCKET/PREFIX/ (PREFIX may be empty):
                                     HH its first two digits (spreads keys, as git does)
     manifests/VOLUME/EPOCH.SNAP     one backed-up snapshot; EPOCH = the snapshot's id on the
                                     source store, 20 decimal digits (names sort by age)
+    locks/KIND-HEX                  who is using the repository (backup_lock.py owns them)
 
 Chunk object (big-endian; HEADER = ">4sBBHI32s", 44 bytes, then the payload):
 
@@ -25,6 +26,18 @@ JSON, the digest that JSON's sha256:
      "created"}, "size_bytes", "block_size", "chunk_size", "created" (when backed up),
      "base" (the manifest name this one was made incrementally from, or null),
      "mapped_bytes", "chunks": [HEX, ...], "extents": [[offset, length, chunk, skip], ...]}
+
+    "format": 2 (MANIFEST_RAW) is the backup of an ENCRYPTED volume (raw backup): the same
+    fields and "encryption": {"cipher", "tweak": "lba", "key_id", "record": the volume's
+    wrapped key record (keys.py: KDF salt and parameters and the GCM-wrapped data key, what
+    unlocking with the sender's passphrase or key file needs; never a key in the clear)}.  Its
+    chunks hold the blocks as stored in the sender's pool: AES-256-XTS ciphertext whose tweak is
+    the logical block number (docs/encryption.md), so they decrypt wherever a restore puts
+    them; the restoring store never needs the key.  Chunk names, checksums, dedup and
+    compression work on those bytes as on any (ciphertext does not compress: the sample test
+    below stores it raw).  Why a second format number rather than an optional key: a format-1
+    reader ignores unknown keys and would restore ciphertext into a plain volume; it refuses
+    format 2.  Plain backups stay format 1, so older snapdisks still list and restore them.
 
 An extent says: bytes [offset, offset+length) of the snapshot are bytes [skip, skip+length) of
 chunk `chunks[chunk]`'s plaintext.  Extents are sorted by offset, never overlap, are block
@@ -58,6 +71,7 @@ from . import errors
 
 FORMAT = "snapdisk-backup"
 VERSION = 1
+MANIFEST_PLAIN, MANIFEST_RAW = 1, 2  # a manifest's "format": plain, encrypted (raw)
 CHUNK_SIZE = 1 << 20
 BLOCK_SIZE = 4096
 HASH = "sha256"
@@ -193,6 +207,7 @@ class Manifest:
     created: float
     base: str | None
     extents: list[Extent]
+    encryption: dict[str, Any] | None = None  # a raw backup's (format 2); None: plain
 
     @property
     def name(self) -> str:
@@ -210,19 +225,23 @@ class Manifest:
         return {"name": self.name, "volume": self.volume, "snapshot": self.snapshot["name"],
                 "snapshot_id": self.snapshot["id"], "snapshot_created": self.snapshot["created"],
                 "size_bytes": self.size_bytes, "mapped_bytes": self.mapped_bytes,
-                "chunks": len(self.chunk_keys()), "created": self.created, "base": self.base}
+                "chunks": len(self.chunk_keys()), "created": self.created, "base": self.base,
+                "encrypted": self.encryption is not None}
 
 
 def encode_manifest(m: Manifest) -> bytes:
     check_extents(m.extents, m.size_bytes)
     keys = m.chunk_keys()
     index = {k: i for i, k in enumerate(keys)}
-    doc = {"format": VERSION, "volume": m.volume, "volume_id": m.volume_id,
+    doc = {"format": MANIFEST_PLAIN if m.encryption is None else MANIFEST_RAW,
+           "volume": m.volume, "volume_id": m.volume_id,
            "volume_created": m.volume_created, "snapshot": m.snapshot,
            "size_bytes": m.size_bytes, "block_size": BLOCK_SIZE, "chunk_size": CHUNK_SIZE,
            "created": m.created, "base": m.base, "mapped_bytes": m.mapped_bytes,
            "chunks": keys,
            "extents": [[e.offset, e.length, index[e.key], e.skip] for e in m.extents]}
+    if m.encryption is not None:
+        doc["encryption"] = m.encryption
     plain = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
     return _seal(MANIFEST_MAGIC, plain, CODEC_ZLIB, zlib.compress(plain, ZLIB_LEVEL), digest(plain))
 
@@ -233,15 +252,19 @@ def decode_manifest(raw: bytes, name: str) -> Manifest:
     try:
         d = json.loads(bytes(plain))
         keys = d["chunks"]
-        if d["format"] != VERSION or d["block_size"] != BLOCK_SIZE \
+        if d["format"] not in (MANIFEST_PLAIN, MANIFEST_RAW) or d["block_size"] != BLOCK_SIZE \
                 or not all(isinstance(k, str) and HEX_RE.fullmatch(k) for k in keys):
             raise ValueError("format")
+        enc = d.get("encryption")
+        if (d["format"] == MANIFEST_RAW) != isinstance(enc, dict) \
+                or (enc is not None and not isinstance(enc, dict)):
+            raise ValueError("format 2 and only format 2 names an encryption")
         exts = [Extent(int(o), int(n), keys[c], int(s)) for o, n, c, s in d["extents"]]
         snap = d["snapshot"]
         m = Manifest(str(d["volume"]), int(d["volume_id"]), float(d["volume_created"]),
                      {"name": str(snap["name"]), "id": int(snap["id"]),
                       "created": float(snap["created"])}, int(d["size_bytes"]),
-                     float(d["created"]), d["base"], exts)
+                     float(d["created"]), d["base"], exts, enc)
     except (ValueError, KeyError, TypeError, IndexError) as e:
         raise errors.Corrupt(f"{what}: malformed ({e})") from None
     check_extents(m.extents, m.size_bytes, what)

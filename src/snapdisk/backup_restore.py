@@ -5,6 +5,12 @@ Verified as it goes: every chunk is checked against its sha256 (backup_repo.deco
 before a byte of it is written; a missing or damaged chunk is errors.Corrupt naming it.
 Holes stay holes: only the manifest's extents are written.
 
+An encrypted volume's backup (manifest format 2) is restored raw: the hidden volume is made
+encrypted under the backup's key record (locked: no key is needed here; the restored volume
+unlocks with the sender's passphrase or key file) and the chunks' ciphertext is written as is
+by threads in the pool seam's raw mode (whole blocks; a plain volume's writes are the same
+either way).
+
 Nothing half-made is visible under NEWVOL: the data goes into a hidden volume named
 `.restore-HEX` (a name no user can create: names start with a letter or digit) whose record
 carries a `restoring` marker; at the end it is flushed, snapshotted, and renamed to NEWVOL in
@@ -20,10 +26,11 @@ import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING, Any
 
-from . import catalog, errors, layout
+from . import backup_lock, catalog, encryption, errors, layout
 from .backup import THREADS, Repository
 from .backup_repo import Extent
 from .layout import DB_NAMES
+from .native import raw_io
 from .snapshots import Cancel, Progress, Steps
 
 if TYPE_CHECKING:
@@ -40,7 +47,15 @@ def restore(engine: Engine, url: str, volume: str, snap: str, new_name: str,
             progress: Progress | None = None, cancel: Cancel | None = None) -> dict[str, Any]:
     catalog.check_name(new_name, "volume")
     r = Repository.open(url, endpoint, credentials)
+    # shared: a prune may not delete the chunks this restore is reading (backup_lock.py)
+    with backup_lock.hold(r.bucket, backup_lock.SHARED, f"restore of {volume}@{snap}"):
+        return _restore(engine, r, volume, snap, new_name, progress, cancel)
+
+
+def _restore(engine: Engine, r: Repository, volume: str, snap: str, new_name: str,
+             progress: Progress | None, cancel: Cancel | None) -> dict[str, Any]:
     m = r.find(volume, snap)
+    rec = encryption.received_record(m.encryption, f"backup {m.name}")
     _exists_not(engine, new_name)
     clean_leftovers(engine)
     tmp = HIDDEN + secrets.token_hex(6)
@@ -50,7 +65,11 @@ def restore(engine: Engine, url: str, volume: str, snap: str, new_name: str,
         with engine.native.txn(write=True) as t:
             vs = catalog.new_volume(t, tmp, m.size_bytes, None,
                                     {MARKER: {"name": new_name, "backup": m.name}})
+            if rec is not None:  # encrypted from its first instant, under the sender's key
+                encryption.adopt(t, vs, rec)
         engine._configure_gated(vs)
+        if rec is not None:
+            engine.keys.load([vs.vol])  # its key id unlocked here already: loaded too
         try:
             _write(engine, r, vs.vol, m.name, m.extents, progress, cancel)
             engine.flush()
@@ -98,7 +117,8 @@ def _write(engine: Engine, r: Repository, vol: int, name: str, extents: list[Ext
 
     window: set[Future[tuple[str, bytes | memoryview]]] = set()
     keys = iter(uses)
-    with ThreadPoolExecutor(THREADS) as pool:
+    # this thread writes: in raw mode, an encrypted backup's ciphertext as is (plain: the same)
+    with ThreadPoolExecutor(THREADS) as pool, raw_io():
         try:
             while True:
                 while len(window) < 2 * THREADS:

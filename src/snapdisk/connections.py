@@ -51,7 +51,8 @@ class Connection:
     """One NBD connection's handle (what the plugin's open() returns)."""
 
     __slots__ = ("export", "vol", "epoch", "key", "size_bytes", "readonly", "generation",
-                 "inflight", "opened", "socket_inode", "read", "write", "cconn", "counted")
+                 "inflight", "opened", "socket_inode", "read", "write", "cconn", "counted",
+                 "cstore", "pinned")
 
     def __init__(self, export: str, vol: int, epoch: int | None, size_bytes: int, readonly: bool):
         self.export = export
@@ -73,10 +74,16 @@ class Connection:
         # counted there (bind_counted_read) instead of by enter()/leave().
         self.cconn: Any = ffi.new("xm_conn *")
         self.counted = False
+        self.cstore: Any = None  # the xm_store * that read is bound to (the plugin calls C itself)
+        # The plugin's: (thread, PyGILState) of the connection thread's pinned thread state.
+        self.pinned: tuple[int, int] | None = None
 
-    def bind_counted_read(self, read: Callable[[int, Any], None]) -> None:
-        """read: a reader that counts itself on self.cconn (NativeStore.counted_reader)."""
+    def bind_counted_read(self, read: Callable[[int, Any], None], cstore: Any = None) -> None:
+        """read: a reader that counts itself on self.cconn (NativeStore.counted_reader);
+        cstore: its store's xm_store *, for a caller that calls xm_conn_read itself (the
+        plugin's pread: the same call as read's, one Python frame less)."""
         self.read = read
+        self.cstore = cstore
         self.counted = True
 
     def busy(self) -> bool:

@@ -1,13 +1,16 @@
 """Encrypted volumes' keys: data keys, their wrapping, and the keyring of unlocked keys.
 
 The data key of an encrypted volume is 64 random bytes: AES-256-XTS's two 256-bit keys, used by
-the C pool seam (native/xm_crypt.c; 4 KiB data units, tweak = physical block number).  It never reaches the
-store's files: only its wrapped form does, in the volume record's `encryption` field (VOLUMES,
-JSON; catalog.VolumeRecord), together with the parameters needed to unwrap it:
+the C pool seam (native/xm_crypt.c; 4 KiB data units, tweak = the logical block number, or the
+physical one for legacy volumes).  It never reaches the store's files: only its wrapped form
+does, in the volume record's `encryption` field (VOLUMES, JSON; catalog.VolumeRecord), together
+with the parameters needed to unwrap it:
 
     {"version": 1,
-     "cipher": "aes-256-xts-plain64",          # XTS, tweak = physical block number
+     "cipher": "aes-256-xts-plain64",          # XTS on 4 KiB units, a u64 block number as tweak
      "data_unit": 4096,                        # bytes per XTS data unit: one pool block
+     "tweak": "lba",                           # the logical block number (lba / 4096); absent:
+                                               # the physical one (legacy, format 2 volumes)
      "key_id": "<32 hex>",                     # random; a volume and its clones share it
      "kek": {"kind": "passphrase", "kdf": "scrypt", "salt": "<b64, 16 B>",
              "n": 65536, "r": 8, "p": 1}       # or {"kind": "key-file"}: the file's 32 bytes
@@ -19,7 +22,11 @@ The key-encryption key (KEK) is scrypt(passphrase, salt, n, r, p) -> 32 bytes, o
 of a key file.  The data key is wrapped with AES-256-GCM under the KEK, with a fresh random
 nonce, and with every other field of the record (canonical JSON, "wrapped" and "nonce" left
 out) as associated data: a wrong passphrase or key file, a truncated or tampered wrapped key,
-and tampered parameters all fail the tag check and raise errors.BadKey, and nothing changes.
+and tampered parameters (the tweak mode too) all fail the tag check and raise errors.BadKey,
+and nothing changes.  The tweak mode belongs to the data key: every volume sharing a key id
+has the same one (clones and `snapshot copy` without --encrypt copy the record), and rotation
+keeps it.  A record travels whole in a send stream or a backup manifest of an encrypted volume
+(raw send): it is what unlocking needs, and it holds no key in the clear.
 scrypt parameters outside sane bounds are refused before deriving (a tampered n must not make
 the server allocate gigabytes).  Rotation unwraps with the old secret and wraps the same data
 key under the new one (fresh salt and nonce), then rewrites the records of every volume with
@@ -40,6 +47,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import secrets
 import threading
 import time
@@ -50,6 +58,7 @@ from . import errors
 
 CIPHER = "aes-256-xts-plain64"
 DATA_UNIT = 4096  # native/xm_crypt.c
+TWEAK_LBA, TWEAK_PBN = "lba", "pbn"  # the record's "tweak" (absent: TWEAK_PBN, legacy)
 DATA_KEY_BYTES = 64
 KEK_BYTES = 32
 KEY_FILE_BYTES = 32
@@ -149,11 +158,25 @@ def new_data_key() -> bytearray:
             return key
 
 
-def wrap(data_key: bytearray, secret: Secret, key_id: str | None = None) -> dict[str, Any]:
-    """A new key record for data_key under secret (fresh salt and nonce)."""
+def tweak_mode(rec: dict[str, Any]) -> str:
+    """TWEAK_LBA or TWEAK_PBN (no "tweak": a legacy record); BadKey for anything else."""
+    mode = rec.get("tweak", TWEAK_PBN)
+    if mode not in (TWEAK_LBA, TWEAK_PBN):
+        raise errors.BadKey("the wrapped key record is damaged or of an unknown version (tweak)")
+    return str(mode)
+
+
+def wrap(data_key: bytearray, secret: Secret, key_id: str | None = None,
+         tweak: str = TWEAK_LBA) -> dict[str, Any]:
+    """A new key record for data_key under secret (fresh salt and nonce).  tweak: TWEAK_LBA
+    for every new key; TWEAK_PBN (the field left out) only to rewrap a legacy volume's key."""
     rec: dict[str, Any] = {"version": RECORD_VERSION, "cipher": CIPHER, "data_unit": DATA_UNIT,
                            "key_id": key_id or secrets.token_hex(16),
                            "kek": _kek_params(secret), "wrap": "aes-256-gcm"}
+    if tweak == TWEAK_LBA:
+        rec["tweak"] = TWEAK_LBA
+    elif tweak != TWEAK_PBN:
+        raise errors.InvalidArgument(f"tweak mode {tweak!r}")
     nonce = secrets.token_bytes(12)
     kek = _derive(secret, rec["kek"])
     rec["nonce"] = _b64(nonce)
@@ -169,6 +192,7 @@ def unwrap(rec: dict[str, Any], secret: Secret) -> bytearray:
             or rec.get("wrap") != "aes-256-gcm" \
             or not isinstance(rec.get("kek"), dict):
         raise errors.BadKey("the wrapped key record is damaged or of an unknown version")
+    tweak_mode(rec)
     kek = _derive(secret, rec["kek"])
     nonce = _unb64(rec.get("nonce"), "nonce")
     wrapped = _unb64(rec.get("wrapped"), "wrapped key")
@@ -189,8 +213,37 @@ def public_info(rec: dict[str, Any]) -> dict[str, Any]:
     """What `key info` shows: cipher, KDF and parameters, key id; never the key or its wrap."""
     kek = rec.get("kek") or {}
     return {"cipher": rec.get("cipher"), "data_unit": rec.get("data_unit"),
+            "tweak": rec.get("tweak", TWEAK_PBN),
             "key_id": rec.get("key_id"), "wrap": rec.get("wrap"),
             "kek": {k: v for k, v in kek.items() if k != "salt"}}
+
+
+KEY_ID_RE = re.compile(r"[0-9a-f]{32}")
+
+
+def record_problem(rec: Any) -> str | None:
+    """What is wrong with a key record received from elsewhere (a stream, a backup), checked
+    without any secret: None if it is one this snapdisk can unlock with the sender's secret.
+    Only lba-tweak records travel (a pbn one is bound to the sender's pool)."""
+    if not isinstance(rec, dict):
+        return "not a key record"
+    if rec.get("version") != RECORD_VERSION or rec.get("cipher") != CIPHER \
+            or rec.get("data_unit") != DATA_UNIT or rec.get("wrap") != "aes-256-gcm":
+        return "a key record of an unknown version or cipher"
+    if rec.get("tweak") != TWEAK_LBA:
+        return f"tweak mode {rec.get('tweak', TWEAK_PBN)!r} (only 'lba' records travel)"
+    if not isinstance(rec.get("key_id"), str) or not KEY_ID_RE.fullmatch(rec["key_id"]):
+        return "a bad key id"
+    kek = rec.get("kek")
+    if not isinstance(kek, dict) or kek.get("kind") not in ("passphrase", "key-file"):
+        return "an unknown key-encryption scheme"
+    for field, n in (("nonce", 12), ("wrapped", DATA_KEY_BYTES + 16)):
+        try:
+            if len(base64.b64decode(str(rec.get(field)), validate=True)) != n:
+                return f"a bad {field}"
+        except ValueError:
+            return f"a bad {field}"
+    return None
 
 
 class Throttle:

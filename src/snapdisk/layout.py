@@ -49,7 +49,11 @@ come from C (snapdisk.native), never copied.
     bulk:<vol:u32>  u64       a marked rollback's or clone's position (bulk.py); absent when none
 
 Format history: 1 (first release); 2 adds `map_bytes` to `config` and `encryption` (null: not
-encrypted) to every VOLUMES record, room for encrypted volumes.
+encrypted) to every VOLUMES record, room for encrypted volumes.  3: volumes encrypted from now on
+use the logical block number as XTS tweak (their key record says "tweak": "lba"; records
+without it keep the pbn tweak), which a format-2 snapdisk would misread (it would decrypt them
+with the pbn): nothing is rewritten (the migration only sets the version), the bump is what
+makes an older snapdisk refuse the store.
 
 Invariants (check.py verifies them): a volume's live records are disjoint, 1..MAX_EXTENT blocks
 long, inside the volume and born at or before its epoch; every dead record is needed by a

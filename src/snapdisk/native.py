@@ -322,6 +322,31 @@ KEY_UNLOCKED: int = lib.XM_KEY_UNLOCKED
 KEY_BYTES: int = lib.XM_KEY_BYTES
 
 
+# ---- raw send of encrypted volumes (xm_crypt.c): tweak mode, raw I/O -------------------------
+
+TWEAK_PBN: int = lib.XM_TWEAK_PBN
+TWEAK_LBA: int = lib.XM_TWEAK_LBA
+NO_LBA: int = lib.XM_NO_LBA
+
+
+def vol_set_tweak(ns: NativeStore, vol: int, lba: bool) -> None:
+    """vol's XTS tweak: the logical block (lba) or the physical one (legacy); before its key,
+    with the gate closed."""
+    check(lib.xm_vol_set_tweak(ns.ptr, vol, TWEAK_LBA if lba else TWEAK_PBN), "set tweak")
+
+
+@contextmanager
+def raw_io() -> Iterator[None]:
+    """The calling thread's pool I/O of encrypted volumes moves ciphertext as stored (no
+    cipher; locked volumes too; whole blocks only) inside the block: send, backup, receive and
+    restore only (xm_crypt.c)."""
+    lib.xm_raw_io(1)
+    try:
+        yield
+    finally:
+        lib.xm_raw_io(0)
+
+
 # The bindings of the store's operations beyond the handle (a full filesystem, bulk walks,
 # group commit) live in native_ops.py, to keep this module about the core; re-exported here
 # because callers know them as native.X.  (Imported last: native_ops imports this module.)

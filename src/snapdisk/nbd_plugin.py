@@ -25,27 +25,36 @@ side by side), the only model: PARALLEL was slower for a Python plugin (a GIL ha
 request) and nbdkit 1.32.5 can abort under it when a client disconnects with pipelined writes in
 flight, so `threads=parallel` is refused (docs/design.md, "Concurrency", has the measurements).
 
+Each connection thread keeps its Python thread state from open() to close() (see "the
+connection thread's Python thread state" below): without that, nbdkit's embedding made and
+destroyed one per callback, most of a request's CPU.
+
 The hot path (pread, pwrite) is written flat, with the Engine's callables bound per connection at
-open(): in process it cost 3.0 us a 4 KiB read (os.preadv alone: 1.0 us), of which 0.5 us is the
-C core's map lookup and 0.3 us cffi's from_buffer.  A live export's pread is now one C call
-(xm_conn_read, bound at open: it counts the request in flight and checks the revocation, the
-registry's enter/leave in C), so no Python bookkeeping is left per read (issue 9 item 4).
+open().  A live export's pread is one C call (xm_conn_read: it counts the request in flight and
+checks the revocation, the registry's enter/leave in C), so no Python bookkeeping is left per
+read (issue 9 item 4): in process 2.5 us a 4 KiB read (os.preadv alone: 1.2 us), of which
+~0.95 us the C core's map lookup and 0.1 us cffi's from_buffer (docs/design.md, "The read hot
+path").
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import functools
 import os
+import threading
 import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import nbdkit  # provided by nbdkit's python plugin at run time
+from snapdisk._xm import ffi, lib
 
 from snapdisk import errors, startup_error
 from snapdisk.connections import Connection
 from snapdisk.daemon import THREAD_MODELS, UNSAFE_THREAD_MODELS
+from snapdisk.native import check
 from snapdisk.service import Service, open_log
 
 API_VERSION = 2
@@ -186,14 +195,56 @@ def open(readonly: bool) -> Connection:
     svc = _service()
     h = svc.open_export(nbdkit.export_name(), readonly)  # the canonical name
     if h.epoch is None:  # a live export's reads: one C call, counted there (issue 9 item 4)
-        h.bind_counted_read(svc.require_engine().native.counted_reader(
-            h.vol, h.cconn, f"export {h.export!r}"))
+        native = svc.require_engine().native
+        h.bind_counted_read(native.counted_reader(h.vol, h.cconn, f"export {h.export!r}"),
+                            native.ptr)
+    h.pinned = _pin_thread_state()
     return h
 
 
 def close(h: Connection) -> None:
+    _unpin_thread_state(h.pinned)
     if _svc is not None:
         _svc.close_export(h)
+
+
+# ---- the connection thread's Python thread state -------------------------------------------
+#
+# nbdkit's Python plugin wraps every callback in PyGILState_Ensure/Release, and nbdkit's
+# connection threads are not Python's: with no thread state of its own, each Ensure creates one
+# and each Release destroys it (PyThreadState_New, its frame stack mmapped and munmapped: page
+# faults and a TLB shootdown).  Measured (docs/design.md, "The read hot path"): about 13 us of
+# server CPU per request, two thirds of a 4 KiB read's.  So open(), which nbdkit calls on the
+# connection's own thread (under SERIALIZE_REQUESTS every request of the connection runs there
+# too: nbdkit starts worker threads only for PARALLEL), takes one more Ensure and keeps it:
+# Python's GILState count then never drops to zero between callbacks, and the thread state
+# lives until close() releases it.  The GIL itself is still released after every callback
+# (nbdkit's Release restores the UNLOCKED state it found).  PyGILState_Release on a thread
+# that did not Ensure is fatal, so close() releases only on the thread that pinned; elsewhere
+# (not seen with nbdkit 1.32) it leaves the thread state to be freed when Python finalizes.
+
+_ensure: Any = None
+_release: Any = None
+try:
+    _ensure = ctypes.pythonapi.PyGILState_Ensure
+    _ensure.restype = ctypes.c_int
+    _release = ctypes.pythonapi.PyGILState_Release
+    _release.argtypes = (ctypes.c_int,)
+    _release.restype = None
+except (AttributeError, OSError):  # a Python without its C API in reach: no pinning
+    _ensure = _release = None
+
+
+def _pin_thread_state() -> tuple[int, int] | None:
+    """(this thread, the Ensure state to release) or None."""
+    if _ensure is None:
+        return None
+    return threading.get_ident(), int(_ensure())
+
+
+def _unpin_thread_state(pinned: tuple[int, int] | None) -> None:
+    if pinned is not None and _release is not None and pinned[0] == threading.get_ident():
+        _release(pinned[1])
 
 
 @_guarded
@@ -252,12 +303,22 @@ def can_multi_conn(h: Connection) -> bool:
 #
 # pread and pwrite are the hot path: written out flat (no decorator, the engine's callables
 # bound at open, the registry's enter/leave module globals) because every Python call is
-# ~0.1 us of a per-request budget of a few us.
+# ~0.1 us of a per-request budget of a few us.  A live export's pread calls xm_conn_read itself
+# (the reader bound at open, inlined: one Python frame less), and from_buffer's positional form
+# (the keyword require_writable=True alone cost ~0.15 us of argument parsing); nbdkit's buffer
+# is a writable memoryview over its own request buffer, so C reads straight into it: no copy.
+
+_conn_read = lib.xm_conn_read
+_from_buffer = ffi.from_buffer
+_U8 = "uint8_t[]"
+
 
 def pread(h: Connection, buf: Any, offset: int, flags: int) -> None:
     try:
         if h.counted:  # xm_conn_read counts it in flight and checks the revocation
-            h.read(offset, buf)  # type: ignore[misc]
+            rc = _conn_read(h.cstore, h.cconn, h.vol, offset, len(buf), _from_buffer(_U8, buf, True))
+            if rc:
+                check(rc, f"export {h.export!r}")
             return
         _enter(h)
         try:

@@ -7,10 +7,13 @@ send VOL@SNAP [--from VOL@BASE]
     shared I/O gate, into one reused buffer (streamio.py): allocated runs become DATA records
     (ZERO when all zeros), holes TRIM records.  Nothing is written to the sender's store.
 
-    Encrypted volumes are refused: the issue asks for a raw (ciphertext) send, but the XTS
-    tweak is the physical block number (docs/encryption.md), so the ciphertext is bound to
-    where the blocks sit in the sender's pool and cannot be placed anywhere else without the
-    key.  `snapshot copy --decrypt` with the key, then send the copy.
+    Encrypted volumes are sent raw: their blocks as stored (ciphertext: AES-XTS with the
+    LOGICAL block number as tweak, so it decrypts wherever the receiver puts it), read by a
+    thread in the pool seam's raw mode (no key needed: a locked volume sends too), in a
+    version 2 stream whose header carries the cipher, tweak mode, key id and the volume's
+    wrapped key record (stream.py).  A legacy volume (tweak = physical block number,
+    encrypted before store format 3) is refused: its ciphertext is bound to this pool;
+    `snapshot copy --encrypt` converts it.
 
 Snapshot identity: a received snapshot keeps the sender's `guid` in its record (catalog.py);
 any other snapshot's guid is derived: sha256("snapdisk-snapshot", volume id, volume created,
@@ -27,6 +30,11 @@ receive VOL — atomic, also across kill -9:
                  base's epoch) while the records are written into its live view; at the
                  verified trailer: flush, snapshot, then one transaction sets the guid and
                  drops the marker.
+    encrypted    a version 2 stream: the new volume takes the stream's key record (locked: the
+                 receiver never needs the key; it unlocks with the sender's passphrase or key
+                 file), an incremental one applies only onto a volume with the stream's key id;
+                 the records are written by a thread in raw mode (ciphertext as is, whole
+                 blocks), so the receiver's store holds no plaintext.
     A bad, cut or cancelled stream undoes at once (the hidden volume deleted; VOL's newer
     snapshots deleted and VOL rolled back to the base).  After a crash the marker remains and
     `recover`, run by Engine.open, undoes the same way, so after a restart nothing half-made
@@ -45,7 +53,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from . import catalog, diff, encryption, errors, extmap, layout
 from .layout import BLOCK_SIZE, DB_NAMES, DB_SNAPS, DB_VOLUMES
-from .native import Txn
+from .native import Txn, raw_io
 from .snapshots import Progress
 from .stream import (
     DATA,
@@ -65,14 +73,6 @@ MARKER = "receiving"
 PROGRESS_BYTES = 8 << 20  # progress (and the cancel check in it) every 8 MiB of data
 TEMP_PREFIX = "receiving-"
 Reserve = Callable[[int, str], AbstractContextManager[Any]]
-ENCRYPTED_REFUSAL = (
-    "volume {v!r} is encrypted: send refuses it.  A raw (ciphertext) stream is not possible on "
-    "this format: the AES-XTS tweak is the physical block number (docs/encryption.md), so the "
-    "ciphertext is bound to where each block sits in this store's pool and cannot be placed "
-    "anywhere else without the key.  Copy it in the clear with the key first (`snapdisk "
-    "snapshot copy {v}@SNAP NEWVOL --decrypt`), then send the copy.")
-
-
 def snapshot_guid(t: Txn, vol: int, epoch: int) -> str:
     srec = catalog.snap_record(t, vol, epoch)
     if srec.guid:
@@ -96,11 +96,10 @@ def send(engine: Engine, volume: str, snap: str | int, out: BinaryIO,
     t0 = time.monotonic()
     with engine.native.txn() as t:
         vol = catalog.vol_id(t, volume)
-        if encryption.record(t, vol) is not None:
-            raise errors.Unsupported(ENCRYPTED_REFUSAL.format(v=volume))
         epoch = catalog.snap_epoch(t, vol, snap)
         target = _identity(t, vol, epoch)
         size = catalog.snap_record(t, vol, epoch).size_bytes
+        enc = encryption.travel_meta(encryption.record(t, vol), volume, size)
         frm = None
         if base is not None:
             bepoch = catalog.snap_epoch(t, vol, base)
@@ -112,7 +111,9 @@ def send(engine: Engine, volume: str, snap: str | int, out: BinaryIO,
     total = sum(c.length for c in changes)
     meta = {"volume": volume, "snapshot": target, "base": frm, "range_bytes": total,
             "sender": "snapdisk"}
-    reader = WindowReader(engine, vol, epoch)
+    if enc is not None:
+        meta["encryption"] = enc
+    reader = WindowReader(engine, vol, epoch, raw=enc is not None)
     done = reported = 0
     if progress:
         progress(0, total)
@@ -124,7 +125,7 @@ def send(engine: Engine, volume: str, snap: str | int, out: BinaryIO,
                 for kind, off, length, payload in reader.window(pos, n):
                     if kind == TRIM:
                         w.trim(off, length)
-                    elif zeros(payload):
+                    elif enc is None and zeros(payload):  # ciphertext: always DATA
                         w.zero(off, length)
                     else:
                         w.data(off, payload)
@@ -136,7 +137,8 @@ def send(engine: Engine, volume: str, snap: str | int, out: BinaryIO,
     except OSError as e:
         raise errors.SnapdiskError(f"cannot write the stream: {e.strerror or e}") from e
     return {"volume": volume, "snapshot": target, "base": frm, "size_bytes": size,
-            "incremental": frm is not None, "stream_bytes": w.bytes, **totals.to_dict(),
+            "incremental": frm is not None, "encrypted": enc is not None,
+            "stream_bytes": w.bytes, **totals.to_dict(),
             "seconds": round(time.monotonic() - t0, 3)}
 
 
@@ -152,21 +154,23 @@ def receive(engine: Engine, volume: str, src: BinaryIO, force: bool = False,
     except OSError as e:
         raise errors.SnapdiskError(f"cannot read the stream: {e.strerror or e}") from e
     target, frm = _check_meta(header)
+    rec = encryption.received_record(header.encryption, "bad send stream")
     catalog.check_name(volume, "volume")
     reserve = reserve or (lambda vol, what: nullcontext())
     what = f"receive into volume {volume!r}"
     undo: Callable[[], None] | None = None
     try:
         if frm is None:
-            vol, undo = _begin_full(engine, volume, header, target)
+            vol, undo = _begin_full(engine, volume, header, target, rec)
             guard = reserve(vol, what)
         else:
             vol = engine.volume_id(volume)
             guard = reserve(vol, what)  # before --force's rollback: clients are cut off first
         with guard:
             if frm is not None:
-                undo = _begin_incremental(engine, volume, vol, header, target, frm, force)
-            _apply(engine, vol, reader, header, progress, frm is None)
+                undo = _begin_incremental(engine, volume, vol, header, target, frm, force, rec)
+            with raw_io() if rec is not None else nullcontext():  # ciphertext as is
+                _apply(engine, vol, reader, header, progress, frm is None)
             engine.flush()
             name = _finish(engine, vol, volume, target)
     except BaseException as e:
@@ -178,7 +182,8 @@ def receive(engine: Engine, volume: str, src: BinaryIO, force: bool = False,
         raise
     return {"volume": volume, "snapshot": {**target, "name": name,
                                            "id": engine.snapshot_id(volume, name)},
-            "base": frm, "incremental": frm is not None, "size_bytes": header.size_bytes,
+            "base": frm, "incremental": frm is not None, "encrypted": rec is not None,
+            "size_bytes": header.size_bytes,
             "stream_bytes": reader.pos, **reader.totals.to_dict(),
             "seconds": round(time.monotonic() - t0, 3)}
 
@@ -195,8 +200,8 @@ def _check_meta(header: Header) -> tuple[dict[str, Any], dict[str, Any] | None]:
     return target, None if base is None else ident(base, "base")
 
 
-def _begin_full(engine: Engine, volume: str, header: Header, target: dict[str, Any]
-                ) -> tuple[int, Callable[[], None]]:
+def _begin_full(engine: Engine, volume: str, header: Header, target: dict[str, Any],
+                rec: dict[str, Any] | None) -> tuple[int, Callable[[], None]]:
     if _exists(engine, volume):
         raise errors.AlreadyExists(
             f"volume {volume!r} exists: a full stream makes a new volume (an incremental "
@@ -204,19 +209,36 @@ def _begin_full(engine: Engine, volume: str, header: Header, target: dict[str, A
     temp = TEMP_PREFIX + secrets.token_hex(8)
     marker = {"kind": "full", "volume": volume, "snapshot": target["name"],
               "started": time.time()}
-    info = engine.create_volume(temp, header.size_bytes, {MARKER: marker})
-    return info.id, lambda: _undo(engine, info.id)
+    if rec is None:
+        vol = engine.create_volume(temp, header.size_bytes, {MARKER: marker}).id
+    else:
+        vol = new_encrypted_volume(engine, temp, header.size_bytes, {MARKER: marker}, rec)
+    return vol, lambda: _undo(engine, vol)
+
+
+def new_encrypted_volume(engine: Engine, name: str, size: int, extra: dict[str, Any],
+                         rec: dict[str, Any]) -> int:
+    """A new volume encrypted under a key record from elsewhere (encryption.adopt), in one
+    transaction: never plain for an instant; locked unless its key id is unlocked here."""
+    with engine.native.txn(write=True) as t:
+        vs = catalog.new_volume(t, name, size, None, extra)
+        encryption.adopt(t, vs, rec)
+    engine._configure_gated(vs)
+    engine.keys.load([vs.vol])
+    engine.native.sync()
+    return vs.vol
 
 
 def _begin_incremental(engine: Engine, volume: str, vol: int, header: Header,
-                       target: dict[str, Any], frm: dict[str, Any], force: bool
-                       ) -> Callable[[], None]:
+                       target: dict[str, Any], frm: dict[str, Any], force: bool,
+                       rec: dict[str, Any] | None) -> Callable[[], None]:
     """Check that the stream applies onto volume, then mark it; the undo of the mark."""
     sent = snapshot_ref(volume, target)
     with engine.native.txn() as t:
         vs = catalog.state(t, vol)
         if MARKER in catalog.vol_record(t, vol).extra:
             raise errors.Busy(f"volume {volume!r} is receiving another stream")
+        encryption.same_key(volume, encryption.record(t, vol), rec, snapshot_ref(volume, target))
         newest = _identity(t, vol, vs.max_snap) if vs.max_snap else None
         if newest is None or newest["guid"] != frm["guid"]:
             have = "has no snapshot" if newest is None else \
@@ -240,10 +262,10 @@ def _begin_incremental(engine: Engine, volume: str, vol: int, header: Header,
                 "it back, or receive with --force, which rolls it back first)")
         engine.rollback(volume, base_epoch)
     with engine.native.txn(write=True) as t:
-        rec = catalog.vol_record(t, vol)
-        rec.extra[MARKER] = {"kind": "incremental", "base": base_epoch,
-                             "snapshot": target["name"], "started": time.time()}
-        catalog.put_vol_record(t, vol, rec)
+        vrec = catalog.vol_record(t, vol)
+        vrec.extra[MARKER] = {"kind": "incremental", "base": base_epoch,
+                              "snapshot": target["name"], "started": time.time()}
+        catalog.put_vol_record(t, vol, vrec)
     engine.native.sync()
     if header.size_bytes > vs.size_bytes:
         engine.resize_volume(volume, header.size_bytes)

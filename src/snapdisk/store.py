@@ -150,8 +150,16 @@ def _migrate_1_to_2(t: Txn) -> None:
         t.put(DB_VOLUMES, k, layout.encode_json(rec))
 
 
+def _migrate_2_to_3(t: Txn) -> None:
+    """Format 3: new encrypted volumes use the logical block number as XTS tweak (key record
+    "tweak": "lba"; docs/encryption.md).  Existing records have no "tweak" and keep the pbn
+    tweak, so nothing changes; the version alone keeps a format-2 snapdisk, which would
+    decrypt an lba volume with the pbn (garbage), from opening the store."""
+    del t
+
+
 # MIGRATIONS[v] upgrades a store of format v to v + 1, inside the caller's transaction.
-MIGRATIONS: dict[int, Callable[[Txn], None]] = {1: _migrate_1_to_2}
+MIGRATIONS: dict[int, Callable[[Txn], None]] = {1: _migrate_1_to_2, 2: _migrate_2_to_3}
 
 
 def migrate(t: Txn, version: int, path: str) -> None:

@@ -1,4 +1,4 @@
-"""The send/receive stream format (version 1): the one place that writes and reads it.
+"""The send/receive stream format (versions 1 and 2): the one place that writes and reads it.
 
 A stream carries one snapshot of one volume, whole ("full") or as the changes since an older
 snapshot of the same volume ("incremental").  All integers little-endian; offsets and lengths
@@ -12,7 +12,9 @@ error burst of up to 32 bits and all but 2**-32 of other damage to a record.
 
     header
     0     8   magic          b"SDSTREAM"
-    8     2   version        u16 = 1 (VERSION); a reader refuses any other
+    8     2   version        u16: 1 (VERSION_PLAIN) for a plain volume, 2 (VERSION_RAW) for an
+                             encrypted one (raw send: the payloads are ciphertext); a reader
+                             refuses any other
     10    2   flags          u16 = 0 (reserved: a reader refuses bits it does not know)
     12    4   block_size     u32 = 4096
     16    8   size_bytes     u64: the sent snapshot's size (a positive multiple of 512)
@@ -24,6 +26,11 @@ error burst of up to 32 bits and all but 2**-32 of other damage to a record.
                                base        the same for the base, null for a full stream
                                range_bytes bytes the records below cover (for progress)
                                sender      "snapdisk" (the writing program)
+                               encryption  version 2 only, and required there: {"cipher",
+                                           "tweak": "lba", "key_id", "record": the volume's
+                                           wrapped key record (keys.py: KDF salt and
+                                           parameters, the GCM-wrapped data key; never a key
+                                           in the clear)}
     32+L  32  header digest  SHA-256 of bytes [0, 32+L)
 
     records, 0 or more, each
@@ -55,12 +62,21 @@ offset, and nothing read after a failure is used):
   - records in strictly increasing, non-overlapping offset order, seq counting from 0;
   - offset a multiple of block_size; length > 0 and a multiple of block_size, except that a
     record may end exactly at size_bytes; offset + length <= size_bytes;
-  - a DATA record holds 1 .. MAX_DATA bytes; the totals in the trailer match the records.
+  - a DATA record holds 1 .. MAX_DATA bytes; the totals in the trailer match the records;
+  - version 2: `encryption` as above, size_bytes and every length a multiple of block_size
+    (a payload is whole XTS data units: a piece of one cannot be decrypted).
 Semantics: DATA writes its payload; ZERO means the range reads as zeros and was allocated in the
 snapshot (the receiver may write zeros or unmap); TRIM means the range is a hole (unmapped) in
 the snapshot.  A full stream holds only the snapshot's allocated ranges (the rest of a new
 volume is a hole already); an incremental one every range that changed since the base (from
-diff.py), and nothing else.  Encrypted volumes are not sent (sendrecv.py says why).
+diff.py), and nothing else.  Version 2 (an encrypted volume): DATA payloads are the blocks
+as stored in the sender's pool, AES-256-XTS with the logical block number as tweak
+(docs/encryption.md), so they decrypt wherever the receiver puts them, with the key the
+record wraps; the receiver never needs that key.  Every allocated range is DATA there (a
+ciphertext block is no zero block).  The CRCs and digests cover the ciphertext, as any bytes.
+Why the version rather than a metadata key: a version-1 reader ignores unknown metadata and
+would write ciphertext into a plain volume; it refuses version 2.  Plain streams stay version 1,
+byte for byte, so older receivers still take them.
 """
 
 from __future__ import annotations
@@ -76,7 +92,8 @@ from . import errors
 
 MAGIC = b"SDSTREAM"
 END_MAGIC = b"SDSTREND"
-VERSION = 1
+VERSION_PLAIN, VERSION_RAW = 1, 2
+VERSION = VERSION_RAW  # the newest this module writes and reads
 BLOCK_SIZE = 4096
 MAX_META = 64 << 10
 MAX_DATA = 4 << 20      # the largest DATA payload a reader accepts
@@ -114,12 +131,25 @@ class Header:
     def incremental(self) -> bool:
         return self.meta.get("base") is not None
 
+    @property
+    def encryption(self) -> dict[str, Any] | None:
+        """The `encryption` object of a raw (version 2) stream, None for a plain one."""
+        enc = self.meta.get("encryption")
+        return enc if isinstance(enc, dict) else None
+
+    @property
+    def version(self) -> int:
+        return VERSION_RAW if self.encryption is not None else VERSION_PLAIN
+
     def encode(self) -> bytes:
         meta = json.dumps(self.meta, sort_keys=True, separators=(",", ":")).encode()
         if len(meta) > MAX_META:
             raise errors.InvalidArgument(f"stream metadata of {len(meta)} bytes: at most "
                                          f"{MAX_META}")
-        head = HEAD.pack(MAGIC, VERSION, 0, self.block_size, self.size_bytes, len(meta), 0)
+        if self.version == VERSION_RAW and self.size_bytes % self.block_size:
+            raise errors.InvalidArgument(f"a raw stream's size is whole blocks "
+                                         f"({self.size_bytes} bytes is not)")
+        head = HEAD.pack(MAGIC, self.version, 0, self.block_size, self.size_bytes, len(meta), 0)
         return head + meta + _sha(head, meta)
 
 
@@ -214,6 +244,7 @@ class StreamReader:
     totals: Totals = field(default_factory=Totals)
 
     def __post_init__(self) -> None:
+        self.raw = False  # a version 2 stream (header() says): ciphertext, whole blocks only
         self._bufs = [bytearray(DATA_CHUNK) for _ in range(self.buffers)]
         self._next = 0
         self._small = bytearray(REC_BYTES)
@@ -247,20 +278,36 @@ class StreamReader:
         magic, version, flags, bs, size, meta_len, reserved = HEAD.unpack(head)
         if magic != MAGIC:
             raise self._bad("not a snapdisk send stream (bad magic)")
-        if version != VERSION:
-            raise self._bad(f"stream format version {version}: this snapdisk reads {VERSION}")
+        if version not in (VERSION_PLAIN, VERSION_RAW):
+            raise self._bad(f"stream format version {version}: this snapdisk reads "
+                            f"{VERSION_PLAIN} and {VERSION_RAW}")
         if flags or reserved or bs != BLOCK_SIZE or not 2 <= meta_len <= MAX_META \
                 or size <= 0 or size % 512:
             raise self._bad(f"header fields out of range (flags {flags}, block size {bs}, "
                             f"size {size}, metadata {meta_len} bytes)")
         meta = bytes(self._read(meta_len, "the header"))
-        if bytes(self._read(DIGEST, "the header")) != _sha(head, meta):
-            raise self._bad("the header's digest does not match (corrupted)")
+        intact = bytes(self._read(DIGEST, "the header")) == _sha(head, meta)
         try:
             doc = json.loads(meta)
             assert isinstance(doc, dict)
         except (ValueError, AssertionError):
-            raise self._bad("the header's metadata is not a JSON object") from None
+            raise self._bad("the header's digest does not match (corrupted)" if not intact
+                            else "the header's metadata is not a JSON object") from None
+        # The version against the metadata before the digest: a version 2 header on plain
+        # metadata (or the reverse) is named as such, not as mere damage.
+        enc = doc.get("encryption")
+        if version == VERSION_RAW:
+            if not (isinstance(enc, dict) and isinstance(enc.get("record"), dict)
+                    and all(isinstance(enc.get(k), str) for k in ("cipher", "tweak", "key_id"))):
+                raise self._bad("a version 2 (encrypted) stream's header has no valid "
+                                "`encryption` object")
+            if size % bs:
+                raise self._bad(f"an encrypted stream's size {size} is not whole blocks")
+        elif "encryption" in doc:
+            raise self._bad("a version 1 (plain) stream's header names an encryption")
+        if not intact:
+            raise self._bad("the header's digest does not match (corrupted)")
+        self.raw = version == VERSION_RAW
         self.size_bytes = size
         self.hash = hashlib.sha256(_sha(head, meta))
         self._end = 0
@@ -296,7 +343,7 @@ class StreamReader:
 
     def _check_range(self, kind: int, offset: int, length: int) -> None:
         end = offset + length
-        aligned = length % BLOCK_SIZE == 0 or end == self.size_bytes
+        aligned = length % BLOCK_SIZE == 0 or (end == self.size_bytes and not self.raw)
         if offset < self._end or offset % BLOCK_SIZE or length <= 0 or not aligned \
                 or end > self.size_bytes or (kind == DATA and length > MAX_DATA):
             raise self._bad(f"{KINDS[kind]} record {offset}+{length} out of order or out of "

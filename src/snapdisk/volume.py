@@ -127,13 +127,14 @@ class DataPath:
             if e is not None and _in_place_ok(t, vs, e):
                 s, x = max(a * BLOCK_SIZE, offset), min(b * BLOCK_SIZE, end)
                 self.pool.write(e.pbn + (a - e.lba), data[s - offset:x - offset],
-                                s - a * BLOCK_SIZE, vol=vs.vol)
+                                s - a * BLOCK_SIZE, vol=vs.vol, lba=a)
             else:
                 redirect.append((a, b, e))
         for a, b, buf in self._runs_to_redirect(vs.vol, redirect, offset, data):
             pos = 0
             for pbn, n in allocator.allocate(t, b - a):
-                self.pool.write(pbn, buf[pos * BLOCK_SIZE:(pos + n) * BLOCK_SIZE], vol=vs.vol)
+                self.pool.write(pbn, buf[pos * BLOCK_SIZE:(pos + n) * BLOCK_SIZE], vol=vs.vol,
+                                lba=a + pos)
                 for k in range(0, n, MAX_EXTENT):
                     m = min(MAX_EXTENT, n - k)
                     new = Extent(a + pos + k, pbn + k, vs.epoch, m, 0)
@@ -159,7 +160,7 @@ class DataPath:
                     bs, be = blk * BLOCK_SIZE, (blk + 1) * BLOCK_SIZE
                     if e is not None and (bs < offset or be > end):
                         buf[bs - a * BLOCK_SIZE:be - a * BLOCK_SIZE] = self.pool.read(
-                            e.pbn + (blk - e.lba), BLOCK_SIZE, vol=vol)
+                            e.pbn + (blk - e.lba), BLOCK_SIZE, vol=vol, lba=blk)
             s, x = max(a * BLOCK_SIZE, offset), min(b * BLOCK_SIZE, end)
             buf[s - a * BLOCK_SIZE:x - a * BLOCK_SIZE] = data[s - offset:x - offset]
             yield a, b, buf
@@ -268,7 +269,8 @@ class DataPath:
                 s = max(r.lba * BLOCK_SIZE, offset)
                 x = min((r.lba + r.len) * BLOCK_SIZE, offset + length)
                 buf[s - offset:x - offset] = self.pool.read(
-                    r.pbn + (s // BLOCK_SIZE - r.lba), x - s, s % BLOCK_SIZE, vol=vol)
+                    r.pbn + (s // BLOCK_SIZE - r.lba), x - s, s % BLOCK_SIZE, vol=vol,
+                    lba=s // BLOCK_SIZE)
         return bytes(buf)
 
     def snapshot_block_status(self, vol: int, epoch: int, offset: int, length: int

@@ -113,7 +113,9 @@ def register(sub: Any) -> None:
         backup list URL: the backups in the repository.
         backup verify URL VOL@SNAP: fetch every chunk of that backup and check its checksum.
         backup prune URL --keep-last N | --keep-days D: per volume, delete the other
-        backups, then the chunks no kept backup names.
+        backups, then the chunks no kept backup names.  Prune locks the repository: it is
+        refused (busy, exit 7) while a backup, restore or verify of it runs, and they are
+        refused while it runs; a lock whose holder died is ignored after 10 minutes.
         """ + ENV_TEXT, """
         export AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=...
         snapdisk backup web@monday s3://backups/site-a --endpoint http://rgw:7480
