@@ -175,13 +175,16 @@ def test_deleted_chunk_found_by_verify_and_refused_by_restore(
     r = backup.Repository.open(s3_url)
     m = r.find("web", "s1")
     victim = m.chunk_keys()[-1]
+    saved = r.bucket.get(backup_repo.chunk_name(victim))
     r.bucket.delete([backup_repo.chunk_name(victim)])
     with pytest.raises(errors.Corrupt, match=f"chunk {victim} .*missing"):
         backup.verify(s3_url, "web", "s1")
     with pytest.raises(errors.Corrupt, match=f"chunk {victim}"):
         b.restore_backup(s3_url, "web", "s1", "r1")
     assert [v.name for v in b.list_volumes()] == []  # nothing half-made left
-    # a damaged chunk (a flipped byte) likewise
+    # a damaged chunk (a flipped byte) likewise; the missing one is back (restore fetches
+    # in parallel: with two bad chunks, either may be the one named)
+    r.bucket.put(backup_repo.chunk_name(victim), saved)
     other = m.chunk_keys()[0]
     raw = bytearray(r.bucket.get(backup_repo.chunk_name(other)))
     raw[-1] ^= 1
@@ -350,19 +353,3 @@ def test_scattered_zero_and_data_pieces_restore_equal(stores: tuple[Engine, Engi
     same(a, vol, "s2", b, "r")
     wid = b.volume_id("r")
     assert not any(x for _, _, x in b.block_status(wid, blocks[0] * BS, BS))  # a zero piece
-
-
-def test_plain_get_signs_like_boto3(s3_url: str) -> None:
-    """Bucket.get's own SigV4 GET (s3._PlainGet) is what answers on radosgw (a wrong
-    signature would fall back to boto3 silently: plain_gets counts), byte for byte; a missing
-    object is still NotFound (through boto3's error mapping)."""
-    from snapdisk.s3 import Bucket
-    b = Bucket(s3_url + "/odd prefix+=")
-    b.ensure_bucket()
-    data = random.Random(5).randbytes(300_000)
-    b.put("chunks/ab/x y~z", data)
-    assert b.get("chunks/ab/x y~z") == data
-    assert b.stats.plain_gets == 1 and b.stats.gets == 1
-    with pytest.raises(errors.NotFound):
-        b.get("chunks/none")
-    assert b.stats.plain_gets == 1

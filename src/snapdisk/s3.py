@@ -12,13 +12,8 @@ else AWS_ENDPOINT_URL, else AWS itself.  Addressing is path-style (radosgw, MinI
 from __future__ import annotations
 
 import email.utils
-import hashlib
-import hmac
-import http.client
 import os
 import threading
-import time
-import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -111,87 +106,6 @@ class Stats:
     put_bytes: int = 0
     gets: int = 0
     get_bytes: int = 0
-    plain_gets: int = 0  # of gets, those _PlainGet answered
-
-
-class _PlainGet:
-    """GET of one object with http.client and a SigV4 signature made here (UNSIGNED-PAYLOAD,
-    path-style), one kept-alive connection per thread: ~0.6 ms of CPU per 1 MiB object against
-    boto3's ~1.8 ms (measured on radosgw here: botocore's request, event and parsing machinery),
-    which a restore of 1 GiB (1024 GETs) pays on the cores the server shares.  Only for plain
-    http endpoints with static credentials (https, AWS itself and refreshing credentials keep
-    boto3's handling); anything but a 200 (an error, a redirect, a dropped connection) is
-    answered by boto3's get_object instead, which has the retries and the error mapping.
-    SigV4: docs.aws.amazon.com/AmazonS3/latest/API/sig-v4-header-based-auth.html."""
-
-    def __init__(self, endpoint_url: str, region: str, key: str, secret: str,
-                 token: str | None, timeout: float):
-        u = urllib.parse.urlsplit(endpoint_url)
-        self.host, self.port, self.netloc = u.hostname or "", u.port, u.netloc
-        self.region, self.key, self.secret, self.token = region, key, secret, token
-        self.timeout = timeout
-        self.local = threading.local()
-        self.signing: tuple[str, bytes] = ("", b"")  # (day, its signing key)
-
-    @classmethod
-    def make(cls, endpoint_url: str | None, region: str, creds: dict[str, Any],
-             timeout: float) -> _PlainGet | None:
-        if not endpoint_url or urllib.parse.urlsplit(endpoint_url).scheme != "http" or \
-                urllib.parse.urlsplit(endpoint_url).path not in ("", "/"):
-            return None
-        if not creds:
-            found = _boto_session().get_credentials()
-            if found is None or getattr(found, "method", "") not in ("env", "shared-credentials-file",
-                                                                     "config-file", "explicit"):
-                return None  # refreshing (assumed role, instance metadata...): boto3's
-            f = found.get_frozen_credentials()
-            creds = {"aws_access_key_id": f.access_key, "aws_secret_access_key": f.secret_key,
-                     "aws_session_token": f.token}
-        key, secret = creds.get("aws_access_key_id"), creds.get("aws_secret_access_key")
-        if not key or not secret:
-            return None
-        return cls(endpoint_url, region, key, secret, creds.get("aws_session_token"), timeout)
-
-    def _headers(self, path: str) -> dict[str, str]:
-        amz = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        day = amz[:8]
-        if self.signing[0] != day:
-            k = hmac.new(("AWS4" + self.secret).encode(), day.encode(), hashlib.sha256).digest()
-            for part in (self.region, "s3", "aws4_request"):
-                k = hmac.new(k, part.encode(), hashlib.sha256).digest()
-            self.signing = (day, k)
-        h = {"host": self.netloc, "x-amz-content-sha256": "UNSIGNED-PAYLOAD", "x-amz-date": amz}
-        if self.token:
-            h["x-amz-security-token"] = self.token
-        names = ";".join(sorted(h))
-        canonical = "GET\n{}\n\n{}\n{}\nUNSIGNED-PAYLOAD".format(
-            path, "".join(f"{n}:{h[n]}\n" for n in sorted(h)), names)
-        scope = f"{day}/{self.region}/s3/aws4_request"
-        to_sign = (f"AWS4-HMAC-SHA256\n{amz}\n{scope}\n"
-                   f"{hashlib.sha256(canonical.encode()).hexdigest()}")
-        sig = hmac.new(self.signing[1], to_sign.encode(), hashlib.sha256).hexdigest()
-        h["Authorization"] = (f"AWS4-HMAC-SHA256 Credential={self.key}/{scope}, "
-                              f"SignedHeaders={names}, Signature={sig}")
-        return h
-
-    def get(self, bucket: str, key: str) -> bytes | None:
-        """The object's bytes, or None: ask boto3."""
-        path = "/" + urllib.parse.quote(f"{bucket}/{key}", safe="/~")
-        conn = getattr(self.local, "conn", None)
-        try:
-            if conn is None:
-                conn = self.local.conn = http.client.HTTPConnection(self.host, self.port,
-                                                                    timeout=self.timeout)
-            conn.request("GET", path, headers=self._headers(path))
-            r = conn.getresponse()
-            body = r.read()
-            if r.status == 200:
-                return body
-        except (OSError, http.client.HTTPException):
-            pass
-        conn.close()  # type: ignore[union-attr]
-        self.local.conn = None
-        return None
 
 
 class Bucket:
@@ -225,7 +139,6 @@ class Bucket:
                                                  **creds)
         except Exception as e:
             raise errors.InvalidArgument(f"{url}: cannot make an S3 client: {e}") from None
-        self.plain = _PlainGet.make(self.endpoint, region, creds, cfg["read_timeout"])
 
     def where(self, name: str = "") -> str:
         return f"s3://{self.bucket}/{self.prefix}{name}"
@@ -243,16 +156,11 @@ class Bucket:
         return errors.ServerError(f"{self.where(name)}: the object store failed: {e}")
 
     def get(self, name: str) -> bytes:
-        data = self.plain.get(self.bucket, self.prefix + name) if self.plain else None
-        if data is not None:
-            self.stats.plain_gets += 1
-        else:
-            try:
-                data = self.client.get_object(Bucket=self.bucket,
-                                              Key=self.prefix + name)["Body"].read()
-            except Exception as e:
-                raise self._fail(e, name) from e
-        assert data is not None
+        try:
+            data: bytes = self.client.get_object(Bucket=self.bucket,
+                                                 Key=self.prefix + name)["Body"].read()
+        except Exception as e:
+            raise self._fail(e, name) from e
         self.stats.gets += 1
         self.stats.get_bytes += len(data)
         return data
