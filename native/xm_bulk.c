@@ -159,36 +159,45 @@ int bk_set_refs(chunk *c, const refs_run *r, uint64_t start, uint64_t stop, uint
     return XM_OK;
 }
 
-/* A free piece: to PENDING under this transaction's seq (allocator.release). */
+/* This transaction's seq for its frees (allocator._txn_seq): META seq + 1, stored once. */
+static int txn_seq(chunk *c)
+{
+    uint64_t seq;
+    uint8_t v[XM_U64_LEN];
+    int rc;
+    if (c->seq != 0)
+        return XM_OK;
+    if ((rc = meta_get_u64(c, "seq", &seq)))
+        return rc;
+    c->seq = seq + 1;
+    xm_put_le64(v, c->seq);
+    return bk_put(c->t, c->st->dbi[XM_DB_META], "seq", 3, v, XM_U64_LEN);
+}
+
+/* A free piece: to PENDING under this transaction's seq (allocator.release), put by
+ * bk_settle in key order; the same entries as putting it now (merged only after
+ * bk_release_later, whose twin merges too). */
 static int pend(chunk *c, uint64_t start, uint64_t stop)
 {
-    uint8_t k[16], v[XM_U64_LEN];
-    int rc;
-    if (c->seq == 0) {
-        uint64_t seq;
-        if ((rc = meta_get_u64(c, "seq", &seq)))
-            return rc;
-        c->seq = seq + 1;
-        xm_put_le64(v, c->seq);
-        if ((rc = bk_put(c->t, c->st->dbi[XM_DB_META], "seq", 3, v, XM_U64_LEN)))
-            return rc;
-    }
-    xm_put_be64(k, c->seq);
-    xm_put_be64(k + 8, start);
-    xm_put_le64(v, stop - start);
-    if ((rc = bk_put(c->t, c->st->dbi[XM_DB_PENDING], k, sizeof k, v, sizeof v)) ||
-        (rc = add_pending(c, stop - start)))
-        return rc;
-    return freed_add(&c->freed, start, stop - start);
+    return freed_add(&c->pendq, start, stop - start);
+}
+
+/* Is REFS empty in this transaction?  Then no block has a second holder and a release is a
+ * plain free: no cursor seek (mdb_stat reads the transaction's copy of the DB record, O(1)). */
+static int refs_empty(chunk *c)
+{
+    MDB_stat ms;
+    return mdb_stat(c->t, c->st->dbi[XM_DB_REFS], &ms) == 0 && ms.ms_entries == 0;
 }
 
 /* Twin of allocator.release: one record no longer holds [pbn, pbn+n) (n <= XM_MAX_EXTENT). */
 int bk_release(chunk *c, uint64_t pbn, uint64_t n)
 {
     refs_run runs[XM_MAX_EXTENT + 1];
-    size_t nr;
+    size_t nr = 0;
     uint64_t end = pbn + n, pos = pbn;
-    int rc = bk_refs_overlapping(c, pbn, end, runs, XM_MAX_EXTENT + 1, &nr);
+    int rc = refs_empty(c) ? XM_OK
+                           : bk_refs_overlapping(c, pbn, end, runs, XM_MAX_EXTENT + 1, &nr);
     for (size_t i = 0; i < nr && rc == XM_OK && pos < end; i++) { /* allocator._split */
         const refs_run *r = &runs[i];
         if (r->s > pos) {
@@ -206,6 +215,71 @@ int bk_release(chunk *c, uint64_t pbn, uint64_t n)
     }
     if (rc == XM_OK && pos < end)
         rc = pend(c, pos, end);
+    return rc;
+}
+
+int bk_release_own(chunk *c, uint64_t pbn, uint64_t n)
+{
+    return pend(c, pbn, pbn + n);
+}
+
+int bk_release_later(chunk *c, uint64_t pbn, uint64_t n)
+{
+    c->merge = 1;
+    return freed_add(&c->later, pbn, n);
+}
+
+/* The PENDING puts: pendq sorted (merged where adjacent if c->merge) and appended: this
+ * chunk's seq is new, so its keys sort after every existing one and MDB_APPEND fills pages in
+ * order instead of searching and splitting (a plain put if LMDB says otherwise).  A block
+ * freed twice is a damaged map. */
+static int put_pending(chunk *c)
+{
+    freed_list *p = &c->pendq;
+    MDB_cursor *cur = NULL;
+    uint64_t total = 0;
+    int rc = freed_sort(p);
+    if (rc == XM_OK && (rc = txn_seq(c)) == XM_OK)
+        rc = xm_rc(mdb_cursor_open(c->t, c->st->dbi[XM_DB_PENDING], &cur));
+    for (size_t i = 0; i < p->n && rc == XM_OK;) {
+        uint64_t a = p->run[i][0], b = a + p->run[i][1];
+        if (i + 1 < p->n && p->run[i + 1][0] < b)
+            rc = XM_ECORRUPT;
+        for (i++; c->merge && rc == XM_OK && i < p->n && p->run[i][0] == b; i++) {
+            b += p->run[i][1];
+            if (i + 1 < p->n && p->run[i + 1][0] < b)
+                rc = XM_ECORRUPT;
+        }
+        if (rc)
+            break;
+        uint8_t kb[16], vb[XM_U64_LEN];
+        xm_put_be64(kb, c->seq);
+        xm_put_be64(kb + 8, a);
+        xm_put_le64(vb, b - a);
+        MDB_val k = {sizeof kb, kb}, v = {sizeof vb, vb};
+        OP();
+        rc = mdb_cursor_put(cur, &k, &v, MDB_APPEND);
+        if (rc == MDB_KEYEXIST)
+            rc = mdb_cursor_put(cur, &k, &v, 0);
+        if ((rc = xm_rc(rc)) == XM_OK) {
+            total += b - a;
+            rc = freed_add(&c->freed, a, b - a);
+        }
+    }
+    if (cur)
+        mdb_cursor_close(cur);
+    p->n = 0;
+    return rc == XM_OK ? add_pending(c, total) : rc;
+}
+
+int bk_settle(chunk *c)
+{
+    int rc = freed_sort(&c->later);
+    for (size_t i = 0; i < c->later.n && rc == XM_OK; i++) /* pbn order: REFS pages in order */
+        rc = bk_release(c, c->later.run[i][0], c->later.run[i][1]);
+    c->later.n = 0;
+    if (rc == XM_OK && c->pendq.n)
+        rc = put_pending(c);
     return rc;
 }
 
@@ -229,26 +303,55 @@ static int count_down(chunk *c, const uint8_t key[XM_TRIPLE_KEY_LEN], uint64_t l
     return bk_put(c->t, d, key, XM_TRIPLE_KEY_LEN, v, XM_U64_LEN);
 }
 
-typedef struct {
-    uint64_t death, birth, lba;
-} widx;
-
-/* Twin of extmap.window with a limit: at most limit entries of the window, in DEADIDX order. */
-static int window(chunk *c, uint32_t vol, uint64_t dlo, uint64_t dhi, uint64_t blo, uint64_t bhi,
-                  widx *out, uint64_t limit, uint64_t *n)
+/* The dead record (vol, lba, birth) under the DEAD cursor dc, decoded, then deleted there. */
+static int take_dead(chunk *c, MDB_cursor *dc, uint32_t vol, uint64_t lba, uint64_t birth,
+                     xm_rec *r)
 {
-    MDB_cursor *cur;
-    uint8_t kb[XM_DEADIDX_KEY_LEN];
-    MDB_val k, v;
-    int rc = mdb_cursor_open(c->t, c->st->dbi[XM_DB_DEADIDX], &cur);
+    uint8_t dk[XM_TRIPLE_KEY_LEN];
+    MDB_val k = {sizeof dk, dk}, v;
+    xm_key_triple(dk, vol, lba, birth);
+    OP();
+    int rc = mdb_cursor_get(dc, &k, &v, MDB_SET_KEY);
+    if (rc == MDB_NOTFOUND)
+        return XM_ECORRUPT; /* DEADIDX names a missing record */
     if (rc)
         return xm_rc(rc);
-    *n = 0;
+    if (!xm_in_map(c->st, v.mv_data, v.mv_size) || xm_rec_decode(v.mv_data, v.mv_size, r))
+        return XM_ECORRUPT;
+    OP();
+    return xm_rc(mdb_cursor_del(dc, 0));
+}
+
+/* Twin of bulk.py's py_drop_window (extmap.window with a limit, extmap.drop_dead of each
+ * entry, one COUNTERS update per (death, birth) group, the releases settled together).
+ * One pass in DEADIDX order: the index entry is deleted where the walk's cursor stands, the
+ * dead record where a second cursor finds it; counters are summed in memory while the walk
+ * stays in one (death, birth) group (the window walks group by group). */
+int xm_bulk_drop_window(xm_store *st, uint32_t vol, uint64_t dlo, uint64_t dhi, uint64_t blo,
+                        uint64_t bhi, uint64_t limit, uint64_t punch_min, uint64_t *ndone)
+{
+    chunk c;
+    MDB_cursor *ic = NULL, *dc = NULL;
+    uint8_t kb[XM_DEADIDX_KEY_LEN], group[XM_TRIPLE_KEY_LEN];
+    uint64_t n = 0, counted = 0;
+    MDB_val k, v;
+    *ndone = 0;
+    if (limit == 0)
+        return XM_OK;
+    int rc = bk_begin(&c, st);
+    if (rc)
+        return rc;
+    if ((rc = mdb_cursor_open(c.t, st->dbi[XM_DB_DEADIDX], &ic)) ||
+        (rc = mdb_cursor_open(c.t, st->dbi[XM_DB_DEAD], &dc))) {
+        if (ic)
+            mdb_cursor_close(ic);
+        return bk_end(&c, xm_rc(rc), punch_min);
+    }
     xm_key_deadidx(kb, vol, dlo, blo, 0);
     k = (MDB_val){sizeof kb, kb};
-    rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
-    while (rc == 0 && *n < limit) {
-        STAT_ADD(c->st, cursor_steps, 1), OP();
+    rc = mdb_cursor_get(ic, &k, &v, MDB_SET_RANGE);
+    while (rc == 0 && n < limit) {
+        STAT_ADD(st, cursor_steps, 1), OP();
         if (k.mv_size != XM_DEADIDX_KEY_LEN) {
             rc = XM_ECORRUPT;
             break;
@@ -262,77 +365,48 @@ static int window(chunk *c, uint32_t vol, uint64_t dlo, uint64_t dhi, uint64_t b
                 break;
             xm_key_deadidx(kb, vol, birth < blo ? death : death + 1, blo, 0);
             k = (MDB_val){sizeof kb, kb};
-            rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
+            rc = mdb_cursor_get(ic, &k, &v, MDB_SET_RANGE);
             continue;
         }
-        out[(*n)++] = (widx){death, birth, xm_get_be64(p + 20)};
-        rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT);
+        memcpy(kb, p, sizeof kb);
+        if (counted && memcmp(group, kb, sizeof group) != 0) { /* a new (death, birth) */
+            if ((rc = count_down(&c, group, counted)))
+                break;
+            counted = 0;
+        }
+        xm_rec r;
+        if ((rc = take_dead(&c, dc, vol, xm_get_be64(kb + 20), birth, &r)) ||
+            (rc = bk_release_later(&c, r.pbn, r.len)))
+            break;
+        memcpy(group, kb, sizeof group);
+        counted += r.len;
+        n++;
+        OP();
+        rc = bk_cursor_del_next(ic, kb, sizeof kb, &k, &v);
     }
-    mdb_cursor_close(cur);
-    return rc == MDB_NOTFOUND ? XM_OK : xm_rc(rc);
-}
-
-/* Twin of extmap.drop_dead followed by allocator.release. */
-static int drop_dead(chunk *c, uint32_t vol, const widx *w)
-{
-    uint8_t k[XM_DEADIDX_KEY_LEN];
-    const uint8_t *raw;
-    xm_rec r;
-    int rc;
-    xm_key_triple(k, vol, w->lba, w->birth);
-    rc = bk_get_fixed(c->st, c->t, c->st->dbi[XM_DB_DEAD], k, XM_TRIPLE_KEY_LEN, XM_REC_LEN, &raw);
-    if (rc)
-        return rc == XM_ENOTFOUND ? XM_ECORRUPT : rc; /* DEADIDX names a missing record */
-    if (xm_rec_decode(raw, XM_REC_LEN, &r))
-        return XM_ECORRUPT;
-    if ((rc = bk_del(c->t, c->st->dbi[XM_DB_DEAD], k, XM_TRIPLE_KEY_LEN)))
-        return rc;
-    xm_key_deadidx(k, vol, w->death, w->birth, w->lba);
-    if ((rc = bk_del(c->t, c->st->dbi[XM_DB_DEADIDX], k, XM_DEADIDX_KEY_LEN)) ||
-        (rc = count_down(c, k, r.len)))
-        return rc;
-    return bk_release(c, r.pbn, r.len);
-}
-
-int xm_bulk_drop_window(xm_store *st, uint32_t vol, uint64_t death_lo, uint64_t death_hi,
-                        uint64_t birth_lo, uint64_t birth_hi, uint64_t limit, uint64_t punch_min,
-                        uint64_t *ndone)
-{
-    chunk c;
-    uint64_t n = 0;
-    *ndone = 0;
-    if (limit == 0)
-        return XM_OK;
-    widx *w = malloc(limit * sizeof *w);
-    if (!w)
-        return ENOMEM;
-    int rc = bk_begin(&c, st);
-    if (rc) {
-        free(w);
-        return rc;
-    }
-    rc = window(&c, vol, death_lo, death_hi, birth_lo, birth_hi, w, limit, &n);
-    for (uint64_t i = 0; i < n && rc == XM_OK; i++)
-        rc = drop_dead(&c, vol, &w[i]);
-    free(w);
+    if (rc == MDB_NOTFOUND)
+        rc = XM_OK;
+    rc = xm_rc(rc);
+    if (rc == XM_OK && counted)
+        rc = count_down(&c, group, counted);
+    mdb_cursor_close(ic);
+    mdb_cursor_close(dc);
     rc = bk_end(&c, rc, punch_min);
     if (rc == XM_OK)
         *ndone = n;
     return rc;
 }
 
-/* Up to limit records of db under the 4-byte volume prefix, decoded (LIVE or DEAD). */
-typedef struct {
-    uint64_t a, b; /* LIVE: lba, -; DEAD: lba, birth */
-    xm_rec r;
-} vrec;
-
-static int vol_records(chunk *c, int db, uint32_t vol, vrec *out, uint64_t limit, uint64_t *n)
+/* Up to limit records of db (LIVE or DEAD) under the volume's prefix, each deleted where the
+ * cursor stands, its index entry (LIVEBIRTH or DEADIDX) deleted by key and its blocks released
+ * at the end of the chunk. */
+static int drop_records(chunk *c, int db, uint32_t vol, uint64_t limit, uint64_t *n)
 {
     MDB_cursor *cur;
-    uint8_t kb[XM_VOL_KEY_LEN];
-    MDB_val k = {sizeof kb, kb}, v;
-    size_t klen = db == XM_DB_LIVE ? XM_LIVE_KEY_LEN : XM_TRIPLE_KEY_LEN;
+    uint8_t kb[XM_TRIPLE_KEY_LEN], ik[XM_DEADIDX_KEY_LEN];
+    MDB_val k = {XM_VOL_KEY_LEN, kb}, v;
+    int live = db == XM_DB_LIVE;
+    size_t klen = live ? XM_LIVE_KEY_LEN : XM_TRIPLE_KEY_LEN;
     int rc = mdb_cursor_open(c->t, c->st->dbi[db], &cur);
     if (rc)
         return xm_rc(rc);
@@ -343,60 +417,46 @@ static int vol_records(chunk *c, int db, uint32_t vol, vrec *out, uint64_t limit
         STAT_ADD(c->st, cursor_steps, 1), OP();
         if (k.mv_size < XM_VOL_KEY_LEN || xm_get_be32(k.mv_data) != vol)
             break;
-        vrec *o = &out[*n];
+        xm_rec r;
         if (k.mv_size != klen || !xm_in_map(c->st, v.mv_data, v.mv_size) ||
-            xm_rec_decode(v.mv_data, v.mv_size, &o->r)) {
+            xm_rec_decode(v.mv_data, v.mv_size, &r)) {
             rc = XM_ECORRUPT;
             break;
         }
-        o->a = xm_get_be64((const uint8_t *)k.mv_data + 4);
-        o->b = db == XM_DB_LIVE ? 0 : xm_get_be64((const uint8_t *)k.mv_data + 12);
+        memcpy(kb, k.mv_data, klen);
+        uint64_t lba = xm_get_be64(kb + 4);
+        if (live)
+            xm_key_triple(ik, vol, r.epoch, lba);
+        else
+            xm_key_deadidx(ik, vol, r.epoch, xm_get_be64(kb + 12), lba);
+        if ((rc = bk_release_later(c, r.pbn, r.len)) ||
+            (rc = bk_del(c->t, c->st->dbi[live ? XM_DB_LIVEBIRTH : XM_DB_DEADIDX], ik,
+                         live ? XM_TRIPLE_KEY_LEN : XM_DEADIDX_KEY_LEN)))
+            break;
         (*n)++;
-        rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT);
+        OP();
+        rc = bk_cursor_del_next(cur, kb, klen, &k, &v);
     }
     mdb_cursor_close(cur);
     return rc == MDB_NOTFOUND ? XM_OK : xm_rc(rc);
 }
 
+/* Twin of bulk.py's py_drop_volume: live records (with their LIVEBIRTH entries), then dead
+ * ones (with DEADIDX), the releases settled together. */
 int xm_bulk_drop_volume(xm_store *st, uint32_t vol, uint64_t limit, uint64_t punch_min,
                         uint64_t *ndone)
 {
     chunk c;
     uint64_t n = 0, m = 0;
-    uint8_t k[XM_DEADIDX_KEY_LEN];
     *ndone = 0;
     if (limit == 0)
         return XM_OK;
-    vrec *recs = malloc(limit * sizeof *recs);
-    if (!recs)
-        return ENOMEM;
     int rc = bk_begin(&c, st);
-    if (rc) {
-        free(recs);
+    if (rc)
         return rc;
-    }
-    /* Live records first (with their LIVEBIRTH entries), then dead ones (with DEADIDX): the
-     * twin is bulk.py's py_drop_volume. */
-    rc = vol_records(&c, XM_DB_LIVE, vol, recs, limit, &n);
-    for (uint64_t i = 0; i < n && rc == XM_OK; i++) {
-        xm_key_live(k, vol, recs[i].a);
-        if ((rc = bk_release(&c, recs[i].r.pbn, recs[i].r.len)) ||
-            (rc = bk_del(c.t, st->dbi[XM_DB_LIVE], k, XM_LIVE_KEY_LEN)))
-            break;
-        xm_key_triple(k, vol, recs[i].r.epoch, recs[i].a);
-        rc = bk_del(c.t, st->dbi[XM_DB_LIVEBIRTH], k, XM_TRIPLE_KEY_LEN);
-    }
+    rc = drop_records(&c, XM_DB_LIVE, vol, limit, &n);
     if (rc == XM_OK && n < limit)
-        rc = vol_records(&c, XM_DB_DEAD, vol, recs, limit - n, &m);
-    for (uint64_t i = 0; i < m && rc == XM_OK; i++) {
-        xm_key_triple(k, vol, recs[i].a, recs[i].b);
-        if ((rc = bk_release(&c, recs[i].r.pbn, recs[i].r.len)) ||
-            (rc = bk_del(c.t, st->dbi[XM_DB_DEAD], k, XM_TRIPLE_KEY_LEN)))
-            break;
-        xm_key_deadidx(k, vol, recs[i].r.epoch, recs[i].b, recs[i].a);
-        rc = bk_del(c.t, st->dbi[XM_DB_DEADIDX], k, XM_DEADIDX_KEY_LEN);
-    }
-    free(recs);
+        rc = drop_records(&c, XM_DB_DEAD, vol, limit - n, &m);
     rc = bk_end(&c, rc, punch_min);
     if (rc == XM_OK)
         *ndone = n + m;
@@ -427,16 +487,10 @@ int xm_bulk_del_range(xm_store *st, int db, const void *lo, size_t lolen, const 
         int cmp = memcmp(k.mv_data, hi, m);
         if (cmp > 0 || (cmp == 0 && k.mv_size >= hilen) || k.mv_size > sizeof kb)
             break;
-        /* Re-seek from the deleted key rather than trust the cursor's position after a
-         * delete (LMDB's cursor-after-delete behaviour is subtle at page boundaries). */
-        size_t kl = k.mv_size;
-        memcpy(kb, k.mv_data, kl);
+        memcpy(kb, k.mv_data, k.mv_size);
         OP();
-        if ((rc = mdb_cursor_del(cur, 0)))
-            break;
+        rc = bk_cursor_del_next(cur, kb, k.mv_size, &k, &v);
         n++;
-        k = (MDB_val){kl, kb};
-        rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
     }
     mdb_cursor_close(cur);
     if (rc == MDB_NOTFOUND)

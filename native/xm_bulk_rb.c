@@ -198,11 +198,14 @@ int bk_live_put(chunk *c, uint32_t vol, xm_volstate *vs, const xm_extent *e)
     return bk_put(c->t, c->st->dbi[XM_DB_LIVEBIRTH], k, XM_TRIPLE_KEY_LEN, v, XM_U32_LEN);
 }
 
-static int live_del(chunk *c, uint32_t vol, const xm_volstate *vs, const xm_extent *e)
+/* Drop a live record and its LIVEBIRTH entry; the LIVE delete is skipped when the record is
+ * about to be overwritten at the same key in this transaction (hole's `copied`). */
+static int live_del(chunk *c, uint32_t vol, const xm_volstate *vs, const xm_extent *e,
+                    int overwritten)
 {
     uint8_t k[XM_TRIPLE_KEY_LEN];
     xm_key_live(k, vol, e->lba);
-    int rc = bk_del(c->t, c->st->dbi[XM_DB_LIVE], k, XM_LIVE_KEY_LEN);
+    int rc = overwritten ? XM_OK : bk_del(c->t, c->st->dbi[XM_DB_LIVE], k, XM_LIVE_KEY_LEN);
     if (rc || !(vs->flags & XM_VS_BIRTH_INDEXED))
         return rc;
     xm_key_triple(k, vol, e->birth, e->lba);
@@ -260,8 +263,30 @@ int bk_share(chunk *c, uint64_t pbn, uint64_t n)
     return rc;
 }
 
-/* extmap.overlay of a hole over [lba, lba+n), then extmap.kill of each covered piece. */
-static int hole(chunk *c, MDB_cursor *cur, uint32_t vol, xm_volstate *vs, uint64_t lba, uint64_t n)
+/* Is there a target starting at lba (targets sorted by lba)? */
+static int copied_at(const xm_extent *tg, size_t nt, uint64_t lba)
+{
+    size_t lo = 0, hi = nt;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (tg[mid].lba < lba)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo < nt && tg[lo].lba == lba;
+}
+
+/* extmap.overlay of a hole over [lba, lba+n), then extmap.kill of each covered piece.
+ * A record wholly inside the hole, where one of the chunk's targets (tg) will be copied to the
+ * same key, is not deleted from LIVE: the copy's put overwrites it (one B-tree update, not
+ * two).  Until then it is stale, but no later hole of this chunk can see it: their scans start
+ * at least one block past this hole's end (merged ranges leave a gap; one hole per range,
+ * `single`, else no skipping).  Released blocks of a record not flagged SHARED go straight to
+ * PENDING: such a record is its blocks' only holder (check.py's invariant), so REFS has
+ * nothing for them. */
+static int hole(chunk *c, MDB_cursor *cur, uint32_t vol, xm_volstate *vs, uint64_t lba, uint64_t n,
+                const xm_extent *tg, size_t nt, int single)
 {
     size_t cap = 64, no, nk, ng;
     int more, rc;
@@ -291,7 +316,9 @@ static int hole(chunk *c, MDB_cursor *cur, uint32_t vol, xm_volstate *vs, uint64
         for (size_t j = 0; j < nk && !kept; j++)
             kept = memcmp(&old[i], &keep[j], sizeof old[i]) == 0;
         if (!kept)
-            rc = live_del(c, vol, vs, &old[i]);
+            rc = live_del(c, vol, vs, &old[i],
+                          single && old[i].lba >= lba && old[i].lba + old[i].len <= lba + n &&
+                              copied_at(tg, nt, old[i].lba));
     }
     for (size_t j = 0; j < nk && rc == XM_OK; j++) {
         int existed = 0;
@@ -304,8 +331,10 @@ static int hole(chunk *c, MDB_cursor *cur, uint32_t vol, xm_volstate *vs, uint64
         vs->live_blocks -= gone[i].len;
         if (gone[i].birth <= vs->max_snap)
             rc = add_dead(c, vol, &gone[i], vs->epoch);
-        else
+        else if (gone[i].flags & XM_F_SHARED)
             rc = bk_release(c, gone[i].pbn, gone[i].len);
+        else
+            rc = bk_release_own(c, gone[i].pbn, gone[i].len);
     }
 out:
     free(old);
@@ -350,7 +379,7 @@ int xm_bulk_rollback_apply(xm_store *st, uint32_t vol, const xm_extent *plan_ran
     for (size_t i = 0; i < nr && rc == XM_OK; i++) /* extmap.holes_over */
         for (uint64_t p = ranges[i].lba; p < ranges[i].pbn && rc == XM_OK; p += 1 << 20) {
             uint64_t n = ranges[i].pbn - p < (1 << 20) ? ranges[i].pbn - p : (1 << 20);
-            rc = hole(&c, cur, vol, &vs, p, n);
+            rc = hole(&c, cur, vol, &vs, p, n, targets, nt, ranges[i].pbn - ranges[i].lba == n);
         }
     mdb_cursor_close(cur);
     for (size_t i = 0; i < nt && rc == XM_OK; i++) { /* extmap.copy_in */
