@@ -49,6 +49,40 @@ int bk_del(MDB_txn *t, MDB_dbi d, const void *k, size_t kl)
     return rc == MDB_NOTFOUND ? XM_OK : xm_rc(rc);
 }
 
+static int chunk_cursor(chunk *c, int db, MDB_cursor **out)
+{
+    if (!c->cur[db]) {
+        int rc = mdb_cursor_open(c->t, c->st->dbi[db], &c->cur[db]);
+        if (rc)
+            return xm_rc(rc);
+    }
+    *out = c->cur[db];
+    return XM_OK;
+}
+
+int bk_cput(chunk *c, int db, const void *k, size_t kl, const void *v, size_t vl)
+{
+    MDB_cursor *cur;
+    MDB_val key = {kl, (void *)k}, val = {vl, (void *)v};
+    int rc = chunk_cursor(c, db, &cur);
+    OP();
+    return rc ? rc : xm_rc(mdb_cursor_put(cur, &key, &val, 0));
+}
+
+int bk_cdel(chunk *c, int db, const void *k, size_t kl)
+{
+    MDB_cursor *cur;
+    MDB_val key = {kl, (void *)k}, val;
+    int rc = chunk_cursor(c, db, &cur);
+    if (rc)
+        return rc;
+    OP();
+    rc = mdb_cursor_get(cur, &key, &val, MDB_SET);
+    if (rc == MDB_NOTFOUND)
+        return XM_OK;
+    return xm_rc(rc ? rc : mdb_cursor_del(cur, 0));
+}
+
 int bk_get_fixed(xm_store *st, MDB_txn *t, MDB_dbi d, const void *k, size_t kl, size_t want,
                         const uint8_t **out)
 {
@@ -93,7 +127,7 @@ int bk_put_refs(chunk *c, uint64_t pbn, uint64_t len, uint64_t refs)
     xm_put_be64(k, pbn);
     xm_put_le64(v, len);
     xm_put_le64(v + 8, refs);
-    return bk_put(c->t, c->st->dbi[XM_DB_REFS], k, sizeof k, v, sizeof v);
+    return bk_cput(c, XM_DB_REFS, k, sizeof k, v, sizeof v);
 }
 
 
@@ -148,7 +182,7 @@ int bk_set_refs(chunk *c, const refs_run *r, uint64_t start, uint64_t stop, uint
     uint8_t k[XM_PBN_KEY_LEN];
     int rc;
     xm_put_be64(k, r->s);
-    if ((rc = bk_del(c->t, c->st->dbi[XM_DB_REFS], k, sizeof k)))
+    if ((rc = bk_cdel(c, XM_DB_REFS, k, sizeof k)))
         return rc;
     if (r->s < start && (rc = bk_put_refs(c, r->s, start - r->s, r->refs)))
         return rc;
@@ -430,8 +464,8 @@ static int drop_records(chunk *c, int db, uint32_t vol, uint64_t limit, uint64_t
         else
             xm_key_deadidx(ik, vol, r.epoch, xm_get_be64(kb + 12), lba);
         if ((rc = bk_release_later(c, r.pbn, r.len)) ||
-            (rc = bk_del(c->t, c->st->dbi[live ? XM_DB_LIVEBIRTH : XM_DB_DEADIDX], ik,
-                         live ? XM_TRIPLE_KEY_LEN : XM_DEADIDX_KEY_LEN)))
+            (rc = bk_cdel(c, live ? XM_DB_LIVEBIRTH : XM_DB_DEADIDX, ik,
+                          live ? XM_TRIPLE_KEY_LEN : XM_DEADIDX_KEY_LEN)))
             break;
         (*n)++;
         OP();

@@ -25,6 +25,7 @@ typedef struct {
     freed_list later; /* bk_release_later: releases settled in pbn order (bk_settle) */
     freed_list pendq; /* free pieces, put in PENDING in key order by bk_settle */
     freed_list freed; /* runs put in PENDING, punched after the commit */
+    MDB_cursor *cur[XM_DB_COUNT]; /* bk_cput / bk_cdel: one cursor per database, kept */
 } chunk;
 
 typedef struct {
@@ -33,6 +34,11 @@ typedef struct {
 
 int bk_put(MDB_txn *t, MDB_dbi d, const void *k, size_t kl, const void *v, size_t vl);
 int bk_del(MDB_txn *t, MDB_dbi d, const void *k, size_t kl);
+/* The same through the chunk's cursor on db: LMDB's cursor search first looks at the page the
+ * cursor stands on (mdb_cursor_set), so puts and deletes in key order mostly skip the descent
+ * from the root that mdb_put / mdb_del make each time. */
+int bk_cput(chunk *c, int db, const void *k, size_t kl, const void *v, size_t vl);
+int bk_cdel(chunk *c, int db, const void *k, size_t kl);
 /* The value under k if it is exactly want bytes long (XM_ENOTFOUND, XM_ECORRUPT). */
 int bk_get_fixed(xm_store *st, MDB_txn *t, MDB_dbi d, const void *k, size_t kl, size_t want,
                  const uint8_t **out);

@@ -141,6 +141,9 @@ int bk_end(chunk *c, int rc, uint64_t punch_min)
 {
     if (rc == XM_OK)
         rc = bk_settle(c);
+    for (int db = 0; db < XM_DB_COUNT; db++)
+        if (c->cur[db])
+            mdb_cursor_close(c->cur[db]);
     if (rc == XM_OK)
         rc = xm_rc(mdb_txn_commit(c->t));
     else
