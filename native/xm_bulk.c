@@ -138,9 +138,9 @@ int bk_refs_overlapping(chunk *c, uint64_t pbn, uint64_t end, refs_run *out, siz
     MDB_cursor *cur;
     uint8_t kb[XM_PBN_KEY_LEN];
     MDB_val k = {sizeof kb, kb}, v;
-    int rc = mdb_cursor_open(c->t, c->st->dbi[XM_DB_REFS], &cur);
+    int rc = chunk_cursor(c, XM_DB_REFS, &cur); /* the chunk's: the puts that follow land near */
     if (rc)
-        return xm_rc(rc);
+        return rc;
     *n = 0;
     xm_put_be64(kb, pbn);
     rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE); /* seek_le: the run at or before pbn */
@@ -172,7 +172,6 @@ int bk_refs_overlapping(chunk *c, uint64_t pbn, uint64_t end, refs_run *out, siz
         rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT);
         STAT_ADD(c->st, cursor_steps, 1), OP();
     }
-    mdb_cursor_close(cur);
     return rc == MDB_NOTFOUND ? XM_OK : xm_rc(rc);
 }
 
