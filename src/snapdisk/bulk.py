@@ -32,20 +32,17 @@ from __future__ import annotations
 import json
 import os
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import allocator, catalog, errors, extmap, layout, native
+from .bulk_pace import Pacer
 from .catalog import VolState
 from .layout import DB_COUNTERS, DB_DEAD, DB_LIVE, DB_LIVEBIRTH, DB_META, INFINITY
 from .native import Extent, NativeStore, Txn
 from .volume import PUNCH_BULK_MIN_BLOCKS, DataPath, Freed, configure
 
 CHUNK = int(os.environ.get("SNAPDISK_BULK_CHUNK", "10000"))
-# While foreground I/O runs, a walk takes at most this fraction of the wall clock (it sleeps
-# between chunks); idle, it runs flat out.  See Pacer.
-DUTY = float(os.environ.get("SNAPDISK_BULK_DUTY", "0.5"))
 CLONE_STEP = 64 * layout.MAX_EXTENT  # blocks of the snapshot a clone copies per transaction
 Item = dict[str, Any]
 
@@ -194,37 +191,6 @@ def py_del_range(t: Txn, db: int, lo: bytes, hi: bytes, limit: int) -> int:
 
 
 # ---- the driver -----------------------------------------------------------------------------
-
-class Pacer:
-    """Lets foreground I/O keep its CPU while a walk runs (ZFS limits an async destroy per txg
-    the same way).  A walk's chunks are CPU (LMDB's page edits), not locks: the I/O gate is
-    not held and readers never wait for LMDB's writer, yet 4 KiB random reads served while a
-    delete ran fell to 0.6x on two cores, because the walk took one of them.  So after each
-    chunk that overlapped requests (the C core's read and write counters moved), the walk
-    sleeps (1 - DUTY) / DUTY times as long as the chunk ran; with no requests it does not
-    sleep.  A walk under load therefore takes at most 1 / DUTY times its idle time (plus the
-    CPU the requests leave it), and `slept` says how much of it was pacing."""
-
-    def __init__(self, ns: NativeStore, duty: float | None = None):
-        self.native = ns
-        self.duty = DUTY if duty is None else duty
-        self.slept = 0.0
-
-    def _io(self) -> int:
-        s = self.native.stats()
-        return s["fast_reads"] + s["fast_writes"] + s["slow_writes"] + s["redirected_writes"]
-
-    def __call__(self, chunk: Callable[[], int]) -> int:
-        if not 0 < self.duty < 1:
-            return chunk()
-        io, t0 = self._io(), time.monotonic()
-        n = chunk()
-        if self._io() != io:
-            pause = (time.monotonic() - t0) * (1 - self.duty) / self.duty
-            time.sleep(pause)
-            self.slept += pause
-        return n
-
 
 Step = Callable[[int], None]
 
