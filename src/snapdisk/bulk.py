@@ -23,8 +23,10 @@ to which it has restored), so a crash between chunks is resumed by `Engine.open`
                    volume at the end.
 
 The chunks run in C (xm_bulk.c) or, with SNAPDISK_BULK_PATH=python, as the Python twins below,
-which do the same database operations in the same order (tests/test_extmap_diff.py compares
-every database).
+which leave the same databases (tests/test_extmap_diff.py compares every database; C may order
+its operations differently, e.g. a delete's frees are settled in pbn order, merged, at the end
+of the chunk: release_sorted).  While requests are served beside it, a walk paces itself
+between chunks (bulk_pace.py).
 """
 
 from __future__ import annotations
