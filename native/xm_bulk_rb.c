@@ -83,12 +83,18 @@ static int ext_add(ext_list *l, xm_extent e)
 static int collect(xm_store *st, MDB_txn *t, uint32_t vol, uint64_t epoch, int indexed,
                    ext_list *targets, ext_list *raw)
 {
-    MDB_cursor *cur;
+    MDB_cursor *cur, *dc;
     uint8_t kb[XM_DEADIDX_KEY_LEN];
     MDB_val k, v;
     int rc = mdb_cursor_open(t, st->dbi[XM_DB_DEADIDX], &cur);
     if (rc)
         return xm_rc(rc);
+    /* The dead records through one cursor: they come in lba order within a (death, birth)
+     * group, so its search mostly stays on the page it stands on. */
+    if ((rc = mdb_cursor_open(t, st->dbi[XM_DB_DEAD], &dc))) {
+        mdb_cursor_close(cur);
+        return xm_rc(rc);
+    }
     /* extmap.window(vol, epoch + 1, INFINITY, 0, epoch) */
     xm_key_deadidx(kb, vol, epoch + 1, 0, 0);
     k = (MDB_val){sizeof kb, kb};
@@ -116,10 +122,16 @@ static int collect(xm_store *st, MDB_txn *t, uint32_t vol, uint64_t epoch, int i
         xm_rec r;
         xm_key_triple(dk, vol, lba, birth);
         OP();
-        if ((rc = bk_get_fixed(st, t, st->dbi[XM_DB_DEAD], dk, sizeof dk, XM_REC_LEN, &raw_rec))) {
-            rc = rc == XM_ENOTFOUND ? XM_ECORRUPT : rc;
+        MDB_val dkv = {sizeof dk, dk}, dv;
+        if ((rc = mdb_cursor_get(dc, &dkv, &dv, MDB_SET_KEY))) {
+            rc = rc == MDB_NOTFOUND ? XM_ECORRUPT : xm_rc(rc); /* DEADIDX names a missing record */
             break;
         }
+        if (dv.mv_size != XM_REC_LEN || !xm_in_map(st, dv.mv_data, dv.mv_size)) {
+            rc = XM_ECORRUPT;
+            break;
+        }
+        raw_rec = dv.mv_data;
         if (xm_rec_decode(raw_rec, XM_REC_LEN, &r)) {
             rc = XM_ECORRUPT;
             break;
@@ -129,6 +141,7 @@ static int collect(xm_store *st, MDB_txn *t, uint32_t vol, uint64_t epoch, int i
         rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT);
     }
     mdb_cursor_close(cur);
+    mdb_cursor_close(dc);
     if (rc != MDB_NOTFOUND && rc != 0)
         return xm_rc(rc);
     if (!indexed)
