@@ -49,6 +49,40 @@ int bk_del(MDB_txn *t, MDB_dbi d, const void *k, size_t kl)
     return rc == MDB_NOTFOUND ? XM_OK : xm_rc(rc);
 }
 
+static int chunk_cursor(chunk *c, int db, MDB_cursor **out)
+{
+    if (!c->cur[db]) {
+        int rc = mdb_cursor_open(c->t, c->st->dbi[db], &c->cur[db]);
+        if (rc)
+            return xm_rc(rc);
+    }
+    *out = c->cur[db];
+    return XM_OK;
+}
+
+int bk_cput(chunk *c, int db, const void *k, size_t kl, const void *v, size_t vl)
+{
+    MDB_cursor *cur;
+    MDB_val key = {kl, (void *)k}, val = {vl, (void *)v};
+    int rc = chunk_cursor(c, db, &cur);
+    OP();
+    return rc ? rc : xm_rc(mdb_cursor_put(cur, &key, &val, 0));
+}
+
+int bk_cdel(chunk *c, int db, const void *k, size_t kl)
+{
+    MDB_cursor *cur;
+    MDB_val key = {kl, (void *)k}, val;
+    int rc = chunk_cursor(c, db, &cur);
+    if (rc)
+        return rc;
+    OP();
+    rc = mdb_cursor_get(cur, &key, &val, MDB_SET);
+    if (rc == MDB_NOTFOUND)
+        return XM_OK;
+    return xm_rc(rc ? rc : mdb_cursor_del(cur, 0));
+}
+
 int bk_get_fixed(xm_store *st, MDB_txn *t, MDB_dbi d, const void *k, size_t kl, size_t want,
                         const uint8_t **out)
 {
@@ -58,42 +92,13 @@ int bk_get_fixed(xm_store *st, MDB_txn *t, MDB_dbi d, const void *k, size_t kl, 
 
 
 
-static int meta_get_u64(chunk *c, const char *name, uint64_t *out)
-{
-    const uint8_t *p;
-    int rc = bk_get_fixed(c->st, c->t, c->st->dbi[XM_DB_META], name, strlen(name), XM_U64_LEN, &p);
-    *out = 0;
-    if (rc == XM_OK)
-        *out = xm_get_le64(p);
-    return rc == XM_ENOTFOUND ? XM_OK : rc;
-}
-
-/* META blocks (free, pending): pending += n (allocator._add_totals). */
-static int add_pending(chunk *c, uint64_t n)
-{
-    const uint8_t *p;
-    uint8_t b[XM_U64X2_LEN];
-    uint64_t f = 0, pend = 0;
-    int rc = bk_get_fixed(c->st, c->t, c->st->dbi[XM_DB_META], XM_META_BLOCKS,
-                          strlen(XM_META_BLOCKS), XM_U64X2_LEN, &p);
-    if (rc == XM_OK) {
-        f = xm_get_le64(p);
-        pend = xm_get_le64(p + 8);
-    } else if (rc != XM_ENOTFOUND) {
-        return rc;
-    }
-    xm_put_le64(b, f);
-    xm_put_le64(b + 8, pend + n);
-    return bk_put(c->t, c->st->dbi[XM_DB_META], XM_META_BLOCKS, strlen(XM_META_BLOCKS), b, sizeof b);
-}
-
 int bk_put_refs(chunk *c, uint64_t pbn, uint64_t len, uint64_t refs)
 {
     uint8_t k[XM_PBN_KEY_LEN], v[XM_U64X2_LEN];
     xm_put_be64(k, pbn);
     xm_put_le64(v, len);
     xm_put_le64(v + 8, refs);
-    return bk_put(c->t, c->st->dbi[XM_DB_REFS], k, sizeof k, v, sizeof v);
+    return bk_cput(c, XM_DB_REFS, k, sizeof k, v, sizeof v);
 }
 
 
@@ -104,9 +109,9 @@ int bk_refs_overlapping(chunk *c, uint64_t pbn, uint64_t end, refs_run *out, siz
     MDB_cursor *cur;
     uint8_t kb[XM_PBN_KEY_LEN];
     MDB_val k = {sizeof kb, kb}, v;
-    int rc = mdb_cursor_open(c->t, c->st->dbi[XM_DB_REFS], &cur);
+    int rc = chunk_cursor(c, XM_DB_REFS, &cur); /* the chunk's: the puts that follow land near */
     if (rc)
-        return xm_rc(rc);
+        return rc;
     *n = 0;
     xm_put_be64(kb, pbn);
     rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE); /* seek_le: the run at or before pbn */
@@ -138,7 +143,6 @@ int bk_refs_overlapping(chunk *c, uint64_t pbn, uint64_t end, refs_run *out, siz
         rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT);
         STAT_ADD(c->st, cursor_steps, 1), OP();
     }
-    mdb_cursor_close(cur);
     return rc == MDB_NOTFOUND ? XM_OK : xm_rc(rc);
 }
 
@@ -148,7 +152,7 @@ int bk_set_refs(chunk *c, const refs_run *r, uint64_t start, uint64_t stop, uint
     uint8_t k[XM_PBN_KEY_LEN];
     int rc;
     xm_put_be64(k, r->s);
-    if ((rc = bk_del(c->t, c->st->dbi[XM_DB_REFS], k, sizeof k)))
+    if ((rc = bk_cdel(c, XM_DB_REFS, k, sizeof k)))
         return rc;
     if (r->s < start && (rc = bk_put_refs(c, r->s, start - r->s, r->refs)))
         return rc;
@@ -157,56 +161,6 @@ int bk_set_refs(chunk *c, const refs_run *r, uint64_t start, uint64_t stop, uint
     if (stop < r->s + r->len && (rc = bk_put_refs(c, stop, r->s + r->len - stop, r->refs)))
         return rc;
     return XM_OK;
-}
-
-/* A free piece: to PENDING under this transaction's seq (allocator.release). */
-static int pend(chunk *c, uint64_t start, uint64_t stop)
-{
-    uint8_t k[16], v[XM_U64_LEN];
-    int rc;
-    if (c->seq == 0) {
-        uint64_t seq;
-        if ((rc = meta_get_u64(c, "seq", &seq)))
-            return rc;
-        c->seq = seq + 1;
-        xm_put_le64(v, c->seq);
-        if ((rc = bk_put(c->t, c->st->dbi[XM_DB_META], "seq", 3, v, XM_U64_LEN)))
-            return rc;
-    }
-    xm_put_be64(k, c->seq);
-    xm_put_be64(k + 8, start);
-    xm_put_le64(v, stop - start);
-    if ((rc = bk_put(c->t, c->st->dbi[XM_DB_PENDING], k, sizeof k, v, sizeof v)) ||
-        (rc = add_pending(c, stop - start)))
-        return rc;
-    return freed_add(&c->freed, start, stop - start);
-}
-
-/* Twin of allocator.release: one record no longer holds [pbn, pbn+n) (n <= XM_MAX_EXTENT). */
-int bk_release(chunk *c, uint64_t pbn, uint64_t n)
-{
-    refs_run runs[XM_MAX_EXTENT + 1];
-    size_t nr;
-    uint64_t end = pbn + n, pos = pbn;
-    int rc = bk_refs_overlapping(c, pbn, end, runs, XM_MAX_EXTENT + 1, &nr);
-    for (size_t i = 0; i < nr && rc == XM_OK && pos < end; i++) { /* allocator._split */
-        const refs_run *r = &runs[i];
-        if (r->s > pos) {
-            uint64_t stop = r->s < end ? r->s : end;
-            rc = pend(c, pos, stop);
-            pos = stop;
-        }
-        if (rc || pos >= end)
-            break;
-        uint64_t stop = r->s + r->len < end ? r->s + r->len : end;
-        if (stop > pos) {
-            rc = bk_set_refs(c, r, pos, stop, r->refs - 1);
-            pos = stop;
-        }
-    }
-    if (rc == XM_OK && pos < end)
-        rc = pend(c, pos, end);
-    return rc;
 }
 
 /* Twin of extmap._count: COUNTERS (vol, death, birth) -= len, dropped at zero. */
@@ -229,26 +183,55 @@ static int count_down(chunk *c, const uint8_t key[XM_TRIPLE_KEY_LEN], uint64_t l
     return bk_put(c->t, d, key, XM_TRIPLE_KEY_LEN, v, XM_U64_LEN);
 }
 
-typedef struct {
-    uint64_t death, birth, lba;
-} widx;
-
-/* Twin of extmap.window with a limit: at most limit entries of the window, in DEADIDX order. */
-static int window(chunk *c, uint32_t vol, uint64_t dlo, uint64_t dhi, uint64_t blo, uint64_t bhi,
-                  widx *out, uint64_t limit, uint64_t *n)
+/* The dead record (vol, lba, birth) under the DEAD cursor dc, decoded, then deleted there. */
+static int take_dead(chunk *c, MDB_cursor *dc, uint32_t vol, uint64_t lba, uint64_t birth,
+                     xm_rec *r)
 {
-    MDB_cursor *cur;
-    uint8_t kb[XM_DEADIDX_KEY_LEN];
-    MDB_val k, v;
-    int rc = mdb_cursor_open(c->t, c->st->dbi[XM_DB_DEADIDX], &cur);
+    uint8_t dk[XM_TRIPLE_KEY_LEN];
+    MDB_val k = {sizeof dk, dk}, v;
+    xm_key_triple(dk, vol, lba, birth);
+    OP();
+    int rc = mdb_cursor_get(dc, &k, &v, MDB_SET_KEY);
+    if (rc == MDB_NOTFOUND)
+        return XM_ECORRUPT; /* DEADIDX names a missing record */
     if (rc)
         return xm_rc(rc);
-    *n = 0;
+    if (!xm_in_map(c->st, v.mv_data, v.mv_size) || xm_rec_decode(v.mv_data, v.mv_size, r))
+        return XM_ECORRUPT;
+    OP();
+    return xm_rc(mdb_cursor_del(dc, 0));
+}
+
+/* Twin of bulk.py's py_drop_window (extmap.window with a limit, extmap.drop_dead of each
+ * entry, one COUNTERS update per (death, birth) group, the releases settled together).
+ * One pass in DEADIDX order: the index entry is deleted where the walk's cursor stands, the
+ * dead record where a second cursor finds it; counters are summed in memory while the walk
+ * stays in one (death, birth) group (the window walks group by group). */
+int xm_bulk_drop_window(xm_store *st, uint32_t vol, uint64_t dlo, uint64_t dhi, uint64_t blo,
+                        uint64_t bhi, uint64_t limit, uint64_t punch_min, uint64_t *ndone)
+{
+    chunk c;
+    MDB_cursor *ic = NULL, *dc = NULL;
+    uint8_t kb[XM_DEADIDX_KEY_LEN], group[XM_TRIPLE_KEY_LEN];
+    uint64_t n = 0, counted = 0;
+    MDB_val k, v;
+    *ndone = 0;
+    if (limit == 0)
+        return XM_OK;
+    int rc = bk_begin(&c, st);
+    if (rc)
+        return rc;
+    if ((rc = mdb_cursor_open(c.t, st->dbi[XM_DB_DEADIDX], &ic)) ||
+        (rc = mdb_cursor_open(c.t, st->dbi[XM_DB_DEAD], &dc))) {
+        if (ic)
+            mdb_cursor_close(ic);
+        return bk_end(&c, xm_rc(rc), punch_min);
+    }
     xm_key_deadidx(kb, vol, dlo, blo, 0);
     k = (MDB_val){sizeof kb, kb};
-    rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
-    while (rc == 0 && *n < limit) {
-        STAT_ADD(c->st, cursor_steps, 1), OP();
+    rc = mdb_cursor_get(ic, &k, &v, MDB_SET_RANGE);
+    while (rc == 0 && n < limit) {
+        STAT_ADD(st, cursor_steps, 1), OP();
         if (k.mv_size != XM_DEADIDX_KEY_LEN) {
             rc = XM_ECORRUPT;
             break;
@@ -262,77 +245,48 @@ static int window(chunk *c, uint32_t vol, uint64_t dlo, uint64_t dhi, uint64_t b
                 break;
             xm_key_deadidx(kb, vol, birth < blo ? death : death + 1, blo, 0);
             k = (MDB_val){sizeof kb, kb};
-            rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
+            rc = mdb_cursor_get(ic, &k, &v, MDB_SET_RANGE);
             continue;
         }
-        out[(*n)++] = (widx){death, birth, xm_get_be64(p + 20)};
-        rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT);
+        memcpy(kb, p, sizeof kb);
+        if (counted && memcmp(group, kb, sizeof group) != 0) { /* a new (death, birth) */
+            if ((rc = count_down(&c, group, counted)))
+                break;
+            counted = 0;
+        }
+        xm_rec r;
+        if ((rc = take_dead(&c, dc, vol, xm_get_be64(kb + 20), birth, &r)) ||
+            (rc = bk_release_later(&c, r.pbn, r.len)))
+            break;
+        memcpy(group, kb, sizeof group);
+        counted += r.len;
+        n++;
+        OP();
+        rc = bk_cursor_del_next(ic, kb, sizeof kb, &k, &v);
     }
-    mdb_cursor_close(cur);
-    return rc == MDB_NOTFOUND ? XM_OK : xm_rc(rc);
-}
-
-/* Twin of extmap.drop_dead followed by allocator.release. */
-static int drop_dead(chunk *c, uint32_t vol, const widx *w)
-{
-    uint8_t k[XM_DEADIDX_KEY_LEN];
-    const uint8_t *raw;
-    xm_rec r;
-    int rc;
-    xm_key_triple(k, vol, w->lba, w->birth);
-    rc = bk_get_fixed(c->st, c->t, c->st->dbi[XM_DB_DEAD], k, XM_TRIPLE_KEY_LEN, XM_REC_LEN, &raw);
-    if (rc)
-        return rc == XM_ENOTFOUND ? XM_ECORRUPT : rc; /* DEADIDX names a missing record */
-    if (xm_rec_decode(raw, XM_REC_LEN, &r))
-        return XM_ECORRUPT;
-    if ((rc = bk_del(c->t, c->st->dbi[XM_DB_DEAD], k, XM_TRIPLE_KEY_LEN)))
-        return rc;
-    xm_key_deadidx(k, vol, w->death, w->birth, w->lba);
-    if ((rc = bk_del(c->t, c->st->dbi[XM_DB_DEADIDX], k, XM_DEADIDX_KEY_LEN)) ||
-        (rc = count_down(c, k, r.len)))
-        return rc;
-    return bk_release(c, r.pbn, r.len);
-}
-
-int xm_bulk_drop_window(xm_store *st, uint32_t vol, uint64_t death_lo, uint64_t death_hi,
-                        uint64_t birth_lo, uint64_t birth_hi, uint64_t limit, uint64_t punch_min,
-                        uint64_t *ndone)
-{
-    chunk c;
-    uint64_t n = 0;
-    *ndone = 0;
-    if (limit == 0)
-        return XM_OK;
-    widx *w = malloc(limit * sizeof *w);
-    if (!w)
-        return ENOMEM;
-    int rc = bk_begin(&c, st);
-    if (rc) {
-        free(w);
-        return rc;
-    }
-    rc = window(&c, vol, death_lo, death_hi, birth_lo, birth_hi, w, limit, &n);
-    for (uint64_t i = 0; i < n && rc == XM_OK; i++)
-        rc = drop_dead(&c, vol, &w[i]);
-    free(w);
+    if (rc == MDB_NOTFOUND)
+        rc = XM_OK;
+    rc = xm_rc(rc);
+    if (rc == XM_OK && counted)
+        rc = count_down(&c, group, counted);
+    mdb_cursor_close(ic);
+    mdb_cursor_close(dc);
     rc = bk_end(&c, rc, punch_min);
     if (rc == XM_OK)
         *ndone = n;
     return rc;
 }
 
-/* Up to limit records of db under the 4-byte volume prefix, decoded (LIVE or DEAD). */
-typedef struct {
-    uint64_t a, b; /* LIVE: lba, -; DEAD: lba, birth */
-    xm_rec r;
-} vrec;
-
-static int vol_records(chunk *c, int db, uint32_t vol, vrec *out, uint64_t limit, uint64_t *n)
+/* Up to limit records of db (LIVE or DEAD) under the volume's prefix, each deleted where the
+ * cursor stands, its index entry (LIVEBIRTH or DEADIDX) deleted by key and its blocks released
+ * at the end of the chunk. */
+static int drop_records(chunk *c, int db, uint32_t vol, uint64_t limit, uint64_t *n)
 {
     MDB_cursor *cur;
-    uint8_t kb[XM_VOL_KEY_LEN];
-    MDB_val k = {sizeof kb, kb}, v;
-    size_t klen = db == XM_DB_LIVE ? XM_LIVE_KEY_LEN : XM_TRIPLE_KEY_LEN;
+    uint8_t kb[XM_TRIPLE_KEY_LEN], ik[XM_DEADIDX_KEY_LEN];
+    MDB_val k = {XM_VOL_KEY_LEN, kb}, v;
+    int live = db == XM_DB_LIVE;
+    size_t klen = live ? XM_LIVE_KEY_LEN : XM_TRIPLE_KEY_LEN;
     int rc = mdb_cursor_open(c->t, c->st->dbi[db], &cur);
     if (rc)
         return xm_rc(rc);
@@ -343,60 +297,46 @@ static int vol_records(chunk *c, int db, uint32_t vol, vrec *out, uint64_t limit
         STAT_ADD(c->st, cursor_steps, 1), OP();
         if (k.mv_size < XM_VOL_KEY_LEN || xm_get_be32(k.mv_data) != vol)
             break;
-        vrec *o = &out[*n];
+        xm_rec r;
         if (k.mv_size != klen || !xm_in_map(c->st, v.mv_data, v.mv_size) ||
-            xm_rec_decode(v.mv_data, v.mv_size, &o->r)) {
+            xm_rec_decode(v.mv_data, v.mv_size, &r)) {
             rc = XM_ECORRUPT;
             break;
         }
-        o->a = xm_get_be64((const uint8_t *)k.mv_data + 4);
-        o->b = db == XM_DB_LIVE ? 0 : xm_get_be64((const uint8_t *)k.mv_data + 12);
+        memcpy(kb, k.mv_data, klen);
+        uint64_t lba = xm_get_be64(kb + 4);
+        if (live)
+            xm_key_triple(ik, vol, r.epoch, lba);
+        else
+            xm_key_deadidx(ik, vol, r.epoch, xm_get_be64(kb + 12), lba);
+        if ((rc = bk_release_later(c, r.pbn, r.len)) ||
+            (rc = bk_cdel(c, live ? XM_DB_LIVEBIRTH : XM_DB_DEADIDX, ik,
+                          live ? XM_TRIPLE_KEY_LEN : XM_DEADIDX_KEY_LEN)))
+            break;
         (*n)++;
-        rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT);
+        OP();
+        rc = bk_cursor_del_next(cur, kb, klen, &k, &v);
     }
     mdb_cursor_close(cur);
     return rc == MDB_NOTFOUND ? XM_OK : xm_rc(rc);
 }
 
+/* Twin of bulk.py's py_drop_volume: live records (with their LIVEBIRTH entries), then dead
+ * ones (with DEADIDX), the releases settled together. */
 int xm_bulk_drop_volume(xm_store *st, uint32_t vol, uint64_t limit, uint64_t punch_min,
                         uint64_t *ndone)
 {
     chunk c;
     uint64_t n = 0, m = 0;
-    uint8_t k[XM_DEADIDX_KEY_LEN];
     *ndone = 0;
     if (limit == 0)
         return XM_OK;
-    vrec *recs = malloc(limit * sizeof *recs);
-    if (!recs)
-        return ENOMEM;
     int rc = bk_begin(&c, st);
-    if (rc) {
-        free(recs);
+    if (rc)
         return rc;
-    }
-    /* Live records first (with their LIVEBIRTH entries), then dead ones (with DEADIDX): the
-     * twin is bulk.py's py_drop_volume. */
-    rc = vol_records(&c, XM_DB_LIVE, vol, recs, limit, &n);
-    for (uint64_t i = 0; i < n && rc == XM_OK; i++) {
-        xm_key_live(k, vol, recs[i].a);
-        if ((rc = bk_release(&c, recs[i].r.pbn, recs[i].r.len)) ||
-            (rc = bk_del(c.t, st->dbi[XM_DB_LIVE], k, XM_LIVE_KEY_LEN)))
-            break;
-        xm_key_triple(k, vol, recs[i].r.epoch, recs[i].a);
-        rc = bk_del(c.t, st->dbi[XM_DB_LIVEBIRTH], k, XM_TRIPLE_KEY_LEN);
-    }
+    rc = drop_records(&c, XM_DB_LIVE, vol, limit, &n);
     if (rc == XM_OK && n < limit)
-        rc = vol_records(&c, XM_DB_DEAD, vol, recs, limit - n, &m);
-    for (uint64_t i = 0; i < m && rc == XM_OK; i++) {
-        xm_key_triple(k, vol, recs[i].a, recs[i].b);
-        if ((rc = bk_release(&c, recs[i].r.pbn, recs[i].r.len)) ||
-            (rc = bk_del(c.t, st->dbi[XM_DB_DEAD], k, XM_TRIPLE_KEY_LEN)))
-            break;
-        xm_key_deadidx(k, vol, recs[i].r.epoch, recs[i].b, recs[i].a);
-        rc = bk_del(c.t, st->dbi[XM_DB_DEADIDX], k, XM_DEADIDX_KEY_LEN);
-    }
-    free(recs);
+        rc = drop_records(&c, XM_DB_DEAD, vol, limit - n, &m);
     rc = bk_end(&c, rc, punch_min);
     if (rc == XM_OK)
         *ndone = n + m;
@@ -427,16 +367,10 @@ int xm_bulk_del_range(xm_store *st, int db, const void *lo, size_t lolen, const 
         int cmp = memcmp(k.mv_data, hi, m);
         if (cmp > 0 || (cmp == 0 && k.mv_size >= hilen) || k.mv_size > sizeof kb)
             break;
-        /* Re-seek from the deleted key rather than trust the cursor's position after a
-         * delete (LMDB's cursor-after-delete behaviour is subtle at page boundaries). */
-        size_t kl = k.mv_size;
-        memcpy(kb, k.mv_data, kl);
+        memcpy(kb, k.mv_data, k.mv_size);
         OP();
-        if ((rc = mdb_cursor_del(cur, 0)))
-            break;
+        rc = bk_cursor_del_next(cur, kb, k.mv_size, &k, &v);
         n++;
-        k = (MDB_val){kl, kb};
-        rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
     }
     mdb_cursor_close(cur);
     if (rc == MDB_NOTFOUND)

@@ -21,7 +21,11 @@ typedef struct {
     xm_store *st;
     MDB_txn *t;
     uint64_t seq; /* the seq of this transaction's frees, 0 until the first (allocator._txn_seq) */
-    freed_list freed;
+    int merge; /* bk_release_later was used: PENDING gets the free pieces merged */
+    freed_list later; /* bk_release_later: releases settled in pbn order (bk_settle) */
+    freed_list pendq; /* free pieces, put in PENDING in key order by bk_settle */
+    freed_list freed; /* runs put in PENDING, punched after the commit */
+    MDB_cursor *cur[XM_DB_COUNT]; /* bk_cput / bk_cdel: one cursor per database, kept */
 } chunk;
 
 typedef struct {
@@ -30,10 +34,18 @@ typedef struct {
 
 int bk_put(MDB_txn *t, MDB_dbi d, const void *k, size_t kl, const void *v, size_t vl);
 int bk_del(MDB_txn *t, MDB_dbi d, const void *k, size_t kl);
+/* The same through the chunk's cursor on db: LMDB's cursor search first looks at the page the
+ * cursor stands on (mdb_cursor_set), so puts and deletes in key order mostly skip the descent
+ * from the root that mdb_put / mdb_del make each time. */
+int bk_cput(chunk *c, int db, const void *k, size_t kl, const void *v, size_t vl);
+int bk_cdel(chunk *c, int db, const void *k, size_t kl);
 /* The value under k if it is exactly want bytes long (XM_ENOTFOUND, XM_ECORRUPT). */
 int bk_get_fixed(xm_store *st, MDB_txn *t, MDB_dbi d, const void *k, size_t kl, size_t want,
                  const uint8_t **out);
 int freed_add(freed_list *f, uint64_t pbn, uint64_t len);
+/* Sort runs by (pbn, len) (an LSD radix sort: qsort's merge sort and its calls per comparison
+ * were a tenth of a delete's CPU). */
+int freed_sort(freed_list *f);
 int bk_begin(chunk *c, xm_store *st);
 /* Commit (rc == XM_OK) or abort; after a commit, punch merged freed runs >= punch_min. */
 int bk_end(chunk *c, int rc, uint64_t punch_min);
@@ -43,8 +55,21 @@ int bk_set_refs(chunk *c, const refs_run *r, uint64_t start, uint64_t stop, uint
 int bk_put_refs(chunk *c, uint64_t pbn, uint64_t len, uint64_t refs);
 /* allocator.release: one record no longer holds [pbn, pbn+n), n <= XM_MAX_EXTENT. */
 int bk_release(chunk *c, uint64_t pbn, uint64_t n);
+/* The same for a record that is its blocks' only holder (a live record not flagged SHARED):
+ * no REFS lookup. */
+int bk_release_own(chunk *c, uint64_t pbn, uint64_t n);
 /* extmap.put_live (LIVEBIRTH too while the volume has snapshots) and allocator.share
  * (xm_bulk_rb.c). */
+/* A release deferred to the end of the chunk (snapshot and volume delete): bk_settle sorts
+ * them by pbn, settles REFS, and puts the pending pieces merged (adjacent runs coalesced) in
+ * PENDING in key order: bulk.py's release_sorted is the twin. */
+int bk_release_later(chunk *c, uint64_t pbn, uint64_t n);
+/* Delete the cursor's current entry (key kb, kl bytes: a copy of it) and position the cursor
+ * on the next one (*k, *v; MDB_NOTFOUND at the end). */
+/* Before the commit (bk_end): the deferred releases, the PENDING puts in key order (this
+ * chunk's seq is new, so they are appends), META `blocks` counted up once. */
+int bk_settle(chunk *c);
+int bk_cursor_del_next(MDB_cursor *cur, uint8_t *kb, size_t kl, MDB_val *k, MDB_val *v);
 int bk_live_put(chunk *c, uint32_t vol, xm_volstate *vs, const xm_extent *e);
 int bk_share(chunk *c, uint64_t pbn, uint64_t n);
 

@@ -23,8 +23,10 @@ to which it has restored), so a crash between chunks is resumed by `Engine.open`
                    volume at the end.
 
 The chunks run in C (xm_bulk.c) or, with SNAPDISK_BULK_PATH=python, as the Python twins below,
-which do the same database operations in the same order (tests/test_extmap_diff.py compares
-every database).
+which leave the same databases (tests/test_extmap_diff.py compares every database; C may order
+its operations differently, e.g. a delete's frees are settled in pbn order, merged, at the end
+of the chunk: release_sorted).  While requests are served beside it, a walk paces itself
+between chunks (bulk_pace.py).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import allocator, catalog, errors, extmap, layout, native
+from .bulk_pace import Pacer
 from .catalog import VolState
 from .layout import DB_COUNTERS, DB_DEAD, DB_LIVE, DB_LIVEBIRTH, DB_META, INFINITY
 from .native import Extent, NativeStore, Txn
@@ -110,23 +113,26 @@ def py_drop_window(t: Txn, vol: int, window: list[int], limit: int, freed: Freed
     """Twin of xm_bulk_drop_window."""
     dlo, dhi, blo, bhi = window
     entries = extmap.window(t, vol, dlo, dhi, blo, bhi, limit)
+    runs = []
     for death, birth, lba, _ in entries:
         e = extmap.drop_dead(t, vol, lba, birth, death)
-        allocator.release(t, e.pbn, e.len, freed)
+        runs.append((e.pbn, e.len))
+    release_sorted(t, runs, freed)
     return len(entries)
 
 
 def py_drop_volume(t: Txn, vol: int, limit: int, freed: Freed) -> int:
     """Twin of xm_bulk_drop_volume: live records (and LIVEBIRTH), then dead ones (and
-    DEADIDX)."""
+    DEADIDX), their blocks released together at the end."""
     prefix = layout.vol_key(vol)
     live: list[tuple[int, tuple[int, int, int, int]]] = []
     for k, v in t.scan_prefix(DB_LIVE, prefix):
         if len(live) >= limit:
             break
         live.append((layout.parse_live_key(k)[1], layout.decode_rec(v, "live record")))
+    runs = []
     for lba, (length, _, pbn, birth) in live:
-        allocator.release(t, pbn, length, freed)
+        runs.append((pbn, length))
         t.delete(DB_LIVE, layout.live_key(vol, lba))
         t.delete(DB_LIVEBIRTH, layout.livebirth_key(vol, birth, lba))
     dead: list[tuple[tuple[int, int, int], tuple[int, int, int, int]]] = []
@@ -137,10 +143,41 @@ def py_drop_volume(t: Txn, vol: int, limit: int, freed: Freed) -> int:
             dead.append((layout.parse_triple(k, "dead record key"),
                          layout.decode_rec(v, "dead record")))
     for (_, lba, birth), (length, _, pbn, death) in dead:
-        allocator.release(t, pbn, length, freed)
+        runs.append((pbn, length))
         t.delete(DB_DEAD, layout.dead_key(vol, lba, birth))
         t.delete(layout.DB_DEADIDX, layout.deadidx_key(vol, death, birth, lba))
+    release_sorted(t, runs, freed)
     return len(live) + len(dead)
+
+
+def release_sorted(t: Txn, runs: list[tuple[int, int]], freed: Freed) -> None:
+    """Twin of xm_bulk.c's settle_later: allocator.release of every run in pbn order (shared
+    blocks lose a holder), the free pieces merged where adjacent and put in PENDING as one run
+    each, META `blocks` counted up once.  A block freed twice is a damaged map."""
+    pieces = []
+    for pbn, n in sorted(runs):
+        end = pbn + n
+        for start, stop, run in list(allocator._split(
+                pbn, end, allocator._refs_overlapping(t, pbn, end))):
+            if run is not None:
+                allocator._set_refs(t, run, start, stop, run[2] - 1)
+            else:
+                pieces.append((start, stop - start))
+    merged: list[tuple[int, int]] = []
+    for a, n in sorted(pieces):
+        if merged and a <= merged[-1][0] + merged[-1][1]:
+            if a < merged[-1][0] + merged[-1][1]:
+                raise errors.Corrupt(f"block {a} is freed twice (map records overlap)")
+            merged[-1] = (merged[-1][0], a + n - merged[-1][0])
+        else:
+            merged.append((a, n))
+    if not merged:
+        return
+    seq = allocator._txn_seq(t)
+    for a, n in merged:
+        t.put(layout.DB_PENDING, layout.pending_key(seq, a), layout.encode_u64(n))
+    allocator._add_totals(t, pending=sum(n for _, n in merged))
+    freed.extend(merged)
 
 
 def py_del_range(t: Txn, db: int, lo: bytes, hi: bytes, limit: int) -> int:
@@ -199,8 +236,9 @@ class Bulk:
         if op == "clone":
             self._clone(item, step)
             return
+        pace = Pacer(self.native)
         while True:
-            n = self._chunk(item)
+            n = pace(lambda: self._chunk(item))
             step(n)
             if n < CHUNK:
                 break
@@ -262,7 +300,8 @@ class Bulk:
             plan = native.RollbackPlan(self.native, vol, epoch,
                                        bool(vs.flags & layout.VS_BIRTH_INDEXED), pos)
             total(plan.weight)
-            while n := plan.apply(CHUNK, _pos_key(vol), PUNCH_BULK_MIN_BLOCKS):
+            pace = Pacer(self.native)
+            while n := pace(lambda: plan.apply(CHUNK, _pos_key(vol), PUNCH_BULK_MIN_BLOCKS)):
                 step(n)
         else:
             total(sum(w for _, _, w in ranges))
