@@ -201,16 +201,13 @@ static int cmp_map(const void *a, const void *b)
     return x->lba < y->lba ? -1 : x->lba > y->lba;
 }
 
-/* Claim the entries' blocks (FREE, or the high-water mark: a gap below a claimed block goes to
- * FREE), then put them in the map.  Runs stay short enough for xm_row_overlay's scan. */
-static int apply(xm_store *st, MDB_txn *t, ov_ent *e, size_t n)
+/* Claim the blocks of e[0..n) (sorted by pbn): FREE, or the high-water mark alloc[0] (a gap
+ * below a claimed block goes to FREE).  Any order of calls works: a block below alloc[0] is in
+ * FREE (never claimed, or a gap an earlier call put there). */
+static int claim(xm_store *st, MDB_txn *t, const ov_ent *e, size_t n, uint64_t alloc[2],
+                 uint64_t *taken, uint64_t *gap, uint64_t *top)
 {
-    uint64_t alloc[2], totals[2], taken = 0, gap = 0;
-    int rc;
-    if ((rc = xm_row_meta_get2(st, t, XM_META_ALLOC, alloc)) ||
-        (rc = xm_row_meta_get2(st, t, XM_META_BLOCKS, totals)))
-        return rc;
-    qsort(e, n, sizeof *e, cmp_pbn);
+    int rc = XM_OK;
     for (size_t i = 0, j; i < n && rc == XM_OK; i = j) {
         for (j = i + 1; j < n && e[j].pbn == e[j - 1].pbn + 1;)
             j++;
@@ -218,31 +215,27 @@ static int apply(xm_store *st, MDB_txn *t, ov_ent *e, size_t n)
         if (pbn < alloc[0]) {
             uint64_t l = alloc[0] - pbn < len ? alloc[0] - pbn : len;
             rc = xm_free_take(st, t, pbn, l);
-            taken += l;
+            *taken += l;
             pbn += l;
             len -= l;
         }
         if (rc == XM_OK && len > 0) {
             if (pbn > alloc[0]) {
                 rc = xm_free_insert(st, t, alloc[0], pbn - alloc[0]);
-                gap += pbn - alloc[0];
+                *gap += pbn - alloc[0];
             }
             alloc[0] = pbn + len;
         }
-        alloc[1] = e[j - 1].pbn + 1;
+        if (e[j - 1].pbn + 1 > *top) /* the next-fit hint: past the highest block claimed */
+            *top = e[j - 1].pbn + 1;
     }
-    if (rc)
-        return rc;
-    if (totals[0] + gap < taken)
-        return XM_ECORRUPT;
-    totals[0] = totals[0] + gap - taken;
-    if ((rc = xm_row_meta_put2(st, t, XM_META_ALLOC, alloc)) ||
-        (rc = xm_row_meta_put2(st, t, XM_META_BLOCKS, totals)))
-        return rc;
-    qsort(e, n, sizeof *e, cmp_map);
-    MDB_cursor *c;
-    if ((rc = xm_rc(mdb_cursor_open(t, st->dbi[XM_DB_LIVE], &c))))
-        return rc;
+    return rc;
+}
+
+/* Put e[0..n) (sorted by vol, lba) in the map. */
+static int put_runs(xm_store *st, MDB_txn *t, MDB_cursor *c, const ov_ent *e, size_t n)
+{
+    int rc = XM_OK;
     for (size_t i = 0, j; i < n && rc == XM_OK; i = j) {
         uint8_t vk[XM_VOL_KEY_LEN], vb[XM_VOLSTATE_LEN];
         const uint8_t *raw;
@@ -269,8 +262,53 @@ static int apply(xm_store *st, MDB_txn *t, ov_ent *e, size_t n)
         if (rc == XM_OK)
             rc = xm_row_put(t, st->dbi[XM_DB_VOLSTATE], vk, sizeof vk, vb, sizeof vb);
     }
-    mdb_cursor_close(c);
     return rc;
+}
+
+#define APPLY_CHUNK 64 /* entries between two looks at snap_want */
+
+/* Claim the entries' blocks, then put them in the map, in chunks of APPLY_CHUNK entries in map
+ * order.  With preempt, a snapshot waiting for LMDB's writer lock (snap_want) stops it after
+ * the current chunk: *done says how many of e[] (in the order left there: by vol, lba) are
+ * applied; the caller gives the others back to the overlay.  So a snapshot waits for one chunk
+ * and the msync of what the batch wrote so far, not for the whole batch. */
+static int apply(xm_store *st, MDB_txn *t, ov_ent *e, size_t n, int preempt, size_t *done)
+{
+    uint64_t alloc[2], totals[2], taken = 0, gap = 0, top = 0;
+    ov_ent tmp[APPLY_CHUNK];
+    int rc;
+    *done = 0;
+    if ((rc = xm_row_meta_get2(st, t, XM_META_ALLOC, alloc)) ||
+        (rc = xm_row_meta_get2(st, t, XM_META_BLOCKS, totals)))
+        return rc;
+    qsort(e, n, sizeof *e, cmp_map);
+    MDB_cursor *c;
+    if ((rc = xm_rc(mdb_cursor_open(t, st->dbi[XM_DB_LIVE], &c))))
+        return rc;
+    size_t i = 0;
+    while (i < n && rc == XM_OK) {
+        size_t m = n - i < APPLY_CHUNK ? n - i : APPLY_CHUNK;
+        memcpy(tmp, e + i, m * sizeof *tmp);
+        qsort(tmp, m, sizeof *tmp, cmp_pbn);
+        if ((rc = claim(st, t, tmp, m, alloc, &taken, &gap, &top)) == XM_OK)
+            rc = put_runs(st, t, c, e + i, m);
+        i += m;
+        if (preempt && __atomic_load_n(&st->snap_want, __ATOMIC_ACQUIRE))
+            break;
+    }
+    mdb_cursor_close(c);
+    if (rc)
+        return rc;
+    if (totals[0] + gap < taken)
+        return XM_ECORRUPT;
+    totals[0] = totals[0] + gap - taken;
+    if (top)
+        alloc[1] = top;
+    if ((rc = xm_row_meta_put2(st, t, XM_META_ALLOC, alloc)) ||
+        (rc = xm_row_meta_put2(st, t, XM_META_BLOCKS, totals)))
+        return rc;
+    *done = i;
+    return XM_OK;
 }
 
 /* Mark every entry taken and copy them out (caller frees *out); ov_settle must follow.  Called
@@ -330,13 +368,68 @@ static int apply_taken(xm_store *st, MDB_txn *t, ov_ent *e, size_t n)
             return errno;
         synced(st, top);
     }
-    return apply(st, t, e, n);
+    size_t done;
+    return apply(st, t, e, n, 0, &done);
+}
+
+/* Set by xm_batch_snap_begin, consumed by this thread's next xm_wtxn_begin. */
+static __thread xm_store *keep_next;
+
+void xm_batch_snap_begin(xm_store *st)
+{
+    __atomic_add_fetch(&st->snap_want, 1, __ATOMIC_RELEASE); /* a batch in progress stops early */
+    keep_next = st;
+    /* Wait for that batch (it holds apply_mu from its begin to its settle) before the caller
+     * closes the I/O gate, so that I/O does not stand still behind its last chunk and its
+     * msync.  (Taking LMDB's writer lock itself before the gate would deadlock: the general
+     * write path holds the gate shared while it waits for that lock.) */
+    pthread_mutex_lock(&st->apply_mu);
+    pthread_mutex_unlock(&st->apply_mu);
+}
+
+void xm_batch_snap_end(xm_store *st)
+{
+    keep_next = NULL; /* unused if the snapshot failed before its transaction */
+    __atomic_sub_fetch(&st->snap_want, 1, __ATOMIC_RELEASE);
+}
+
+/* A snapshot's transaction (xm_batch_snap_begin): it leaves the overlay alone, so it holds only
+ * its own records, and the I/O gate it runs under is not closed across a batch's apply and
+ * fdatasync.  The entries survive it: each keeps its birth, a later write compares that with
+ * the volume's newest snapshot (xm_write_row, xm_write_inplace), and the batch that applies
+ * them later kills with death = the entry's birth, not the volume's epoch (xm_row_overlay).
+ * It publishes nothing while open (ov_foreign, as every foreign transaction) and keeps the
+ * reservation: it allocates nothing from FREE (what a replaced automatic snapshot frees goes
+ * to PENDING). */
+static int wtxn_begin_keep(xm_store *st, MDB_txn **out)
+{
+    int rc = xm_rc(mdb_txn_begin(st->env, NULL, 0, out));
+    if (rc)
+        return rc;
+    pthread_mutex_lock(&st->ov_mu);
+    st->ov_foreign = 1;
+    while (st->ov_inflight)
+        pthread_cond_wait(&st->ov_cv, &st->ov_mu);
+    /* The previous batch may have committed without having settled yet (take_upto's wait);
+     * ov_busy then stays set for this transaction's own ov_settle, which takes nothing. */
+    while (st->ov_busy)
+        pthread_cond_wait(&st->ov_cv, &st->ov_mu);
+    st->ov_busy = 1;
+    st->ov_ntaken = 0;
+    st->ov_txn = *out;
+    pthread_mutex_unlock(&st->ov_mu);
+    return XM_OK;
 }
 
 int xm_wtxn_begin(xm_store *st, MDB_txn **out)
 {
     ov_ent *e;
     size_t n;
+    if (keep_next == st) {
+        keep_next = NULL;
+        int krc = xm_space_check(st, XM_SPACE_ANY);
+        return krc ? krc : wtxn_begin_keep(st, out);
+    }
     /* A full filesystem: refused before LMDB touches a page (xm_space.c); what frees space
      * keeps a reserve.  (Batches of acknowledged writes are never refused here.) */
     int rc = xm_space_check(st, XM_SPACE_ANY);
@@ -379,8 +472,10 @@ void xm_wtxn_end(xm_store *st, int committed)
     }
 }
 
-/* Apply the overlay in a transaction of its own (the committer, xm_sync, a full overlay). */
-int xm_batch_commit(xm_store *st)
+/* Apply the overlay in a transaction of its own (the committer, xm_sync, a full overlay).
+ * preempt: only the committer's (a periodic batch promises nothing); xm_sync's must apply
+ * every entry published before the FLUSH, a read's every entry it may read. */
+static int batch_commit(xm_store *st, int preempt)
 {
     MDB_txn *t;
     ov_ent *e;
@@ -422,11 +517,17 @@ int xm_batch_commit(xm_store *st)
         pthread_mutex_unlock(&st->apply_mu);
         return XM_OK;
     }
+    size_t done = 0;
     if (rc == XM_OK)
-        rc = apply(st, t, e, n); /* their data is durable: the fdatasync above */
+        rc = apply(st, t, e, n, preempt, &done); /* their data is durable: the fdatasync above */
     rc = rc ? (mdb_txn_abort(t), rc) : xm_rc(mdb_txn_commit(t));
-    free(e);
     pthread_mutex_lock(&st->ov_mu);
+    if (rc == XM_OK && done < n) { /* preempted by a snapshot: the rest stays pending */
+        for (size_t i = done; i < n; i++)
+            ov_find(st, e[i].vol, e[i].lba)->taken = 0;
+        st->ov_ntaken -= (uint32_t)(n - done);
+    }
+    free(e);
     ov_settle(st, rc == XM_OK);
     st->ov_gen++;
     pthread_cond_broadcast(&st->ov_cv);
@@ -437,6 +538,16 @@ int xm_batch_commit(xm_store *st)
         xm_space_after_commit(st);
     }
     return rc;
+}
+
+int xm_batch_commit(xm_store *st)
+{
+    return batch_commit(st, 0);
+}
+
+int xm_batch_commit_preemptible(xm_store *st)
+{
+    return batch_commit(st, 1);
 }
 
 int xm_batch_sync_data(xm_store *st)

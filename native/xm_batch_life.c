@@ -21,10 +21,12 @@ static void *committer(void *arg)
         ts.tv_nsec = ns % 1000000000;
         if (pthread_cond_timedwait(&st->cm_cv, &st->ov_mu, &ts) != ETIMEDOUT)
             continue; /* stop, or a new interval */
-        if (st->ov_count == 0 || st->interval_us == 0)
+        /* a snapshot waiting for LMDB's writer lock goes first (xm_batch.c, apply) */
+        if (st->ov_count == 0 || st->interval_us == 0 ||
+            __atomic_load_n(&st->snap_want, __ATOMIC_ACQUIRE))
             continue;
         pthread_mutex_unlock(&st->ov_mu);
-        int rc = xm_batch_commit(st);
+        int rc = xm_batch_commit_preemptible(st);
         pthread_mutex_lock(&st->ov_mu);
         if (rc)
             st->batch_err = rc;

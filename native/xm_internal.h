@@ -98,7 +98,12 @@ struct xm_store {
     uint64_t interval_us;
     pthread_t committer;
     int committer_on, stop;
+    /* rowpath (issue 9 item 3): snapshots waiting for LMDB's writer lock (atomic); a batch
+     * being applied stops at its next chunk and commits what it has (xm_batch.c) */
+    int snap_want;
 };
+/* rowpath: the committer's batch, which a snapshot's snap_want stops early (xm_batch.c) */
+int xm_batch_commit_preemptible(xm_store *st);
 
 struct xm_txn {
     xm_store *st;

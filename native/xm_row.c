@@ -166,8 +166,10 @@ int xm_row_overlay(xm_store *st, MDB_txn *t, MDB_cursor *c, uint32_t vol, xm_vol
     }
     for (size_t i = 0; i < ng; i++) {
         if (gone[i].birth > vs->max_snap || (gone[i].flags & XM_F_SHARED))
-            return XM_ECORRUPT; /* cannot happen: such parts are written in place */ /* cannot happen: such parts are written in place */
-        if ((rc = add_dead(st, t, vol, &gone[i], vs->epoch)))
+            return XM_ECORRUPT; /* cannot happen: such parts are written in place */
+        /* death = the new record's birth: the entry may be applied after a snapshot that
+         * followed its write (xm_batch.c: entries survive snapshots), when vs->epoch moved on */
+        if ((rc = add_dead(st, t, vol, &gone[i], nw->birth)))
             return rc;
         vs->live_blocks -= gone[i].len;
     }
@@ -306,6 +308,15 @@ static int write_row_once(xm_store *st, uint32_t vol, uint64_t offset, uint64_t 
     for (size_t i = 0; i < n; i++)
         if (recs[i].flags & XM_F_SHARED) {
             rc = XM_ESLOW;
+            goto end;
+        }
+    /* An overlay entry born at or before the newest snapshot (it survived the snapshot, not
+     * yet applied): a snapshot holds its block, which must not be rewritten in place, and the
+     * overlay has one entry per block, so the batch goes to LMDB first (outside the gate) and
+     * the write starts over on the map that has it. */
+    for (size_t i = 0; i < ov.n; i++)
+        if (ov.hit[i].birth <= vs.max_snap) {
+            rc = XM_EAGAIN_ROW + 1;
             goto end;
         }
     cut(recs, n, &ov, lo, hi, vs.max_snap, inplace, &ni, redir, &nr);
