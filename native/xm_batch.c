@@ -233,7 +233,8 @@ static int claim(xm_store *st, MDB_txn *t, const ov_ent *e, size_t n, uint64_t a
 }
 
 /* Put e[0..n) (sorted by vol, lba) in the map. */
-static int put_runs(xm_store *st, MDB_txn *t, MDB_cursor *c, const ov_ent *e, size_t n)
+static int put_runs(xm_store *st, MDB_txn *t, MDB_cursor *c, const ov_ent *e, size_t n,
+                    xm_row_counters *cnt)
 {
     int rc = XM_OK;
     for (size_t i = 0, j; i < n && rc == XM_OK; i = j) {
@@ -255,7 +256,7 @@ static int put_runs(xm_store *st, MDB_txn *t, MDB_cursor *c, const ov_ent *e, si
                    e[k].pbn == e[k - 1].pbn + 1 && e[k].birth == e[j].birth)
                 k++;
             xm_extent nw = {e[j].lba, e[j].pbn, e[j].birth, (uint32_t)(k - j), 0};
-            rc = xm_row_overlay(st, t, c, e[j].vol, &vs, &nw);
+            rc = xm_row_overlay_c(st, t, c, e[j].vol, &vs, &nw, cnt);
             j = k;
         }
         xm_volstate_encode(vb, &vs);
@@ -265,37 +266,41 @@ static int put_runs(xm_store *st, MDB_txn *t, MDB_cursor *c, const ov_ent *e, si
     return rc;
 }
 
-#define APPLY_CHUNK 64 /* entries between two looks at snap_want */
+#define APPLY_CHUNK 128 /* entries between two looks at snap_want */
 
-/* Claim the entries' blocks, then put them in the map, in chunks of APPLY_CHUNK entries in map
+/* Claim the entries' blocks, then put them in the map, in chunks of APPLY_CHUNK entries in pbn
+ * order (a chunk's blocks are mostly one reserved run: one FREE edit each), each applied in map
  * order.  With preempt, a snapshot waiting for LMDB's writer lock (snap_want) stops it after
- * the current chunk: *done says how many of e[] (in the order left there: by vol, lba) are
- * applied; the caller gives the others back to the overlay.  So a snapshot waits for one chunk
- * and the msync of what the batch wrote so far, not for the whole batch. */
+ * the current chunk: *done says how many of e[] (in the order left there) are applied; the
+ * caller gives the others back to the overlay.  So a snapshot waits for one chunk and the msync
+ * of what the batch wrote so far, not for the whole batch.  COUNTERS are summed in memory over
+ * the batch (xm_row_counters) and written once per key at the end. */
 static int apply(xm_store *st, MDB_txn *t, ov_ent *e, size_t n, int preempt, size_t *done)
 {
     uint64_t alloc[2], totals[2], taken = 0, gap = 0, top = 0;
-    ov_ent tmp[APPLY_CHUNK];
+    xm_row_counters cnt = {0};
     int rc;
     *done = 0;
     if ((rc = xm_row_meta_get2(st, t, XM_META_ALLOC, alloc)) ||
         (rc = xm_row_meta_get2(st, t, XM_META_BLOCKS, totals)))
         return rc;
-    qsort(e, n, sizeof *e, cmp_map);
+    qsort(e, n, sizeof *e, cmp_pbn);
     MDB_cursor *c;
     if ((rc = xm_rc(mdb_cursor_open(t, st->dbi[XM_DB_LIVE], &c))))
         return rc;
     size_t i = 0;
     while (i < n && rc == XM_OK) {
         size_t m = n - i < APPLY_CHUNK ? n - i : APPLY_CHUNK;
-        memcpy(tmp, e + i, m * sizeof *tmp);
-        qsort(tmp, m, sizeof *tmp, cmp_pbn);
-        if ((rc = claim(st, t, tmp, m, alloc, &taken, &gap, &top)) == XM_OK)
-            rc = put_runs(st, t, c, e + i, m);
+        if ((rc = claim(st, t, e + i, m, alloc, &taken, &gap, &top)) == XM_OK) {
+            qsort(e + i, m, sizeof *e, cmp_map);
+            rc = put_runs(st, t, c, e + i, m, &cnt);
+        }
         i += m;
         if (preempt && __atomic_load_n(&st->snap_want, __ATOMIC_ACQUIRE))
             break;
     }
+    if (rc == XM_OK)
+        rc = xm_row_counters_flush(st, t, &cnt);
     mdb_cursor_close(c);
     if (rc)
         return rc;
@@ -473,8 +478,9 @@ void xm_wtxn_end(xm_store *st, int committed)
 }
 
 /* Apply the overlay in a transaction of its own (the committer, xm_sync, a full overlay).
- * preempt: only the committer's (a periodic batch promises nothing); xm_sync's must apply
- * every entry published before the FLUSH, a read's every entry it may read. */
+ * preempt: the committer's and a writer's (a full overlay, or an entry that survived a
+ * snapshot: neither promises anything); xm_sync's must apply every entry published before the
+ * FLUSH, a read's every entry it may read. */
 static int batch_commit(xm_store *st, int preempt)
 {
     MDB_txn *t;

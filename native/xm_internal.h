@@ -104,6 +104,16 @@ struct xm_store {
 };
 /* rowpath: the committer's batch, which a snapshot's snap_want stops early (xm_batch.c) */
 int xm_batch_commit_preemptible(xm_store *st);
+/* rowpath: COUNTERS deltas summed in memory over a batch (xm_row.c): one get and put per
+ * (vol, death, birth) key at the flush instead of one per dead record. */
+#define XM_ROW_COUNTERS 32
+typedef struct {
+    size_t n;
+    struct { uint32_t vol; uint64_t death, birth, add; } k[XM_ROW_COUNTERS];
+} xm_row_counters;
+int xm_row_overlay_c(xm_store *st, MDB_txn *t, MDB_cursor *c, uint32_t vol, xm_volstate *vs,
+                     const xm_extent *nw, xm_row_counters *cnt);
+int xm_row_counters_flush(xm_store *st, MDB_txn *t, xm_row_counters *cnt);
 
 struct xm_txn {
     xm_store *st;

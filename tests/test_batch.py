@@ -355,3 +355,62 @@ def test_a_crash_after_a_snapshot_keeps_it_consistent(tmp_path: Path) -> None:
             assert e.read(v, b * BS, BS) in want, b
     finally:
         e.close()
+
+
+def test_snapshots_under_a_busy_committer_hold_exactly_the_writes_before_them(engine: Engine) -> None:
+    """The committer runs every 1 ms and snapshots preempt its batches (a batch stops after a
+    chunk, the rest stays pending, born before the snapshot): each snapshot still reads, for
+    every block, the last write completed before it began or one that started before it ended,
+    never an older one (a lost entry or a wrong death epoch would show here)."""
+    import random
+    native.batch_config(engine.native, 1000, 4096)
+    nblk = 512
+    v = engine.create_volume("v", nblk * BS).id
+    for b in range(nblk):
+        engine.write(v, b * BS, b.to_bytes(4, "little") + bytes(BS - 4))
+    engine.create_snapshot("v", "base")
+    writes: list[int] = []  # block of write i (i >= 1)
+    state = {"started": 0, "completed": 0}
+    stop = threading.Event()
+    errs: list[BaseException] = []
+
+    def writer() -> None:
+        rng = random.Random(5)
+        try:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                b = rng.randrange(nblk)
+                writes.append(b)
+                state["started"] = i
+                engine.write(v, b * BS, b.to_bytes(4, "little") + i.to_bytes(4, "little")
+                             + bytes(BS - 8))
+                state["completed"] = i
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errs.append(exc)
+
+    th = threading.Thread(target=writer)
+    th.start()
+    snaps = []
+    try:
+        for k in range(25):
+            c0 = state["completed"]
+            sid = engine.create_snapshot("v", f"s{k}").id
+            snaps.append((sid, c0, state["started"]))
+    finally:
+        stop.set()
+        th.join()
+    assert not errs, errs
+    for sid, c0, c1 in snaps:
+        data = engine.read_snapshot(v, sid, 0, nblk * BS)
+        last: dict[int, int] = {}
+        for i in range(1, c0 + 1):
+            last[writes[i - 1]] = i
+        for b in range(nblk):
+            blk = data[b * BS:(b + 1) * BS]
+            assert int.from_bytes(blk[:4], "little") == b
+            got = int.from_bytes(blk[4:8], "little")
+            lo = last.get(b, 0)
+            assert got == lo or (lo < got <= c1 and writes[got - 1] == b), (sid, b, got, lo, c1)
+    engine.flush()
+    assert engine.check().ok
