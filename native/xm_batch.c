@@ -268,13 +268,12 @@ static int put_runs(xm_store *st, MDB_txn *t, MDB_cursor *c, const ov_ent *e, si
 
 #define APPLY_CHUNK 128 /* entries between two looks at snap_want */
 
-/* Claim the entries' blocks, then put them in the map, in chunks of APPLY_CHUNK entries in pbn
- * order (a chunk's blocks are mostly one reserved run: one FREE edit each), each applied in map
- * order.  With preempt, a snapshot waiting for LMDB's writer lock (snap_want) stops it after
- * the current chunk: *done says how many of e[] (in the order left there) are applied; the
- * caller gives the others back to the overlay.  So a snapshot waits for one chunk and the msync
- * of what the batch wrote so far, not for the whole batch.  COUNTERS are summed in memory over
- * the batch (xm_row_counters) and written once per key at the end. */
+/* Claim the entries' blocks (in pbn order: a reserved run is one FREE edit), then put them in
+ * the map (in map order: neighbouring entries share B-tree pages, which stay hot).  With
+ * preempt, a snapshot waiting for LMDB's writer lock (snap_want) stops it after the current
+ * chunk of APPLY_CHUNK entries: *done < n, and the caller aborts the transaction, so that the
+ * snapshot waits for one chunk, not for the whole batch and its msync.  COUNTERS are summed in
+ * memory over the batch (xm_row_counters) and written once per key at the end. */
 static int apply(xm_store *st, MDB_txn *t, ov_ent *e, size_t n, int preempt, size_t *done)
 {
     uint64_t alloc[2], totals[2], taken = 0, gap = 0, top = 0;
@@ -285,24 +284,26 @@ static int apply(xm_store *st, MDB_txn *t, ov_ent *e, size_t n, int preempt, siz
         (rc = xm_row_meta_get2(st, t, XM_META_BLOCKS, totals)))
         return rc;
     qsort(e, n, sizeof *e, cmp_pbn);
+    if ((rc = claim(st, t, e, n, alloc, &taken, &gap, &top)))
+        return rc;
+    qsort(e, n, sizeof *e, cmp_map);
     MDB_cursor *c;
     if ((rc = xm_rc(mdb_cursor_open(t, st->dbi[XM_DB_LIVE], &c))))
         return rc;
     size_t i = 0;
     while (i < n && rc == XM_OK) {
-        size_t m = n - i < APPLY_CHUNK ? n - i : APPLY_CHUNK;
-        if ((rc = claim(st, t, e + i, m, alloc, &taken, &gap, &top)) == XM_OK) {
-            qsort(e + i, m, sizeof *e, cmp_map);
-            rc = put_runs(st, t, c, e + i, m, &cnt);
-        }
-        i += m;
         if (preempt && __atomic_load_n(&st->snap_want, __ATOMIC_ACQUIRE))
             break;
+        size_t m = n - i < APPLY_CHUNK ? n - i : APPLY_CHUNK;
+        rc = put_runs(st, t, c, e + i, m, &cnt);
+        i += m;
     }
-    if (rc == XM_OK)
-        rc = xm_row_counters_flush(st, t, &cnt);
     mdb_cursor_close(c);
-    if (rc)
+    if (rc || i < n) {
+        *done = i;
+        return rc;
+    }
+    if ((rc = xm_row_counters_flush(st, t, &cnt)))
         return rc;
     if (totals[0] + gap < taken)
         return XM_ECORRUPT;
@@ -526,20 +527,24 @@ static int batch_commit(xm_store *st, int preempt)
     size_t done = 0;
     if (rc == XM_OK)
         rc = apply(st, t, e, n, preempt, &done); /* their data is durable: the fdatasync above */
-    rc = rc ? (mdb_txn_abort(t), rc) : xm_rc(mdb_txn_commit(t));
+    /* Preempted by a snapshot (done < n): abort, do not commit what was applied.  A commit
+     * would make the snapshot wait for the msync of every page the batch dirtied (tens of ms
+     * under load); an abort is immediate (LMDB wrote only pages that were free) and every
+     * entry is pending again, for the next batch.  The cost: one batch's apply CPU per
+     * snapshot that lands in one. */
+    int aborted = rc == XM_OK && done < n;
+    if (rc || aborted)
+        mdb_txn_abort(t);
+    else
+        rc = xm_rc(mdb_txn_commit(t));
     pthread_mutex_lock(&st->ov_mu);
-    if (rc == XM_OK && done < n) { /* preempted by a snapshot: the rest stays pending */
-        for (size_t i = done; i < n; i++)
-            ov_find(st, e[i].vol, e[i].lba)->taken = 0;
-        st->ov_ntaken -= (uint32_t)(n - done);
-    }
     free(e);
-    ov_settle(st, rc == XM_OK);
+    ov_settle(st, rc == XM_OK && !aborted);
     st->ov_gen++;
     pthread_cond_broadcast(&st->ov_cv);
     pthread_mutex_unlock(&st->ov_mu);
     pthread_mutex_unlock(&st->apply_mu);
-    if (rc == XM_OK) {
+    if (rc == XM_OK && !aborted) {
         xm_commit_done(st);
         xm_space_after_commit(st);
     }

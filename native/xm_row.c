@@ -415,9 +415,11 @@ int xm_write_row(xm_store *st, uint32_t vol, uint64_t offset, uint64_t length, c
     xm_extent *redir = malloc((nblk + 1) * sizeof *redir);
     int rc = inplace && redir ? XM_EAGAIN_ROW : ENOMEM;
     for (int attempt = 0; attempt < 8 && (rc == XM_EAGAIN_ROW || rc == XM_EAGAIN_ROW + 1); attempt++) {
-        /* preemptible: a snapshot waits for one chunk, not this whole batch; an entry the
-         * batch did not reach makes this attempt come back here (then the general path) */
-        if (rc == XM_EAGAIN_ROW + 1 && (rc = xm_batch_commit_preemptible(st)))
+        /* The first time preemptible: a snapshot waits for one chunk, not this whole batch.
+         * Then the whole batch (outside the gate), so that the write does not end in the
+         * general path, which would apply it while holding the gate. */
+        if (rc == XM_EAGAIN_ROW + 1 &&
+            (rc = attempt == 0 ? xm_batch_commit_preemptible(st) : xm_batch_commit(st)))
             break;
         /* reserve outside the gate: it may wait for LMDB's writer lock */
         if ((rc = xm_ov_ensure(st, nblk)) && rc != ENOSPC)
