@@ -11,8 +11,9 @@
  * old per-request transaction's changes):
  *   - every OV_INTERVAL_US, by the committer thread;
  *   - at every xm_sync (FLUSH, FUA, close), synchronously;
- *   - at the start of every other write transaction (xm_wtxn_begin: snapshot, rollback,
- *     clone, delete, trim, the Python write path...), inside it, so those see and commit it;
+ *   - at the start of every other write transaction (xm_wtxn_begin: rollback, clone, delete,
+ *     trim, the Python write path...), inside it, so those see and commit it; not a
+ *     snapshot's: entries survive a snapshot and keep their birth (xm_batch_life.c);
  *   - when the overlay holds ov_max blocks, by the writer that would pass the bound.
  * The pool is fdatasync()ed before every transaction that applies entries: data before the
  * map that points at it.  Batches never free a block (a redirect kills only records that a
@@ -202,8 +203,7 @@ static int cmp_map(const void *a, const void *b)
 }
 
 /* Claim the blocks of e[0..n) (sorted by pbn): FREE, or the high-water mark alloc[0] (a gap
- * below a claimed block goes to FREE).  Any order of calls works: a block below alloc[0] is in
- * FREE (never claimed, or a gap an earlier call put there). */
+ * below a claimed block goes to FREE). */
 static int claim(xm_store *st, MDB_txn *t, const ov_ent *e, size_t n, uint64_t alloc[2],
                  uint64_t *taken, uint64_t *gap, uint64_t *top)
 {
@@ -378,63 +378,13 @@ static int apply_taken(xm_store *st, MDB_txn *t, ov_ent *e, size_t n)
     return apply(st, t, e, n, 0, &done);
 }
 
-/* Set by xm_batch_snap_begin, consumed by this thread's next xm_wtxn_begin. */
-static __thread xm_store *keep_next;
-
-void xm_batch_snap_begin(xm_store *st)
-{
-    __atomic_add_fetch(&st->snap_want, 1, __ATOMIC_RELEASE); /* a batch in progress stops early */
-    keep_next = st;
-    /* Wait for that batch (it holds apply_mu from its begin to its settle) before the caller
-     * closes the I/O gate, so that I/O does not stand still behind its last chunk and its
-     * msync.  (Taking LMDB's writer lock itself before the gate would deadlock: the general
-     * write path holds the gate shared while it waits for that lock.) */
-    pthread_mutex_lock(&st->apply_mu);
-    pthread_mutex_unlock(&st->apply_mu);
-}
-
-void xm_batch_snap_end(xm_store *st)
-{
-    keep_next = NULL; /* unused if the snapshot failed before its transaction */
-    __atomic_sub_fetch(&st->snap_want, 1, __ATOMIC_RELEASE);
-}
-
-/* A snapshot's transaction (xm_batch_snap_begin): it leaves the overlay alone, so it holds only
- * its own records, and the I/O gate it runs under is not closed across a batch's apply and
- * fdatasync.  The entries survive it: each keeps its birth, a later write compares that with
- * the volume's newest snapshot (xm_write_row, xm_write_inplace), and the batch that applies
- * them later kills with death = the entry's birth, not the volume's epoch (xm_row_overlay).
- * It publishes nothing while open (ov_foreign, as every foreign transaction) and keeps the
- * reservation: it allocates nothing from FREE (what a replaced automatic snapshot frees goes
- * to PENDING). */
-static int wtxn_begin_keep(xm_store *st, MDB_txn **out)
-{
-    int rc = xm_rc(mdb_txn_begin(st->env, NULL, 0, out));
-    if (rc)
-        return rc;
-    pthread_mutex_lock(&st->ov_mu);
-    st->ov_foreign = 1;
-    while (st->ov_inflight)
-        pthread_cond_wait(&st->ov_cv, &st->ov_mu);
-    /* The previous batch may have committed without having settled yet (take_upto's wait);
-     * ov_busy then stays set for this transaction's own ov_settle, which takes nothing. */
-    while (st->ov_busy)
-        pthread_cond_wait(&st->ov_cv, &st->ov_mu);
-    st->ov_busy = 1;
-    st->ov_ntaken = 0;
-    st->ov_txn = *out;
-    pthread_mutex_unlock(&st->ov_mu);
-    return XM_OK;
-}
-
 int xm_wtxn_begin(xm_store *st, MDB_txn **out)
 {
     ov_ent *e;
     size_t n;
-    if (keep_next == st) {
-        keep_next = NULL;
+    if (xm_batch_keep_taken(st)) { /* a snapshot's (xm_batch_life.c) */
         int krc = xm_space_check(st, XM_SPACE_ANY);
-        return krc ? krc : wtxn_begin_keep(st, out);
+        return krc ? krc : xm_wtxn_begin_keep(st, out);
     }
     /* A full filesystem: refused before LMDB touches a page (xm_space.c); what frees space
      * keeps a reserve.  (Batches of acknowledged writes are never refused here.) */

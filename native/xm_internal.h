@@ -104,6 +104,10 @@ struct xm_store {
 };
 /* rowpath: the committer's batch, which a snapshot's snap_want stops early (xm_batch.c) */
 int xm_batch_commit_preemptible(xm_store *st);
+/* rowpath: a snapshot's write transaction (xm_batch_life.c): 1 if this thread's next one must
+ * leave the overlay alone (then cleared), and its begin */
+int xm_batch_keep_taken(xm_store *st);
+int xm_wtxn_begin_keep(xm_store *st, MDB_txn **out);
 /* rowpath: COUNTERS deltas summed in memory over a batch (xm_row.c): one get and put per
  * (vol, death, birth) key at the flush instead of one per dead record. */
 #define XM_ROW_COUNTERS 32
