@@ -339,6 +339,9 @@ uint32_t xm_conn_inflight(xm_conn *c);
  * one in progress after its current chunk. */
 void xm_batch_snap_begin(xm_store *st);
 void xm_batch_snap_end(xm_store *st);
+/* Inside the snapshot's transaction: the blocks vol's pending entries will add to its
+ * live_blocks (holes they fill), for the snapshot's referenced size. */
+uint64_t xm_batch_vol_growth(xm_store *st, uint32_t vol);
 
 /* cdef-end */
 

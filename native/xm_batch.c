@@ -161,8 +161,29 @@ int xm_ov_full(xm_store *st, uint64_t need)
     return full;
 }
 
+/* 1 if no record of recs[] (sorted by lba) covers lba: the block is a hole. */
+static int is_hole(const xm_extent *recs, size_t nrecs, uint64_t lba)
+{
+    for (size_t i = 0; i < nrecs && recs[i].lba <= lba; i++)
+        if (lba < recs[i].lba + recs[i].len)
+            return 0;
+    return 1;
+}
+
+uint64_t xm_ov_growth(xm_store *st, uint32_t vol)
+{
+    uint64_t g = 0;
+    pthread_mutex_lock(&st->ov_mu);
+    for (uint32_t i = 0, seen = 0; i < st->ov_slots && seen < st->ov_count; i++)
+        if (st->ov[i].used && (++seen, st->ov[i].vol == vol))
+            g += st->ov[i].grow;
+    pthread_mutex_unlock(&st->ov_mu);
+    return g;
+}
+
 int xm_ov_insert(xm_store *st, uint32_t vol, const xm_extent *blocks, size_t n, uint64_t birth,
-                 uint64_t gen, const xm_extent *runs, size_t nruns)
+                 uint64_t gen, const xm_extent *runs, size_t nruns, const xm_extent *recs,
+                 size_t nrecs)
 {
     int rc = XM_OK;
     uint64_t total = 0;
@@ -178,7 +199,7 @@ int xm_ov_insert(xm_store *st, uint32_t vol, const xm_extent *blocks, size_t n, 
     for (size_t r = 0; r < n && rc == XM_OK; r++)
         for (uint32_t k = 0; k < blocks[r].len; k++)
             ov_put(st, &(ov_ent){blocks[r].lba + k, blocks[r].pbn + k, birth, ++st->ov_seq, vol, 1,
-                                 0});
+                                 0, (uint8_t)is_hole(recs, nrecs, blocks[r].lba + k)});
     if (rc)
         xm_ov_give_back(st, runs, nruns);
     xm_ov_inflight_done(st);

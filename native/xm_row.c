@@ -382,7 +382,7 @@ static int write_row_once(xm_store *st, uint32_t vol, uint64_t offset, uint64_t 
             xm_ov_discard(st, runs, nruns);
             goto end;
         }
-        if ((rc = xm_ov_insert(st, vol, blocks, nb, vs.epoch, ov.gen, runs, nruns)))
+        if ((rc = xm_ov_insert(st, vol, blocks, nb, vs.epoch, ov.gen, runs, nruns, recs, n)))
             goto end;
         STAT_ADD(st, redirected_writes, 1);
     }

@@ -104,8 +104,10 @@ class Snapshots:
                     if catalog.snap_name_taken(t, vol, name):
                         raise errors.AlreadyExists(
                             f"volume {volume!r} has a snapshot named {name!r}")
+                    # the pending entries survive the snapshot: the holes they fill count
+                    referenced = vs.live_blocks + lib.xm_batch_vol_growth(self.native.ptr, vol)
                     snap = SnapshotRecord(name, time.time(), kind, policy, vs.size_bytes,
-                                          vs.live_blocks, slot, expires)
+                                          referenced, slot, expires)
                     catalog.add_snapshot(t, vol, epoch, snap)
                     rec.add(kind, 1)
                     catalog.put_vol_record(t, vol, rec)
