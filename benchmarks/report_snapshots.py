@@ -122,7 +122,12 @@ def section_latency(doc: Doc, d: dict[str, Any], live: dict[str, Any] | None, li
     doc(f"{human_bytes(big)} / {human_bytes(small)}: p50 {p50:.2f}x, p99 {p99:.2f}x.", "")
     all_lat = live_lat + [x for v in by.values() for x in v]
     phases = {k: [x for r in rows + [r for r in (live or {}).get("rows", []) if r["peer"] == "snapdisk"]
-                  for x in r.get(k, [])] for k in ("gate_wait_ms", "commit_ms")}
+                  for x in r.get(k, [])] for k in ("gate_wait_ms", "commit_ms", "batch_wait_ms",
+                                                   "sync_ms")}
+    # rowpath: one page msync()ed + one fdatasync beside the snapshots, under the same load
+    floor = [x * 1000 for r in rows for x in r.get("floor_s", [])]
+    if floor:
+        phases["floor_msync_fdatasync_ms"] = floor
     if any(phases.values()):
         doc("The server's own timing of each snapshot (`snapshot.create`'s reply, scenarios 3 and 4): "
             f"total p50 / p99 {pct(all_lat, 50):.2f} / {pct(all_lat, 99):.2f} ms (client side); "

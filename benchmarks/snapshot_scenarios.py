@@ -4,6 +4,8 @@ the ones that take snapshots while fio runs.  Registered in benchmarks.scenarios
 from __future__ import annotations
 
 import contextlib
+import mmap
+import os
 import statistics
 import threading
 import time
@@ -117,6 +119,46 @@ def snapshot_every_second(lab: Lab) -> dict[str, Any]:
 
 # ---- 4. snapshot latency vs data written ----------------------------------------------------
 
+class FloorProbe:
+    """The physical floor of a snapshot's reply, measured beside it under the same fio load: a
+    small durable commit costs at least one page written and msync()ed into a mapped file (LMDB's
+    commit with MDB_WRITEMAP) plus one fdatasync (its durability point), on the filesystem of the
+    store.  Every interval seconds in a thread; samples in seconds."""
+
+    def __init__(self, directory: str, interval: float = 0.1) -> None:
+        self.path = os.path.join(directory, ".floor-probe")
+        self.interval = interval
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.ftruncate(fd, 1 << 20)
+            with mmap.mmap(fd, 1 << 20) as m:
+                i = 0
+                while not self._stop.wait(self.interval):
+                    t0 = time.perf_counter()
+                    off = (i % 256) * 4096
+                    m[off:off + 8] = i.to_bytes(8, "little")
+                    m.flush(off, 4096)  # msync(MS_SYNC) of the one page
+                    os.fdatasync(fd)
+                    self.samples.append(time.perf_counter() - t0)
+                    i += 1
+        finally:
+            os.close(fd)
+            os.unlink(self.path)
+
+    def __enter__(self) -> FloorProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+
 def snapshot_latency(lab: Lab) -> dict[str, Any]:
     s = lab.s
     st0 = lab.store(0)  # volume v: s.size written
@@ -137,7 +179,8 @@ def snapshot_latency(lab: Lab) -> dict[str, Any]:
                                         f"s4-r{r}-{vol}", s.latency_seconds, size=written[vol])
                     try:
                         bg.wait_started()
-                        with Ticker(take, s.latency_interval, f"lat-{r}", first_after=0.2) as tick:
+                        with Ticker(take, s.latency_interval, f"lat-{r}", first_after=0.2) as tick, \
+                                FloorProbe(os.path.dirname(os.path.abspath(st0))) as floor:
                             time.sleep(max(0.0, bg.started + s.latency_seconds - time.time() - 0.3))
                         res = bg.finish()
                     finally:
@@ -146,7 +189,7 @@ def snapshot_latency(lab: Lab) -> dict[str, Any]:
                         delete(f"lat-{r}-{i}")
                 rows.append({"round": r, "volume": vol, "written_bytes": written[vol],
                              "latency_s": [lat for _, lat in tick.samples], "fio": _res(res),
-                             **_phases(tick.replies)})
+                             "floor_s": floor.samples, **_phases(tick.replies)})
     finally:
         lab.stop_all()
     return {"interval_s": s.latency_interval, "rows": rows}
@@ -157,7 +200,7 @@ def _phases(replies: list[Any]) -> dict[str, list[float]]:
     item 3: `gate_wait_ms`, the wait for the I/O gate; `commit_ms`, the transaction): one list per
     field that every reply has, none when a server does not report them."""
     out: dict[str, list[float]] = {}
-    for key in ("gate_wait_ms", "commit_ms"):
+    for key in ("gate_wait_ms", "commit_ms", "batch_wait_ms", "sync_ms"):
         vals = [r.get(key) for r in replies if isinstance(r, dict)]
         if replies and len(vals) == len(replies) and all(isinstance(v, int | float) for v in vals):
             out[key] = [float(v) for v in vals]  # type: ignore[arg-type]

@@ -347,6 +347,16 @@ int xm_conn_read(xm_store *st, xm_conn *c, uint32_t vol, uint64_t offset, uint64
                  uint8_t *buf);
 void xm_conn_revoke(xm_conn *c);
 uint32_t xm_conn_inflight(xm_conn *c);
+/* ---- snapshot create without the batch (rowpath, issue 9 item 3) ---- */
+/* Around a snapshot create, on its thread: the next write transaction this thread begins
+ * leaves the group-commit overlay alone (its entries survive the snapshot; docs/design.md
+ * "Group commit"), and until xm_batch_snap_end the committer starts no batch and stops the
+ * one in progress after its current chunk. */
+void xm_batch_snap_begin(xm_store *st);
+void xm_batch_snap_end(xm_store *st);
+/* Inside the snapshot's transaction: the blocks vol's pending entries will add to its
+ * live_blocks (holes they fill), for the snapshot's referenced size. */
+uint64_t xm_batch_vol_growth(xm_store *st, uint32_t vol);
 
 /* ---- backups: many pieces of a snapshot in one call (issue 13, xm_multiread.c) ---- */
 /* Snapshot epoch of vol at n block-aligned pieces (byte offsets offs[i], lengths lens[i],

@@ -11,8 +11,9 @@
  * old per-request transaction's changes):
  *   - every OV_INTERVAL_US, by the committer thread;
  *   - at every xm_sync (FLUSH, FUA, close), synchronously;
- *   - at the start of every other write transaction (xm_wtxn_begin: snapshot, rollback,
- *     clone, delete, trim, the Python write path...), inside it, so those see and commit it;
+ *   - at the start of every other write transaction (xm_wtxn_begin: rollback, clone, delete,
+ *     trim, the Python write path...), inside it, so those see and commit it; not a
+ *     snapshot's: entries survive a snapshot and keep their birth (xm_batch_life.c);
  *   - when the overlay holds ov_max blocks, by the writer that would pass the bound.
  * The pool is fdatasync()ed before every transaction that applies entries: data before the
  * map that points at it.  Batches never free a block (a redirect kills only records that a
@@ -160,8 +161,29 @@ int xm_ov_full(xm_store *st, uint64_t need)
     return full;
 }
 
+/* 1 if no record of recs[] (sorted by lba) covers lba: the block is a hole. */
+static int is_hole(const xm_extent *recs, size_t nrecs, uint64_t lba)
+{
+    for (size_t i = 0; i < nrecs && recs[i].lba <= lba; i++)
+        if (lba < recs[i].lba + recs[i].len)
+            return 0;
+    return 1;
+}
+
+uint64_t xm_ov_growth(xm_store *st, uint32_t vol)
+{
+    uint64_t g = 0;
+    pthread_mutex_lock(&st->ov_mu);
+    for (uint32_t i = 0, seen = 0; i < st->ov_slots && seen < st->ov_count; i++)
+        if (st->ov[i].used && (++seen, st->ov[i].vol == vol))
+            g += st->ov[i].grow;
+    pthread_mutex_unlock(&st->ov_mu);
+    return g;
+}
+
 int xm_ov_insert(xm_store *st, uint32_t vol, const xm_extent *blocks, size_t n, uint64_t birth,
-                 uint64_t gen, const xm_extent *runs, size_t nruns)
+                 uint64_t gen, const xm_extent *runs, size_t nruns, const xm_extent *recs,
+                 size_t nrecs)
 {
     int rc = XM_OK;
     uint64_t total = 0;
@@ -177,7 +199,7 @@ int xm_ov_insert(xm_store *st, uint32_t vol, const xm_extent *blocks, size_t n, 
     for (size_t r = 0; r < n && rc == XM_OK; r++)
         for (uint32_t k = 0; k < blocks[r].len; k++)
             ov_put(st, &(ov_ent){blocks[r].lba + k, blocks[r].pbn + k, birth, ++st->ov_seq, vol, 1,
-                                 0});
+                                 0, (uint8_t)is_hole(recs, nrecs, blocks[r].lba + k)});
     if (rc)
         xm_ov_give_back(st, runs, nruns);
     xm_ov_inflight_done(st);
@@ -201,16 +223,12 @@ static int cmp_map(const void *a, const void *b)
     return x->lba < y->lba ? -1 : x->lba > y->lba;
 }
 
-/* Claim the entries' blocks (FREE, or the high-water mark: a gap below a claimed block goes to
- * FREE), then put them in the map.  Runs stay short enough for xm_row_overlay's scan. */
-static int apply(xm_store *st, MDB_txn *t, ov_ent *e, size_t n)
+/* Claim the blocks of e[0..n) (sorted by pbn): FREE, or the high-water mark alloc[0] (a gap
+ * below a claimed block goes to FREE). */
+static int claim(xm_store *st, MDB_txn *t, const ov_ent *e, size_t n, uint64_t alloc[2],
+                 uint64_t *taken, uint64_t *gap, uint64_t *top)
 {
-    uint64_t alloc[2], totals[2], taken = 0, gap = 0;
-    int rc;
-    if ((rc = xm_row_meta_get2(st, t, XM_META_ALLOC, alloc)) ||
-        (rc = xm_row_meta_get2(st, t, XM_META_BLOCKS, totals)))
-        return rc;
-    qsort(e, n, sizeof *e, cmp_pbn);
+    int rc = XM_OK;
     for (size_t i = 0, j; i < n && rc == XM_OK; i = j) {
         for (j = i + 1; j < n && e[j].pbn == e[j - 1].pbn + 1;)
             j++;
@@ -218,31 +236,28 @@ static int apply(xm_store *st, MDB_txn *t, ov_ent *e, size_t n)
         if (pbn < alloc[0]) {
             uint64_t l = alloc[0] - pbn < len ? alloc[0] - pbn : len;
             rc = xm_free_take(st, t, pbn, l);
-            taken += l;
+            *taken += l;
             pbn += l;
             len -= l;
         }
         if (rc == XM_OK && len > 0) {
             if (pbn > alloc[0]) {
                 rc = xm_free_insert(st, t, alloc[0], pbn - alloc[0]);
-                gap += pbn - alloc[0];
+                *gap += pbn - alloc[0];
             }
             alloc[0] = pbn + len;
         }
-        alloc[1] = e[j - 1].pbn + 1;
+        if (e[j - 1].pbn + 1 > *top) /* the next-fit hint: past the highest block claimed */
+            *top = e[j - 1].pbn + 1;
     }
-    if (rc)
-        return rc;
-    if (totals[0] + gap < taken)
-        return XM_ECORRUPT;
-    totals[0] = totals[0] + gap - taken;
-    if ((rc = xm_row_meta_put2(st, t, XM_META_ALLOC, alloc)) ||
-        (rc = xm_row_meta_put2(st, t, XM_META_BLOCKS, totals)))
-        return rc;
-    qsort(e, n, sizeof *e, cmp_map);
-    MDB_cursor *c;
-    if ((rc = xm_rc(mdb_cursor_open(t, st->dbi[XM_DB_LIVE], &c))))
-        return rc;
+    return rc;
+}
+
+/* Put e[0..n) (sorted by vol, lba) in the map. */
+static int put_runs(xm_store *st, MDB_txn *t, MDB_cursor *c, const ov_ent *e, size_t n,
+                    xm_row_counters *cnt)
+{
+    int rc = XM_OK;
     for (size_t i = 0, j; i < n && rc == XM_OK; i = j) {
         uint8_t vk[XM_VOL_KEY_LEN], vb[XM_VOLSTATE_LEN];
         const uint8_t *raw;
@@ -262,15 +277,65 @@ static int apply(xm_store *st, MDB_txn *t, ov_ent *e, size_t n)
                    e[k].pbn == e[k - 1].pbn + 1 && e[k].birth == e[j].birth)
                 k++;
             xm_extent nw = {e[j].lba, e[j].pbn, e[j].birth, (uint32_t)(k - j), 0};
-            rc = xm_row_overlay(st, t, c, e[j].vol, &vs, &nw);
+            rc = xm_row_overlay_c(st, t, c, e[j].vol, &vs, &nw, cnt);
             j = k;
         }
         xm_volstate_encode(vb, &vs);
         if (rc == XM_OK)
             rc = xm_row_put(t, st->dbi[XM_DB_VOLSTATE], vk, sizeof vk, vb, sizeof vb);
     }
-    mdb_cursor_close(c);
     return rc;
+}
+
+#define APPLY_CHUNK 128 /* entries between two looks at snap_want */
+
+/* Claim the entries' blocks (in pbn order: a reserved run is one FREE edit), then put them in
+ * the map (in map order: neighbouring entries share B-tree pages, which stay hot).  With
+ * preempt, a snapshot waiting for LMDB's writer lock (snap_want) stops it after the current
+ * chunk of APPLY_CHUNK entries: *done < n, and the caller aborts the transaction, so that the
+ * snapshot waits for one chunk, not for the whole batch and its msync.  COUNTERS are summed in
+ * memory over the batch (xm_row_counters) and written once per key at the end. */
+static int apply(xm_store *st, MDB_txn *t, ov_ent *e, size_t n, int preempt, size_t *done)
+{
+    uint64_t alloc[2], totals[2], taken = 0, gap = 0, top = 0;
+    xm_row_counters cnt = {0};
+    int rc;
+    *done = 0;
+    if ((rc = xm_row_meta_get2(st, t, XM_META_ALLOC, alloc)) ||
+        (rc = xm_row_meta_get2(st, t, XM_META_BLOCKS, totals)))
+        return rc;
+    qsort(e, n, sizeof *e, cmp_pbn);
+    if ((rc = claim(st, t, e, n, alloc, &taken, &gap, &top)))
+        return rc;
+    qsort(e, n, sizeof *e, cmp_map);
+    MDB_cursor *c;
+    if ((rc = xm_rc(mdb_cursor_open(t, st->dbi[XM_DB_LIVE], &c))))
+        return rc;
+    size_t i = 0;
+    while (i < n && rc == XM_OK) {
+        if (preempt && __atomic_load_n(&st->snap_want, __ATOMIC_ACQUIRE))
+            break;
+        size_t m = n - i < APPLY_CHUNK ? n - i : APPLY_CHUNK;
+        rc = put_runs(st, t, c, e + i, m, &cnt);
+        i += m;
+    }
+    mdb_cursor_close(c);
+    if (rc || i < n) {
+        *done = i;
+        return rc;
+    }
+    if ((rc = xm_row_counters_flush(st, t, &cnt)))
+        return rc;
+    if (totals[0] + gap < taken)
+        return XM_ECORRUPT;
+    totals[0] = totals[0] + gap - taken;
+    if (top)
+        alloc[1] = top;
+    if ((rc = xm_row_meta_put2(st, t, XM_META_ALLOC, alloc)) ||
+        (rc = xm_row_meta_put2(st, t, XM_META_BLOCKS, totals)))
+        return rc;
+    *done = i;
+    return XM_OK;
 }
 
 /* Mark every entry taken and copy them out (caller frees *out); ov_settle must follow.  Called
@@ -330,13 +395,18 @@ static int apply_taken(xm_store *st, MDB_txn *t, ov_ent *e, size_t n)
             return errno;
         synced(st, top);
     }
-    return apply(st, t, e, n);
+    size_t done;
+    return apply(st, t, e, n, 0, &done);
 }
 
 int xm_wtxn_begin(xm_store *st, MDB_txn **out)
 {
     ov_ent *e;
     size_t n;
+    if (xm_batch_keep_taken(st)) { /* a snapshot's (xm_batch_life.c) */
+        int krc = xm_space_check(st, XM_SPACE_ANY);
+        return krc ? krc : xm_wtxn_begin_keep(st, out);
+    }
     /* A full filesystem: refused before LMDB touches a page (xm_space.c); what frees space
      * keeps a reserve.  (Batches of acknowledged writes are never refused here.) */
     int rc = xm_space_check(st, XM_SPACE_ANY);
@@ -379,8 +449,11 @@ void xm_wtxn_end(xm_store *st, int committed)
     }
 }
 
-/* Apply the overlay in a transaction of its own (the committer, xm_sync, a full overlay). */
-int xm_batch_commit(xm_store *st)
+/* Apply the overlay in a transaction of its own (the committer, xm_sync, a full overlay).
+ * preempt: the committer's and a writer's (a full overlay, or an entry that survived a
+ * snapshot: neither promises anything); xm_sync's must apply every entry published before the
+ * FLUSH, a read's every entry it may read. */
+static int batch_commit(xm_store *st, int preempt)
 {
     MDB_txn *t;
     ov_ent *e;
@@ -422,21 +495,41 @@ int xm_batch_commit(xm_store *st)
         pthread_mutex_unlock(&st->apply_mu);
         return XM_OK;
     }
+    size_t done = 0;
     if (rc == XM_OK)
-        rc = apply(st, t, e, n); /* their data is durable: the fdatasync above */
-    rc = rc ? (mdb_txn_abort(t), rc) : xm_rc(mdb_txn_commit(t));
-    free(e);
+        rc = apply(st, t, e, n, preempt, &done); /* their data is durable: the fdatasync above */
+    /* Preempted by a snapshot (done < n): abort, do not commit what was applied.  A commit
+     * would make the snapshot wait for the msync of every page the batch dirtied (tens of ms
+     * under load); an abort is immediate (LMDB wrote only pages that were free) and every
+     * entry is pending again, for the next batch.  The cost: one batch's apply CPU per
+     * snapshot that lands in one. */
+    int aborted = rc == XM_OK && done < n;
+    if (rc || aborted)
+        mdb_txn_abort(t);
+    else
+        rc = xm_rc(mdb_txn_commit(t));
     pthread_mutex_lock(&st->ov_mu);
-    ov_settle(st, rc == XM_OK);
+    free(e);
+    ov_settle(st, rc == XM_OK && !aborted);
     st->ov_gen++;
     pthread_cond_broadcast(&st->ov_cv);
     pthread_mutex_unlock(&st->ov_mu);
     pthread_mutex_unlock(&st->apply_mu);
-    if (rc == XM_OK) {
+    if (rc == XM_OK && !aborted) {
         xm_commit_done(st);
         xm_space_after_commit(st);
     }
     return rc;
+}
+
+int xm_batch_commit(xm_store *st)
+{
+    return batch_commit(st, 0);
+}
+
+int xm_batch_commit_preemptible(xm_store *st)
+{
+    return batch_commit(st, 1);
 }
 
 int xm_batch_sync_data(xm_store *st)

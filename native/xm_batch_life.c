@@ -1,6 +1,7 @@
 /*
- * xm_batch_life.c - group commit's committer thread, its start and stop, and the public knobs
- * (xm.h).  The overlay and its application are xm_batch.c.
+ * xm_batch_life.c - group commit's committer thread, its start and stop, the public knobs
+ * (xm.h), and a snapshot's hooks (its transaction leaves the overlay alone; rowpath).  The
+ * overlay and its application are xm_batch.c.
  */
 #include "xm_internal.h"
 
@@ -21,10 +22,12 @@ static void *committer(void *arg)
         ts.tv_nsec = ns % 1000000000;
         if (pthread_cond_timedwait(&st->cm_cv, &st->ov_mu, &ts) != ETIMEDOUT)
             continue; /* stop, or a new interval */
-        if (st->ov_count == 0 || st->interval_us == 0)
+        /* a snapshot waiting for LMDB's writer lock goes first (xm_batch.c, apply) */
+        if (st->ov_count == 0 || st->interval_us == 0 ||
+            __atomic_load_n(&st->snap_want, __ATOMIC_ACQUIRE))
             continue;
         pthread_mutex_unlock(&st->ov_mu);
-        int rc = xm_batch_commit(st);
+        int rc = xm_batch_commit_preemptible(st);
         pthread_mutex_lock(&st->ov_mu);
         if (rc)
             st->batch_err = rc;
@@ -110,4 +113,68 @@ int xm_batch_error(xm_store *st)
     st->batch_err = 0;
     pthread_mutex_unlock(&st->ov_mu);
     return rc;
+}
+
+/* ---- snapshot create (rowpath, issue 9 item 3; docs/design.md "Group commit") ---------- */
+
+/* Set by xm_batch_snap_begin, consumed by this thread's next xm_wtxn_begin. */
+static __thread xm_store *keep_next;
+
+void xm_batch_snap_begin(xm_store *st)
+{
+    __atomic_add_fetch(&st->snap_want, 1, __ATOMIC_RELEASE); /* a batch in progress stops early */
+    keep_next = st;
+    /* Wait for that batch (it holds apply_mu from its begin to its settle) before the caller
+     * closes the I/O gate, so that I/O does not stand still behind its last chunk and its
+     * msync.  (Taking LMDB's writer lock itself before the gate would deadlock: the general
+     * write path holds the gate shared while it waits for that lock.) */
+    pthread_mutex_lock(&st->apply_mu);
+    pthread_mutex_unlock(&st->apply_mu);
+}
+
+int xm_batch_keep_taken(xm_store *st)
+{
+    if (keep_next != st)
+        return 0;
+    keep_next = NULL;
+    return 1;
+}
+
+void xm_batch_snap_end(xm_store *st)
+{
+    keep_next = NULL; /* unused if the snapshot failed before its transaction */
+    __atomic_sub_fetch(&st->snap_want, 1, __ATOMIC_RELEASE);
+}
+
+/* A snapshot's transaction (xm_batch_snap_begin): it leaves the overlay alone, so it holds only
+ * its own records, and the I/O gate it runs under is not closed across a batch's apply and
+ * fdatasync.  The entries survive it: each keeps its birth, a later write compares that with
+ * the volume's newest snapshot (xm_write_row, xm_write_inplace), and the batch that applies
+ * them later kills with death = the entry's birth, not the volume's epoch (xm_row_overlay).
+ * It publishes nothing while open (ov_foreign, as every foreign transaction) and keeps the
+ * reservation: it allocates nothing from FREE (what a replaced automatic snapshot frees goes
+ * to PENDING). */
+int xm_wtxn_begin_keep(xm_store *st, MDB_txn **out)
+{
+    int rc = xm_rc(mdb_txn_begin(st->env, NULL, 0, out));
+    if (rc)
+        return rc;
+    pthread_mutex_lock(&st->ov_mu);
+    st->ov_foreign = 1;
+    while (st->ov_inflight)
+        pthread_cond_wait(&st->ov_cv, &st->ov_mu);
+    /* The previous batch may have committed without having settled yet (take_upto's wait);
+     * ov_busy then stays set for this transaction's own ov_settle, which takes nothing. */
+    while (st->ov_busy)
+        pthread_cond_wait(&st->ov_cv, &st->ov_mu);
+    st->ov_busy = 1;
+    st->ov_ntaken = 0;
+    st->ov_txn = *out;
+    pthread_mutex_unlock(&st->ov_mu);
+    return XM_OK;
+}
+
+uint64_t xm_batch_vol_growth(xm_store *st, uint32_t vol)
+{
+    return xm_ov_growth(st, vol);
 }

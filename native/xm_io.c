@@ -219,9 +219,12 @@ int xm_write_inplace(xm_store *st, uint32_t vol, uint64_t offset, uint64_t lengt
     uint64_t lo = offset / XM_BLOCK_SIZE;
     uint64_t hi = (offset + length + XM_BLOCK_SIZE - 1) / XM_BLOCK_SIZE;
     if (ov.n > 0) {
-        /* Blocks in the overlay are the volume's own, born now: in place at their new pbn.
+        /* Blocks in the overlay born after the newest snapshot are the volume's own: in place
+         * at their new pbn (one that survived a snapshot is redirected: xm_write_row).
          * Only a request wholly in the overlay is done here; a mixed one goes to xm_write_row. */
         rc = ov.n == hi - lo ? XM_OK : XM_ESLOW;
+        for (size_t i = 0; i < ov.n && rc == XM_OK; i++) /* survived a snapshot (xm_batch.c) */
+            rc = ov.hit[i].birth <= st->vols[vol].max_snap ? XM_ESLOW : XM_OK;
         for (size_t i = 0; i < ov.n && rc == XM_OK; i++) {
             uint64_t bs = ov.hit[i].lba * XM_BLOCK_SIZE, s = bs > offset ? bs : offset;
             uint64_t e = bs + XM_BLOCK_SIZE < offset + length ? bs + XM_BLOCK_SIZE : offset + length;

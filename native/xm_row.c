@@ -77,11 +77,37 @@ static int live_del(xm_store *st, MDB_txn *t, uint32_t vol, const xm_volstate *v
     return kv_del(t, st->dbi[XM_DB_LIVEBIRTH], k, XM_TRIPLE_KEY_LEN);
 }
 
-/* The covered part of a record a snapshot holds: a dead record, its DEADIDX entry, COUNTERS. */
-static int add_dead(xm_store *st, MDB_txn *t, uint32_t vol, const xm_extent *e, uint64_t death)
+static int counters_add(xm_store *st, MDB_txn *t, uint32_t vol, uint64_t death, uint64_t birth,
+                        uint64_t add)
+{
+    uint8_t k[XM_DEADIDX_KEY_LEN], v[XM_U64_LEN];
+    const uint8_t *old;
+    xm_key_deadidx(k, vol, death, birth, 0); /* COUNTERS key: its first 20 bytes */
+    uint64_t n = 0;
+    int rc = xm_row_get_fixed(st, t, st->dbi[XM_DB_COUNTERS], k, XM_TRIPLE_KEY_LEN, XM_U64_LEN, &old);
+    if (rc == XM_OK)
+        n = xm_get_le64(old);
+    else if (rc != XM_ENOTFOUND)
+        return rc;
+    xm_put_le64(v, n + add);
+    return xm_row_put(t, st->dbi[XM_DB_COUNTERS], k, XM_TRIPLE_KEY_LEN, v, XM_U64_LEN);
+}
+
+int xm_row_counters_flush(xm_store *st, MDB_txn *t, xm_row_counters *cnt)
+{
+    int rc = XM_OK;
+    for (size_t i = 0; i < cnt->n && rc == XM_OK; i++)
+        rc = counters_add(st, t, cnt->k[i].vol, cnt->k[i].death, cnt->k[i].birth, cnt->k[i].add);
+    cnt->n = 0;
+    return rc;
+}
+
+/* The covered part of a record a snapshot holds: a dead record, its DEADIDX entry, COUNTERS
+ * (now, or summed in cnt until xm_row_counters_flush). */
+static int add_dead(xm_store *st, MDB_txn *t, uint32_t vol, const xm_extent *e, uint64_t death,
+                    xm_row_counters *cnt)
 {
     uint8_t k[XM_DEADIDX_KEY_LEN], v[XM_REC_LEN];
-    const uint8_t *old;
     int rc;
     xm_key_triple(k, vol, e->lba, e->birth);
     xm_rec_encode(v, &(xm_rec){e->len, e->flags, e->pbn, death});
@@ -91,14 +117,20 @@ static int add_dead(xm_store *st, MDB_txn *t, uint32_t vol, const xm_extent *e, 
     xm_put_le32(v, e->len);
     if ((rc = xm_row_put(t, st->dbi[XM_DB_DEADIDX], k, XM_DEADIDX_KEY_LEN, v, XM_U32_LEN)))
         return rc;
-    uint64_t n = 0; /* COUNTERS key: vol, death, birth: the first 20 bytes of the DEADIDX key */
-    rc = xm_row_get_fixed(st, t, st->dbi[XM_DB_COUNTERS], k, XM_TRIPLE_KEY_LEN, XM_U64_LEN, &old);
-    if (rc == XM_OK)
-        n = xm_get_le64(old);
-    else if (rc != XM_ENOTFOUND)
+    if (!cnt)
+        return counters_add(st, t, vol, death, e->birth, e->len);
+    for (size_t i = 0; i < cnt->n; i++)
+        if (cnt->k[i].vol == vol && cnt->k[i].death == death && cnt->k[i].birth == e->birth) {
+            cnt->k[i].add += e->len;
+            return XM_OK;
+        }
+    if (cnt->n == XM_ROW_COUNTERS && (rc = xm_row_counters_flush(st, t, cnt)))
         return rc;
-    xm_put_le64(v, n + e->len);
-    return xm_row_put(t, st->dbi[XM_DB_COUNTERS], k, XM_TRIPLE_KEY_LEN, v, XM_U64_LEN);
+    cnt->k[cnt->n].vol = vol;
+    cnt->k[cnt->n].death = death;
+    cnt->k[cnt->n].birth = e->birth;
+    cnt->k[cnt->n++].add = e->len;
+    return XM_OK;
 }
 
 /* META value of two u64s (alloc, blocks); absent reads as zeros, like the Python twin. */
@@ -140,6 +172,13 @@ int xm_row_free_run(const xm_store *st, const MDB_val *k, const MDB_val *v, uint
 int xm_row_overlay(xm_store *st, MDB_txn *t, MDB_cursor *c, uint32_t vol, xm_volstate *vs,
                    const xm_extent *nw)
 {
+    return xm_row_overlay_c(st, t, c, vol, vs, nw, NULL);
+}
+
+/* The same, with COUNTERS summed in cnt (a batch: xm_batch.c). */
+int xm_row_overlay_c(xm_store *st, MDB_txn *t, MDB_cursor *c, uint32_t vol, xm_volstate *vs,
+                     const xm_extent *nw, xm_row_counters *cnt)
+{
     xm_extent old[BATCH], keep[BATCH + 2], gone[BATCH];
     size_t n, nk, ng;
     int more, rc;
@@ -150,11 +189,18 @@ int xm_row_overlay(xm_store *st, MDB_txn *t, MDB_cursor *c, uint32_t vol, xm_vol
         return XM_ESLOW;
     if ((rc = xm_insert(old, n, nw, XM_MAX_EXTENT, keep, &nk, gone, &ng)))
         return rc;
+    /* A dropped record whose key a kept piece reuses (the left part of a split: same lba and
+     * birth, so the same LIVE and LIVEBIRTH keys) is not deleted: the piece's put overwrites
+     * both values (2 B-tree updates fewer per redirected block inside a record).  Only when
+     * that put writes LIVEBIRTH too (nsnaps) or there is none (not BIRTH_INDEXED). */
+    int reuse_ok = vs->nsnaps != 0 || !(vs->flags & XM_VS_BIRTH_INDEXED);
     for (size_t i = 0; i < n; i++) {
-        int kept = 0;
-        for (size_t j = 0; j < nk && !kept; j++)
+        int kept = 0, reused = 0;
+        for (size_t j = 0; j < nk && !kept; j++) {
             kept = memcmp(&old[i], &keep[j], sizeof old[i]) == 0;
-        if (!kept && (rc = live_del(st, t, vol, vs, &old[i])))
+            reused |= reuse_ok && keep[j].lba == old[i].lba && keep[j].birth == old[i].birth;
+        }
+        if (!kept && !reused && (rc = live_del(st, t, vol, vs, &old[i])))
             return rc;
     }
     for (size_t j = 0; j < nk; j++) {
@@ -166,8 +212,10 @@ int xm_row_overlay(xm_store *st, MDB_txn *t, MDB_cursor *c, uint32_t vol, xm_vol
     }
     for (size_t i = 0; i < ng; i++) {
         if (gone[i].birth > vs->max_snap || (gone[i].flags & XM_F_SHARED))
-            return XM_ECORRUPT; /* cannot happen: such parts are written in place */ /* cannot happen: such parts are written in place */
-        if ((rc = add_dead(st, t, vol, &gone[i], vs->epoch)))
+            return XM_ECORRUPT; /* cannot happen: such parts are written in place */
+        /* death = the new record's birth: the entry may be applied after a snapshot that
+         * followed its write (xm_batch.c: entries survive snapshots), when vs->epoch moved on */
+        if ((rc = add_dead(st, t, vol, &gone[i], nw->birth, cnt)))
             return rc;
         vs->live_blocks -= gone[i].len;
     }
@@ -308,6 +356,15 @@ static int write_row_once(xm_store *st, uint32_t vol, uint64_t offset, uint64_t 
             rc = XM_ESLOW;
             goto end;
         }
+    /* An overlay entry born at or before the newest snapshot (it survived the snapshot, not
+     * yet applied): a snapshot holds its block, which must not be rewritten in place, and the
+     * overlay has one entry per block, so the batch goes to LMDB first (outside the gate) and
+     * the write starts over on the map that has it. */
+    for (size_t i = 0; i < ov.n; i++)
+        if (ov.hit[i].birth <= vs.max_snap) {
+            rc = XM_EAGAIN_ROW + 1;
+            goto end;
+        }
     cut(recs, n, &ov, lo, hi, vs.max_snap, inplace, &ni, redir, &nr);
     uint64_t need = 0;
     for (size_t r = 0; r < nr; r++)
@@ -325,7 +382,7 @@ static int write_row_once(xm_store *st, uint32_t vol, uint64_t offset, uint64_t 
             xm_ov_discard(st, runs, nruns);
             goto end;
         }
-        if ((rc = xm_ov_insert(st, vol, blocks, nb, vs.epoch, ov.gen, runs, nruns)))
+        if ((rc = xm_ov_insert(st, vol, blocks, nb, vs.epoch, ov.gen, runs, nruns, recs, n)))
             goto end;
         STAT_ADD(st, redirected_writes, 1);
     }
@@ -358,7 +415,11 @@ int xm_write_row(xm_store *st, uint32_t vol, uint64_t offset, uint64_t length, c
     xm_extent *redir = malloc((nblk + 1) * sizeof *redir);
     int rc = inplace && redir ? XM_EAGAIN_ROW : ENOMEM;
     for (int attempt = 0; attempt < 8 && (rc == XM_EAGAIN_ROW || rc == XM_EAGAIN_ROW + 1); attempt++) {
-        if (rc == XM_EAGAIN_ROW + 1 && (rc = xm_batch_commit(st)))
+        /* The first time preemptible: a snapshot waits for one chunk, not this whole batch.
+         * Then the whole batch (outside the gate), so that the write does not end in the
+         * general path, which would apply it while holding the gate. */
+        if (rc == XM_EAGAIN_ROW + 1 &&
+            (rc = attempt == 0 ? xm_batch_commit_preemptible(st) : xm_batch_commit(st)))
             break;
         /* reserve outside the gate: it may wait for LMDB's writer lock */
         if ((rc = xm_ov_ensure(st, nblk)) && rc != ENOSPC)

@@ -67,6 +67,9 @@ def snapshotted_volume(e: Engine, nblocks: int = 64) -> int:
     for b in range(nblocks):
         e.write(v, b * BS, bytes([b % 250 + 1]) * BS)
     e.create_snapshot("v", "s1")  # from here on, every first write to a block is redirected
+    # the first writes (to holes: redirected) survive the snapshot in the overlay (rowpath)
+    assert native.batch_pending(e.native) > 0
+    native.batch_commit(e.native)
     assert native.batch_pending(e.native) == 0
     return v
 
@@ -135,7 +138,11 @@ def test_every_other_map_operation_applies_the_overlay_first(engine: Engine, op:
         engine.write(v, b * BS, b"n" * BS)
     assert native.batch_pending(engine.native) == 4
     if op == "snapshot":
-        engine.create_snapshot("v", "s3")
+        # (rowpath) the one exception: the snapshot's transaction leaves the overlay alone, its
+        # entries survive it, born before it; reading the snapshot's map applies them
+        s3 = engine.create_snapshot("v", "s3").id
+        assert native.batch_pending(engine.native) == 4
+        assert engine.read_snapshot(v, s3, 0, BS) == b"n" * BS
     elif op == "trim":
         engine.trim(v, 32 * BS, BS)
     elif op == "rollback":
@@ -247,11 +254,163 @@ def test_concurrent_redirected_writes_and_snapshots(engine: Engine) -> None:
 
 def test_snapshot_create_reports_its_gate_wait_and_commit_time(engine: Engine) -> None:
     """Issue 9 item 3: both parts of a snapshot's latency, in its result (and so in
-    `snapshot create --json`); the transaction applied the pending batch."""
+    `snapshot create --json`); the transaction left the pending batch alone (rowpath: its
+    entries survive the snapshot), and the batch wait and the sync are reported too."""
     v = snapshotted_volume(engine)
     engine.write(v, 0, b"p" * BS)
     assert native.batch_pending(engine.native) == 1
     info = engine.create_snapshot("v", "timed").to_dict()
-    assert native.batch_pending(engine.native) == 0
+    assert native.batch_pending(engine.native) == 1
     assert isinstance(info["gate_wait_ms"], float) and info["gate_wait_ms"] >= 0
     assert isinstance(info["commit_ms"], float) and info["commit_ms"] > 0
+    assert isinstance(info["batch_wait_ms"], float) and info["batch_wait_ms"] >= 0
+    assert isinstance(info["sync_ms"], float) and info["sync_ms"] >= 0
+
+
+# ---- entries that survive a snapshot (rowpath: the snapshot's transaction keeps the overlay) ----
+
+def test_an_entry_that_survived_a_snapshot_is_redirected_not_rewritten(engine: Engine) -> None:
+    """Its block belongs to the snapshot now: a later write must not go in place over it
+    (neither the in-place path nor xm_write_row's overlay shortcut)."""
+    v = snapshotted_volume(engine)
+    s1 = engine.snapshot_id("v", "s1")
+    engine.write(v, 3 * BS, b"a" * BS)
+    engine.write(v, 7 * BS, b"a" * BS)
+    s2 = engine.create_snapshot("v", "s2").id
+    assert native.batch_pending(engine.native) == 2  # survived, born before s2
+    before = engine.native.stats()["redirected_writes"]
+    engine.write(v, 3 * BS, b"b" * BS)  # a whole block
+    engine.write(v, 7 * BS + 10, b"c" * 10)  # a partial one: read-modify-write
+    assert engine.native.stats()["redirected_writes"] - before == 2
+    assert engine.read(v, 3 * BS, BS) == b"b" * BS
+    assert engine.read(v, 7 * BS, BS) == b"a" * 10 + b"c" * 10 + b"a" * (BS - 20)
+    assert engine.read_snapshot(v, s2, 3 * BS, BS) == b"a" * BS
+    assert engine.read_snapshot(v, s2, 7 * BS, BS) == b"a" * BS
+    assert engine.read_snapshot(v, s1, 3 * BS, BS) == bytes([4]) * BS
+    assert engine.check().ok
+
+
+def test_a_batch_after_a_snapshot_kills_with_the_entrys_birth(engine: Engine) -> None:
+    """The killed record's death is the entry's birth (the snapshot it came before), not the
+    volume's epoch when the batch runs: else the snapshot would see the old record too."""
+    v = snapshotted_volume(engine)
+    s1 = engine.snapshot_id("v", "s1")
+    for b in range(4, 12):
+        engine.write(v, b * BS, b"a" * BS)
+    s2 = engine.create_snapshot("v", "s2").id
+    s3 = engine.create_snapshot("v", "s3").id  # a second one before the batch: births stay
+    assert native.batch_pending(engine.native) == 8
+    native.batch_commit(engine.native)
+    for b in range(4, 12):
+        assert engine.read_snapshot(v, s1, b * BS, BS) == bytes([b + 1]) * BS
+        assert engine.read_snapshot(v, s2, b * BS, BS) == b"a" * BS
+        assert engine.read_snapshot(v, s3, b * BS, BS) == b"a" * BS
+    assert engine.check().ok
+    engine.delete_snapshot("v", "s2")
+    engine.delete_snapshot("v", "s1")
+    assert engine.read_snapshot(v, s3, 4 * BS, BS) == b"a" * BS
+    assert engine.read(v, 4 * BS, BS) == b"a" * BS
+    assert engine.check().ok
+
+
+CRASH_AFTER_SNAPSHOT = """
+import os, sys
+from snapdisk import native
+from snapdisk.store import StoreConfig
+from snapdisk.volume import Engine
+e = Engine.create(sys.argv[1], StoreConfig(pool_bytes=64 << 20))
+native.batch_config(e.native, 0, 256)
+v = e.create_volume("v", 4 << 20).id
+for b in range(64):
+    e.write(v, b * 4096, bytes([b + 1]) * 4096)
+e.create_snapshot("v", "s1")
+e.flush()
+for b in range(16):
+    e.write(v, b * 4096, b"f" * 4096)
+e.flush()  # flushed: must be in s2 whatever happens
+for b in range(16, 32):
+    e.write(v, b * 4096, b"u" * 4096)  # acknowledged, not flushed: in the overlay
+e.create_snapshot("v", "s2")  # replied: durable; the overlay survives it, unapplied
+assert native.batch_pending(e.native) == 16
+os._exit(0)  # a crash before the batch
+"""
+
+
+def test_a_crash_after_a_snapshot_keeps_it_consistent(tmp_path: Path) -> None:
+    """The snapshot that replied survives; the unflushed writes before it may be lost (NBD
+    allows it) and then read their old content in the snapshot too, never a foreign one; the
+    flushed ones are there."""
+    store = str(tmp_path / "s")
+    subprocess.run([sys.executable, "-c", CRASH_AFTER_SNAPSHOT, store], check=True, timeout=60)
+    e = Engine.open(store)
+    try:
+        report = e.check()
+        assert report.ok, report
+        v = e.volume_id("v")
+        s2 = e.snapshot_id("v", "s2")
+        for b in range(64):
+            old = bytes([b + 1]) * BS
+            want = [b"f" * BS] if b < 16 else [old, b"u" * BS] if b < 32 else [old]
+            assert e.read_snapshot(v, s2, b * BS, BS) in want, b
+            assert e.read(v, b * BS, BS) in want, b
+    finally:
+        e.close()
+
+
+def test_snapshots_under_a_busy_committer_hold_exactly_the_writes_before_them(engine: Engine) -> None:
+    """The committer runs every 1 ms and snapshots preempt its batches (a batch stops after a
+    chunk, the rest stays pending, born before the snapshot): each snapshot still reads, for
+    every block, the last write completed before it began or one that started before it ended,
+    never an older one (a lost entry or a wrong death epoch would show here)."""
+    import random
+    native.batch_config(engine.native, 1000, 4096)
+    nblk = 512
+    v = engine.create_volume("v", nblk * BS).id
+    for b in range(nblk):
+        engine.write(v, b * BS, b.to_bytes(4, "little") + bytes(BS - 4))
+    engine.create_snapshot("v", "base")
+    writes: list[int] = []  # block of write i (i >= 1)
+    state = {"started": 0, "completed": 0}
+    stop = threading.Event()
+    errs: list[BaseException] = []
+
+    def writer() -> None:
+        rng = random.Random(5)
+        try:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                b = rng.randrange(nblk)
+                writes.append(b)
+                state["started"] = i
+                engine.write(v, b * BS, b.to_bytes(4, "little") + i.to_bytes(4, "little")
+                             + bytes(BS - 8))
+                state["completed"] = i
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errs.append(exc)
+
+    th = threading.Thread(target=writer)
+    th.start()
+    snaps = []
+    try:
+        for k in range(25):
+            c0 = state["completed"]
+            sid = engine.create_snapshot("v", f"s{k}").id
+            snaps.append((sid, c0, state["started"]))
+    finally:
+        stop.set()
+        th.join()
+    assert not errs, errs
+    for sid, c0, c1 in snaps:
+        data = engine.read_snapshot(v, sid, 0, nblk * BS)
+        last: dict[int, int] = {}
+        for i in range(1, c0 + 1):
+            last[writes[i - 1]] = i
+        for b in range(nblk):
+            blk = data[b * BS:(b + 1) * BS]
+            assert int.from_bytes(blk[:4], "little") == b
+            got = int.from_bytes(blk[4:8], "little")
+            lo = last.get(b, 0)
+            assert got == lo or (lo < got <= c1 and writes[got - 1] == b), (sid, b, got, lo, c1)
+    engine.flush()
+    assert engine.check().ok
