@@ -244,6 +244,13 @@ def rollback_delete(lab: Lab) -> dict[str, Any]:
                     bg.kill()
                 before = _windows(io.log, t0 - 0.9, t0)
                 during = [v for t, v in io.log if t0 < t <= t1 + 0.1]
+                # the same delete with no client I/O: the walk runs unpaced (bulk_pace.py slows
+                # it while requests are served, to keep their rate): its own cost
+                sd.call("snapshot.create", volume=vol, name=f"{tag}-c")
+                fio.run(sd.target(vol), rw, lab.fio_dir, f"{tag}-change-c", io_size=changed)
+                t4 = time.perf_counter()
+                sd.call("snapshot.delete", volume=vol, snapshot=f"{tag}-c")
+                delete_idle_s = time.perf_counter() - t4
                 # rollback: snapshot b, change f, roll back to b (no client connected).
                 sd.call("snapshot.create", volume=vol, name=f"{tag}-b")
                 fio.run(sd.target(vol), rw, lab.fio_dir, f"{tag}-change-b", io_size=changed)
@@ -253,7 +260,8 @@ def rollback_delete(lab: Lab) -> dict[str, Any]:
                 t3 = time.perf_counter()
                 sd.call("snapshot.delete", volume=vol, snapshot=f"{tag}-b")
                 rows.append({"round": r, "fraction": f, "changed_bytes": changed,
-                             "delete_s": t1 - t0, "rollback_s": rollback_s,
+                             "delete_s": t1 - t0, "delete_idle_s": delete_idle_s,
+                             "rollback_s": rollback_s,
                              "delete_after_rollback_s": time.perf_counter() - t3,
                              "iops_before_delete": statistics.mean(before) if before else None,
                              "iops_during_delete": statistics.mean(during) if during else None,

@@ -218,13 +218,14 @@ def pending_blocks(t: Txn) -> int:
     return _totals(t)[1]
 
 
-def release_pending(t: Txn, upto_seq: int | None = None) -> int:
-    """Move PENDING runs with seq <= upto_seq (None: all) to FREE; returns blocks moved."""
+def release_pending(t: Txn, upto_seq: int | None = None, limit: int | None = None) -> int:
+    """Move PENDING runs with seq <= upto_seq (None: all) to FREE, at most `limit` runs (None:
+    all); returns blocks moved."""
     moved = 0
-    items = []
+    items: list[tuple[bytes, int, int]] = []
     for k, v in t.scan(DB_PENDING, b""):
         seq, pbn = layout.parse_pending_key(k)
-        if upto_seq is not None and seq > upto_seq:
+        if (upto_seq is not None and seq > upto_seq) or (limit is not None and len(items) >= limit):
             break
         items.append((k, pbn, decode_u64(v, "pending run")))
     for k, pbn, n in items:
