@@ -124,7 +124,7 @@ def section_latency(doc: Doc, d: dict[str, Any], live: dict[str, Any] | None, li
     phases = {k: [x for r in rows + [r for r in (live or {}).get("rows", []) if r["peer"] == "snapdisk"]
                   for x in r.get(k, [])] for k in ("gate_wait_ms", "commit_ms", "batch_wait_ms",
                                                    "sync_ms")}
-    # rowpath: one page msync()ed + one fdatasync beside the snapshots, under the same load
+    # the floor: one page msync()ed + one fdatasync beside the snapshots, under the same load
     floor = [x * 1000 for r in rows for x in r.get("floor_s", [])]
     if floor:
         phases["floor_msync_fdatasync_ms"] = floor

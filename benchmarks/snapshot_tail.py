@@ -1,7 +1,7 @@
 """Where a snapshot create's time goes, in process (no NBD, no control socket): one writer thread
 doing unthrottled random 4 KiB writes over a 512 MiB volume (redirected after each snapshot), a
 snapshot every PERIOD seconds, and timers around each phase (the SnapshotInfo fields, plus
-env_sync and punch wrapped here).  Used for docs/design.md "Group commit" (rowpath).
+env_sync and punch wrapped here).  Used for docs/design.md "Group commit".
 
     python benchmarks/snapshot_tail.py [SECONDS] [PERIOD]
 """

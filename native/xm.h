@@ -347,7 +347,7 @@ int xm_conn_read(xm_store *st, xm_conn *c, uint32_t vol, uint64_t offset, uint64
                  uint8_t *buf);
 void xm_conn_revoke(xm_conn *c);
 uint32_t xm_conn_inflight(xm_conn *c);
-/* ---- snapshot create without the batch (rowpath, issue 9 item 3) ---- */
+/* ---- snapshot create without the batch (issue 9 item 3) ---- */
 /* Around a snapshot create, on its thread: the next write transaction this thread begins
  * leaves the group-commit overlay alone (its entries survive the snapshot; docs/design.md
  * "Group commit"), and until xm_batch_snap_end the committer starts no batch and stops the

@@ -1,6 +1,6 @@
 /*
  * xm_batch_life.c - group commit's committer thread, its start and stop, the public knobs
- * (xm.h), and a snapshot's hooks (its transaction leaves the overlay alone; rowpath).  The
+ * (xm.h), and a snapshot's hooks (its transaction leaves the overlay alone).  The
  * overlay and its application are xm_batch.c.
  */
 #include "xm_internal.h"
@@ -115,7 +115,7 @@ int xm_batch_error(xm_store *st)
     return rc;
 }
 
-/* ---- snapshot create (rowpath, issue 9 item 3; docs/design.md "Group commit") ---------- */
+/* ---- snapshot create (issue 9 item 3; docs/design.md "Group commit") ---------- */
 
 /* Set by xm_batch_snap_begin, consumed by this thread's next xm_wtxn_begin. */
 static __thread xm_store *keep_next;

@@ -10,11 +10,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-static int cmp_ext(const void *a, const void *b)
-{
-    const xm_extent *x = a, *y = b;
-    return x->lba < y->lba ? -1 : x->lba > y->lba;
-}
 
 static int load_vs(chunk *c, uint32_t vol, xm_volstate *vs)
 {
@@ -36,78 +31,6 @@ static int save_vs(chunk *c, uint32_t vol, const xm_volstate *vs)
     return bk_put(c->t, c->st->dbi[XM_DB_VOLSTATE], k, sizeof k, v, sizeof v);
 }
 
-/* extmap.view_at: records of snapshot epoch's view overlapping [lo, hi), sorted, not clipped. */
-static int view_at(chunk *c, uint32_t vol, uint64_t epoch, uint64_t lo, uint64_t hi,
-                   xm_extent **out, size_t *n)
-{
-    size_t cap = 256, nl;
-    int more, rc;
-    xm_extent *v = NULL;
-    MDB_cursor *cur;
-    if ((rc = mdb_cursor_open(c->t, c->st->dbi[XM_DB_LIVE], &cur)))
-        return xm_rc(rc);
-    for (;;) {
-        free(v);
-        if (!(v = malloc(cap * sizeof *v))) {
-            mdb_cursor_close(cur);
-            return ENOMEM;
-        }
-        OP();
-        if ((rc = xm_scan_live(c->st, cur, vol, lo, hi, v, cap, &nl, &more)) || !more)
-            break;
-        cap *= 4;
-    }
-    mdb_cursor_close(cur);
-    size_t m = 0;
-    for (size_t i = 0; i < nl; i++)
-        if (v[i].birth <= epoch && v[i].lba < hi && v[i].lba + v[i].len > lo)
-            v[m++] = v[i];
-    if (rc == XM_OK && (rc = mdb_cursor_open(c->t, c->st->dbi[XM_DB_DEAD], &cur)))
-        rc = xm_rc(rc);
-    if (rc) {
-        free(v);
-        return rc;
-    }
-    uint8_t kb[XM_TRIPLE_KEY_LEN], stop[XM_TRIPLE_KEY_LEN];
-    xm_key_triple(kb, vol, lo > XM_MAX_EXTENT - 1 ? lo - XM_MAX_EXTENT + 1 : 0, 0);
-    xm_key_triple(stop, vol, hi, 0);
-    MDB_val k = {sizeof kb, kb}, val;
-    rc = mdb_cursor_get(cur, &k, &val, MDB_SET_RANGE);
-    while (rc == 0) {
-        OP();
-        if (k.mv_size != XM_TRIPLE_KEY_LEN || memcmp(k.mv_data, stop, sizeof stop) >= 0)
-            break;
-        xm_rec r;
-        if (!xm_in_map(c->st, val.mv_data, val.mv_size) || xm_rec_decode(val.mv_data, val.mv_size, &r)) {
-            rc = XM_ECORRUPT;
-            break;
-        }
-        uint64_t lba = xm_get_be64((const uint8_t *)k.mv_data + 4);
-        uint64_t birth = xm_get_be64((const uint8_t *)k.mv_data + 12);
-        if (birth <= epoch && epoch < r.epoch && lba + r.len > lo) {
-            if (m == cap) {
-                xm_extent *p = realloc(v, 2 * cap * sizeof *v);
-                if (!p) {
-                    rc = ENOMEM;
-                    break;
-                }
-                v = p;
-                cap *= 2;
-            }
-            v[m++] = (xm_extent){lba, r.pbn, birth, r.len, r.flags};
-        }
-        rc = mdb_cursor_get(cur, &k, &val, MDB_NEXT);
-    }
-    mdb_cursor_close(cur);
-    if (rc != 0 && rc != MDB_NOTFOUND) {
-        free(v);
-        return xm_rc(rc);
-    }
-    qsort(v, m, sizeof *v, cmp_ext);
-    *out = v;
-    *n = m;
-    return XM_OK;
-}
 
 int xm_bulk_clone_step(xm_store *st, uint32_t src, uint64_t epoch, uint32_t dst, uint64_t lo,
                        uint64_t hi, const void *pos_key, size_t pklen, uint64_t *nrecs)
@@ -120,7 +43,7 @@ int xm_bulk_clone_step(xm_store *st, uint32_t src, uint64_t epoch, uint32_t dst,
     if (rc)
         return rc;
     if ((rc = load_vs(&c, src, &svs)) || (rc = load_vs(&c, dst, &dvs)) ||
-        (rc = view_at(&c, src, epoch, lo, hi, &recs, &n)))
+        (rc = xm_snap_view(c.st, c.t, src, epoch, lo, hi, &recs, &n, &xm_bulk_nops)))
         return bk_end(&c, rc, UINT64_MAX);
     /* the source's records still live get SHARED (snapshots.py: _mark_live_shared) */
     for (size_t i = 0; i < n && rc == XM_OK; i++) {

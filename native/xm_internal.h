@@ -29,7 +29,7 @@ typedef struct {
     uint32_t vol;
     uint8_t used;
     uint8_t taken; /* applied by the write transaction in progress (st->ov_txn) */
-    uint8_t grow;  /* rowpath: the block was a hole (its apply adds one to live_blocks) */
+    uint8_t grow;  /* the block was a hole (its apply adds one to live_blocks) */
 } ov_ent;
 
 #define OV_MAX_DEFAULT 16384   /* overlay blocks before a writer applies the batch itself */
@@ -99,17 +99,17 @@ struct xm_store {
     uint64_t interval_us;
     pthread_t committer;
     int committer_on, stop;
-    /* rowpath (issue 9 item 3): snapshots waiting for LMDB's writer lock (atomic); a batch
+    /* issue 9 item 3: snapshots waiting for LMDB's writer lock (atomic); a batch
      * being applied stops at its next chunk and commits what it has (xm_batch.c) */
     int snap_want;
 };
-/* rowpath: the committer's batch, which a snapshot's snap_want stops early (xm_batch.c) */
+/* the committer's batch, which a snapshot's snap_want stops early (xm_batch.c) */
 int xm_batch_commit_preemptible(xm_store *st);
-/* rowpath: a snapshot's write transaction (xm_batch_life.c): 1 if this thread's next one must
+/* a snapshot's write transaction (xm_batch_life.c): 1 if this thread's next one must
  * leave the overlay alone (then cleared), and its begin */
 int xm_batch_keep_taken(xm_store *st);
 int xm_wtxn_begin_keep(xm_store *st, MDB_txn **out);
-/* rowpath: COUNTERS deltas summed in memory over a batch (xm_row.c): one get and put per
+/* COUNTERS deltas summed in memory over a batch (xm_row.c): one get and put per
  * (vol, death, birth) key at the flush instead of one per dead record. */
 #define XM_ROW_COUNTERS 32
 typedef struct {
@@ -163,6 +163,12 @@ void xm_rtxn_put(xm_store *st, MDB_txn *t);
 int xm_scan_live(xm_store *st, MDB_cursor *c, uint32_t vol, uint64_t lo, uint64_t hi,
                  xm_extent *out, size_t cap, size_t *nout, int *more);
 
+/* Records of snapshot epoch's view of vol overlapping [lo, hi), sorted by lba, not clipped
+ * (extmap.view_at; xm_kv.c); *out is malloc'ed.  nops, if not NULL, counts the database steps
+ * (the clone's counted-work tests). */
+int xm_snap_view(xm_store *st, MDB_txn *t, uint32_t vol, uint64_t epoch, uint64_t lo,
+                 uint64_t hi, xm_extent **out, size_t *n, uint64_t *nops);
+
 /* ---- group commit (xm_batch.c) ------------------------------------------------------------ */
 
 /* The overlay blocks of vol in [lo, hi), sorted by lba (hit[i]: lba, pbn, birth, len 1).
@@ -188,7 +194,7 @@ int xm_ov_alloc(xm_store *st, uint64_t need, xm_extent *out, size_t cap, size_t 
 int xm_ov_insert(xm_store *st, uint32_t vol, const xm_extent *blocks, size_t n, uint64_t birth,
                  uint64_t gen, const xm_extent *runs, size_t nruns, const xm_extent *recs,
                  size_t nrecs);
-/* rowpath: blocks the pending entries of vol will add to its live_blocks (holes they fill);
+/* blocks the pending entries of vol will add to its live_blocks (holes they fill);
  * call inside a write transaction, when the overlay is settled (xm_batch.c). */
 uint64_t xm_ov_growth(xm_store *st, uint32_t vol);
 /* A reserved allocation not published after all: its runs go back to the reservation. */

@@ -67,7 +67,7 @@ def snapshotted_volume(e: Engine, nblocks: int = 64) -> int:
     for b in range(nblocks):
         e.write(v, b * BS, bytes([b % 250 + 1]) * BS)
     e.create_snapshot("v", "s1")  # from here on, every first write to a block is redirected
-    # the first writes (to holes: redirected) survive the snapshot in the overlay (rowpath)
+    # the first writes (to holes: redirected) survive the snapshot in the overlay
     assert native.batch_pending(e.native) > 0
     native.batch_commit(e.native)
     assert native.batch_pending(e.native) == 0
@@ -138,7 +138,7 @@ def test_every_other_map_operation_applies_the_overlay_first(engine: Engine, op:
         engine.write(v, b * BS, b"n" * BS)
     assert native.batch_pending(engine.native) == 4
     if op == "snapshot":
-        # (rowpath) the one exception: the snapshot's transaction leaves the overlay alone, its
+        # the one exception: the snapshot's transaction leaves the overlay alone, its
         # entries survive it, born before it; reading the snapshot's map applies them
         s3 = engine.create_snapshot("v", "s3").id
         assert native.batch_pending(engine.native) == 4
@@ -254,7 +254,7 @@ def test_concurrent_redirected_writes_and_snapshots(engine: Engine) -> None:
 
 def test_snapshot_create_reports_its_gate_wait_and_commit_time(engine: Engine) -> None:
     """Issue 9 item 3: both parts of a snapshot's latency, in its result (and so in
-    `snapshot create --json`); the transaction left the pending batch alone (rowpath: its
+    `snapshot create --json`); the transaction left the pending batch alone (its
     entries survive the snapshot), and the batch wait and the sync are reported too."""
     v = snapshotted_volume(engine)
     engine.write(v, 0, b"p" * BS)
@@ -267,7 +267,7 @@ def test_snapshot_create_reports_its_gate_wait_and_commit_time(engine: Engine) -
     assert isinstance(info["sync_ms"], float) and info["sync_ms"] >= 0
 
 
-# ---- entries that survive a snapshot (rowpath: the snapshot's transaction keeps the overlay) ----
+# ---- entries that survive a snapshot (the snapshot's transaction keeps the overlay) ----
 
 def test_an_entry_that_survived_a_snapshot_is_redirected_not_rewritten(engine: Engine) -> None:
     """Its block belongs to the snapshot now: a later write must not go in place over it

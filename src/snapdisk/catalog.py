@@ -179,7 +179,7 @@ class SnapshotInfo:
     # (which also commits the pending group-commit batch) with its sync
     gate_wait_ms: float | None = None
     commit_ms: float | None = None
-    # rowpath (issue 9 item 3): the wait for a group-commit batch in progress (before the gate
+    # issue 9 item 3: the wait for a group-commit batch in progress (before the gate
     # closes) and the durability sync after it opens
     batch_wait_ms: float | None = None
     sync_ms: float | None = None
