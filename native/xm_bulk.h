@@ -62,7 +62,7 @@ int bk_release_own(chunk *c, uint64_t pbn, uint64_t n);
  * (xm_bulk_rb.c). */
 /* A release deferred to the end of the chunk (snapshot and volume delete): bk_settle sorts
  * them by pbn, settles REFS, and puts the pending pieces merged (adjacent runs coalesced) in
- * PENDING in key order: bulk.py's release_sorted is the twin. */
+ * PENDING in key order: allocator.release_sorted is the twin. */
 int bk_release_later(chunk *c, uint64_t pbn, uint64_t n);
 /* Delete the cursor's current entry (key kb, kl bytes: a copy of it) and position the cursor
  * on the next one (*k, *v; MDB_NOTFOUND at the end). */

@@ -186,17 +186,47 @@ def refs_of(t: Txn, pbn: int, nblocks: int) -> list[tuple[int, int, int]]:
 def release(t: Txn, pbn: int, nblocks: int, freed: list[tuple[int, int]]) -> None:
     """One map record no longer holds [pbn, pbn+nblocks): shared blocks lose a holder, the
     rest go to PENDING (and to `freed`, for the caller to punch after commit)."""
-    end = pbn + nblocks
     seq = None
+    for start, n in _unhold(t, pbn, pbn + nblocks):
+        if seq is None:
+            seq = _txn_seq(t)
+        t.put(DB_PENDING, layout.pending_key(seq, start), encode_u64(n))
+        _add_totals(t, pending=n)
+        freed.append((start, n))
+
+
+def release_sorted(t: Txn, runs: list[tuple[int, int]], freed: list[tuple[int, int]]) -> None:
+    """release() of many (pbn, nblocks) runs at once, the twin of the bulk walks' C frees
+    (xm_bulk_chunk.c): in pbn order, the free pieces merged where adjacent and put in PENDING
+    as one run each, META `blocks` counted up once.  A block freed twice is a damaged map."""
+    pieces = [p for pbn, n in sorted(runs) for p in _unhold(t, pbn, pbn + n)]
+    merged: list[tuple[int, int]] = []
+    for a, n in sorted(pieces):
+        if merged and a <= merged[-1][0] + merged[-1][1]:
+            if a < merged[-1][0] + merged[-1][1]:
+                raise errors.Corrupt(f"block {a} is freed twice (map records overlap)")
+            merged[-1] = (merged[-1][0], a + n - merged[-1][0])
+        else:
+            merged.append((a, n))
+    if not merged:
+        return
+    seq = _txn_seq(t)
+    for a, n in merged:
+        t.put(DB_PENDING, layout.pending_key(seq, a), encode_u64(n))
+    _add_totals(t, pending=sum(n for _, n in merged))
+    freed.extend(merged)
+
+
+def _unhold(t: Txn, pbn: int, end: int) -> list[tuple[int, int]]:
+    """[pbn, end) loses one holder: shared runs count one less (REFS); the pieces no one else
+    holds are returned, (start, nblocks), for PENDING."""
+    pieces = []
     for start, stop, run in list(_split(pbn, end, _refs_overlapping(t, pbn, end))):
         if run is not None:
             _set_refs(t, run, start, stop, run[2] - 1)
-            continue
-        if seq is None:
-            seq = _txn_seq(t)
-        t.put(DB_PENDING, layout.pending_key(seq, start), encode_u64(stop - start))
-        _add_totals(t, pending=stop - start)
-        freed.append((start, stop - start))
+        else:
+            pieces.append((start, stop - start))
+    return pieces
 
 
 def _txn_seq(t: Txn) -> int:

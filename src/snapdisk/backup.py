@@ -406,10 +406,11 @@ def _read_pieces(engine: Engine, vol: int, epoch: int, pieces: list[tuple[int, i
                  ) -> bytearray:
     """The bytes of snapshot epoch's block-aligned pieces (sorted), back to back in one
     buffer, in one C call (native.snap_readv, GIL released): one view of the pieces' span,
-    one pool read per record-piece overlap.  Its Python twin (tests/test_backup.py) took ~10 us of Python per
-    4 KiB piece (the view's dead-record scan, the sweep, a call per read): ~0.3 s of CPU for
-    the ~26k scattered pieces of 10 % of a 1 GiB volume, on the cores the S3 server shares.
-    The volume is not encrypted (refused earlier), so the pool's bytes are the data."""
+    one pool read per record-piece overlap.  Its Python twin (tests/test_backup.py) took
+    ~10 us of Python per 4 KiB piece (the view's dead-record scan, the sweep, a call per
+    read): ~0.3 s of CPU for the ~26k scattered pieces of 10 % of a 1 GiB volume, on the
+    cores the S3 server shares.  An encrypted volume's pieces are read in raw mode (_raw):
+    its ciphertext, as stored."""
     buf = bytearray(sum(n for _, n in pieces))
     with engine.native.gate_shared():
         native.snap_readv(engine.native, vol, epoch, pieces, buf)

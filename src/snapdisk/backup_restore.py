@@ -102,13 +102,12 @@ def _write(engine: Engine, r: Repository, vol: int, name: str, extents: list[Ext
     task also wrote its chunk, half the tasks' time went to writes queued behind each other's
     (GIL hand-offs and the group commit's lock) and only ~4 GETs were in flight; one writer
     needs ~1 ms of C per MiB, far below the network's time.  The hidden volume is fresh and
-    its extents disjoint (check_extents), so nothing is ever in place: the redirect-on-write
-    C path is tried first (as receive does, sendrecv.py), the general write if it declines."""
+    its extents disjoint (check_extents), so nothing is ever in place: the moved write
+    (redirect-on-write in C, else the general path) without the in-place attempt, as receive."""
     uses: dict[str, list[Extent]] = {}
     for e in extents:
         uses.setdefault(e.key, []).append(e)
     steps = Steps(sum(e.length for e in extents), progress, cancel, every=1)
-    row = engine.native.write_row if engine.io.c_redirect else None
 
     def fetch(key: str) -> tuple[str, bytes | memoryview]:
         data = r.fetch(key, name)
@@ -135,9 +134,7 @@ def _write(engine: Engine, r: Repository, vol: int, name: str, extents: list[Ext
                     key, data = f.result()
                     view = memoryview(data)
                     for e in uses[key]:
-                        piece = view[e.skip:e.skip + e.length]
-                        if row is None or not row(vol, e.offset, piece):
-                            engine.write(vol, e.offset, piece)
+                        engine.io.write_moved(vol, e.offset, view[e.skip:e.skip + e.length])
                     steps.step(sum(e.length for e in uses[key]))
         except BaseException:
             for f in window:

@@ -25,8 +25,8 @@ to which it has restored), so a crash between chunks is resumed by `Engine.open`
 The chunks run in C (xm_bulk.c) or, with SNAPDISK_BULK_PATH=python, as the Python twins below,
 which leave the same databases (tests/test_extmap_diff.py compares every database; C may order
 its operations differently, e.g. a delete's frees are settled in pbn order, merged, at the end
-of the chunk: release_sorted).  While requests are served beside it, a walk paces itself
-between chunks (bulk_pace.py).
+of the chunk: allocator.release_sorted).  While requests are served beside it, a walk paces
+itself between chunks (bulk_pace.py).
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def py_drop_window(t: Txn, vol: int, window: list[int], limit: int, freed: Freed
     for death, birth, lba, _ in entries:
         e = extmap.drop_dead(t, vol, lba, birth, death)
         runs.append((e.pbn, e.len))
-    release_sorted(t, runs, freed)
+    allocator.release_sorted(t, runs, freed)
     return len(entries)
 
 
@@ -146,38 +146,8 @@ def py_drop_volume(t: Txn, vol: int, limit: int, freed: Freed) -> int:
         runs.append((pbn, length))
         t.delete(DB_DEAD, layout.dead_key(vol, lba, birth))
         t.delete(layout.DB_DEADIDX, layout.deadidx_key(vol, death, birth, lba))
-    release_sorted(t, runs, freed)
+    allocator.release_sorted(t, runs, freed)
     return len(live) + len(dead)
-
-
-def release_sorted(t: Txn, runs: list[tuple[int, int]], freed: Freed) -> None:
-    """Twin of xm_bulk.c's settle_later: allocator.release of every run in pbn order (shared
-    blocks lose a holder), the free pieces merged where adjacent and put in PENDING as one run
-    each, META `blocks` counted up once.  A block freed twice is a damaged map."""
-    pieces = []
-    for pbn, n in sorted(runs):
-        end = pbn + n
-        for start, stop, run in list(allocator._split(
-                pbn, end, allocator._refs_overlapping(t, pbn, end))):
-            if run is not None:
-                allocator._set_refs(t, run, start, stop, run[2] - 1)
-            else:
-                pieces.append((start, stop - start))
-    merged: list[tuple[int, int]] = []
-    for a, n in sorted(pieces):
-        if merged and a <= merged[-1][0] + merged[-1][1]:
-            if a < merged[-1][0] + merged[-1][1]:
-                raise errors.Corrupt(f"block {a} is freed twice (map records overlap)")
-            merged[-1] = (merged[-1][0], a + n - merged[-1][0])
-        else:
-            merged.append((a, n))
-    if not merged:
-        return
-    seq = allocator._txn_seq(t)
-    for a, n in merged:
-        t.put(layout.DB_PENDING, layout.pending_key(seq, a), layout.encode_u64(n))
-    allocator._add_totals(t, pending=sum(n for _, n in merged))
-    freed.extend(merged)
 
 
 def py_del_range(t: Txn, db: int, lo: bytes, hi: bytes, limit: int) -> int:

@@ -297,13 +297,12 @@ def _apply(engine: Engine, vol: int, reader: StreamReader, header: Header,
     if progress:
         progress(0, total)
     # A new volume maps nothing, so the in-place attempt engine.write makes first always
-    # fails there (measured: ~15 % of a full receive's write time): straight to the C
-    # redirect-on-write path, and engine.write only where that declines.
-    write_row = engine.native.write_row if fresh and engine.io.c_redirect else None
+    # fails there (measured: ~15 % of a full receive's write time): straight to the moved
+    # write (redirect-on-write in C, else the general path).
+    write = engine.io.write_moved if fresh else engine.write
     for r in read_ahead(reader):
         if r.kind == DATA:
-            if write_row is None or not write_row(vol, r.offset, r.payload):
-                engine.write(vol, r.offset, r.payload)
+            write(vol, r.offset, r.payload)
         elif not fresh:  # ZERO or TRIM: a new volume reads zeros there already
             engine.zero(vol, r.offset, r.length)
         done += r.length

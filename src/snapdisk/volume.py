@@ -80,7 +80,7 @@ class DataPath:
 
         def write(offset: int, data: Any, fua: bool) -> None:
             if not write_inplace(offset, data):
-                self._write_moved(vol, offset, data)
+                self.write_moved(vol, offset, data)
             if fua:
                 self.flush()
 
@@ -90,12 +90,14 @@ class DataPath:
         """In place (no map change, no LMDB writer lock) when possible; else redirect-on-write
         in C; else (shared blocks, a full pool) the general path in Python."""
         if not self.native.write_inplace(vol, offset, data):
-            self._write_moved(vol, offset, data)
+            self.write_moved(vol, offset, data)
         if fua:
             self.flush()
 
-    def _write_moved(self, vol: int, offset: int, data: Any) -> None:
-        """The write the in-place path declined: redirect-on-write in C, else in Python."""
+    def write_moved(self, vol: int, offset: int, data: Any) -> None:
+        """The write the in-place path declined: redirect-on-write in C, else in Python.
+        Also for writes known never to be in place (a new volume maps nothing: receive,
+        restore), which skip the in-place attempt."""
         if not self.c_redirect or not self.native.write_row(vol, offset, data):
             self._gated_write(vol, offset, data)
 
