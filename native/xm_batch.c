@@ -170,7 +170,7 @@ static int is_hole(const xm_extent *recs, size_t nrecs, uint64_t lba)
     return 1;
 }
 
-uint64_t xm_ov_growth(xm_store *st, uint32_t vol)
+uint64_t xm_batch_vol_growth(xm_store *st, uint32_t vol)
 {
     uint64_t g = 0;
     pthread_mutex_lock(&st->ov_mu);

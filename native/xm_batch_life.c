@@ -173,8 +173,3 @@ int xm_wtxn_begin_keep(xm_store *st, MDB_txn **out)
     pthread_mutex_unlock(&st->ov_mu);
     return XM_OK;
 }
-
-uint64_t xm_batch_vol_growth(xm_store *st, uint32_t vol)
-{
-    return xm_ov_growth(st, vol);
-}

@@ -46,6 +46,9 @@ int freed_add(freed_list *f, uint64_t pbn, uint64_t len);
 /* Sort runs by (pbn, len) (an LSD radix sort: qsort's merge sort and its calls per comparison
  * were a tenth of a delete's CPU). */
 int freed_sort(freed_list *f);
+/* Stable LSD radix sort of n elements of es bytes by the u64 at byte offset off (tmp: scratch
+ * of n * es bytes); a byte every key shares costs one counting pass and no move. */
+void bk_radix_u64(void *v, void *tmp, size_t n, size_t es, size_t off);
 int bk_begin(chunk *c, xm_store *st);
 /* Commit (rc == XM_OK) or abort; after a commit, punch merged freed runs >= punch_min. */
 int bk_end(chunk *c, int rc, uint64_t punch_min);

@@ -31,6 +31,37 @@ int freed_add(freed_list *f, uint64_t pbn, uint64_t len)
     return XM_OK;
 }
 
+static uint64_t key_at(const uint8_t *p, size_t i, size_t es, size_t off)
+{
+    uint64_t k;
+    memcpy(&k, p + i * es + off, sizeof k);
+    return k;
+}
+
+void bk_radix_u64(void *v, void *tmp, size_t n, size_t es, size_t off)
+{
+    uint8_t *src = v, *dst = tmp;
+    for (int shift = 0; shift < 64; shift += 8) {
+        size_t count[257] = {0};
+        for (size_t i = 0; i < n; i++)
+            count[((key_at(src, i, es, off) >> shift) & 0xff) + 1]++;
+        int skip = 0;
+        for (int d = 1; d <= 256 && !skip; d++)
+            skip = count[d] == n;
+        if (skip)
+            continue;
+        for (int d = 1; d <= 256; d++)
+            count[d] += count[d - 1];
+        for (size_t i = 0; i < n; i++)
+            memcpy(dst + count[(key_at(src, i, es, off) >> shift) & 0xff]++ * es, src + i * es, es);
+        uint8_t *x = src;
+        src = dst;
+        dst = x;
+    }
+    if (src != v)
+        memcpy(v, src, n * es);
+}
+
 int freed_sort(freed_list *f)
 {
     size_t n = f->n, i;
@@ -40,34 +71,12 @@ int freed_sort(freed_list *f)
             break;
     if (i >= n)
         return XM_OK;
-    uint64_t (*tmp)[2] = malloc(n * sizeof *tmp), (*src)[2] = f->run, (*dst)[2] = tmp;
+    void *tmp = malloc(n * sizeof *f->run);
     if (!tmp)
         return ENOMEM;
-    /* Stable byte passes, least significant first: the length's, then the pbn's; a pass whose
-     * byte is the same in every run is skipped. */
-    for (int pass = 0; pass < 16; pass++) {
-        int w = pass < 8 ? 1 : 0, shift = (pass % 8) * 8;
-        size_t count[257] = {0};
-        for (i = 0; i < n; i++)
-            count[((src[i][w] >> shift) & 0xff) + 1]++;
-        int skip = 0;
-        for (int d = 1; d <= 256 && !skip; d++)
-            skip = count[d] == n;
-        if (skip)
-            continue;
-        for (int d = 1; d <= 256; d++)
-            count[d] += count[d - 1];
-        for (i = 0; i < n; i++) {
-            size_t at = count[(src[i][w] >> shift) & 0xff]++;
-            dst[at][0] = src[i][0];
-            dst[at][1] = src[i][1];
-        }
-        uint64_t (*x)[2] = src;
-        src = dst;
-        dst = x;
-    }
-    if (src != f->run)
-        memcpy(f->run, src, n * sizeof *src);
+    /* by (pbn, len): the length's passes, then the pbn's (both stable) */
+    bk_radix_u64(f->run, tmp, n, sizeof *f->run, sizeof f->run[0][0]);
+    bk_radix_u64(f->run, tmp, n, sizeof *f->run, 0);
     free(tmp);
     return XM_OK;
 }

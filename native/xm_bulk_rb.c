@@ -11,6 +11,7 @@
 #include "xm_bulk.h"
 
 #include <errno.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -38,28 +39,10 @@ static int ext_sort(ext_list *l)
         ;
     if (i >= n)
         return XM_OK;
-    xm_extent *tmp = malloc(n * sizeof *tmp), *src = l->v, *dst = tmp;
+    xm_extent *tmp = malloc(n * sizeof *tmp);
     if (!tmp)
         return ENOMEM;
-    for (int shift = 0; shift < 64; shift += 8) {
-        size_t count[257] = {0};
-        for (i = 0; i < n; i++)
-            count[((src[i].lba >> shift) & 0xff) + 1]++;
-        int skip = 0;
-        for (int d = 1; d <= 256 && !skip; d++)
-            skip = count[d] == n;
-        if (skip)
-            continue;
-        for (int d = 1; d <= 256; d++)
-            count[d] += count[d - 1];
-        for (i = 0; i < n; i++)
-            dst[count[(src[i].lba >> shift) & 0xff]++] = src[i];
-        xm_extent *x = src;
-        src = dst;
-        dst = x;
-    }
-    if (src != l->v)
-        memcpy(l->v, src, n * sizeof *src);
+    bk_radix_u64(l->v, tmp, n, sizeof *l->v, offsetof(xm_extent, lba));
     free(tmp);
     return XM_OK;
 }

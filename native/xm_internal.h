@@ -194,9 +194,6 @@ int xm_ov_alloc(xm_store *st, uint64_t need, xm_extent *out, size_t cap, size_t 
 int xm_ov_insert(xm_store *st, uint32_t vol, const xm_extent *blocks, size_t n, uint64_t birth,
                  uint64_t gen, const xm_extent *runs, size_t nruns, const xm_extent *recs,
                  size_t nrecs);
-/* blocks the pending entries of vol will add to its live_blocks (holes they fill);
- * call inside a write transaction, when the overlay is settled (xm_batch.c). */
-uint64_t xm_ov_growth(xm_store *st, uint32_t vol);
 /* A reserved allocation not published after all: its runs go back to the reservation. */
 void xm_ov_discard(xm_store *st, const xm_extent *runs, size_t n);
 /* With ov_mu: one redirect fewer between xm_ov_alloc and its end; unpublished runs back to the
