@@ -55,6 +55,22 @@ class Served:
         return h
 
 
+def new_store(path: Path, pool_bytes: int = 256 << 20) -> Engine:
+    """A new store, open (the caller closes it)."""
+    return Engine.create(str(path), StoreConfig(pool_bytes=pool_bytes))
+
+
+@pytest.fixture
+def stores(tmp_path: Path) -> Iterator[tuple[Engine, Engine]]:
+    """Two new stores, a sender and a receiver (backups, raw transfer), closed after."""
+    a, b = new_store(tmp_path / "a"), new_store(tmp_path / "b")
+    try:
+        yield a, b
+    finally:
+        a.close()
+        b.close()
+
+
 def make_store(path: str | Path, pool_bytes: int = POOL_BYTES,
                volumes: dict[str, int] | None = None) -> str:
     path = str(path)

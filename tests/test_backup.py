@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import random
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import served_store
+from conftest import new_store, served_store
 from e2e_helpers import run_cli
 from radosgw import Radosgw
 
@@ -24,20 +23,6 @@ pytest_plugins = ["s3_fixture"]
 MiB = 1 << 20
 BS = 4096
 SIZE = 24 * MiB
-
-
-def new_store(path: Path) -> Engine:
-    return Engine.create(str(path), StoreConfig(pool_bytes=256 * MiB))
-
-
-@pytest.fixture
-def stores(tmp_path: Path) -> Iterator[tuple[Engine, Engine]]:
-    a, b = new_store(tmp_path / "a"), new_store(tmp_path / "b")
-    try:
-        yield a, b
-    finally:
-        a.close()
-        b.close()
 
 
 def fill(e: Engine, name: str, rng: random.Random) -> int:

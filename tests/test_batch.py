@@ -184,7 +184,9 @@ def test_the_overlay_is_bounded(engine: Engine) -> None:
     assert engine.read(v, 0, big) == b"B" * big
 
 
-CRASH = """
+# The crash scripts' start: a store whose committer never runs by itself (interval 0), a
+# volume of 64 written blocks, snapshot s1.
+CRASH_PROLOGUE = """
 import os, sys
 from snapdisk import native
 from snapdisk.store import StoreConfig
@@ -195,6 +197,9 @@ v = e.create_volume("v", 4 << 20).id
 for b in range(64):
     e.write(v, b * 4096, bytes([b + 1]) * 4096)
 e.create_snapshot("v", "s1")
+"""
+
+CRASH = CRASH_PROLOGUE + """
 for b in range(32):
     e.write(v, b * 4096, b"z" * 4096)
 assert native.batch_pending(e.native) == 32
@@ -313,17 +318,7 @@ def test_a_batch_after_a_snapshot_kills_with_the_entrys_birth(engine: Engine) ->
     assert engine.check().ok
 
 
-CRASH_AFTER_SNAPSHOT = """
-import os, sys
-from snapdisk import native
-from snapdisk.store import StoreConfig
-from snapdisk.volume import Engine
-e = Engine.create(sys.argv[1], StoreConfig(pool_bytes=64 << 20))
-native.batch_config(e.native, 0, 256)
-v = e.create_volume("v", 4 << 20).id
-for b in range(64):
-    e.write(v, b * 4096, bytes([b + 1]) * 4096)
-e.create_snapshot("v", "s1")
+CRASH_AFTER_SNAPSHOT = CRASH_PROLOGUE + """
 e.flush()
 for b in range(16):
     e.write(v, b * 4096, b"f" * 4096)

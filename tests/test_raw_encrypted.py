@@ -11,10 +11,10 @@ import io
 import json
 import os
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import new_store
 from crypto_helpers import BS, PATTERN, PW, MiB, make_legacy, plaintext_hits
 
 from snapdisk import backup_repo, encryption, errors, keys, stream
@@ -31,20 +31,6 @@ KEY_FILE = keys.Secret(key_file=bytes(range(32)))
 @pytest.fixture(autouse=True)
 def fast_kdf(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SNAPDISK_SCRYPT_LOG2N", "10")
-
-
-def new_store(path: Path) -> Engine:
-    return Engine.create(str(path), StoreConfig(pool_bytes=256 * MiB))
-
-
-@pytest.fixture
-def stores(tmp_path: Path) -> Iterator[tuple[Engine, Engine]]:
-    a, b = new_store(tmp_path / "a"), new_store(tmp_path / "b")
-    try:
-        yield a, b
-    finally:
-        a.close()
-        b.close()
 
 
 def xts(key: bytes, tweak: int, data: bytes, enc: bool) -> bytes:
