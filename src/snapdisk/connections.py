@@ -70,19 +70,19 @@ class Connection:
         # The plugin's hot path, bound at open (Engine.live_io / snapshot_reader).
         self.read: Callable[[int, Any], None] | None = None
         self.write: Callable[[int, Any, bool], None] | None = None
-        # The C twin of inflight and of the generation check (xm_conn), and whether read is
-        # counted there (bind_counted_read) instead of by enter()/leave().
+        # The C twin of inflight and of the generation check (xm_conn), and whether reads are
+        # counted there (bind_counted_read: xm_conn_read on cstore, the store's xm_store *)
+        # instead of by enter()/leave().
         self.cconn: Any = ffi.new("xm_conn *")
         self.counted = False
-        self.cstore: Any = None  # the xm_store * that read is bound to (the plugin calls C itself)
+        self.cstore: Any = None
         # The plugin's: (thread, PyGILState) of the connection thread's pinned thread state.
         self.pinned: tuple[int, int] | None = None
 
-    def bind_counted_read(self, read: Callable[[int, Any], None], cstore: Any = None) -> None:
-        """read: a reader that counts itself on self.cconn (NativeStore.counted_reader);
-        cstore: its store's xm_store *, for a caller that calls xm_conn_read itself (the
-        plugin's pread: the same call as read's, one Python frame less)."""
-        self.read = read
+    def bind_counted_read(self, cstore: Any) -> None:
+        """Reads of this (live) export are xm_conn_read(cstore, self.cconn, ...): the plugin's
+        pread makes that one C call itself, which counts the request in flight on cconn and
+        refuses it once revoked."""
         self.cstore = cstore
         self.counted = True
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno as _errno
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
@@ -253,18 +253,6 @@ class NativeStore:
         rc = lib.xm_read(self.ptr, vol, offset, len(buf), ffi.from_buffer(buf, require_writable=True))
         if rc:
             check(rc, "read")
-
-    def counted_reader(self, vol: int, conn: Any, what: str) -> Callable[[int, Any], None]:
-        """read_into(offset, buf) for vol's live view as ONE C call (issue 9 item 4): counted
-        in flight on conn (an xm_conn) and refused once conn is revoked, in xm_conn_read
-        (connections.Connections.enter/leave are its Python twin)."""
-        fn, ptr, from_buffer = lib.xm_conn_read, self.ptr, ffi.from_buffer
-
-        def read(offset: int, buf: Any) -> None:
-            rc = fn(ptr, conn, vol, offset, len(buf), from_buffer(buf, require_writable=True))
-            if rc:
-                check(rc, what)
-        return read
 
     def write_inplace(self, vol: int, offset: int, data: Any) -> bool:
         """Write in place (no map change) if every block may be; False if not, with nothing

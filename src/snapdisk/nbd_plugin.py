@@ -195,9 +195,7 @@ def open(readonly: bool) -> Connection:
     svc = _service()
     h = svc.open_export(nbdkit.export_name(), readonly)  # the canonical name
     if h.epoch is None:  # a live export's reads: one C call, counted there (issue 9 item 4)
-        native = svc.require_engine().native
-        h.bind_counted_read(native.counted_reader(h.vol, h.cconn, f"export {h.export!r}"),
-                            native.ptr)
+        h.bind_counted_read(svc.require_engine().native.ptr)
     h.pinned = _pin_thread_state()
     return h
 
@@ -304,7 +302,7 @@ def can_multi_conn(h: Connection) -> bool:
 # pread and pwrite are the hot path: written out flat (no decorator, the engine's callables
 # bound at open, the registry's enter/leave module globals) because every Python call is
 # ~0.1 us of a per-request budget of a few us.  A live export's pread calls xm_conn_read itself
-# (the reader bound at open, inlined: one Python frame less), and from_buffer's positional form
+# (no bound reader: one Python frame less), and from_buffer's positional form
 # (the keyword require_writable=True alone cost ~0.15 us of argument parsing); nbdkit's buffer
 # is a writable memoryview over its own request buffer, so C reads straight into it: no copy.
 
