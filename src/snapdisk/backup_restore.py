@@ -64,19 +64,14 @@ def _restore(engine: Engine, r: Repository, volume: str, snap: str, new_name: st
     with _active_lock:
         _active.add(tmp)
     try:
-        with engine.native.txn(write=True) as t:
-            vs = catalog.new_volume(t, tmp, m.size_bytes, None,
-                                    {MARKER: {"name": new_name, "backup": m.name}})
-            if rec is not None:  # encrypted from its first instant, under the sender's key
-                encryption.adopt(t, vs, rec)
-        engine._configure_gated(vs)
-        if rec is not None:
-            engine.keys.load([vs.vol])  # its key id unlocked here already: loaded too
+        # an encrypted backup's volume takes the sender's key record (locked here)
+        vol = engine.new_volume(tmp, m.size_bytes, {MARKER: {"name": new_name, "backup": m.name}},
+                                key_record=rec)
         try:
-            _write(engine, r, vs.vol, m.name, m.extents, progress, cancel)
+            _write(engine, r, vol, m.name, m.extents, progress, cancel)
             engine.flush()
             engine.create_snapshot(tmp, m.snapshot["name"])
-            _publish(engine, vs.vol, tmp, new_name)
+            _publish(engine, vol, tmp, new_name)
         except BaseException as e:
             if isinstance(e, Exception | KeyboardInterrupt):  # not a crash: clean up now
                 engine.delete_volume(tmp)

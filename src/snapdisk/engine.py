@@ -183,19 +183,31 @@ class Engine:
 
     @durable
     def create_volume(self, name: str, size_bytes: int, extra: dict[str, Any] | None = None,
-                      encrypt: keys.Secret | None = None) -> VolumeInfo:
+                      encrypt: keys.Secret | None = None,
+                      key_record: dict[str, Any] | None = None) -> VolumeInfo:
         """A new volume; encrypt: encrypted under a new data key wrapped by that passphrase
-        or key file, and unlocked."""
+        or key file, and unlocked; key_record: encrypted under a key record from elsewhere (a
+        raw stream's or backup's: encryption.adopt), locked unless its key id is unlocked."""
         catalog.check_name(name, "volume")
         catalog.check_size(size_bytes)
+        self.new_volume(name, size_bytes, extra, encrypt, key_record)
+        return self.volume_info(name)
+
+    def new_volume(self, name: str, size_bytes: int, extra: dict[str, Any] | None = None,
+                   encrypt: keys.Secret | None = None,
+                   key_record: dict[str, Any] | None = None) -> int:
+        """create_volume without the name rules (a restore's hidden `.restore-` volume); its
+        id.  Encrypted from its first transaction, never plain for an instant."""
         with self.native.txn(write=True) as t:
             vs = catalog.new_volume(t, name, size_bytes, None, extra or {})
             if encrypt is not None:
                 encryption.init_new(t, vs, encrypt, self.keyring)
+            elif key_record is not None:
+                encryption.adopt(t, vs, key_record)
         self._configure_gated(vs)
-        if encrypt is not None:
+        if encrypt is not None or key_record is not None:
             self.keys.load([vs.vol])
-        return self.volume_info(name)
+        return vs.vol
 
     @durable
     def resize_volume(self, name: str, size_bytes: int) -> VolumeInfo:

@@ -209,24 +209,9 @@ def _begin_full(engine: Engine, volume: str, header: Header, target: dict[str, A
     temp = TEMP_PREFIX + secrets.token_hex(8)
     marker = {"kind": "full", "volume": volume, "snapshot": target["name"],
               "started": time.time()}
-    if rec is None:
-        vol = engine.create_volume(temp, header.size_bytes, {MARKER: marker}).id
-    else:
-        vol = new_encrypted_volume(engine, temp, header.size_bytes, {MARKER: marker}, rec)
+    # an encrypted stream's volume takes the sender's key record (locked here)
+    vol = engine.create_volume(temp, header.size_bytes, {MARKER: marker}, key_record=rec).id
     return vol, lambda: _undo(engine, vol)
-
-
-def new_encrypted_volume(engine: Engine, name: str, size: int, extra: dict[str, Any],
-                         rec: dict[str, Any]) -> int:
-    """A new volume encrypted under a key record from elsewhere (encryption.adopt), in one
-    transaction: never plain for an instant; locked unless its key id is unlocked here."""
-    with engine.native.txn(write=True) as t:
-        vs = catalog.new_volume(t, name, size, None, extra)
-        encryption.adopt(t, vs, rec)
-    engine._configure_gated(vs)
-    engine.keys.load([vs.vol])
-    engine.native.sync()
-    return vs.vol
 
 
 def _begin_incremental(engine: Engine, volume: str, vol: int, header: Header,
