@@ -185,12 +185,17 @@ def wrap(data_key: bytearray, secret: Secret, key_id: str | None = None,
     return rec
 
 
+def _known_kind(rec: Any) -> bool:
+    """A record of this version, cipher, data unit and wrap: what unwrap and record_problem
+    both require before anything else."""
+    return isinstance(rec, dict) and rec.get("version") == RECORD_VERSION \
+        and rec.get("cipher") == CIPHER and rec.get("data_unit") == DATA_UNIT \
+        and rec.get("wrap") == "aes-256-gcm"
+
+
 def unwrap(rec: dict[str, Any], secret: Secret) -> bytearray:
     """The data key of rec; errors.BadKey for a wrong secret or a damaged record."""
-    if not isinstance(rec, dict) or rec.get("version") != RECORD_VERSION \
-            or rec.get("cipher") != CIPHER or rec.get("data_unit") != DATA_UNIT \
-            or rec.get("wrap") != "aes-256-gcm" \
-            or not isinstance(rec.get("kek"), dict):
+    if not _known_kind(rec) or not isinstance(rec.get("kek"), dict):
         raise errors.BadKey("the wrapped key record is damaged or of an unknown version")
     tweak_mode(rec)
     kek = _derive(secret, rec["kek"])
@@ -227,8 +232,7 @@ def record_problem(rec: Any) -> str | None:
     Only lba-tweak records travel (a pbn one is bound to the sender's pool)."""
     if not isinstance(rec, dict):
         return "not a key record"
-    if rec.get("version") != RECORD_VERSION or rec.get("cipher") != CIPHER \
-            or rec.get("data_unit") != DATA_UNIT or rec.get("wrap") != "aes-256-gcm":
+    if not _known_kind(rec):
         return "a key record of an unknown version or cipher"
     if rec.get("tweak") != TWEAK_LBA:
         return f"tweak mode {rec.get('tweak', TWEAK_PBN)!r} (only 'lba' records travel)"
