@@ -75,6 +75,15 @@ static void ov_settle(xm_store *st, int committed)
 {
     st->ov_busy = 0;
     pthread_cond_broadcast(&st->ov_cv);
+    /* superseded entries: the taken ones are in LIVE now (committed) or pending again */
+    uint32_t kp = 0;
+    for (uint32_t i = 0; i < st->ov_nprev; i++) {
+        if (st->ov_prev[i].taken && committed)
+            continue;
+        st->ov_prev[i].taken = 0;
+        st->ov_prev[kp++] = st->ov_prev[i];
+    }
+    st->ov_nprev = kp;
     /* Every write transaction settles: one that took nothing (a bulk chunk, a Python
      * transaction with an empty overlay) must not pay the table's scan and memset (perf: 25 %
      * of a rollback's CPU, with reserve's scan below). */
@@ -101,6 +110,7 @@ static void ov_settle(xm_store *st, int committed)
     st->ov_count = 0;
     for (uint32_t i = 0; i < k; i++)
         ov_put(st, &tmp[i]);
+    st->ov_first_ns = xm_now_ns(); /* (they came after the batch's fdatasync began) */
 }
 
 static int cmp_hit(const void *a, const void *b)
@@ -131,13 +141,13 @@ int xm_ov_lookup(xm_store *st, uint32_t vol, uint64_t lo, uint64_t hi, xm_ovhits
         for (uint64_t b = lo; b < hi && h->n < cap; b++) {
             ov_ent *e = ov_find(st, vol, b);
             if (e)
-                h->hit[h->n++] = (xm_extent){b, e->pbn, e->birth, 1, 0};
+                h->hit[h->n++] = (xm_extent){b, e->pbn, e->birth, 1, e->prev ? OV_HIT_PREV : 0};
         }
     } else { /* a long range: scan the slots */
         for (uint32_t i = 0; i < st->ov_slots && h->n < cap; i++) {
             ov_ent *e = &st->ov[i];
             if (e->used && e->vol == vol && e->lba >= lo && e->lba < hi)
-                h->hit[h->n++] = (xm_extent){e->lba, e->pbn, e->birth, 1, 0};
+                h->hit[h->n++] = (xm_extent){e->lba, e->pbn, e->birth, 1, e->prev ? OV_HIT_PREV : 0};
         }
         qsort(h->hit, h->n, sizeof *h->hit, cmp_hit);
     }
@@ -177,31 +187,59 @@ uint64_t xm_batch_vol_growth(xm_store *st, uint32_t vol)
     for (uint32_t i = 0, seen = 0; i < st->ov_slots && seen < st->ov_count; i++)
         if (st->ov[i].used && (++seen, st->ov[i].vol == vol))
             g += st->ov[i].grow;
+    for (uint32_t i = 0; i < st->ov_nprev; i++)
+        if (st->ov_prev[i].vol == vol)
+            g += st->ov_prev[i].grow;
     pthread_mutex_unlock(&st->ov_mu);
     return g;
 }
 
 int xm_ov_insert(xm_store *st, uint32_t vol, const xm_extent *blocks, size_t n, uint64_t birth,
-                 uint64_t gen, const xm_extent *runs, size_t nruns, const xm_extent *recs,
-                 size_t nrecs)
+                 uint64_t max_snap, uint64_t gen, const xm_extent *runs, size_t nruns,
+                 const xm_extent *recs, size_t nrecs)
 {
     int rc = XM_OK;
-    uint64_t total = 0;
+    uint64_t total = 0, nsup = 0;
     pthread_mutex_lock(&st->ov_mu);
     for (size_t r = 0; r < n; r++)
         total += blocks[r].len;
     if (st->ov_gen != gen || st->ov_foreign || st->ov_count + total > st->ov_slots / 2)
         rc = XM_EAGAIN_ROW;
+    /* A block with an entry: only one that survived a snapshot (born <= max_snap), and has
+     * superseded none itself, and is not being applied right now (taken), is superseded; the
+     * writer saw it (xm_write_row) and wrote the whole block elsewhere.  Anything else is a
+     * race with another writer or a batch: start over. */
     for (size_t r = 0; r < n && rc == XM_OK; r++)
-        for (uint32_t k = 0; k < blocks[r].len && rc == XM_OK; k++)
-            if (ov_find(st, vol, blocks[r].lba + k))
+        for (uint32_t k = 0; k < blocks[r].len && rc == XM_OK; k++) {
+            ov_ent *e = ov_find(st, vol, blocks[r].lba + k);
+            if (e && (e->birth > max_snap || e->prev || e->taken))
                 rc = XM_EAGAIN_ROW;
+            nsup += e != NULL;
+        }
+    if (rc == XM_OK && st->ov_nprev + nsup > st->ov_prev_cap)
+        rc = XM_EAGAIN_ROW + 1;
+    uint32_t before = st->ov_count;
+    if (rc == XM_OK && before == 0)
+        st->ov_first_ns = xm_now_ns();
     for (size_t r = 0; r < n && rc == XM_OK; r++)
-        for (uint32_t k = 0; k < blocks[r].len; k++)
-            ov_put(st, &(ov_ent){blocks[r].lba + k, blocks[r].pbn + k, birth, ++st->ov_seq, vol, 1,
-                                 0, (uint8_t)is_hole(recs, nrecs, blocks[r].lba + k)});
+        for (uint32_t k = 0; k < blocks[r].len; k++) {
+            uint64_t lba = blocks[r].lba + k;
+            ov_ent nw = {lba, blocks[r].pbn + k, birth, ++st->ov_seq, vol, 1, 0,
+                         (uint8_t)is_hole(recs, nrecs, lba), 0};
+            ov_ent *e = ov_find(st, vol, lba);
+            if (e) { /* the old one is applied first (its seq is lower), then this one kills it */
+                st->ov_prev[st->ov_nprev++] = *e;
+                nw.grow = 0; /* not a hole: the old entry fills it */
+                nw.prev = 1;
+                *e = nw;
+            } else {
+                ov_put(st, &nw);
+            }
+        }
     if (rc)
         xm_ov_give_back(st, runs, nruns);
+    else if (before < st->ov_due && st->ov_count >= st->ov_due)
+        pthread_cond_signal(&st->cm_cv); /* a batch is due: the committer's wake-up */
     xm_ov_inflight_done(st);
     pthread_mutex_unlock(&st->ov_mu);
     return rc;
@@ -220,7 +258,9 @@ static int cmp_map(const void *a, const void *b)
     const ov_ent *x = a, *y = b;
     if (x->vol != y->vol)
         return x->vol < y->vol ? -1 : 1;
-    return x->lba < y->lba ? -1 : x->lba > y->lba;
+    if (x->lba != y->lba)
+        return x->lba < y->lba ? -1 : 1;
+    return x->seq < y->seq ? -1 : x->seq > y->seq; /* a superseded entry before its successor */
 }
 
 /* Claim the blocks of e[0..n) (sorted by pbn): FREE, or the high-water mark alloc[0] (a gap
@@ -349,9 +389,9 @@ static int take_upto(xm_store *st, ov_ent **out, size_t *n, uint64_t max_seq)
     while (st->ov_busy)
         pthread_cond_wait(&st->ov_cv, &st->ov_mu);
     st->ov_busy = 1;
-    if (st->ov_count == 0)
+    if (st->ov_count == 0 && st->ov_nprev == 0)
         return XM_OK;
-    ov_ent *e = malloc(st->ov_count * sizeof *e);
+    ov_ent *e = malloc((st->ov_count + st->ov_nprev) * sizeof *e);
     if (!e)
         return ENOMEM;
     uint32_t seen = 0;
@@ -361,6 +401,13 @@ static int take_upto(xm_store *st, ov_ent **out, size_t *n, uint64_t max_seq)
             e[(*n)++] = st->ov[i];
         }
     st->ov_ntaken = (uint32_t)*n;
+    /* Superseded entries go with them: each is older than its block's entry in the table, so
+     * a batch that takes that one takes it too, and apply's (vol, lba, seq) order puts it first. */
+    for (uint32_t i = 0; i < st->ov_nprev; i++)
+        if (st->ov_prev[i].seq <= max_seq) {
+            st->ov_prev[i].taken = 1;
+            e[(*n)++] = st->ov_prev[i];
+        }
     *out = e;
     return XM_OK;
 }
@@ -462,7 +509,7 @@ static int batch_commit(xm_store *st, int preempt)
      * and nothing can be published until it ends; it may be this thread's (a sync from inside
      * a transaction), which must not wait for LMDB's writer lock. */
     pthread_mutex_lock(&st->ov_mu);
-    int idle = st->ov_count == 0 || st->ov_foreign;
+    int idle = (st->ov_count == 0 && st->ov_nprev == 0) || st->ov_foreign;
     pthread_mutex_unlock(&st->ov_mu);
     if (idle)
         return XM_OK;

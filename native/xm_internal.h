@@ -8,6 +8,7 @@
 #define _GNU_SOURCE
 #include <lmdb.h>
 #include <pthread.h>
+#include <time.h>
 #include <sys/types.h>
 
 #include "xm.h"
@@ -30,10 +31,13 @@ typedef struct {
     uint8_t used;
     uint8_t taken; /* applied by the write transaction in progress (st->ov_txn) */
     uint8_t grow;  /* the block was a hole (its apply adds one to live_blocks) */
+    uint8_t prev;  /* an older entry of this block waits in ov_prev (it survived a snapshot) */
 } ov_ent;
+/* xm_ovhits.hit[].flags of a block whose entry already superseded an older one (xm_batch.c) */
+#define OV_HIT_PREV 1
 
-#define OV_MAX_DEFAULT 16384   /* overlay blocks before a writer applies the batch itself */
-#define OV_INTERVAL_US 5000    /* the committer applies the overlay this often */
+#define OV_MAX_DEFAULT 32768   /* overlay blocks before a writer applies the batch itself */
+#define OV_INTERVAL_US 250000  /* a batch is due when its oldest entry is this old (or at ov_max / 2) */
 #define RESV_BLOCKS 4096       /* blocks reserved at a time for redirected writes */
 #define RESV_RUNS 64
 
@@ -80,7 +84,12 @@ struct xm_store {
     pthread_mutex_t apply_mu;  /* one batch applier at a time (and xm_set_mapsize) */
     ov_ent *ov;                /* ov_slots slots */
     ov_ent *ov_spare;          /* ov_slots / 2: ov_settle's copy (so it cannot fail) */
+    ov_ent *ov_prev;           /* superseded entries, oldest first (xm_batch.c), ov_prev_cap */
+    uint32_t ov_nprev, ov_prev_cap;
     uint32_t ov_slots, ov_max, ov_count, ov_inflight;
+    uint32_t ov_due;           /* a batch is due at this many entries (ov_max / 2) */
+    uint64_t ov_first_ns;      /* when the oldest pending entry was published (about) */
+    int nowritemap;
     uint32_t ov_ntaken;        /* entries marked taken (take_upto), until the settle */
     uint64_t ov_gen;           /* bumped by every commit that changed the live map */
     uint64_t ov_seq;           /* entries published so far */
@@ -148,9 +157,19 @@ static inline int xm_rc(int rc)
 }
 
 /* 1 if [data, data+len) lies inside LMDB's map (see map_addr). */
+/* CLOCK_MONOTONIC in nanoseconds (the committer's clock: its condition variable uses it). */
+static inline uint64_t xm_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
 static inline int xm_in_map(const xm_store *st, const void *data, size_t len)
 {
     const uint8_t *p = data;
+    if (st->nowritemap)
+        return 1;
     return p >= st->map_addr && len <= st->map_size && (uint64_t)(p - st->map_addr) <= st->map_size - len;
 }
 
@@ -190,8 +209,11 @@ void xm_ov_free(xm_ovhits *h);
  * xm_ov_insert or xm_ov_discard. */
 int xm_ov_alloc(xm_store *st, uint64_t need, xm_extent *out, size_t cap, size_t *nout);
 /* Publish n blocks (lba..., pbn from runs) of vol born birth; XM_EAGAIN_ROW if the map changed
- * since the lookup (h->gen) or a block got an entry meanwhile: nothing published, retry. */
+ * since the lookup (h->gen) or a block got an entry meanwhile: nothing published, retry.  A
+ * block whose entry is born at or before max_snap (it survived a snapshot) supersedes it: the
+ * old entry moves to ov_prev; XM_EAGAIN_ROW + 1 if that has no room (apply the batch first). */
 int xm_ov_insert(xm_store *st, uint32_t vol, const xm_extent *blocks, size_t n, uint64_t birth,
+                 uint64_t max_snap,
                  uint64_t gen, const xm_extent *runs, size_t nruns, const xm_extent *recs,
                  size_t nrecs);
 /* A reserved allocation not published after all: its runs go back to the reservation. */

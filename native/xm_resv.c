@@ -75,13 +75,16 @@ static int reserve(xm_store *st, uint64_t want)
     st->nresv = 0;
     st->resv_blocks = 0;
     size_t nused = 0;
-    if (st->ov_count && !(used = malloc(st->ov_count * sizeof *used))) {
+    if ((st->ov_count || st->ov_nprev) &&
+        !(used = malloc((st->ov_count + st->ov_nprev) * sizeof *used))) {
         rc = ENOMEM;
         goto out;
     }
     for (uint32_t i = 0; i < st->ov_slots && nused < st->ov_count; i++)
         if (st->ov[i].used)
             used[nused++] = st->ov[i].pbn;
+    for (uint32_t i = 0; i < st->ov_nprev; i++) /* superseded entries hold their blocks too */
+        used[nused++] = st->ov_prev[i].pbn;
     qsort(used, nused, sizeof *used, cmp_u64);
     if ((rc = xm_row_meta_get2(st, t, XM_META_ALLOC, alloc)))
         goto out;

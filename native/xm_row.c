@@ -267,9 +267,10 @@ static void cut(const xm_extent *recs, size_t n, const xm_ovhits *ov, uint64_t l
         while (j < ov->n && ov->hit[j].lba < b)
             j++;
         uint64_t pbn = XM_HOLE;
-        if (j < ov->n && ov->hit[j].lba == b)
-            pbn = ov->hit[j].pbn;
-        else if (i < n && recs[i].lba <= b && recs[i].birth > max_snap)
+        if (j < ov->n && ov->hit[j].lba == b) {
+            if (ov->hit[j].birth > max_snap) /* else redirected: it supersedes the entry */
+                pbn = ov->hit[j].pbn;
+        } else if (i < n && recs[i].lba <= b && recs[i].birth > max_snap)
             pbn = recs[i].pbn + (b - recs[i].lba);
         if (pbn != XM_HOLE) {
             xm_extent *l = *ni ? &inplace[*ni - 1] : NULL;
@@ -357,14 +358,20 @@ static int write_row_once(xm_store *st, uint32_t vol, uint64_t offset, uint64_t 
             goto end;
         }
     /* An overlay entry born at or before the newest snapshot (it survived the snapshot, not
-     * yet applied): a snapshot holds its block, which must not be rewritten in place, and the
-     * overlay has one entry per block, so the batch goes to LMDB first (outside the gate) and
-     * the write starts over on the map that has it. */
-    for (size_t i = 0; i < ov.n; i++)
-        if (ov.hit[i].birth <= vs.max_snap) {
+     * yet applied): a snapshot holds its block, which must not be rewritten in place.  The
+     * block is redirected and its new entry supersedes the old one (xm_ov_insert), which the
+     * batch applies first, so it becomes the snapshot's dead record.  Only for a block this
+     * write covers whole (a partial one would need the old entry's content, and fill_blocks
+     * reads the map's) and only once per block between batches; otherwise the batch goes to
+     * LMDB first (outside the gate) and the write starts over on the map that has it. */
+    for (size_t i = 0; i < ov.n; i++) {
+        uint64_t bs = ov.hit[i].lba * XM_BLOCK_SIZE;
+        if (ov.hit[i].birth <= vs.max_snap &&
+            ((ov.hit[i].flags & OV_HIT_PREV) || bs < offset || bs + XM_BLOCK_SIZE > offset + length)) {
             rc = XM_EAGAIN_ROW + 1;
             goto end;
         }
+    }
     cut(recs, n, &ov, lo, hi, vs.max_snap, inplace, &ni, redir, &nr);
     uint64_t need = 0;
     for (size_t r = 0; r < nr; r++)
@@ -382,7 +389,8 @@ static int write_row_once(xm_store *st, uint32_t vol, uint64_t offset, uint64_t 
             xm_ov_discard(st, runs, nruns);
             goto end;
         }
-        if ((rc = xm_ov_insert(st, vol, blocks, nb, vs.epoch, ov.gen, runs, nruns, recs, n)))
+        if ((rc = xm_ov_insert(st, vol, blocks, nb, vs.epoch, vs.max_snap, ov.gen, runs, nruns, recs,
+                               n)))
             goto end;
         STAT_ADD(st, redirected_writes, 1);
     }
