@@ -313,7 +313,8 @@ int xm_bulk_rollback_apply(xm_store *st, uint32_t vol, const xm_extent *ranges, 
 /* Apply the overlay of redirected writes now, in one synced transaction (data fdatasync()ed
  * first).  xm_sync does this too; every other write transaction applies it first. */
 int xm_batch_commit(xm_store *st);
-/* The committer's interval (0: only on demand) and the overlay's bound in blocks. */
+/* The committer: a batch is due when its oldest entry is interval_us old (0: only on demand) or
+ * the overlay holds max_blocks / 2; max_blocks bounds the overlay. */
 int xm_batch_config(xm_store *st, uint64_t interval_us, uint32_t max_blocks);
 /* Blocks in the overlay, not yet in LMDB. */
 uint64_t xm_batch_pending(xm_store *st);

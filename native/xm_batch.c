@@ -9,7 +9,8 @@
  * in place to it.  One LMDB write transaction applies the overlay (claiming the blocks from
  * FREE or the high-water mark, then xm_row_overlay: kills, dead records, counters, exactly the
  * old per-request transaction's changes):
- *   - every OV_INTERVAL_US, by the committer thread;
+ *   - by the committer thread when a batch is due: its oldest entry is interval_us old (250 ms)
+ *     or the overlay holds ov_due (ov_max / 2) blocks (xm_batch_life.c);
  *   - at every xm_sync (FLUSH, FUA, close), synchronously;
  *   - at the start of every other write transaction (xm_wtxn_begin: rollback, clone, delete,
  *     trim, the Python write path...), inside it, so those see and commit it; not a
@@ -30,8 +31,16 @@
  * The reservation and the FREE edits of a claim are xm_resv.c; the committer thread, start,
  * stop and the knobs are xm_batch_life.c.
  *
- * Memory: at most ov_max blocks (default 16384: 64 MiB of data, ~1.3 MB of slots), twice as
- * many slots; a writer that would pass ov_max applies the batch first.
+ * Superseded entries: a block whose entry survived a snapshot, written whole again before
+ * its batch, gets a new entry; the old one moves to ov_prev (oldest first, ov_prev_cap) and is
+ * applied first by the batch that applies the new one (take_upto, cmp_map), so it becomes the
+ * snapshot's dead record.  A block may collect a chain of them (a snapshot and a write, again
+ * and again, between two batches): (vol, lba, seq) order applies the chain oldest first.
+ * Readers see only the table, i.e. the newest entry.
+ *
+ * Memory: at most ov_max blocks (default 32768: 128 MiB of data; 4 * ov_max slots of 40 bytes,
+ * 5 MiB), a spare of half the slots, ov_max / 4 superseded entries; a writer that would pass
+ * ov_max applies the batch first.
  */
 #include "xm_internal.h"
 
@@ -141,13 +150,13 @@ int xm_ov_lookup(xm_store *st, uint32_t vol, uint64_t lo, uint64_t hi, xm_ovhits
         for (uint64_t b = lo; b < hi && h->n < cap; b++) {
             ov_ent *e = ov_find(st, vol, b);
             if (e)
-                h->hit[h->n++] = (xm_extent){b, e->pbn, e->birth, 1, e->prev ? OV_HIT_PREV : 0};
+                h->hit[h->n++] = (xm_extent){b, e->pbn, e->birth, 1, 0};
         }
     } else { /* a long range: scan the slots */
         for (uint32_t i = 0; i < st->ov_slots && h->n < cap; i++) {
             ov_ent *e = &st->ov[i];
             if (e->used && e->vol == vol && e->lba >= lo && e->lba < hi)
-                h->hit[h->n++] = (xm_extent){e->lba, e->pbn, e->birth, 1, e->prev ? OV_HIT_PREV : 0};
+                h->hit[h->n++] = (xm_extent){e->lba, e->pbn, e->birth, 1, 0};
         }
         qsort(h->hit, h->n, sizeof *h->hit, cmp_hit);
     }
@@ -205,14 +214,13 @@ int xm_ov_insert(xm_store *st, uint32_t vol, const xm_extent *blocks, size_t n, 
         total += blocks[r].len;
     if (st->ov_gen != gen || st->ov_foreign || st->ov_count + total > st->ov_slots / 2)
         rc = XM_EAGAIN_ROW;
-    /* A block with an entry: only one that survived a snapshot (born <= max_snap), and has
-     * superseded none itself, and is not being applied right now (taken), is superseded; the
-     * writer saw it (xm_write_row) and wrote the whole block elsewhere.  Anything else is a
-     * race with another writer or a batch: start over. */
+    /* A block with an entry: one that survived a snapshot (born <= max_snap) is superseded;
+     * the writer saw it (xm_write_row) and wrote the whole block elsewhere.  One born after
+     * the newest snapshot is a race with another writer: start over. */
     for (size_t r = 0; r < n && rc == XM_OK; r++)
         for (uint32_t k = 0; k < blocks[r].len && rc == XM_OK; k++) {
             ov_ent *e = ov_find(st, vol, blocks[r].lba + k);
-            if (e && (e->birth > max_snap || e->prev || e->taken))
+            if (e && e->birth > max_snap)
                 rc = XM_EAGAIN_ROW;
             nsup += e != NULL;
         }
@@ -225,12 +233,16 @@ int xm_ov_insert(xm_store *st, uint32_t vol, const xm_extent *blocks, size_t n, 
         for (uint32_t k = 0; k < blocks[r].len; k++) {
             uint64_t lba = blocks[r].lba + k;
             ov_ent nw = {lba, blocks[r].pbn + k, birth, ++st->ov_seq, vol, 1, 0,
-                         (uint8_t)is_hole(recs, nrecs, lba), 0};
+                         (uint8_t)is_hole(recs, nrecs, lba)};
             ov_ent *e = ov_find(st, vol, lba);
             if (e) { /* the old one is applied first (its seq is lower), then this one kills it */
+                /* One a batch is applying right now (taken) moves with its mark: the settle
+                 * drops it (committed) or makes it pending again (aborted) from ov_prev, and
+                 * the table's count of taken entries loses it (ov_settle's fast path). */
+                if (e->taken)
+                    st->ov_ntaken--;
                 st->ov_prev[st->ov_nprev++] = *e;
-                nw.grow = 0; /* not a hole: the old entry fills it */
-                nw.prev = 1;
+                nw.grow = 0; /* not a hole: the old entry (or one before it) fills it */
                 *e = nw;
             } else {
                 ov_put(st, &nw);

@@ -168,7 +168,18 @@ int xm_batch_keep_taken(xm_store *st)
 void xm_batch_snap_end(xm_store *st)
 {
     keep_next = NULL; /* unused if the snapshot failed before its transaction */
+    pthread_mutex_lock(&st->ov_mu);
     __atomic_sub_fetch(&st->snap_want, 1, __ATOMIC_RELEASE);
+    pthread_cond_broadcast(&st->ov_cv); /* xm_batch_wait_snapshots */
+    pthread_mutex_unlock(&st->ov_mu);
+}
+
+void xm_batch_wait_snapshots(xm_store *st)
+{
+    pthread_mutex_lock(&st->ov_mu);
+    while (__atomic_load_n(&st->snap_want, __ATOMIC_ACQUIRE))
+        pthread_cond_wait(&st->ov_cv, &st->ov_mu);
+    pthread_mutex_unlock(&st->ov_mu);
 }
 
 /* A snapshot's transaction (xm_batch_snap_begin): it leaves the overlay alone, so it holds only

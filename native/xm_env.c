@@ -160,10 +160,6 @@ int xm_open(const char *dir_path, const char *pool_path, unsigned flags, uint64_
      * ftruncate()d to the map size (sparse: `du` shows what it uses), and a stray pointer in
      * this process could scribble on the map (LMDB's caveat; no Python code can reach it). */
     unsigned eflags = MDB_NOTLS | MDB_NORDAHEAD | MDB_WRITEMAP;
-    if (getenv("SNAPDISK_LMDB_NOWRITEMAP")) {
-        eflags &= ~(unsigned)MDB_WRITEMAP;
-        st->nowritemap = 1;
-    }
     if (flags & XM_OPEN_UNSAFE_NOSYNC)
         eflags |= MDB_NOSYNC; /* LMDB: a system crash can lose commits and damage the env */
     else

@@ -31,10 +31,7 @@ typedef struct {
     uint8_t used;
     uint8_t taken; /* applied by the write transaction in progress (st->ov_txn) */
     uint8_t grow;  /* the block was a hole (its apply adds one to live_blocks) */
-    uint8_t prev;  /* an older entry of this block waits in ov_prev (it survived a snapshot) */
 } ov_ent;
-/* xm_ovhits.hit[].flags of a block whose entry already superseded an older one (xm_batch.c) */
-#define OV_HIT_PREV 1
 
 #define OV_MAX_DEFAULT 32768   /* overlay blocks before a writer applies the batch itself */
 #define OV_INTERVAL_US 250000  /* a batch is due when its oldest entry is this old (or at ov_max / 2) */
@@ -89,7 +86,6 @@ struct xm_store {
     uint32_t ov_slots, ov_max, ov_count, ov_inflight;
     uint32_t ov_due;           /* a batch is due at this many entries (ov_max / 2) */
     uint64_t ov_first_ns;      /* when the oldest pending entry was published (about) */
-    int nowritemap;
     uint32_t ov_ntaken;        /* entries marked taken (take_upto), until the settle */
     uint64_t ov_gen;           /* bumped by every commit that changed the live map */
     uint64_t ov_seq;           /* entries published so far */
@@ -117,6 +113,8 @@ int xm_batch_commit_preemptible(xm_store *st);
 /* a snapshot's write transaction (xm_batch_life.c): 1 if this thread's next one must
  * leave the overlay alone (then cleared), and its begin */
 int xm_batch_keep_taken(xm_store *st);
+/* Wait until no snapshot is being taken (a writer about to apply the batch itself). */
+void xm_batch_wait_snapshots(xm_store *st);
 int xm_wtxn_begin_keep(xm_store *st, MDB_txn **out);
 /* COUNTERS deltas summed in memory over a batch (xm_row.c): one get and put per
  * (vol, death, birth) key at the flush instead of one per dead record. */
@@ -168,8 +166,6 @@ static inline uint64_t xm_now_ns(void)
 static inline int xm_in_map(const xm_store *st, const void *data, size_t len)
 {
     const uint8_t *p = data;
-    if (st->nowritemap)
-        return 1;
     return p >= st->map_addr && len <= st->map_size && (uint64_t)(p - st->map_addr) <= st->map_size - len;
 }
 

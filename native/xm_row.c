@@ -362,12 +362,12 @@ static int write_row_once(xm_store *st, uint32_t vol, uint64_t offset, uint64_t 
      * block is redirected and its new entry supersedes the old one (xm_ov_insert), which the
      * batch applies first, so it becomes the snapshot's dead record.  Only for a block this
      * write covers whole (a partial one would need the old entry's content, and fill_blocks
-     * reads the map's) and only once per block between batches; otherwise the batch goes to
-     * LMDB first (outside the gate) and the write starts over on the map that has it. */
+     * reads the map's); otherwise the batch goes to LMDB first (outside the gate) and the
+     * write starts over on the map that has it. */
     for (size_t i = 0; i < ov.n; i++) {
         uint64_t bs = ov.hit[i].lba * XM_BLOCK_SIZE;
         if (ov.hit[i].birth <= vs.max_snap &&
-            ((ov.hit[i].flags & OV_HIT_PREV) || bs < offset || bs + XM_BLOCK_SIZE > offset + length)) {
+            (bs < offset || bs + XM_BLOCK_SIZE > offset + length)) {
             rc = XM_EAGAIN_ROW + 1;
             goto end;
         }
@@ -423,12 +423,16 @@ int xm_write_row(xm_store *st, uint32_t vol, uint64_t offset, uint64_t length, c
     xm_extent *redir = malloc((nblk + 1) * sizeof *redir);
     int rc = inplace && redir ? XM_EAGAIN_ROW : ENOMEM;
     for (int attempt = 0; attempt < 8 && (rc == XM_EAGAIN_ROW || rc == XM_EAGAIN_ROW + 1); attempt++) {
-        /* The first time preemptible: a snapshot waits for one chunk, not this whole batch.
-         * Then the whole batch (outside the gate), so that the write does not end in the
-         * general path, which would apply it while holding the gate. */
-        if (rc == XM_EAGAIN_ROW + 1 &&
-            (rc = attempt == 0 ? xm_batch_commit_preemptible(st) : xm_batch_commit(st)))
-            break;
+        /* The batch first (outside the gate), so that the write does not end in the general
+         * path, which would apply it while holding the gate.  Preemptible, and not while a
+         * snapshot is being taken: a snapshot must not wait for a whole batch and its msync
+         * (this used to be a non-preemptible batch on the second try: snapshot commit_ms of
+         * 100+ ms under load). */
+        if (rc == XM_EAGAIN_ROW + 1) {
+            xm_batch_wait_snapshots(st);
+            if ((rc = xm_batch_commit_preemptible(st)))
+                break;
+        }
         /* reserve outside the gate: it may wait for LMDB's writer lock */
         if ((rc = xm_ov_ensure(st, nblk)) && rc != ENOSPC)
             break;

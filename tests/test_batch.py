@@ -254,7 +254,7 @@ def test_a_crash_with_superseded_entries_pending(tmp_path: Path) -> None:
 def test_superseded_entries_apply_in_order(engine: Engine) -> None:
     """A block written before a snapshot and again after it, both still in the overlay: the
     batch applies the older entry first, so the snapshot keeps it and the volume has the new
-    one; a second snapshot and write of the same block before the batch applies it first."""
+    one; a chain of them (snapshot, write, snapshot, write...) applies oldest first."""
     native.batch_config(engine.native, 0, 256)
     v = engine.create_volume("w", 1 << 20).id
     for b in range(8):
@@ -278,6 +278,18 @@ def test_superseded_entries_apply_in_order(engine: Engine) -> None:
         got = [engine.read_snapshot(v, epoch, b * BS, BS)[:1] for b in range(8)]
         assert got == blocks, epoch
     assert engine.read(v, 4 * BS + 100, 10) == b"p" * 10
+    # a chain: snapshot, write, snapshot, write... of one block, no batch in between
+    epochs = []
+    for data in (b"f", b"g", b"h"):
+        epochs.append(engine.create_snapshot("w").id)
+        engine.write(v, BS, data * BS)
+    assert native.batch_pending(engine.native) == 3
+    assert engine.read(v, BS, BS) == b"h" * BS
+    engine.flush()
+    assert native.batch_pending(engine.native) == 0
+    got = [engine.read_snapshot(v, e, BS, 1) for e in epochs]
+    assert got == [b"b", b"f", b"g"]
+    assert engine.read(v, BS, BS) == b"h" * BS
     report = engine.check()
     assert report.ok, report
 

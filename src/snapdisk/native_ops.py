@@ -104,7 +104,8 @@ def batch_commit(store: NativeStore) -> None:
 
 
 def batch_config(store: NativeStore, interval_us: int, max_blocks: int) -> None:
-    """The committer's interval (0: only on demand) and the overlay's bound in blocks."""
+    """When the committer applies a batch: its oldest entry interval_us old (0: only on
+    demand) or max_blocks / 2 pending; max_blocks bounds the overlay."""
     check(lib.xm_batch_config(store.ptr, interval_us, max_blocks), "group commit config")
 
 
