@@ -34,6 +34,7 @@ typedef struct {
 } ov_ent;
 
 #define OV_MAX_DEFAULT 32768   /* overlay blocks before a writer applies the batch itself */
+#define WB_KICK_NS 250000000u /* the committer starts the pool's writeback this often (if written) */
 #define OV_INTERVAL_US 250000  /* a batch is due when its oldest entry is this old (or at ov_max / 2) */
 #define RESV_BLOCKS 4096       /* blocks reserved at a time for redirected writes */
 #define RESV_RUNS 64
@@ -102,6 +103,7 @@ struct xm_store {
     pthread_mutex_t sync_mu;   /* one xm_env_sync at a time */
     int unsafe;                /* XM_OPEN_UNSAFE_NOSYNC */
     uint64_t interval_us;
+    uint64_t wb_writes;        /* the write counters at the last writeback kick (committer only) */
     pthread_t committer;
     int committer_on, stop;
     /* issue 9 item 3: snapshots waiting for LMDB's writer lock (atomic); a batch
