@@ -4,6 +4,7 @@ holds what the test put there until something applies it."""
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
 import threading
@@ -480,3 +481,30 @@ def test_snapshots_under_a_busy_committer_hold_exactly_the_writes_before_them(en
             assert got == lo or (lo < got <= c1 and writes[got - 1] == b), (sid, b, got, lo, c1)
     engine.flush()
     assert engine.check().ok
+
+
+def test_a_big_preemptible_batch_commits_in_several_transactions(engine: Engine) -> None:
+    """A writer that finds the overlay full applies it in transactions of at most 4096
+    entries, consecutive in map order (APPLY_TXN); superseded chains stay whole; the result
+    is the same map as one transaction would make."""
+    native.batch_config(engine.native, 0, 8000)  # no committer; the writers apply
+    v = engine.create_volume("big", 64 << 20).id
+    nb = (64 << 20) // BS
+    order = random.Random(7).sample(range(nb), 9000)
+    for b in order[:3000]:
+        engine.write(v, b * BS, b"1" + b.to_bytes(4, "little") + bytes(BS - 5))
+    s1 = engine.create_snapshot("big", "s1").id
+    for b in order[:1000]:  # supersede 1000 of them
+        engine.write(v, b * BS, b"2" + b.to_bytes(4, "little") + bytes(BS - 5))
+    for b in order[3000:9000]:  # past the bound: a writer applies 8000 entries
+        engine.write(v, b * BS, b"3" + b.to_bytes(4, "little") + bytes(BS - 5))
+    assert native.batch_pending(engine.native) < 6000
+    engine.flush()
+    want = {b: b"2" for b in order[:1000]} | {b: b"1" for b in order[1000:3000]}
+    want |= {b: b"3" for b in order[3000:9000]}
+    for b, tag in want.items():
+        assert engine.read(v, b * BS, 5) == tag + b.to_bytes(4, "little")
+    for b in order[:3000]:
+        assert engine.read_snapshot(v, s1, b * BS, 1) == b"1"
+    report = engine.check()
+    assert report.ok, report
