@@ -153,6 +153,10 @@ int xm_vol_forget(xm_store *st, uint32_t vol);
 
 /* ---- key/value API over the store's databases ------------------------------------------- */
 
+/* write: 1 a write transaction; 0 a read one, which first applies the group-commit overlay
+ * (xm_batch.c) so that it sees every write that completed; 2 a read of the catalog only
+ * (volumes, snapshots, names, config), which leaves the overlay alone: the map's records may
+ * then lag behind the pending writes (a periodic reader must not force a batch). */
 int xm_txn_begin(xm_store *st, int write, xm_txn **out);
 int xm_txn_commit(xm_txn *txn);
 void xm_txn_abort(xm_txn *txn);

@@ -24,14 +24,14 @@ int xm_txn_begin(xm_store *st, int write, xm_txn **out)
     if (!t)
         return ENOMEM;
     t->st = st;
-    t->write = write != 0;
+    t->write = write == 1;
     int rc;
-    if (!write && (rc = xm_batch_before_read(st))) {
+    if (write == 0 && (rc = xm_batch_before_read(st))) {
         free(t);
         return rc;
     }
     /* xm_wtxn_begin: group commit's hook (xm_batch.c), with the full-filesystem check */
-    rc = write ? xm_wtxn_begin(st, &t->txn) : mdb_txn_begin(st->env, NULL, MDB_RDONLY, &t->txn);
+    rc = t->write ? xm_wtxn_begin(st, &t->txn) : mdb_txn_begin(st->env, NULL, MDB_RDONLY, &t->txn);
     if (rc) {
         free(t);
         return xm_rc(rc);

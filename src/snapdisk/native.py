@@ -163,10 +163,12 @@ class NativeStore:
             lib.xm_close(self.ptr)
             self.ptr = None
 
-    def txn(self, write: bool = False, deferred: bool = False) -> Txn:
+    def txn(self, write: bool = False, deferred: bool = False, catalog: bool = False) -> Txn:
         """A transaction; a write one is durable when it commits, unless deferred (then call
-        env_sync() before reporting it)."""
-        return Txn(self, write, deferred)
+        env_sync() before reporting it).  catalog: a read of volumes, snapshots and config
+        only, which does not apply the pending redirected writes first (the scheduler's
+        periodic look must not force a batch)."""
+        return Txn(self, write, deferred, catalog)
 
     def sync(self) -> None:
         check(lib.xm_sync(self.ptr), "sync")

@@ -19,14 +19,17 @@ class Txn:
     """An LMDB transaction through the C core.  Use as a context manager: commit on success,
     abort on exception.  A write transaction must end on the thread that began it."""
 
-    def __init__(self, handle: NativeStore, write: bool, deferred: bool = False):
+    def __init__(self, handle: NativeStore, write: bool, deferred: bool = False,
+                 catalog: bool = False):
         self._store = handle
         self.write = write
         # deferred: commit without the durability sync (MDB_NOMETASYNC: a system crash may
         # undo the commit); the caller runs NativeStore.env_sync() before it reports success.
         self.deferred = deferred
         p = ffi.new("xm_txn **")
-        check(lib.xm_txn_begin(handle.ptr, 1 if write else 0, p), "begin transaction")
+        # catalog: a read that leaves the group-commit overlay alone (xm.h, xm_txn_begin)
+        mode = 1 if write else 2 if catalog else 0
+        check(lib.xm_txn_begin(handle.ptr, mode, p), "begin transaction")
         self._t: Any = p[0]
         self._val = ffi.new("xm_val *")
         self._kval = ffi.new("xm_val *")

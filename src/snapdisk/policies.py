@@ -228,7 +228,9 @@ class Policies:
     def views(self) -> list[S.VolumeView]:
         """Every volume with a policy or automatic snapshots, as schedule.decide sees it."""
         out = []
-        with self.native.txn() as t:
+        # catalog records only: every 2 s, so it must not apply the pending batch (a read
+        # transaction that did made snapshots under load wait for a whole batch)
+        with self.native.txn(catalog=True) as t:
             for vol in catalog.volume_ids(t):
                 rec = catalog.vol_record(t, vol)
                 assigned = rec.extra.get("policy") or {}
