@@ -10,7 +10,7 @@
  * FREE or the high-water mark, then xm_row_overlay: kills, dead records, counters, exactly the
  * old per-request transaction's changes):
  *   - by the committer thread when a batch is due: its oldest entry is interval_us old (250 ms)
- *     or the overlay holds ov_due (ov_max / 2) blocks (xm_batch_life.c);
+ *     or the overlay holds ov_max / 2 blocks (xm_batch_life.c);
  *   - at every xm_sync (FLUSH, FUA, close), synchronously;
  *   - at the start of every other write transaction (xm_wtxn_begin: rollback, clone, delete,
  *     trim, the Python write path...), inside it, so those see and commit it; not a
@@ -250,7 +250,7 @@ int xm_ov_insert(xm_store *st, uint32_t vol, const xm_extent *blocks, size_t n, 
         }
     if (rc)
         xm_ov_give_back(st, runs, nruns);
-    else if (before < st->ov_due && st->ov_count >= st->ov_due)
+    else if (before < st->ov_max / 2 && st->ov_count >= st->ov_max / 2)
         pthread_cond_signal(&st->cm_cv); /* a batch is due: the committer's wake-up */
     xm_ov_inflight_done(st);
     pthread_mutex_unlock(&st->ov_mu);

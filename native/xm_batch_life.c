@@ -12,16 +12,20 @@
 #include <string.h>
 #include <time.h>
 
-/* A batch is due when the overlay holds half its bound (ov_due: a writer that crosses it wakes
- * the committer) or its oldest entry is interval_us old.  Big batches are what make group
+/* A batch is due when the overlay holds half its bound (a writer that crosses it wakes the
+ * committer) or its oldest entry is interval_us old.  Big batches are what make group
  * commit cheap: a batch's fdatasync and map flush are paid once, and its entries share B-tree
  * pages (per redirected write the committer's CPU went from ~24 us at a 5 ms interval to ~5 us
  * at 250 ms, 4 KiB random writes at ~45k/s; benchmarks/why.md).  Nothing is promised between
  * FLUSHes, so the interval only bounds how much a FLUSH or a crash has to deal with. */
+static uint64_t deadline(const xm_store *st) /* the oldest entry's; none: UINT64_MAX */
+{
+    return st->ov_count && st->interval_us ? st->ov_first_ns + st->interval_us * 1000 : UINT64_MAX;
+}
+
 static int due(const xm_store *st, uint64_t now)
 {
-    return st->ov_count >= st->ov_due ||
-           (st->ov_count > 0 && now - st->ov_first_ns >= st->interval_us * 1000);
+    return st->ov_count >= st->ov_max / 2 || now >= deadline(st);
 }
 
 /* Start writeback of the pool's dirty pages (SYNC_FILE_RANGE_WRITE: initiate, do not wait) if
@@ -31,26 +35,26 @@ static int due(const xm_store *st, uint64_t now)
  * stalls of every write behind a full overlay, measured in scenario 3 right after its
  * sequential rewrite.  PostgreSQL's *_flush_after settings do the same for the same reason.
  * Not a durability step: fdatasync still makes data durable; a failure here is ignored. */
-static void writeback_kick(xm_store *st)
+static void writeback_kick(xm_store *st, uint64_t *last_writes)
 {
     uint64_t w = __atomic_load_n(&st->stats.fast_writes, __ATOMIC_RELAXED) +
                  __atomic_load_n(&st->stats.redirected_writes, __ATOMIC_RELAXED);
-    if (w == st->wb_writes)
+    if (w == *last_writes)
         return;
-    st->wb_writes = w;
+    *last_writes = w;
     (void)sync_file_range(st->pool_fd, 0, 0, SYNC_FILE_RANGE_WRITE);
 }
 
 static void *committer(void *arg)
 {
     xm_store *st = arg;
-    uint64_t kicked = 0;
+    uint64_t kicked = 0, writes = 0;
     pthread_mutex_lock(&st->ov_mu);
     while (!st->stop) {
         uint64_t now = xm_now_ns();
         if (now - kicked >= WB_KICK_NS) {
             pthread_mutex_unlock(&st->ov_mu);
-            writeback_kick(st);
+            writeback_kick(st, &writes);
             pthread_mutex_lock(&st->ov_mu);
             kicked = now;
             continue; /* (the time moved on) */
@@ -58,14 +62,12 @@ static void *committer(void *arg)
         /* a snapshot waiting for LMDB's writer lock goes first (xm_batch.c, apply) */
         int behind = __atomic_load_n(&st->snap_want, __ATOMIC_ACQUIRE);
         if (st->interval_us == 0 || !due(st, now) || behind) {
-            /* the oldest entry's deadline; behind a snapshot, look again in 1 ms; else at
-             * the next writeback kick (a writer crossing ov_due, a knob or stop wake it
-             * earlier) */
-            uint64_t at = kicked + WB_KICK_NS;
-            if (behind)
-                at = now + 1000000u;
-            else if (st->interval_us && st->ov_count && st->ov_first_ns + st->interval_us * 1000 < at)
-                at = st->ov_first_ns + st->interval_us * 1000;
+            /* behind a snapshot, look again in 1 ms; else at the oldest entry's deadline or
+             * the next writeback kick (a writer crossing half the bound, a knob or stop wake
+             * it earlier) */
+            uint64_t at = behind ? now + 1000000u : kicked + WB_KICK_NS;
+            if (!behind && deadline(st) < at)
+                at = deadline(st);
             struct timespec ts = {(time_t)(at / 1000000000u), (long)(at % 1000000000u)};
             pthread_cond_timedwait(&st->cm_cv, &st->ov_mu, &ts);
             continue;
@@ -85,7 +87,6 @@ int xm_batch_init(xm_store *st)
     const char *ev = getenv("SNAPDISK_BATCH_MAX_BLOCKS");
     unsigned long mx = ev ? strtoul(ev, NULL, 10) : 0;
     st->ov_max = mx >= 256 && mx <= (1ul << 22) ? (uint32_t)mx : OV_MAX_DEFAULT;
-    st->ov_due = st->ov_max / 2;
     st->ov_slots = 4; /* a power of two, load factor <= 1/2 (xm_ov_insert's bound) */
     while (st->ov_slots < 4 * st->ov_max)
         st->ov_slots *= 2;
@@ -147,7 +148,6 @@ int xm_batch_config(xm_store *st, uint64_t interval_us, uint32_t max_blocks)
     pthread_mutex_lock(&st->ov_mu);
     st->interval_us = interval_us;
     st->ov_max = max_blocks;
-    st->ov_due = max_blocks / 2;
     pthread_cond_broadcast(&st->cm_cv);
     pthread_mutex_unlock(&st->ov_mu);
     return XM_OK;

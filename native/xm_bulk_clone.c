@@ -10,7 +10,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-
 static int load_vs(chunk *c, uint32_t vol, xm_volstate *vs)
 {
     uint8_t k[XM_VOL_KEY_LEN];
@@ -30,7 +29,6 @@ static int save_vs(chunk *c, uint32_t vol, const xm_volstate *vs)
     xm_volstate_encode(v, vs);
     return bk_put(c->t, c->st->dbi[XM_DB_VOLSTATE], k, sizeof k, v, sizeof v);
 }
-
 
 int xm_bulk_clone_step(xm_store *st, uint32_t src, uint64_t epoch, uint32_t dst, uint64_t lo,
                        uint64_t hi, const void *pos_key, size_t pklen, uint64_t *nrecs)

@@ -85,7 +85,6 @@ struct xm_store {
     ov_ent *ov_prev;           /* superseded entries, oldest first (xm_batch.c), ov_prev_cap */
     uint32_t ov_nprev, ov_prev_cap;
     uint32_t ov_slots, ov_max, ov_count, ov_inflight;
-    uint32_t ov_due;           /* a batch is due at this many entries (ov_max / 2) */
     uint64_t ov_first_ns;      /* when the oldest pending entry was published (about) */
     uint32_t ov_ntaken;        /* entries marked taken (take_upto), until the settle */
     uint64_t ov_gen;           /* bumped by every commit that changed the live map */
@@ -103,7 +102,6 @@ struct xm_store {
     pthread_mutex_t sync_mu;   /* one xm_env_sync at a time */
     int unsafe;                /* XM_OPEN_UNSAFE_NOSYNC */
     uint64_t interval_us;
-    uint64_t wb_writes;        /* the write counters at the last writeback kick (committer only) */
     pthread_t committer;
     int committer_on, stop;
     /* issue 9 item 3: snapshots waiting for LMDB's writer lock (atomic); a batch

@@ -4,7 +4,8 @@
  * changes of a 1 GiB volume).  Twin: backup.py's _read_pieces_py (extmap.view_at over the
  * pieces' span, then one pool read per record-piece overlap); tests compare the two.
  *
- * The view is extmap.view_at's (xm_snap_view in xm_kv.c, shared with xm_bulk_clone.c): the live records born by epoch, plus the dead records with birth <= epoch < death,
+ * The view is extmap.view_at's (xm_snap_view in xm_kv.c, shared with xm_bulk_clone.c): the
+ * live records born by epoch, plus the dead records with birth <= epoch < death,
  * over [lo, hi) of the whole span, sorted by lba (records visible at one epoch never overlap).
  * A snapshot view never needs the group-commit overlay (its entries are born now).  The caller
  * holds the I/O gate shared, as for any pool read.  Each read passes its logical block (the
