@@ -4,6 +4,7 @@ holds what the test put there until something applies it."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 import subprocess
 import sys
@@ -218,38 +219,37 @@ os._exit(0)
 """
 
 
-def test_a_crash_with_a_pending_batch_leaks_no_block(tmp_path: Path) -> None:
-    """The reserved blocks are still FREE in LMDB, so a batch that never commits costs nothing:
-    after the crash the store opens, its block accounting checks out, and the unflushed
-    writes read their old content."""
+@contextlib.contextmanager
+def after_crash(tmp_path: Path, script: str) -> Iterator[tuple[Engine, int]]:
+    """Run a crash script on a new store, open what it left and check it: (engine, the id of
+    volume v)."""
     store = str(tmp_path / "s")
-    subprocess.run([sys.executable, "-c", CRASH, store], check=True, timeout=60)
+    subprocess.run([sys.executable, "-c", script, store], check=True, timeout=60)
     e = Engine.open(store)
     try:
         report = e.check()
         assert report.ok, report
-        v = e.volume_id("v")
-        assert all(e.read(v, b * BS, BS) == bytes([b + 1]) * BS for b in range(64))
+        yield e, e.volume_id("v")
     finally:
         e.close()
+
+
+def test_a_crash_with_a_pending_batch_leaks_no_block(tmp_path: Path) -> None:
+    """The reserved blocks are still FREE in LMDB, so a batch that never commits costs nothing:
+    after the crash the store opens, its block accounting checks out, and the unflushed
+    writes read their old content."""
+    with after_crash(tmp_path, CRASH) as (e, v):
+        assert all(e.read(v, b * BS, BS) == bytes([b + 1]) * BS for b in range(64))
 
 
 def test_a_crash_with_superseded_entries_pending(tmp_path: Path) -> None:
     """Nothing was flushed, so any of it may be lost; what is not reads old or new, in the
     volume and in the snapshot, the store checks out and no block leaks."""
-    store = str(tmp_path / "s")
-    subprocess.run([sys.executable, "-c", CRASH_SUPERSEDED, store], check=True, timeout=60)
-    e = Engine.open(store)
-    try:
-        report = e.check()
-        assert report.ok, report
-        v = e.volume_id("v")
+    with after_crash(tmp_path, CRASH_SUPERSEDED) as (e, v):
         for b in range(64):
             old = (bytes(BS), bytes([b + 1]) * BS)
             assert e.read(v, b * BS, BS) in (*old, b"z" * BS) if b < 32 else old
             assert e.read_snapshot(v, 1, b * BS, BS) in old
-    finally:
-        e.close()
 
 
 def test_superseded_entries_apply_in_order(engine: Engine) -> None:
@@ -407,21 +407,13 @@ def test_a_crash_after_a_snapshot_keeps_it_consistent(tmp_path: Path) -> None:
     """The snapshot that replied survives; the unflushed writes before it may be lost (NBD
     allows it) and then read their old content in the snapshot too, never a foreign one; the
     flushed ones are there."""
-    store = str(tmp_path / "s")
-    subprocess.run([sys.executable, "-c", CRASH_AFTER_SNAPSHOT, store], check=True, timeout=60)
-    e = Engine.open(store)
-    try:
-        report = e.check()
-        assert report.ok, report
-        v = e.volume_id("v")
+    with after_crash(tmp_path, CRASH_AFTER_SNAPSHOT) as (e, v):
         s2 = e.snapshot_id("v", "s2")
         for b in range(64):
             old = bytes([b + 1]) * BS
             want = [b"f" * BS] if b < 16 else [old, b"u" * BS] if b < 32 else [old]
             assert e.read_snapshot(v, s2, b * BS, BS) in want, b
             assert e.read(v, b * BS, BS) in want, b
-    finally:
-        e.close()
 
 
 def test_snapshots_under_a_busy_committer_hold_exactly_the_writes_before_them(engine: Engine) -> None:
