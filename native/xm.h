@@ -350,6 +350,14 @@ typedef struct {
  * for it, or this read sees the revocation. */
 int xm_conn_read(xm_store *st, xm_conn *c, uint32_t vol, uint64_t offset, uint64_t length,
                  uint8_t *buf);
+/* The write hot path in one call, counted and refused like xm_conn_read: xm_write_inplace,
+ * and where it declines and row is set, xm_write_row.  XM_ESLOW, with nothing written, when
+ * the general (Python) path must do the write (what xm_write_row declines, ENOSPC included:
+ * that path reclaims or answers ENOSPC).  row = 0 sends every redirect there (the model test's
+ * Python write path).  A redirected write used to be two Python-level calls and two map
+ * lookups after the in-place one declined: ~3 us of the request thread's ~20 (issue 9). */
+int xm_conn_write(xm_store *st, xm_conn *c, uint32_t vol, uint64_t offset, uint64_t length,
+                  const uint8_t *buf, int row);
 void xm_conn_revoke(xm_conn *c);
 uint32_t xm_conn_inflight(xm_conn *c);
 /* ---- snapshot create without the batch (issue 9 item 3) ---- */

@@ -163,6 +163,24 @@ int xm_conn_read(xm_store *st, xm_conn *c, uint32_t vol, uint64_t offset, uint64
     return rc;
 }
 
+int xm_conn_write(xm_store *st, xm_conn *c, uint32_t vol, uint64_t offset, uint64_t length,
+                  const uint8_t *buf, int row)
+{
+    int rc;
+    __atomic_add_fetch(&c->inflight, 1, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&c->revoked, __ATOMIC_SEQ_CST)) {
+        rc = XM_EREVOKED;
+    } else {
+        rc = xm_write_inplace(st, vol, offset, length, buf);
+        if (rc == XM_ESLOW && row) {
+            rc = xm_write_row(st, vol, offset, length, buf);
+            rc = rc == ENOSPC ? XM_ESLOW : rc;
+        }
+    }
+    __atomic_sub_fetch(&c->inflight, 1, __ATOMIC_SEQ_CST);
+    return rc;
+}
+
 void xm_conn_revoke(xm_conn *c)
 {
     __atomic_store_n(&c->revoked, 1, __ATOMIC_SEQ_CST);

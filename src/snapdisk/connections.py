@@ -10,11 +10,12 @@ the one way (in nbdkit 1.32) to cut a client off.
     later I/O fails with ESHUTDOWN (StaleConnection), waits until their in-flight I/O is done
     (no request that started before the revocation lands after it), then asks its owner to
     disconnect them (on_revoke).
-  * A live export's reads skip enter()/leave(): the plugin binds them (`bind_counted_read`) to
-    one C call, xm_conn_read, that counts the request in flight on the connection's `cconn`
-    and refuses it once revoked, with the same ordering argument as enter() (issue 9 item 4:
-    a 4 KiB read is one C call, no Python bookkeeping).  reserve() revokes and waits for both
-    counts.
+  * A live export's reads and writes skip enter()/leave(): the plugin binds them
+    (`bind_counted`) to one C call each, xm_conn_read and xm_conn_write, that counts the
+    request in flight on the connection's `cconn` and refuses it once revoked, with the same
+    ordering argument as enter() (issue 9 item 4: a 4 KiB read or write is one C call, no
+    Python bookkeeping).  A write the C call declines (XM_ESLOW, nothing written) goes the
+    Python way, bracketed by enter()/leave().  reserve() revokes and waits for both counts.
   * `ClientSockets` finds the NBD clients' sockets of this process and shuts them down.
 
 nbdkit 1.32 gives a Python plugin no way to end a connection: nbdkit.disconnect() came later,
@@ -52,7 +53,7 @@ class Connection:
 
     __slots__ = ("export", "vol", "epoch", "key", "size_bytes", "readonly", "generation",
                  "inflight", "opened", "socket_inode", "read", "write", "cconn", "counted",
-                 "cstore", "pinned")
+                 "cstore", "row", "pinned")
 
     def __init__(self, export: str, vol: int, epoch: int | None, size_bytes: int, readonly: bool):
         self.export = export
@@ -70,24 +71,27 @@ class Connection:
         # The plugin's hot path, bound at open (Engine.live_io / snapshot_reader).
         self.read: Callable[[int, Any], None] | None = None
         self.write: Callable[[int, Any, bool], None] | None = None
-        # The C twin of inflight and of the generation check (xm_conn), and whether reads are
-        # counted there (bind_counted_read: xm_conn_read on cstore, the store's xm_store *)
-        # instead of by enter()/leave().
+        # The C twin of inflight and of the generation check (xm_conn), and whether reads and
+        # writes are counted there (bind_counted: xm_conn_read/xm_conn_write on cstore, the
+        # store's xm_store *) instead of by enter()/leave().  row: xm_conn_write's flag (0:
+        # redirected writes take the Python twin, SNAPDISK_WRITE_PATH=python).
         self.cconn: Any = ffi.new("xm_conn *")
         self.counted = False
         self.cstore: Any = None
+        self.row = 1
         # The plugin's: (thread, PyGILState) of the connection thread's pinned thread state.
         self.pinned: tuple[int, int] | None = None
 
-    def bind_counted_read(self, cstore: Any) -> None:
-        """Reads of this (live) export are xm_conn_read(cstore, self.cconn, ...): the plugin's
-        pread makes that one C call itself, which counts the request in flight on cconn and
-        refuses it once revoked."""
+    def bind_counted(self, cstore: Any, row: bool) -> None:
+        """Reads and writes of this (live) export are xm_conn_read / xm_conn_write(cstore,
+        self.cconn, ...): the plugin's pread and pwrite make that one C call themselves, which
+        counts the request in flight on cconn and refuses it once revoked."""
         self.cstore = cstore
+        self.row = 1 if row else 0
         self.counted = True
 
     def busy(self) -> bool:
-        """Requests in flight, counted in Python (enter) or in C (xm_conn_read)."""
+        """Requests in flight, counted in Python (enter) or in C (xm_conn_read/write)."""
         return bool(self.inflight) or lib.xm_conn_inflight(self.cconn) > 0
 
 

@@ -34,7 +34,8 @@ open().  A live export's pread is one C call (xm_conn_read: it counts the reques
 checks the revocation, the registry's enter/leave in C), so no Python bookkeeping is left per
 read (issue 9 item 4): in process 2.5 us a 4 KiB read (os.preadv alone: 1.2 us), of which
 ~0.95 us the C core's map lookup and 0.1 us cffi's from_buffer (docs/design.md, "The read hot
-path").
+path").  Its pwrite is one C call too (xm_conn_write: in place, else redirect-on-write); only
+a write that call declines, with nothing written, takes the Python path.
 """
 
 from __future__ import annotations
@@ -194,8 +195,9 @@ def default_export(readonly: bool, is_tls: bool) -> str:
 def open(readonly: bool) -> Connection:
     svc = _service()
     h = svc.open_export(nbdkit.export_name(), readonly)  # the canonical name
-    if h.epoch is None:  # a live export's reads: one C call, counted there (issue 9 item 4)
-        h.bind_counted_read(svc.require_engine().native.ptr)
+    if h.epoch is None:  # a live export's I/O: one C call, counted there (issue 9 item 4)
+        e = svc.require_engine()
+        h.bind_counted(e.native.ptr, e.io.c_redirect)
     h.pinned = _pin_thread_state()
     return h
 
@@ -301,12 +303,15 @@ def can_multi_conn(h: Connection) -> bool:
 #
 # pread and pwrite are the hot path: written out flat (no decorator, the engine's callables
 # bound at open, the registry's enter/leave module globals) because every Python call is
-# ~0.1 us of a per-request budget of a few us.  A live export's pread calls xm_conn_read itself
-# (no bound reader: one Python frame less), and from_buffer's positional form
+# ~0.1 us of a per-request budget of a few us.  A live export's pread and pwrite call
+# xm_conn_read / xm_conn_write themselves (no bound callable: one Python frame less), and
+# from_buffer's positional form
 # (the keyword require_writable=True alone cost ~0.15 us of argument parsing); nbdkit's buffer
 # is a writable memoryview over its own request buffer, so C reads straight into it: no copy.
 
 _conn_read = lib.xm_conn_read
+_conn_write = lib.xm_conn_write
+_ESLOW = lib.XM_ESLOW
 _from_buffer = ffi.from_buffer
 _U8 = "uint8_t[]"
 
@@ -329,6 +334,16 @@ def pread(h: Connection, buf: Any, offset: int, flags: int) -> None:
 
 def pwrite(h: Connection, buf: Any, offset: int, flags: int) -> None:
     try:
+        if h.counted:  # xm_conn_write: in place, else redirected, counted like a read
+            rc = _conn_write(h.cstore, h.cconn, h.vol, offset, len(buf), _from_buffer(_U8, buf), h.row)
+            if not rc:
+                if flags & _FUA:
+                    _service().require_engine().flush()
+                return
+            if rc != _ESLOW:
+                check(rc, f"export {h.export!r}")
+            # Declined with nothing written (shared blocks, a full pool, ...): the general
+            # path below, which redoes the in-place attempt first (cheap; rare here).
         _enter(h)
         try:
             if h.write is None:
