@@ -509,6 +509,7 @@ int xm_wtxn_begin(xm_store *st, MDB_txn **out)
         pthread_cond_wait(&st->ov_cv, &st->ov_mu);
     st->nresv = 0; /* this transaction may allocate anything FREE */
     st->resv_blocks = 0;
+    st->held_valid = 0; /* ... so the next reservation looks at the overlay afresh */
     rc = take_all(st, &e, &n);
     st->ov_txn = *out;
     pthread_mutex_unlock(&st->ov_mu);

@@ -38,6 +38,12 @@ typedef struct {
 #define OV_INTERVAL_US 250000  /* a batch is due when its oldest entry is this old (or at ov_max / 2) */
 #define RESV_BLOCKS 4096       /* blocks reserved at a time for redirected writes */
 #define RESV_RUNS 64
+#define HELD_RUNS 1024         /* runs of st->held (xm_resv.c) */
+#define HELD_REBUILD 16        /* st->held is rebuilt exactly every this many reservations */
+
+typedef struct {
+    uint64_t pbn, len;
+} xm_run;
 
 typedef struct {
     uint64_t size_bytes;
@@ -96,6 +102,12 @@ struct xm_store {
     xm_extent resv[RESV_RUNS]; /* reserved free runs (lba unused): still FREE in LMDB */
     size_t nresv;
     uint64_t resv_blocks;
+    xm_run resv_made[RESV_RUNS]; /* the current reservation's runs as reserve() made them */
+    size_t nresv_made;
+    xm_run held[HELD_RUNS];    /* sorted, disjoint: a superset of the overlay's blocks (xm_resv.c) */
+    size_t nheld;
+    int held_valid;            /* 0: the next reservation rebuilds held exactly */
+    unsigned held_age;         /* reservations since held was rebuilt exactly */
     int batch_err;             /* the committer's last failure, reported by xm_sync */
     uint64_t commits;          /* LMDB write commits so far (atomic; xm_env_sync) */
     uint64_t synced_commits;   /* commits made durable by xm_env_sync (sync_mu) */
