@@ -508,8 +508,8 @@ def test_reservations_never_hand_out_a_block_the_overlay_holds(tmp_path: Path) -
     Over 20 reservations, with batches committing at random points, the previous snapshot
     deleted each round and a pool with room for only one round's redirects (so freed blocks
     are reused, and the superset holds blocks its batch claimed and a delete freed since), no
-    block is ever handed out twice: every block reads back what was last written there, the snapshot what it held,
-    and check passes."""
+    block is ever handed out twice: every block reads back what was last written there, the
+    snapshot what it held, and check passes."""
     nblocks, per_round = 8192, 4000  # 32 MiB volume, 48 MiB pool: 4096 blocks to spare
     e = Engine.create(str(tmp_path / "s"), StoreConfig(pool_bytes=48 * MiB))
     try:
