@@ -342,6 +342,7 @@ int xm_txn_commit_deferred(xm_txn *txn);
 typedef struct {
     uint32_t inflight;
     uint32_t revoked;
+    uint32_t row_first; /* xm_conn_write's guess: the last write redirected (no lock: a hint) */
 } xm_conn;
 #define XM_EREVOKED -30970        /* the connection was revoked (a forced rollback): reconnect */
 /* xm_read, counted in flight on c and refused (XM_EREVOKED) once c is revoked.  The count
@@ -355,7 +356,11 @@ int xm_conn_read(xm_store *st, xm_conn *c, uint32_t vol, uint64_t offset, uint64
  * the general (Python) path must do the write (what xm_write_row declines, ENOSPC included:
  * that path reclaims or answers ENOSPC).  row = 0 sends every redirect there (the model test's
  * Python write path).  A redirected write used to be two Python-level calls and two map
- * lookups after the in-place one declined: ~3 us of the request thread's ~20 (issue 9). */
+ * lookups after the in-place one declined: ~3 us of the request thread's ~20 (issue 9).
+ * After a write that redirected, the next one goes straight to xm_write_row (which writes
+ * in place what may be): right after a snapshot nearly every write redirects, and the
+ * in-place attempt's map lookup was wasted; the first write that redirects nothing switches
+ * back. */
 int xm_conn_write(xm_store *st, xm_conn *c, uint32_t vol, uint64_t offset, uint64_t length,
                   const uint8_t *buf, int row);
 void xm_conn_revoke(xm_conn *c);

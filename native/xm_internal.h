@@ -151,6 +151,9 @@ struct xm_cur {
     MDB_cursor *cur;
 };
 
+/* xm_write_row, and *moved = 1 if it redirected any block (0: all in place) */
+int xm_write_row_ex(xm_store *st, uint32_t vol, uint64_t offset, uint64_t length, const uint8_t *buf,
+                    int *moved);
 #define STAT_ADD(st, field, n) __atomic_fetch_add(&(st)->stats.field, (n), __ATOMIC_RELAXED)
 
 /* An LMDB return code as the C core's: not-found, map-full and damage get XM_ codes; the

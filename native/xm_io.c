@@ -170,11 +170,21 @@ int xm_conn_write(xm_store *st, xm_conn *c, uint32_t vol, uint64_t offset, uint6
     __atomic_add_fetch(&c->inflight, 1, __ATOMIC_SEQ_CST);
     if (__atomic_load_n(&c->revoked, __ATOMIC_SEQ_CST)) {
         rc = XM_EREVOKED;
+    } else if (row && c->row_first) {
+        int moved;
+        rc = xm_write_row_ex(st, vol, offset, length, buf, &moved);
+        rc = rc == ENOSPC ? XM_ESLOW : rc;
+        if (rc == XM_OK && !moved) {
+            c->row_first = 0;
+            STAT_ADD(st, fast_writes, 1); /* as xm_write_inplace counts it (bulk_pace.py) */
+        }
     } else {
         rc = xm_write_inplace(st, vol, offset, length, buf);
         if (rc == XM_ESLOW && row) {
-            rc = xm_write_row(st, vol, offset, length, buf);
+            int moved;
+            rc = xm_write_row_ex(st, vol, offset, length, buf, &moved);
             rc = rc == ENOSPC ? XM_ESLOW : rc;
+            c->row_first = rc == XM_OK && moved;
         }
     }
     __atomic_sub_fetch(&c->inflight, 1, __ATOMIC_SEQ_CST);

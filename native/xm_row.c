@@ -326,7 +326,7 @@ static int write_redirected(xm_store *st, uint32_t vol, const xm_extent *recs, s
 
 /* One attempt of xm_write_row; XM_EAGAIN_ROW: start over (see xm_batch.c). */
 static int write_row_once(xm_store *st, uint32_t vol, uint64_t offset, uint64_t length,
-                          const uint8_t *buf, xm_extent *inplace, xm_extent *redir)
+                          const uint8_t *buf, xm_extent *inplace, xm_extent *redir, int *moved)
 {
     xm_extent recs[BATCH], runs[MAX_RUNS], blocks[2 * MAX_RUNS + BATCH];
     xm_volstate vs;
@@ -393,6 +393,7 @@ static int write_row_once(xm_store *st, uint32_t vol, uint64_t offset, uint64_t 
                                n)))
             goto end;
         STAT_ADD(st, redirected_writes, 1);
+        *moved = 1;
     }
     /* The in-place parts last: a refused or failed redirect wrote nothing over the volume's
      * blocks. */
@@ -411,6 +412,14 @@ end:
 
 int xm_write_row(xm_store *st, uint32_t vol, uint64_t offset, uint64_t length, const uint8_t *buf)
 {
+    int moved;
+    return xm_write_row_ex(st, vol, offset, length, buf, &moved);
+}
+
+int xm_write_row_ex(xm_store *st, uint32_t vol, uint64_t offset, uint64_t length, const uint8_t *buf,
+                    int *moved)
+{
+    *moved = 0;
     uint64_t nblk = length ? (offset % XM_BLOCK_SIZE + length + XM_BLOCK_SIZE - 1) / XM_BLOCK_SIZE : 0;
     if (nblk > st->ov_max / 2)
         return XM_ESLOW; /* a huge write: the general path, in one transaction */
@@ -436,7 +445,7 @@ int xm_write_row(xm_store *st, uint32_t vol, uint64_t offset, uint64_t length, c
         /* reserve outside the gate: it may wait for LMDB's writer lock */
         if ((rc = xm_ov_ensure(st, nblk)) && rc != ENOSPC)
             break;
-        rc = write_row_once(st, vol, offset, length, buf, inplace, redir);
+        rc = write_row_once(st, vol, offset, length, buf, inplace, redir, moved);
     }
     if (rc == XM_EAGAIN_ROW || rc == XM_EAGAIN_ROW + 1)
         rc = XM_ESLOW;

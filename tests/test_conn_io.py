@@ -128,6 +128,17 @@ def test_write_in_place_then_redirected(engine: Engine) -> None:
     assert _redirected(engine) == before + 1
     assert engine.read(1, 4096, 8192) == new
     assert engine.read_snapshot(1, snap.id, 4096, 8192) == old
+    # After a redirect the next write tries xm_write_row first: a block still the snapshot's
+    # redirects, and one that is now the volume's own is written in place, which switches the
+    # guess back.
+    assert c.cconn.row_first == 1
+    assert _conn_write(c, 0, old[:4096]) == 0
+    assert _redirected(engine) == before + 2 and c.cconn.row_first == 1
+    newer = os.urandom(8192)
+    assert _conn_write(c, 4096, newer) == 0
+    assert _redirected(engine) == before + 2 and c.cconn.row_first == 0
+    assert engine.read(1, 0, 12288) == old[:4096] + newer
+    assert engine.read_snapshot(1, snap.id, 4096, 8192) == old
     assert not c.busy()
     engine.close()
 
