@@ -359,8 +359,8 @@ int xm_conn_read(xm_store *st, xm_conn *c, uint32_t vol, uint64_t offset, uint64
  * lookups after the in-place one declined: ~3 us of the request thread's ~20 (issue 9).
  * After a write that redirected, the next one goes straight to xm_write_row (which writes
  * in place what may be): right after a snapshot nearly every write redirects, and the
- * in-place attempt's map lookup was wasted; the first write that redirects nothing switches
- * back. */
+ * in-place attempt's map lookup was wasted; the first write that redirects nothing, or that
+ * xm_write_row declines, switches back. */
 int xm_conn_write(xm_store *st, xm_conn *c, uint32_t vol, uint64_t offset, uint64_t length,
                   const uint8_t *buf, int row);
 void xm_conn_revoke(xm_conn *c);

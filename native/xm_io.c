@@ -174,10 +174,12 @@ int xm_conn_write(xm_store *st, xm_conn *c, uint32_t vol, uint64_t offset, uint6
         int moved;
         rc = xm_write_row_ex(st, vol, offset, length, buf, &moved);
         rc = rc == ENOSPC ? XM_ESLOW : rc;
-        if (rc == XM_OK && !moved) {
-            c->row_first = 0;
+        if (rc == XM_OK && !moved)
             STAT_ADD(st, fast_writes, 1); /* as xm_write_inplace counts it (bulk_pace.py) */
-        }
+        /* In place, or declined (a huge request, a nearly full filesystem: the in-place
+         * path may still take it, and does next time): back to in place first. */
+        if ((rc == XM_OK && !moved) || rc == XM_ESLOW)
+            c->row_first = 0;
     } else {
         rc = xm_write_inplace(st, vol, offset, length, buf);
         if (rc == XM_ESLOW && row) {

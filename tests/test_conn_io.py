@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from snapdisk._xm import ffi, lib
 
-from snapdisk import errors
+from snapdisk import errors, native
 from snapdisk.connections import Connection, Connections
 from snapdisk.engine import Engine
 from snapdisk.native import check
@@ -176,4 +176,25 @@ def test_write_refused_once_revoked(engine: Engine) -> None:
     assert _conn_write(c, 0, os.urandom(4096)) == lib.XM_EREVOKED
     assert engine.read(1, 0, 4096) == old
     assert not c.busy()
+    engine.close()
+
+
+def test_a_write_the_redirect_path_declines_goes_back_to_in_place_first(engine: Engine) -> None:
+    """xm_write_row declines a request over half the overlay's bound (the general path takes
+    it in one transaction); after a redirect the next write tries xm_write_row first, so a
+    big write is declined once, and the one after it tries in place first again."""
+    native.batch_config(engine.native, 0, 256)  # a "huge" request: over 128 blocks
+    reg = Connections(wait_seconds=2)
+    c = _conn(reg, engine, True)
+    big = os.urandom(MIB)  # 256 blocks
+    engine.write(1, 0, big)  # the volume's own blocks
+    engine.create_snapshot("v", "s")
+    assert _conn_write(c, 2 * MIB, os.urandom(4096)) == 0  # a hole: redirected
+    assert c.cconn.row_first == 1
+    big2 = os.urandom(MIB)
+    assert _conn_write(c, 0, big2) == lib.XM_ESLOW  # the snapshot's blocks, too big for the overlay
+    assert c.cconn.row_first == 0 and engine.read(1, 0, MIB) == big
+    engine.write(1, 0, big2)  # what the plugin does then: the general path
+    assert _conn_write(c, 0, big) == 0  # now the volume's own: in place, first try
+    assert c.cconn.row_first == 0 and engine.read(1, 0, MIB) == big
     engine.close()
