@@ -163,6 +163,14 @@ int xm_conn_read(xm_store *st, xm_conn *c, uint32_t vol, uint64_t offset, uint64
     return rc;
 }
 
+/* xm_write_row_ex for xm_conn_write: ENOSPC is the general path's to answer (it reclaims). */
+static int conn_row(xm_store *st, uint32_t vol, uint64_t offset, uint64_t length, const uint8_t *buf,
+                    int *moved)
+{
+    int rc = xm_write_row_ex(st, vol, offset, length, buf, moved);
+    return rc == ENOSPC ? XM_ESLOW : rc;
+}
+
 int xm_conn_write(xm_store *st, xm_conn *c, uint32_t vol, uint64_t offset, uint64_t length,
                   const uint8_t *buf, int row)
 {
@@ -172,8 +180,7 @@ int xm_conn_write(xm_store *st, xm_conn *c, uint32_t vol, uint64_t offset, uint6
         rc = XM_EREVOKED;
     } else if (row && c->row_first) {
         int moved;
-        rc = xm_write_row_ex(st, vol, offset, length, buf, &moved);
-        rc = rc == ENOSPC ? XM_ESLOW : rc;
+        rc = conn_row(st, vol, offset, length, buf, &moved);
         if (rc == XM_OK && !moved)
             STAT_ADD(st, fast_writes, 1); /* as xm_write_inplace counts it (bulk_pace.py) */
         /* In place, or declined (a huge request, a nearly full filesystem: the in-place
@@ -184,8 +191,7 @@ int xm_conn_write(xm_store *st, xm_conn *c, uint32_t vol, uint64_t offset, uint6
         rc = xm_write_inplace(st, vol, offset, length, buf);
         if (rc == XM_ESLOW && row) {
             int moved;
-            rc = xm_write_row_ex(st, vol, offset, length, buf, &moved);
-            rc = rc == ENOSPC ? XM_ESLOW : rc;
+            rc = conn_row(st, vol, offset, length, buf, &moved);
             c->row_first = rc == XM_OK && moved;
         }
     }

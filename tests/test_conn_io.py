@@ -28,10 +28,11 @@ def engine(tmp_path: Path) -> Engine:
     return e
 
 
-def _conn(reg: Connections, e: Engine, counted: bool) -> Connection:
-    c = Connection("v", 1, None, 4 * MIB, False)
+def _conn(reg: Connections, e: Engine, counted: bool, export: str = "v") -> Connection:
+    vol = e.volume_id(export)
+    c = Connection(export, vol, None, 4 * MIB, False)
     reg.register(c)
-    c.read, c.write = e.live_io(1)
+    c.read, c.write = e.live_io(vol)
     if counted:
         c.bind_counted(e.native.ptr, row=True)
     return c
@@ -154,11 +155,8 @@ def test_write_declined_writes_nothing(engine: Engine) -> None:
     assert engine.read(1, 0, 4096) == old
     # A clone's blocks are shared: only the general path may write them.
     engine.clone("v", "s", "w")
-    w = engine.volume_id("w")
-    cw = Connection("w", w, None, 4 * MIB, False)
-    reg.register(cw)
-    cw.read, cw.write = engine.live_io(w)
-    cw.bind_counted(engine.native.ptr, row=True)
+    cw = _conn(reg, engine, True, "w")
+    w = cw.vol
     assert _conn_write(cw, 0, os.urandom(4096)) == lib.XM_ESLOW
     assert engine.read(w, 0, 4096) == old
     assert engine.read_snapshot(1, snap.id, 0, 4096) == old
