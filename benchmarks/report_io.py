@@ -176,6 +176,13 @@ def section_first_writes(doc: Doc, d: dict[str, Any], steady: dict[str, Any] | N
             "order (fio's `randseed`), now the volume's own: "
             f"{fmt_span([r['inplace']['iops'] for r in by_peer[sd] if 'inplace' in r], '{:,.0f}')} IOPS; "
             f"first writes / in place, per round: {fmt_span(inplace)}x.", "")
+    for key, what in (("clone", "into a clone of the snapshot"),
+                      ("rollback", "after a rollback of the volume to the snapshot")):
+        got = [r for r in by_peer[sd] if r.get(key, {}).get("iops") and r.get("inplace")]
+        if got:
+            doc(f"The same first writes {what} (its blocks are SHARED: other records hold them "
+                f"too): {fmt_span([r[key]['iops'] for r in got], '{:,.0f}')} IOPS, "
+                f"{fmt_span([r[key]['iops'] / r['inplace']['iops'] for r in got])}x in place.", "")
 
     targets.append(Target("First 4 KiB random writes right after a snapshot / the in-place steady state "
                           "of the same volume (the same blocks rewritten)", inplace, lo=0.95))

@@ -116,6 +116,18 @@ def first_writes(lab: Lab) -> dict[str, Any]:
                     again = fio.run(p.target(), w, lab.fio_dir, f"s2-r{r}-{p.name}-inplace",
                                     io_size=s.first_write_bytes, randseed=1000 + r)
                     row["inplace"] = _res(again)
+                    # The same first writes into a clone of the snapshot, and into the volume
+                    # rolled back to it: their blocks are SHARED (other records hold them too)
+                    clone = f"fwc-{r}"
+                    sd.call("clone", volume=peers.EXPORT, snapshot=name, name=clone)
+                    row["clone"] = _res(fio.run(sd.target(clone), w, lab.fio_dir,
+                                                f"s2-r{r}-{p.name}-clone",
+                                                io_size=s.first_write_bytes, randseed=1000 + r))
+                    sd.call("volume.delete", name=clone)
+                    sd.call("rollback", volume=peers.EXPORT, snapshot=name)
+                    row["rollback"] = _res(fio.run(p.target(), w, lab.fio_dir,
+                                                   f"s2-r{r}-{p.name}-rollback",
+                                                   io_size=s.first_write_bytes, randseed=1000 + r))
                 rows.append(row)
                 if p is qn:
                     qn.stop()

@@ -17,16 +17,18 @@
  *     snapshot's: entries survive a snapshot and keep their birth (xm_batch_life.c);
  *   - when the overlay holds ov_max blocks, by the writer that would pass the bound.
  * The pool is fdatasync()ed before every transaction that applies entries: data before the
- * map that points at it.  Batches never free a block (a redirect kills only records that a
- * snapshot holds), so nothing reaches PENDING here; frees in foreign transactions keep the
- * PENDING rule.
+ * map that points at it.  A redirect kills records that a snapshot holds (dead records) or
+ * SHARED records, whose blocks other records hold too; a batch releases the latter (REFS one
+ * holder fewer; a block that loses its last holder goes to PENDING under the batch's seq, like
+ * every free, reusable only after a sync with the I/O gate closed: allocator.py).
  *
  * Consistency: an entry is removed only after the commit that put it in LIVE, and readers look
  * the overlay up before taking their read transaction, so a block is always found in one or
  * the other.  A redirect decided on a map that changed before it was published (ov_gen moved:
  * another commit, or a foreign transaction is open) or on a block that got an entry meanwhile
  * is not published: xm_write_row starts over (XM_EAGAIN_ROW).  So the applier only ever kills
- * records a snapshot holds, as the per-request transaction did.
+ * records a snapshot holds or SHARED records the entry says to release (ov_ent.release), as
+ * the per-request transaction did.
  *
  * The reservation and the FREE edits of a claim are xm_resv.c; the committer thread, start,
  * stop and the knobs are xm_batch_life.c.
@@ -42,7 +44,7 @@
  * 5 MiB), a spare of half the slots, ov_max / 4 superseded entries; a writer that would pass
  * ov_max applies the batch first.
  */
-#include "xm_internal.h"
+#include "xm_bulk.h"
 
 #include <errno.h>
 #include <stdlib.h>
@@ -180,13 +182,13 @@ int xm_ov_full(xm_store *st, uint64_t need)
     return full;
 }
 
-/* 1 if no record of recs[] (sorted by lba) covers lba: the block is a hole. */
-static int is_hole(const xm_extent *recs, size_t nrecs, uint64_t lba)
+/* The record of recs[] (sorted by lba) that covers lba, NULL for a hole. */
+static const xm_extent *covering(const xm_extent *recs, size_t nrecs, uint64_t lba)
 {
     for (size_t i = 0; i < nrecs && recs[i].lba <= lba; i++)
         if (lba < recs[i].lba + recs[i].len)
-            return 0;
-    return 1;
+            return &recs[i];
+    return NULL;
 }
 
 uint64_t xm_batch_vol_growth(xm_store *st, uint32_t vol)
@@ -232,8 +234,11 @@ int xm_ov_insert(xm_store *st, uint32_t vol, const xm_extent *blocks, size_t n, 
     for (size_t r = 0; r < n && rc == XM_OK; r++)
         for (uint32_t k = 0; k < blocks[r].len; k++) {
             uint64_t lba = blocks[r].lba + k;
-            ov_ent nw = {lba, blocks[r].pbn + k, birth, ++st->ov_seq, vol, 1, 0,
-                         (uint8_t)is_hole(recs, nrecs, lba)};
+            const xm_extent *old = covering(recs, nrecs, lba);
+            /* release: the block's record is SHARED and no snapshot holds it (else the
+             * batch keeps it as a dead record, as for the volume's own blocks) */
+            ov_ent nw = {lba, blocks[r].pbn + k, birth, ++st->ov_seq, vol, 1, 0, old == NULL,
+                         old && (old->flags & XM_F_SHARED) && old->birth > max_snap};
             ov_ent *e = ov_find(st, vol, lba);
             if (e) { /* the old one is applied first (its seq is lower), then this one kills it */
                 /* One a batch is applying right now (taken) moves with its mark: the settle
@@ -243,6 +248,7 @@ int xm_ov_insert(xm_store *st, uint32_t vol, const xm_extent *blocks, size_t n, 
                     st->ov_ntaken--;
                 st->ov_prev[st->ov_nprev++] = *e;
                 nw.grow = 0; /* not a hole: the old entry (or one before it) fills it */
+                nw.release = 0; /* what it replaces is the old entry's record, the volume's own */
                 *e = nw;
             } else {
                 ov_put(st, &nw);
@@ -307,7 +313,7 @@ static int claim(xm_store *st, MDB_txn *t, const ov_ent *e, size_t n, uint64_t a
 
 /* Put e[0..n) (sorted by vol, lba) in the map. */
 static int put_runs(xm_store *st, MDB_txn *t, MDB_cursor *c, const ov_ent *e, size_t n,
-                    xm_row_counters *cnt)
+                    xm_row_counters *cnt, chunk *rel)
 {
     int rc = XM_OK;
     for (size_t i = 0, j; i < n && rc == XM_OK; i = j) {
@@ -326,10 +332,11 @@ static int put_runs(xm_store *st, MDB_txn *t, MDB_cursor *c, const ov_ent *e, si
              * to XM_MAX_EXTENT (a run merges into its left neighbour only whole) */
             while (k < n && k - j < 240 && e[k].lba % XM_MAX_EXTENT != 0 && e[k].vol == e[j].vol &&
                    e[k].lba == e[k - 1].lba + 1 &&
-                   e[k].pbn == e[k - 1].pbn + 1 && e[k].birth == e[j].birth)
+                   e[k].pbn == e[k - 1].pbn + 1 && e[k].birth == e[j].birth &&
+                   e[k].release == e[j].release)
                 k++;
             xm_extent nw = {e[j].lba, e[j].pbn, e[j].birth, (uint32_t)(k - j), 0};
-            rc = xm_row_overlay_c(st, t, c, e[j].vol, &vs, &nw, cnt);
+            rc = xm_row_overlay_c(st, t, c, e[j].vol, &vs, &nw, cnt, e[j].release ? rel : NULL);
             j = k;
         }
         xm_volstate_encode(vb, &vs);
@@ -352,6 +359,10 @@ static int apply(xm_store *st, MDB_txn *t, ov_ent *e, size_t n, int preempt, siz
 {
     uint64_t alloc[2], totals[2], taken = 0, gap = 0, top = 0;
     xm_row_counters cnt = {0};
+    chunk rel; /* the releases of entries that replace SHARED blocks (ov_ent.release) */
+    memset(&rel, 0, sizeof rel);
+    rel.st = st;
+    rel.t = t;
     int rc;
     *done = 0;
     if ((rc = xm_row_meta_get2(st, t, XM_META_ALLOC, alloc)) ||
@@ -369,26 +380,32 @@ static int apply(xm_store *st, MDB_txn *t, ov_ent *e, size_t n, int preempt, siz
         if (preempt && __atomic_load_n(&st->snap_want, __ATOMIC_ACQUIRE))
             break;
         size_t m = n - i < APPLY_CHUNK ? n - i : APPLY_CHUNK;
-        rc = put_runs(st, t, c, e + i, m, &cnt);
+        rc = put_runs(st, t, c, e + i, m, &cnt, &rel);
         i += m;
     }
     mdb_cursor_close(c);
-    if (rc || i < n) {
-        *done = i;
-        return rc;
-    }
+    if (rc || i < n)
+        goto out;
     if ((rc = xm_row_counters_flush(st, t, &cnt)))
-        return rc;
-    if (totals[0] + gap < taken)
-        return XM_ECORRUPT;
+        goto out;
+    if (totals[0] + gap < taken) {
+        rc = XM_ECORRUPT;
+        goto out;
+    }
     totals[0] = totals[0] + gap - taken;
     if (top)
         alloc[1] = top;
     if ((rc = xm_row_meta_put2(st, t, XM_META_ALLOC, alloc)) ||
         (rc = xm_row_meta_put2(st, t, XM_META_BLOCKS, totals)))
-        return rc;
+        goto out;
+    /* Released blocks go to PENDING under this transaction's seq, after META blocks is put
+     * (bk_settle adds them to it): reusable only once this batch is durable and the I/O gate
+     * has been closed (allocator.py, "Why PENDING"), like every other free. */
+    rc = bk_settle(&rel);
+out:
     *done = i;
-    return XM_OK;
+    bk_forget(&rel);
+    return rc;
 }
 
 /* Reorder c[0..m) so that c[k] is the entry a sort by cmp_map would put there, with no greater

@@ -16,8 +16,8 @@ typedef struct {
     size_t n, cap;
 } freed_list;
 
-/* What one chunk's transaction carries. */
-typedef struct {
+/* What one chunk's transaction carries (also a batch's, for its releases: xm_batch.c). */
+typedef struct bk_chunk {
     xm_store *st;
     MDB_txn *t;
     uint64_t seq; /* the seq of this transaction's frees, 0 until the first (allocator._txn_seq) */
@@ -50,6 +50,8 @@ int freed_sort(freed_list *f);
  * of n * es bytes); a byte every key shares costs one counting pass and no move. */
 void bk_radix_u64(void *v, void *tmp, size_t n, size_t es, size_t off);
 int bk_begin(chunk *c, xm_store *st);
+/* Close c's cursors and free its lists, its transaction left open (a batch's releases). */
+void bk_forget(chunk *c);
 /* Commit (rc == XM_OK) or abort; after a commit, punch merged freed runs >= punch_min. */
 int bk_end(chunk *c, int rc, uint64_t punch_min);
 /* REFS runs overlapping [pbn, end) (allocator._refs_overlapping). */

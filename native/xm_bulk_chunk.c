@@ -303,6 +303,18 @@ int bk_begin(chunk *c, xm_store *st)
     return xm_wtxn_begin(st, &c->t);
 }
 
+void bk_forget(chunk *c)
+{
+    for (int db = 0; db < XM_DB_COUNT; db++)
+        if (c->cur[db])
+            mdb_cursor_close(c->cur[db]);
+    free(c->freed.run);
+    free(c->later.run);
+    free(c->pendq.run);
+    memset(c->cur, 0, sizeof c->cur);
+    c->freed = c->later = c->pendq = (freed_list){0};
+}
+
 /* Commit (rc == XM_OK) or abort, punch what the committed chunk freed, free the list. */
 int bk_end(chunk *c, int rc, uint64_t punch_min)
 {
@@ -311,6 +323,7 @@ int bk_end(chunk *c, int rc, uint64_t punch_min)
     for (int db = 0; db < XM_DB_COUNT; db++)
         if (c->cur[db])
             mdb_cursor_close(c->cur[db]);
+    memset(c->cur, 0, sizeof c->cur);
     if (rc == XM_OK)
         rc = xm_rc(mdb_txn_commit(c->t));
     else
@@ -323,7 +336,6 @@ int bk_end(chunk *c, int rc, uint64_t punch_min)
         if (rc == XM_OK)
             freed_punch(c->st, &c->freed, punch_min);
     }
-    free(c->freed.run);
-    free(c->later.run);
+    bk_forget(c); /* the lists (pendq's too: it leaked a chunk's PENDING list before) */
     return rc;
 }

@@ -31,6 +31,9 @@ typedef struct {
     uint8_t used;
     uint8_t taken; /* applied by the write transaction in progress (st->ov_txn) */
     uint8_t grow;  /* the block was a hole (its apply adds one to live_blocks) */
+    uint8_t release; /* the record it replaces was SHARED and born after the newest snapshot
+                      * when it was written: its apply releases that block (REFS), no dead
+                      * record (xm_row_overlay_c) */
 } ov_ent;
 
 #define OV_MAX_DEFAULT 32768   /* overlay blocks before a writer applies the batch itself */
@@ -135,8 +138,12 @@ typedef struct {
     size_t n;
     struct { uint32_t vol; uint64_t death, birth, add; } k[XM_ROW_COUNTERS];
 } xm_row_counters;
+struct bk_chunk; /* xm_bulk.h */
+/* rel: the run's entries replace SHARED records no snapshot held when they were written
+ * (ov_ent.release): those parts are released through rel (allocator.release's twin), not
+ * kept as dead records; NULL: every covered part becomes a dead record. */
 int xm_row_overlay_c(xm_store *st, MDB_txn *t, MDB_cursor *c, uint32_t vol, xm_volstate *vs,
-                     const xm_extent *nw, xm_row_counters *cnt);
+                     const xm_extent *nw, xm_row_counters *cnt, struct bk_chunk *rel);
 int xm_row_counters_flush(xm_store *st, MDB_txn *t, xm_row_counters *cnt);
 
 struct xm_txn {
@@ -257,8 +264,6 @@ int xm_batch_sync_data(xm_store *st);
 int xm_batch_before_read(xm_store *st);
 
 /* xm_row.c's pieces the batch applier reuses. */
-int xm_row_overlay(xm_store *st, MDB_txn *t, MDB_cursor *c, uint32_t vol, xm_volstate *vs,
-                   const xm_extent *nw);
 int xm_row_get_fixed(xm_store *st, MDB_txn *t, MDB_dbi d, const void *k, size_t kl, size_t want,
                      const uint8_t **out);
 int xm_row_put(MDB_txn *t, MDB_dbi d, const void *k, size_t kl, const void *v, size_t vl);

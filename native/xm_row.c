@@ -2,19 +2,21 @@
  * xm_row.c - the redirect-on-write write path, xm_write_row.
  *
  * The C twin of the common case of the Python engine's general write (Engine._write_locked)
- * together with extmap.overlay/kill and allocator.allocate: the records it touches are never
- * SHARED, so no block changes its holder count, and every record it covers is held by a
- * snapshot (or it would have been written in place), so covered parts always become dead
- * records: nothing is freed.  It writes the same bytes to the same databases as its twin (a
- * differential test compares every database after the same writes).
- *
+ * together with extmap.overlay/kill and allocator.allocate.  Every record it covers is held by
+ * a snapshot or by another record (SHARED: a clone's or a rollback's blocks, and its origin's),
+ * or it would have been written in place.  The covered parts become dead records when a
+ * snapshot of the volume holds them; SHARED parts no snapshot holds are released by the batch
+ * that applies the write (ov_ent.release, xm_row_overlay_c: one holder fewer in REFS, PENDING
+ * when it was the last).  It writes the same bytes to the same databases as its twin (a
+ * differential test compares every database after the same writes, clones and rollbacks).
+
  * Order: everything that can refuse or fail the redirect comes first (ESLOW, ENOSPC from the
  * allocator or the filesystem, a full map, the commit); the in-place parts of the request are
  * written last, after the commit.  So a request answered ESLOW or ENOSPC has written nothing the
  * general path would not rewrite, and data reaches newly allocated blocks before the map that
  * points at them commits.  Encodings: xm_layout.h.
  */
-#include "xm_internal.h"
+#include "xm_bulk.h"
 
 #include <errno.h>
 #include <stdlib.h>
@@ -168,16 +170,10 @@ int xm_row_free_run(const xm_store *st, const MDB_val *k, const MDB_val *v, uint
 }
 
 /* Twin of extmap.overlay followed by kill: nw becomes current over its range; the covered
- * parts of the old records become dead records (death = the volume's epoch). */
-int xm_row_overlay(xm_store *st, MDB_txn *t, MDB_cursor *c, uint32_t vol, xm_volstate *vs,
-                   const xm_extent *nw)
-{
-    return xm_row_overlay_c(st, t, c, vol, vs, nw, NULL);
-}
-
-/* The same, with COUNTERS summed in cnt (a batch: xm_batch.c). */
+ * parts of the old records become dead records (death = nw's birth) or, through rel, are
+ * released (xm_internal.h).  COUNTERS are summed in cnt (a batch: xm_batch.c). */
 int xm_row_overlay_c(xm_store *st, MDB_txn *t, MDB_cursor *c, uint32_t vol, xm_volstate *vs,
-                     const xm_extent *nw, xm_row_counters *cnt)
+                     const xm_extent *nw, xm_row_counters *cnt, struct bk_chunk *rel)
 {
     xm_extent old[BATCH], keep[BATCH + 2], gone[BATCH];
     size_t n, nk, ng;
@@ -211,11 +207,21 @@ int xm_row_overlay_c(xm_store *st, MDB_txn *t, MDB_cursor *c, uint32_t vol, xm_v
             return rc;
     }
     for (size_t i = 0; i < ng; i++) {
-        if (gone[i].birth > vs->max_snap || (gone[i].flags & XM_F_SHARED))
+        if (rel) {
+            /* extmap.kill's release: no snapshot held the part when it was overwritten (a
+             * snapshot taken since is not older than nw, so it never saw the part either) */
+            if (!(gone[i].flags & XM_F_SHARED))
+                return XM_ECORRUPT; /* cannot happen: the volume's own blocks go in place */
+            rc = bk_release(rel, gone[i].pbn, gone[i].len);
+        } else if (gone[i].birth > vs->max_snap) {
             return XM_ECORRUPT; /* cannot happen: such parts are written in place */
-        /* death = the new record's birth: the entry may be applied after a snapshot that
-         * followed its write (xm_batch.c: entries survive snapshots), when vs->epoch moved on */
-        if ((rc = add_dead(st, t, vol, &gone[i], nw->birth, cnt)))
+        } else {
+            /* death = the new record's birth: the entry may be applied after a snapshot that
+             * followed its write (xm_batch.c: entries survive snapshots), when vs->epoch
+             * moved on */
+            rc = add_dead(st, t, vol, &gone[i], nw->birth, cnt);
+        }
+        if (rc)
             return rc;
         vs->live_blocks -= gone[i].len;
     }
@@ -254,7 +260,8 @@ static int fill_blocks(xm_store *st, uint32_t vol, const xm_extent *recs, size_t
 }
 
 /* [lo, hi) cut block by block into in-place segments (inplace[]: lba, len, pbn of the first
- * block: a block in the overlay, or a record born after the newest snapshot) and runs to
+ * block: a block in the overlay, or a record born after the newest snapshot that no other
+ * record holds, i.e. not SHARED) and runs to
  * redirect (redir[]: lba, len).  Both need hi - lo entries. */
 static void cut(const xm_extent *recs, size_t n, const xm_ovhits *ov, uint64_t lo, uint64_t hi,
                 uint64_t max_snap, xm_extent *inplace, size_t *ni, xm_extent *redir, size_t *nr)
@@ -270,8 +277,10 @@ static void cut(const xm_extent *recs, size_t n, const xm_ovhits *ov, uint64_t l
         if (j < ov->n && ov->hit[j].lba == b) {
             if (ov->hit[j].birth > max_snap) /* else redirected: it supersedes the entry */
                 pbn = ov->hit[j].pbn;
-        } else if (i < n && recs[i].lba <= b && recs[i].birth > max_snap)
-            pbn = recs[i].pbn + (b - recs[i].lba);
+        } else if (i < n && recs[i].lba <= b && recs[i].birth > max_snap &&
+                   !(recs[i].flags & XM_F_SHARED)) {
+            pbn = recs[i].pbn + (b - recs[i].lba); /* a SHARED block has other holders */
+        }
         if (pbn != XM_HOLE) {
             xm_extent *l = *ni ? &inplace[*ni - 1] : NULL;
             if (l && l->lba + l->len == b && l->pbn + l->len == pbn)
@@ -352,11 +361,6 @@ static int write_row_once(xm_store *st, uint32_t vol, uint64_t offset, uint64_t 
         rc = XM_ESLOW;
         goto end;
     }
-    for (size_t i = 0; i < n; i++)
-        if (recs[i].flags & XM_F_SHARED) {
-            rc = XM_ESLOW;
-            goto end;
-        }
     /* An overlay entry born at or before the newest snapshot (it survived the snapshot, not
      * yet applied): a snapshot holds its block, which must not be rewritten in place.  The
      * block is redirected and its new entry supersedes the old one (xm_ov_insert), which the

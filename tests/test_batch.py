@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from snapdisk import native
+from snapdisk import allocator, native
 from snapdisk.layout import DB_LIVE, decode_rec, vol_key
 from snapdisk.native import BLOCK_SIZE
 from snapdisk.store import StoreConfig
@@ -128,6 +128,79 @@ def test_the_map_gets_the_overlay_only_when_a_batch_commits(engine: Engine) -> N
     assert native.batch_pending(engine.native) == 0
     new = live_blocks(engine, v)
     assert all(new[b] != old[b] for b in range(8)) and all(new[b] == old[b] for b in range(8, 64))
+    assert engine.check().ok
+
+
+def refs(e: Engine, pbns: list[int]) -> list[int]:
+    """Holders of each block (allocator.refs_of), with the overlay applied first."""
+    native.batch_commit(e.native)
+    with e.native.txn() as t:
+        return [allocator.refs_of(t, p, 1)[0][2] for p in pbns]
+
+
+def pending_blocks(e: Engine) -> int:
+    native.batch_commit(e.native)
+    with e.native.txn() as t:
+        return allocator.pending_blocks(t)
+
+
+def test_writes_over_shared_blocks_are_redirected_and_release_them_in_the_batch(
+        engine: Engine) -> None:
+    """A clone's blocks (and its origin's, and a rollback's) are SHARED: a write there is
+    redirected like a first write after a snapshot, in the overlay, and its batch releases the
+    old block (one holder fewer in REFS, PENDING when it was the last) instead of keeping a
+    dead record, unless a snapshot of the volume holds it.  (These writes used to go the
+    Python way, one synced transaction each: 1.5k IOPS against 80k for a snapshot's.)"""
+    v = snapshotted_volume(engine)
+    c = engine.clone("v", "s1", "c").id
+    pbn = live_blocks(engine, v)
+    assert refs(engine, [pbn[b] for b in range(64)]) == [2] * 64
+    before = engine.native.stats()
+    for b in range(16):
+        engine.write(c, b * BS, b"C" * BS)
+    engine.write(c, 0, b"D" * 10)  # the overlay's block is the clone's own now: in place
+    after = engine.native.stats()
+    assert after["redirected_writes"] - before["redirected_writes"] == 16
+    assert after["fast_writes"] - before["fast_writes"] == 1
+    assert native.batch_pending(engine.native) == 16
+    assert engine.read(c, 0, BS) == b"D" * 10 + b"C" * (BS - 10)
+    assert engine.read(c, 16 * BS, BS) == bytes([17]) * BS
+    assert engine.read(v, 0, BS) == bytes([1]) * BS
+    free_pending = pending_blocks(engine)  # (applies the batch)
+    # the clone let go of blocks 0..15; the origin still holds them, so nothing is freed
+    assert refs(engine, [pbn[b] for b in range(16)]) == [1] * 16
+    assert refs(engine, [pbn[b] for b in range(16, 64)]) == [2] * 48
+    assert pending_blocks(engine) == free_pending
+    assert engine.check().ok
+
+    # The origin's SHARED blocks under its snapshot: redirected, kept as dead records for s1
+    for b in range(16, 32):
+        engine.write(v, b * BS, b"V" * BS)
+    assert refs(engine, [pbn[b] for b in range(16, 32)]) == [2] * 16
+    s1 = engine.snapshot_id("v", "s1")
+    assert engine.read_snapshot(v, s1, 16 * BS, BS) == bytes([17]) * BS
+    assert engine.check().ok
+
+    # No snapshot of v any more: its SHARED blocks are released by a write (the clone keeps
+    # them), and the clone's write that follows frees them: PENDING, reusable after a flush
+    engine.delete_snapshot("v", "s1")
+    base = pending_blocks(engine)
+    for b in range(40, 44):
+        engine.write(v, b * BS, b"W" * BS)
+    assert refs(engine, [pbn[b] for b in range(40, 44)]) == [1] * 4
+    assert pending_blocks(engine) == base
+    for b in range(40, 44):
+        engine.write(c, b * BS, b"X" * BS)
+    assert pending_blocks(engine) == base + 4
+    assert engine.check().ok
+    engine.flush()
+    assert pending_blocks(engine) == 0
+    for b in range(64):
+        want_v = b"W" if 40 <= b < 44 else b"V" if 16 <= b < 32 else bytes([b % 250 + 1])
+        want_c = (b"X" if 40 <= b < 44 else b"C" if 1 <= b < 16 else bytes([b % 250 + 1]))
+        assert engine.read(v, b * BS, BS) == want_v * BS
+        if b:
+            assert engine.read(c, b * BS, BS) == want_c * BS
     assert engine.check().ok
 
 

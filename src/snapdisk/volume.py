@@ -127,7 +127,7 @@ class DataPath:
         lo, hi = offset // BLOCK_SIZE, -(-end // BLOCK_SIZE)
         redirect: list[tuple[int, int, Extent | None]] = []  # (block, block end, old record)
         for a, b, e in _segments(t.live_overlap(vs.vol, lo, hi - lo), lo, hi):
-            if e is not None and _in_place_ok(t, vs, e):
+            if e is not None and _in_place_ok(vs, e):
                 s, x = max(a * BLOCK_SIZE, offset), min(b * BLOCK_SIZE, end)
                 self.pool.write(e.pbn + (a - e.lba), data[s - offset:x - offset],
                                 s - a * BLOCK_SIZE, vol=vs.vol, lba=a)
@@ -318,13 +318,8 @@ def _segments(recs: list[Extent], lo: int, hi: int) -> Iterator[tuple[int, int, 
         yield pos, hi, None
 
 
-def _in_place_ok(t: Txn, vs: VolState, e: Extent) -> bool:
-    if e.birth <= vs.max_snap:
-        return False
-    if not e.flags & F_SHARED:
-        return True
-    if any(h > 1 for _, _, h in allocator.refs_of(t, e.pbn, e.len)):
-        return False
-    # The other holders are gone: the record is the volume's own again.
-    extmap.put_live(t, vs, e._replace(flags=e.flags & ~F_SHARED))
-    return True
+def _in_place_ok(vs: VolState, e: Extent) -> bool:
+    """A record born after the newest snapshot that no other record holds.  A SHARED record is
+    redirected even when its other holders have gone since (its release then frees the old
+    block): the C write path (xm_row.c) decides without reading REFS, and this is its twin."""
+    return e.birth > vs.max_snap and not e.flags & F_SHARED
