@@ -78,13 +78,15 @@ COMMON = ["--invalidate=0", "--output-format=json", "--randrepeat=0"]
 def command(target: Target | list[Target], w: Workload, json_out: str, *, seconds: float | None = None,
             ramp_s: float = 0.0, io_size: int | None = None, size: int | None = None,
             iops_log: str | None = None, log_msec: int = 500, numjobs: int = 1,
-            randseed: int | None = None) -> list[str]:
+            randseed: int | None = None, end_fsync: bool = False) -> list[str]:
     """The fio argv: time-based when seconds is given, else until io_size bytes are done.
 
     numjobs > 1 runs that many jobs per target (with the nbd engine each its own connection:
     NBD multi-conn), reported as one group; a list of targets runs numjobs jobs on each, all in
     one group (two servers measured together).  randseed fixes the random offsets, so that a
-    second run writes the very blocks the first one did."""
+    second run writes the very blocks the first one did.  end_fsync ends each job with a
+    FLUSH (fio's fsync, an NBD FLUSH with the nbd engine): its writes are durable when it
+    returns, so what the caller times next does not pay for them."""
     targets = [target] if isinstance(target, Target) else target
     argv = ["fio", f"--rw={w.rw}", f"--bs={w.bs}", f"--iodepth={w.iodepth}", *COMMON,
             f"--output={json_out}"]
@@ -92,6 +94,8 @@ def command(target: Target | list[Target], w: Workload, json_out: str, *, second
         argv.append("--group_reporting")
     if randseed is not None:
         argv.append(f"--randseed={randseed}")
+    if end_fsync:
+        argv.append("--end_fsync=1")
     if seconds is not None:
         argv += ["--time_based", f"--runtime={max(100, round(seconds * 1000))}ms"]
         if ramp_s > 0:
@@ -154,12 +158,13 @@ def _run(argv: list[str], timeout: float) -> None:
 def run(target: Target | list[Target], w: Workload, out_dir: str, tag: str, *, seconds: float | None = None,
         ramp_s: float = 0.0, io_size: int | None = None, size: int | None = None,
         iops_log: bool = False, log_msec: int = 500, timeout: float = 600.0, numjobs: int = 1,
-        randseed: int | None = None) -> Result:
+        randseed: int | None = None, end_fsync: bool = False) -> Result:
     """One fio run to the end (numjobs jobs per target, one group); raises FioError if fio fails."""
     json_out = os.path.join(out_dir, f"{tag}.json")
     prefix = os.path.join(out_dir, tag) if iops_log else None
     argv = command(target, w, json_out, seconds=seconds, ramp_s=ramp_s, io_size=io_size, size=size,
-                   iops_log=prefix, log_msec=log_msec, numjobs=numjobs, randseed=randseed)
+                   iops_log=prefix, log_msec=log_msec, numjobs=numjobs, randseed=randseed,
+                   end_fsync=end_fsync)
     _run(argv, timeout)
     result = parse(json_out, w)
     if prefix is not None:

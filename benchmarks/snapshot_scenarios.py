@@ -227,9 +227,13 @@ def rollback_delete(lab: Lab) -> dict[str, Any]:
                 changed = max(4096, int(f * size) // 4096 * 4096)
                 tag = f"s5-r{r}-{round(f * 100)}"
                 # delete: snapshot a, change f of the volume (distinct random 4 KiB blocks), then
-                # delete a (it owns exactly what changed) while fio reads.
+                # delete a (it owns exactly what changed) while fio reads.  Each change ends with
+                # a FLUSH (end_fsync): the timed operation after it must not pay for the writes'
+                # durability (their data's fdatasync and their last batch), which it did before
+                # (a delete right after 512 MiB of writes synced them first).
                 sd.call("snapshot.create", volume=vol, name=f"{tag}-a")
-                fio.run(sd.target(vol), rw, lab.fio_dir, f"{tag}-change-a", io_size=changed)
+                fio.run(sd.target(vol), rw, lab.fio_dir, f"{tag}-change-a", io_size=changed,
+                        end_fsync=True)
                 bg = fio.Background(sd.target(vol), rr, lab.fio_dir, f"{tag}-delete-io", 600, log_msec=100)
                 try:
                     bg.wait_started()
@@ -247,13 +251,15 @@ def rollback_delete(lab: Lab) -> dict[str, Any]:
                 # the same delete with no client I/O: the walk runs unpaced (bulk_pace.py slows
                 # it while requests are served, to keep their rate): its own cost
                 sd.call("snapshot.create", volume=vol, name=f"{tag}-c")
-                fio.run(sd.target(vol), rw, lab.fio_dir, f"{tag}-change-c", io_size=changed)
+                fio.run(sd.target(vol), rw, lab.fio_dir, f"{tag}-change-c", io_size=changed,
+                        end_fsync=True)
                 t4 = time.perf_counter()
                 sd.call("snapshot.delete", volume=vol, snapshot=f"{tag}-c")
                 delete_idle_s = time.perf_counter() - t4
                 # rollback: snapshot b, change f, roll back to b (no client connected).
                 sd.call("snapshot.create", volume=vol, name=f"{tag}-b")
-                fio.run(sd.target(vol), rw, lab.fio_dir, f"{tag}-change-b", io_size=changed)
+                fio.run(sd.target(vol), rw, lab.fio_dir, f"{tag}-change-b", io_size=changed,
+                        end_fsync=True)
                 t2 = time.perf_counter()
                 sd.call("rollback", volume=vol, snapshot=f"{tag}-b")
                 rollback_s = time.perf_counter() - t2
