@@ -153,12 +153,18 @@ def test_write_declined_writes_nothing(engine: Engine) -> None:
     # row = 0 (the Python write path): a redirect is declined, nothing is written.
     assert _conn_write(c, 0, os.urandom(4096), row=0) == lib.XM_ESLOW
     assert engine.read(1, 0, 4096) == old
-    # A clone's blocks are shared: only the general path may write them.
+    # A clone's blocks are SHARED: redirected in C as well (its batch releases the old block)
     engine.clone("v", "s", "w")
     cw = _conn(reg, engine, True, "w")
     w = cw.vol
-    assert _conn_write(cw, 0, os.urandom(4096)) == lib.XM_ESLOW
-    assert engine.read(w, 0, 4096) == old
+    new = os.urandom(4096)
+    assert _conn_write(cw, 0, new) == 0
+    assert engine.read(w, 0, 4096) == new and engine.read(1, 0, 4096) == old
+    # A request bigger than half the overlay's bound is declined, with nothing written
+    native.batch_config(engine.native, 0, 256)
+    before = engine.read(w, 0, 130 * 4096)
+    assert _conn_write(cw, 0, os.urandom(129 * 4096)) == lib.XM_ESLOW
+    assert engine.read(w, 0, 130 * 4096) == before
     assert engine.read_snapshot(1, snap.id, 0, 4096) == old
     assert not cw.busy()
     engine.close()
