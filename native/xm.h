@@ -212,10 +212,11 @@ int xm_write_inplace(xm_store *st, uint32_t vol, uint64_t offset, uint64_t lengt
 /* Write [offset, offset+length) of vol's live view with redirect-on-write, group-committed
  * (xm_batch.c): blocks xm_write_inplace could write (or in the overlay) are written in place,
  * the others go to newly reserved blocks and their map change to the overlay; a later batch
- * makes the covered records dead records for the snapshots that hold them.
+ * makes the covered records dead records for the snapshots that hold them, or releases the
+ * SHARED ones no snapshot holds (REFS).
  * XM_ESLOW or ENOSPC (pool or filesystem full), with no map change and nothing written over
- * the volume's blocks, when a record involved is SHARED, the request spans too many records or
- * the free space is too fragmented: the general (Python) path handles those.  Every such
+ * the volume's blocks, when the request is huge or spans too many records or the free space
+ * is too fragmented: the general (Python) path handles those.  Every such
  * decision, and the commit, come before the first in-place write. */
 int xm_write_row(xm_store *st, uint32_t vol, uint64_t offset, uint64_t length, const uint8_t *buf);
 /* Block status of [lba, lba+nblocks) of the live view, at most cap runs. */

@@ -268,7 +268,7 @@ class NativeStore:
 
     def write_row(self, vol: int, offset: int, data: Any) -> bool:
         """Write with redirect-on-write in one C call; False, with nothing written in place, if
-        the general path must do it (shared records, a fragmented request or free space, or a
+        the general path must do it (a huge or fragmented request, fragmented free space, or a
         full pool that needs reclaiming)."""
         rc = lib.xm_write_row(self.ptr, vol, offset, len(data), ffi.from_buffer(data))
         if rc in (ESLOW, _errno.ENOSPC):

@@ -342,7 +342,7 @@ def pwrite(h: Connection, buf: Any, offset: int, flags: int) -> None:
                 return
             if rc != _ESLOW:
                 check(rc, f"export {h.export!r}")
-            # Declined with nothing written (shared blocks, a full pool, ...): the general
+            # Declined with nothing written (a huge request, a full pool, ...): the general
             # path below, which redoes the in-place attempt first (cheap; rare here).
         _enter(h)
         try:

@@ -88,7 +88,8 @@ class DataPath:
 
     def write(self, vol: int, offset: int, data: Any, fua: bool = False) -> None:
         """In place (no map change, no LMDB writer lock) when possible; else redirect-on-write
-        in C; else (shared blocks, a full pool) the general path in Python."""
+        in C (shared blocks too); else (a huge request, a full pool) the general path in
+        Python."""
         if not self.native.write_inplace(vol, offset, data):
             self.write_moved(vol, offset, data)
         if fua:
