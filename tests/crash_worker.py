@@ -73,7 +73,7 @@ def main() -> None:
             seq += n
             log(op="w", v=vol, lba=lba, seqs=seqs)
             e.write(vid, lba * BLOCK_SIZE, b"".join(block(lba + i, s) for i, s in enumerate(seqs)))
-            if rng.random() < 0.25:  # what the committer does on its own: a batch, no FLUSH (so
+            if rng.random() < 0.5:  # what the committer does on its own: a batch, no FLUSH (so
                 native.batch_commit(e.native)  # kills after one do not hang on its timing)
             log(op="done", pend=native.batch_pending(e.native))  # blocks not yet in LMDB
         elif r < 0.65:
