@@ -359,10 +359,7 @@ static int apply(xm_store *st, MDB_txn *t, ov_ent *e, size_t n, int preempt, siz
 {
     uint64_t alloc[2], totals[2], taken = 0, gap = 0, top = 0;
     xm_row_counters cnt = {0};
-    chunk rel; /* the releases of entries that replace SHARED blocks (ov_ent.release) */
-    memset(&rel, 0, sizeof rel);
-    rel.st = st;
-    rel.t = t;
+    chunk rel = {.st = st, .t = t}; /* releases of entries that replace SHARED blocks */
     int rc;
     *done = 0;
     if ((rc = xm_row_meta_get2(st, t, XM_META_ALLOC, alloc)) ||

@@ -303,15 +303,21 @@ int bk_begin(chunk *c, xm_store *st)
     return xm_wtxn_begin(st, &c->t);
 }
 
-void bk_forget(chunk *c)
+/* Before the transaction ends: LMDB frees a write transaction's cursors with it. */
+static void close_cursors(chunk *c)
 {
     for (int db = 0; db < XM_DB_COUNT; db++)
         if (c->cur[db])
             mdb_cursor_close(c->cur[db]);
+    memset(c->cur, 0, sizeof c->cur);
+}
+
+void bk_forget(chunk *c)
+{
+    close_cursors(c);
     free(c->freed.run);
     free(c->later.run);
     free(c->pendq.run);
-    memset(c->cur, 0, sizeof c->cur);
     c->freed = c->later = c->pendq = (freed_list){0};
 }
 
@@ -320,10 +326,7 @@ int bk_end(chunk *c, int rc, uint64_t punch_min)
 {
     if (rc == XM_OK)
         rc = bk_settle(c);
-    for (int db = 0; db < XM_DB_COUNT; db++)
-        if (c->cur[db])
-            mdb_cursor_close(c->cur[db]);
-    memset(c->cur, 0, sizeof c->cur);
+    close_cursors(c);
     if (rc == XM_OK)
         rc = xm_rc(mdb_txn_commit(c->t));
     else

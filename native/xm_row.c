@@ -9,7 +9,7 @@
  * that applies the write (ov_ent.release, xm_row_overlay_c: one holder fewer in REFS, PENDING
  * when it was the last).  It writes the same bytes to the same databases as its twin (a
  * differential test compares every database after the same writes, clones and rollbacks).
-
+ *
  * Order: everything that can refuse or fail the redirect comes first (ESLOW, ENOSPC from the
  * allocator or the filesystem, a full map, the commit); the in-place parts of the request are
  * written last, after the commit.  So a request answered ESLOW or ENOSPC has written nothing the

@@ -197,7 +197,7 @@ def test_writes_over_shared_blocks_are_redirected_and_release_them_in_the_batch(
     assert pending_blocks(engine) == 0
     for b in range(64):
         want_v = b"W" if 40 <= b < 44 else b"V" if 16 <= b < 32 else bytes([b % 250 + 1])
-        want_c = (b"X" if 40 <= b < 44 else b"C" if 1 <= b < 16 else bytes([b % 250 + 1]))
+        want_c = b"X" if 40 <= b < 44 else b"C" if 1 <= b < 16 else bytes([b % 250 + 1])
         assert engine.read(v, b * BS, BS) == want_v * BS
         if b:
             assert engine.read(c, b * BS, BS) == want_c * BS
