@@ -19,7 +19,8 @@ SOURCES = ["xm_map.c", "xm_env.c", "xm_kv.c", "xm_pool.c", "xm_io.c", "xm_row.c"
            "xm_crypt.c", "xm_bulk.c", "xm_bulk_rb.c", "xm_bulk_clone.c",
            "xm_batch.c", "xm_resv.c",  # group commit (issue 9)
            "xm_bulk_chunk.c", "xm_batch_life.c",  # perf: xm_bulk.c, xm_batch.c split
-           "xm_multiread.c"]  # backups: xm_snap_readv (issue 13)
+           "xm_multiread.c",  # backups: xm_snap_readv (issue 13)
+           "xm_drop.c"]  # superseded blocks' cached pages dropped (issue 9)
 
 
 def cdef_section(name: str) -> str:

@@ -81,6 +81,7 @@ typedef struct {
     uint64_t fast_writes;    /* xm_write_inplace calls that wrote */
     uint64_t slow_writes;    /* xm_write_inplace calls answered XM_ESLOW */
     uint64_t redirected_writes; /* xm_write_row calls that allocated */
+    uint64_t dropped_runs;   /* superseded runs whose cached pages were dropped (xm_drop.c) */
 } xm_stats;
 
 typedef struct xm_store xm_store;

@@ -84,6 +84,7 @@ static void ov_put(xm_store *st, const ov_ent *src)
 /* Drop the taken entries (committed) or make them pending again (aborted).  With ov_mu. */
 static void ov_settle(xm_store *st, int committed)
 {
+    xm_drop_kick(st); /* the pages of the blocks it moved to dead lists (xm_drop.c) */
     st->ov_busy = 0;
     pthread_cond_broadcast(&st->ov_cv);
     /* superseded entries: the taken ones are in LIVE now (committed) or pending again */

@@ -128,6 +128,7 @@ int xm_batch_init(xm_store *st)
     pthread_condattr_destroy(&ca);
     if (pthread_create(&st->committer, NULL, committer, st) == 0)
         st->committer_on = 1;
+    xm_drop_init(st);
     return XM_OK;
 }
 
@@ -135,6 +136,7 @@ void xm_batch_fini(xm_store *st)
 {
     if (!st->ov)
         return;
+    xm_drop_fini(st);
     if (st->committer_on) {
         pthread_mutex_lock(&st->ov_mu);
         st->stop = 1;

@@ -291,6 +291,7 @@ void xm_get_stats(xm_store *st, xm_stats *out)
     out->fast_writes = __atomic_load_n(&st->stats.fast_writes, __ATOMIC_RELAXED);
     out->slow_writes = __atomic_load_n(&st->stats.slow_writes, __ATOMIC_RELAXED);
     out->redirected_writes = __atomic_load_n(&st->stats.redirected_writes, __ATOMIC_RELAXED);
+    out->dropped_runs = __atomic_load_n(&st->stats.dropped_runs, __ATOMIC_RELAXED);
 }
 
 int xm_env_info(xm_store *st, uint64_t *last_txnid, uint64_t *map_pages_used, uint64_t *page_size)

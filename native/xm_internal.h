@@ -122,6 +122,14 @@ struct xm_store {
     /* issue 9 item 3: snapshots waiting for LMDB's writer lock (atomic); a batch
      * being applied stops at its next chunk and commits what it has (xm_batch.c) */
     int snap_want;
+    /* xm_drop.c: blocks a batch moved to dead lists, whose cached pages are dropped
+     * (drop_q and drop_n guarded by drop_mu, taken after ov_mu if both) */
+    pthread_mutex_t drop_mu;
+    pthread_cond_t drop_cv;
+    xm_run *drop_q;
+    size_t drop_n;
+    int drop_on, drop_stop;
+    pthread_t drop_thr;
 };
 /* the committer's batch, which a snapshot's snap_want stops early (xm_batch.c) */
 int xm_batch_commit_preemptible(xm_store *st);
@@ -131,6 +139,13 @@ int xm_batch_keep_taken(xm_store *st);
 /* Wait until no snapshot is being taken (a writer about to apply the batch itself). */
 void xm_batch_wait_snapshots(xm_store *st);
 int xm_wtxn_begin_keep(xm_store *st, MDB_txn **out);
+/* xm_drop.c: start and stop the thread (xm_batch_init, xm_batch_fini), queue a block that
+ * left the live map for a snapshot's dead list (xm_row_overlay_c), and wake the thread once
+ * the batch is done (ov_settle) */
+void xm_drop_init(xm_store *st);
+void xm_drop_fini(xm_store *st);
+void xm_drop_add(xm_store *st, uint64_t pbn, uint64_t len);
+void xm_drop_kick(xm_store *st);
 /* COUNTERS deltas summed in memory over a batch (xm_row.c): one get and put per
  * (vol, death, birth) key at the flush instead of one per dead record. */
 #define XM_ROW_COUNTERS 32

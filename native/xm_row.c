@@ -220,6 +220,7 @@ int xm_row_overlay_c(xm_store *st, MDB_txn *t, MDB_cursor *c, uint32_t vol, xm_v
              * followed its write (xm_batch.c: entries survive snapshots), when vs->epoch
              * moved on */
             rc = add_dead(st, t, vol, &gone[i], nw->birth, cnt);
+            xm_drop_add(st, gone[i].pbn, gone[i].len); /* only a snapshot reads it now */
         }
         if (rc)
             return rc;

@@ -182,7 +182,7 @@ class NativeStore:
         lib.xm_get_stats(self.ptr, s)
         return {f: int(getattr(s, f)) for f in
                 ("records_read", "cursor_steps", "fast_reads", "fast_writes", "slow_writes",
-                 "redirected_writes")}
+                 "redirected_writes", "dropped_runs")}
 
     def env_info(self) -> tuple[int, int, int]:
         a, b, c = ffi.new("uint64_t *"), ffi.new("uint64_t *"), ffi.new("uint64_t *")
