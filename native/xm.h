@@ -200,6 +200,16 @@ int xm_pool_write(xm_store *st, uint32_t vol, uint64_t pbn, uint64_t lba,
 /* Give nblocks from pbn back to the filesystem (they read as zeros after).  A filesystem without
  * hole punching keeps the space: that is success. */
 int xm_pool_punch(xm_store *st, uint64_t pbn, uint64_t nblocks);
+/* The punch guard.  A freed block sits in PENDING until a FLUSH's sync, which then makes it FREE
+ * (allocator.release_pending), and a write may take it at once; a punch of it after that would
+ * zero the new data.  Whoever frees blocks and punches them after the commit holds the guard
+ * from before that commit to after the punch (xm_punch_hold, xm_punch_release), and the move
+ * from PENDING to FREE first waits until nobody holds it (xm_punch_wait): a move that saw the
+ * commit's seq started after the hold.  xm_punch_holders is for tests. */
+void xm_punch_hold(xm_store *st);
+void xm_punch_release(xm_store *st);
+void xm_punch_wait(xm_store *st);
+int xm_punch_holders(xm_store *st);
 /* Bytes the pool file occupies on its filesystem (st_blocks * 512). */
 int xm_pool_size_on_disk(xm_store *st, uint64_t *out);
 

@@ -327,18 +327,25 @@ int bk_end(chunk *c, int rc, uint64_t punch_min)
     if (rc == XM_OK)
         rc = bk_settle(c);
     close_cursors(c);
+    /* The punch guard (xm.h), from before the commit: the frees are in PENDING from then on,
+     * and a FLUSH that makes them FREE must not do so before the punch is done. */
+    int punch = rc == XM_OK && punchable(&c->freed, punch_min);
+    if (punch)
+        xm_punch_hold(c->st);
     if (rc == XM_OK)
         rc = xm_rc(mdb_txn_commit(c->t));
     else
         mdb_txn_abort(c->t);
     xm_wtxn_end(c->st, rc == XM_OK); /* group commit's settle; data.mdb's headroom */
-    if (rc == XM_OK && punchable(&c->freed, punch_min)) {
+    if (rc == XM_OK && punch) {
         /* The commit is MDB_NOMETASYNC: a system crash could undo it, and the undone map
          * would still point at the punched blocks.  Durable first. */
         rc = xm_env_sync(c->st);
         if (rc == XM_OK)
             freed_punch(c->st, &c->freed, punch_min);
     }
+    if (punch)
+        xm_punch_release(c->st);
     bk_forget(c); /* the lists (pendq's too: it leaked a chunk's PENDING list before) */
     return rc;
 }

@@ -167,6 +167,8 @@ int xm_open(const char *dir_path, const char *pool_path, unsigned flags, uint64_
     st->unsafe = (flags & XM_OPEN_UNSAFE_NOSYNC) != 0;
     st->commits = 1; /* open_dbs's commit: the first xm_env_sync covers it */
     pthread_mutex_init(&st->sync_mu, NULL);
+    pthread_mutex_init(&st->punch_mu, NULL);
+    pthread_cond_init(&st->punch_cv, NULL);
     if ((rc = mdb_env_open(st->env, dir_path, eflags, 0600)))
         goto fail;
     /* The structure first: opening the databases already walks the main B-tree. */
@@ -231,6 +233,8 @@ void xm_close(xm_store *st)
         close(st->pool_fd);
     pthread_rwlock_destroy(&st->gate);
     pthread_mutex_destroy(&st->sync_mu);
+    pthread_mutex_destroy(&st->punch_mu);
+    pthread_cond_destroy(&st->punch_cv);
     pthread_mutex_destroy(&st->mu);
     for (int i = 0; i < RMW_LOCKS; i++)
         pthread_mutex_destroy(&st->rmw[i]);

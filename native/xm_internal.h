@@ -115,6 +115,9 @@ struct xm_store {
     uint64_t commits;          /* LMDB write commits so far (atomic; xm_env_sync) */
     uint64_t synced_commits;   /* commits made durable by xm_env_sync (sync_mu) */
     pthread_mutex_t sync_mu;   /* one xm_env_sync at a time */
+    pthread_mutex_t punch_mu;  /* the punch guard (xm_pool.c): punch_holds, punch_cv */
+    pthread_cond_t punch_cv;
+    int punch_holds;
     int unsafe;                /* XM_OPEN_UNSAFE_NOSYNC */
     uint64_t interval_us;
     pthread_t committer;

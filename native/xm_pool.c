@@ -249,3 +249,36 @@ int xm_pool_size_on_disk(xm_store *st, uint64_t *out)
     *out = (uint64_t)sb.st_blocks * 512;
     return XM_OK;
 }
+
+/* ---- the punch guard (xm.h) ---------------------------------------------------------------- */
+
+void xm_punch_hold(xm_store *st)
+{
+    pthread_mutex_lock(&st->punch_mu);
+    st->punch_holds++;
+    pthread_mutex_unlock(&st->punch_mu);
+}
+
+void xm_punch_release(xm_store *st)
+{
+    pthread_mutex_lock(&st->punch_mu);
+    if (--st->punch_holds == 0)
+        pthread_cond_broadcast(&st->punch_cv);
+    pthread_mutex_unlock(&st->punch_mu);
+}
+
+void xm_punch_wait(xm_store *st)
+{
+    pthread_mutex_lock(&st->punch_mu);
+    while (st->punch_holds)
+        pthread_cond_wait(&st->punch_cv, &st->punch_mu);
+    pthread_mutex_unlock(&st->punch_mu);
+}
+
+int xm_punch_holders(xm_store *st)
+{
+    pthread_mutex_lock(&st->punch_mu);
+    int n = st->punch_holds;
+    pthread_mutex_unlock(&st->punch_mu);
+    return n;
+}

@@ -226,15 +226,16 @@ class Bulk:
             lo, hi = _unindex_range(item)
             return native.bulk_del_range(self.native, DB_LIVEBIRTH, lo, hi, CHUNK)
         freed: Freed = []
-        with self.native.txn(write=True) as t:
-            if op == "drop_window":
-                n = py_drop_window(t, vol, item["window"], CHUNK, freed)
-            elif op == "delete_volume":
-                n = py_drop_volume(t, vol, CHUNK, freed)
-            else:
-                lo, hi = _unindex_range(item)
-                n = py_del_range(t, DB_LIVEBIRTH, lo, hi, CHUNK)
-        self.io.punch(freed, PUNCH_BULK_MIN_BLOCKS)
+        with self.native.punch_hold():  # from before the commit to after the punch (xm.h)
+            with self.native.txn(write=True) as t:
+                if op == "drop_window":
+                    n = py_drop_window(t, vol, item["window"], CHUNK, freed)
+                elif op == "delete_volume":
+                    n = py_drop_volume(t, vol, CHUNK, freed)
+                else:
+                    lo, hi = _unindex_range(item)
+                    n = py_del_range(t, DB_LIVEBIRTH, lo, hi, CHUNK)
+            self.io.punch(freed, PUNCH_BULK_MIN_BLOCKS)
         return n
 
     def _finish(self, t: Txn, item: Item) -> None:
@@ -277,9 +278,10 @@ class Bulk:
             total(sum(w for _, _, w in ranges))
             for chunk, recs, n in _slices(ranges, targets):
                 freed: Freed = []
-                with self.native.txn(write=True) as t:
-                    py_rollback_apply(t, vol, chunk, recs, chunk[-1][1], freed)
-                self.io.punch(freed, PUNCH_BULK_MIN_BLOCKS)
+                with self.native.punch_hold():  # (as in _chunk)
+                    with self.native.txn(write=True) as t:
+                        py_rollback_apply(t, vol, chunk, recs, chunk[-1][1], freed)
+                    self.io.punch(freed, PUNCH_BULK_MIN_BLOCKS)
                 step(n)
         with self.native.gate_exclusive():
             with self.native.txn(write=True) as t:

@@ -223,6 +223,24 @@ class NativeStore:
         lib.xm_gate_open(self.ptr)
 
     @contextmanager
+    def punch_hold(self) -> Iterator[None]:
+        """The punch guard (xm.h): hold it from before a commit that frees blocks to after
+        their punch, so that no FLUSH makes them FREE (and a write reuses them) before the
+        punch is done."""
+        lib.xm_punch_hold(self.ptr)
+        try:
+            yield
+        finally:
+            lib.xm_punch_release(self.ptr)
+
+    def punch_wait(self) -> None:
+        """Wait until no punch is pending (before PENDING moves to FREE)."""
+        lib.xm_punch_wait(self.ptr)
+
+    def punch_holders(self) -> int:
+        return int(lib.xm_punch_holders(self.ptr))
+
+    @contextmanager
     def gate_shared(self) -> Iterator[None]:
         """Hold the I/O gate shared (I/O): snapshot and rollback wait for the block to end."""
         lib.xm_gate_enter(self.ptr)

@@ -11,6 +11,7 @@ punched after each commit (volume.DataPath.punch).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -80,48 +81,52 @@ class Snapshots:
         if name is not None:
             catalog.check_name(name, "snapshot")
         freed: Freed = []
-        t0 = time.perf_counter()
-        # Until snap_end the committer starts no batch and stops the one in progress early, so
-        # neither the transaction nor its sync waits behind (or flushes) a batch's pages.
-        lib.xm_batch_snap_begin(self.native.ptr)
-        try:
-            ta = time.perf_counter()  # the batch wait
-            with self.native.gate_exclusive():
-                t1 = time.perf_counter()  # the gate wait; then one transaction with the
-                # snapshot's own records only: the group-commit overlay survives it (its
-                # entries keep their birth; docs/design.md "Group commit"), and its durability
-                # point waits until the gate is open again (I/O after it needs it visible)
-                t = self.native.txn(write=True)
-                t.deferred = True  # (an attribute: test_work's counting wrapper takes write only)
-                with t:
-                    vol = catalog.vol_id(t, volume)
-                    _refuse_busy(t, vol, volume)
-                    vs = catalog.state(t, vol)
-                    rec = catalog.vol_record(t, vol)
-                    self._enforce_quota(t, vs, rec, kind, freed)
-                    epoch = vs.epoch
-                    name = name or f"snap-{epoch}"
-                    if catalog.snap_name_taken(t, vol, name):
-                        raise errors.AlreadyExists(
-                            f"volume {volume!r} has a snapshot named {name!r}")
-                    # the pending entries survive the snapshot: the holes they fill count
-                    referenced = vs.live_blocks + lib.xm_batch_vol_growth(self.native.ptr, vol)
-                    snap = SnapshotRecord(name, time.time(), kind, policy, vs.size_bytes,
-                                          referenced, slot, expires)
-                    catalog.add_snapshot(t, vol, epoch, snap)
-                    rec.add(kind, 1)
-                    catalog.put_vol_record(t, vol, rec)
-                    vs.epoch += 1
-                    vs.max_snap = epoch
-                    vs.nsnaps += 1
-                    vs.save(t)
-                t2 = time.perf_counter()
-                configure(self.native, vs)
-            self.native.env_sync()  # durable before the reply, and before punching its frees
-            t3 = time.perf_counter()
-        finally:
-            lib.xm_batch_snap_end(self.native.ptr)
-        self.io.punch(freed, PUNCH_BULK_MIN_BLOCKS)
+        # the punch guard (native.punch_hold) for what a replaced automatic snapshot frees:
+        # taken inside the gate, from before the commit to after the punch
+        with contextlib.ExitStack() as guard:
+            t0 = time.perf_counter()
+            # Until snap_end the committer starts no batch and stops the one in progress early, so
+            # neither the transaction nor its sync waits behind (or flushes) a batch's pages.
+            lib.xm_batch_snap_begin(self.native.ptr)
+            try:
+                ta = time.perf_counter()  # the batch wait
+                with self.native.gate_exclusive():
+                    guard.enter_context(self.native.punch_hold())
+                    t1 = time.perf_counter()  # the gate wait; then one transaction with the
+                    # snapshot's own records only: the group-commit overlay survives it (its
+                    # entries keep their birth; docs/design.md "Group commit"), and its durability
+                    # point waits until the gate is open again (I/O after it needs it visible)
+                    t = self.native.txn(write=True)
+                    t.deferred = True  # (an attribute: test_work's counting wrapper takes write only)
+                    with t:
+                        vol = catalog.vol_id(t, volume)
+                        _refuse_busy(t, vol, volume)
+                        vs = catalog.state(t, vol)
+                        rec = catalog.vol_record(t, vol)
+                        self._enforce_quota(t, vs, rec, kind, freed)
+                        epoch = vs.epoch
+                        name = name or f"snap-{epoch}"
+                        if catalog.snap_name_taken(t, vol, name):
+                            raise errors.AlreadyExists(
+                                f"volume {volume!r} has a snapshot named {name!r}")
+                        # the pending entries survive the snapshot: the holes they fill count
+                        referenced = vs.live_blocks + lib.xm_batch_vol_growth(self.native.ptr, vol)
+                        snap = SnapshotRecord(name, time.time(), kind, policy, vs.size_bytes,
+                                              referenced, slot, expires)
+                        catalog.add_snapshot(t, vol, epoch, snap)
+                        rec.add(kind, 1)
+                        catalog.put_vol_record(t, vol, rec)
+                        vs.epoch += 1
+                        vs.max_snap = epoch
+                        vs.nsnaps += 1
+                        vs.save(t)
+                    t2 = time.perf_counter()
+                    configure(self.native, vs)
+                self.native.env_sync()  # durable before the reply, and before punching its frees
+                t3 = time.perf_counter()
+            finally:
+                lib.xm_batch_snap_end(self.native.ptr)
+            self.io.punch(freed, PUNCH_BULK_MIN_BLOCKS)
         return SnapshotInfo(volume, epoch, name, snap.created, kind, policy, vs.size_bytes,
                             snap.referenced_blocks * BLOCK_SIZE, slot=slot, expires=expires,
                             gate_wait_ms=round((t1 - ta) * 1000, 3),

@@ -176,22 +176,28 @@ class DataPath:
         nothing else holds them).  zero=True also zeroes the partial blocks at its edges;
         trim leaves those alone (TRIM is advisory)."""
         freed: Freed = []
-        with self.native.gate_shared(), self.native.txn(write=True) as t:
-            vs = catalog.state(t, vol)
-            check_io(vs, offset, length)
-            end = offset + length
-            lo, hi = -(-offset // BLOCK_SIZE), end // BLOCK_SIZE
-            if lo < hi:
-                extmap.holes_over(t, vs, lo, hi, freed)
-            if zero:
-                edges = ([(offset, end)] if lo >= hi else
-                         [(offset, lo * BLOCK_SIZE), (hi * BLOCK_SIZE, end)])
-                for s, x in edges:
-                    if s < x:
-                        self._write_locked(t, vs, s, memoryview(bytes(x - s)), freed)
-                pool_datasync(self.native)  # data before the (synced) map commit
-            vs.save(t)
-        self.punch(freed)
+        # The punch guard (native.punch_hold), from before the commit to after the punch.
+        # Taken inside the gate: a snapshot that closes the gate may wait for a FLUSH in
+        # flight, which waits for the guard's holders.
+        with contextlib.ExitStack() as guard:
+            with self.native.gate_shared():
+                guard.enter_context(self.native.punch_hold())
+                with self.native.txn(write=True) as t:
+                    vs = catalog.state(t, vol)
+                    check_io(vs, offset, length)
+                    end = offset + length
+                    lo, hi = -(-offset // BLOCK_SIZE), end // BLOCK_SIZE
+                    if lo < hi:
+                        extmap.holes_over(t, vs, lo, hi, freed)
+                    if zero:
+                        edges = ([(offset, end)] if lo >= hi else
+                                 [(offset, lo * BLOCK_SIZE), (hi * BLOCK_SIZE, end)])
+                        for s, x in edges:
+                            if s < x:
+                                self._write_locked(t, vs, s, memoryview(bytes(x - s)), freed)
+                        pool_datasync(self.native)  # data before the (synced) map commit
+                    vs.save(t)
+            self.punch(freed)
         if fua:
             self.flush()
 
@@ -235,6 +241,9 @@ class DataPath:
         delete PENDING holds tens of thousands of runs (~17 us each here), and one transaction
         for all of them held every client's I/O at the next FLUSH for a second or more."""
         moved = 0
+        # a free whose commit this sync covered may not be punched yet (native.punch_hold):
+        # its blocks become FREE, and writable, only after the punch
+        self.native.punch_wait()
         while True:
             with self.native.gate_exclusive(), self.native.txn(write=True) as t:
                 n = allocator.release_pending(t, upto_seq, RELEASE_CHUNK)
