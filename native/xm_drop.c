@@ -30,7 +30,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
-#define DROPS 16384     /* runs waiting (a batch has up to ov_max / 2 = 16k entries) */
+#define DROPS 16384     /* runs waiting (a batch is due at ov_max / 2 = 16k entries) */
 #define DROP_SLICE 256  /* handed over this many at a time */
 
 static void *dropper(void *arg)

@@ -7,11 +7,11 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from waiting import wait_until
 
 from snapdisk.native import BLOCK_SIZE
 from snapdisk.store import StoreConfig
@@ -42,13 +42,6 @@ def resident(path: str, pbn: int, n: int) -> int:
             libc.munmap(addr, n * BS)
     finally:
         os.close(fd)
-
-
-def wait_for(cond: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def pbns(e: Engine, vol: int, lba: int, n: int) -> list[int]:
@@ -84,16 +77,17 @@ def test_superseded_blocks_leave_the_page_cache_and_the_snapshot_still_reads_the
         e.write(vol, i * BS, pattern(i))
     e.flush()  # the pool's pages are clean: the kernel drops only clean ones
     old = pbns(e, vol, 0, n)
+    assert old == list(range(old[0], old[0] + n))  # one run: resident() reads it whole
     os.sync()
     assert resident(pool, old[0], n) == n
     snap = e.create_snapshot("v")
     before = e.native.stats()["dropped_runs"]
     for i in range(n):  # every block redirected: the old ones go to the snapshot's dead list
         e.write(vol, i * BS, pattern(1000 + i))
-    e.flush()  # applies the batch, which hands the dead blocks to the warmer
+    e.flush()  # applies the batch, which hands the dead blocks to the drop thread
     assert pbns(e, vol, 0, n) != old
-    wait_for(lambda: e.native.stats()["dropped_runs"] > before, "the drops")
-    wait_for(lambda: resident(pool, old[0], n) == 0, "the old pages to leave the cache")
+    wait_until(lambda: e.native.stats()["dropped_runs"] > before, what="the drops")
+    wait_until(lambda: resident(pool, old[0], n) == 0, what="the old pages to leave the cache")
     # the snapshot reads its blocks from the disk, the volume its new ones
     assert all(e.read_snapshot(vol, snap.id, i * BS, BS) == pattern(i) for i in range(n))
     assert all(e.read(vol, i * BS, BS) == pattern(1000 + i) for i in range(n))
@@ -111,8 +105,7 @@ def test_off_switch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         e.create_snapshot("v")
         for i in range(16):
             e.write(vol, i * BS, pattern(100 + i))
-        e.flush()
-        time.sleep(0.1)
+        e.flush()  # (switched off, no thread exists to drop anything later)
         assert e.native.stats()["dropped_runs"] == 0
         assert all(e.read(vol, i * BS, BS) == pattern(100 + i) for i in range(16))
     finally:
