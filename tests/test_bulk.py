@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from snapdisk import bulk, errors, layout
+from snapdisk import bulk, bulk_pace, errors, layout
 from snapdisk.engine import Engine
 from snapdisk.native import BLOCK_SIZE
 from snapdisk.store import StoreConfig
@@ -29,6 +29,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path,
     if request.param == "python":
         monkeypatch.setenv("SNAPDISK_BULK_PATH", "python")
     monkeypatch.setattr(bulk, "CHUNK", 16)
+    monkeypatch.setattr(bulk_pace, "GROWTH", 1)  # these tests count chunks of 16
     Engine.create(str(tmp_path), StoreConfig(pool_bytes=256 * MiB)).close()
     yield tmp_path
 

@@ -2,8 +2,9 @@
 
 Each long operation first commits a *mark* (a work item in META `bulk`, together with whatever
 makes its effect visible at once), then does its walk in chunks: one LMDB write transaction of
-at most CHUNK map records each (SNAPDISK_BULK_CHUNK, default 10000), so LMDB's writer lock is
-held for milliseconds and I/O on every other volume goes on between chunks.  The walks take
+at most CHUNK map records each (SNAPDISK_BULK_CHUNK, default 10000; up to 4 times that while
+no request is served, bulk_pace.py), so LMDB's writer lock is held for tens of milliseconds at a
+time (about 40 ms at 10000 records here) and I/O on every other volume goes on between chunks.  The walks take
 what is left from the committed map, never a saved position (rollback keeps one: the block up
 to which it has restored), so a crash between chunks is resumed by `Engine.open` (recover ->
 `finish_all`), and a cancel stops cleanly between two chunks, leaving the rest marked.
@@ -34,7 +35,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from . import allocator, catalog, errors, extmap, layout, native
@@ -206,35 +207,35 @@ class Bulk:
         if op == "clone":
             self._clone(item, step)
             return
-        pace = Pacer(self.native)
+        pace = Pacer(self.native, CHUNK)
         while True:
-            n = pace(lambda: self._chunk(item))
+            n = pace(lambda limit: self._chunk(item, limit))
             step(n)
-            if n < CHUNK:
+            if n < pace.last:
                 break
         with self.native.txn(write=True) as t:
             self._finish(t, item)
 
-    def _chunk(self, item: Item) -> int:
+    def _chunk(self, item: Item, limit: int) -> int:
         op, vol = item["op"], item["vol"]
         if self.c:
             if op == "drop_window":
-                return native.bulk_drop_window(self.native, vol, item["window"], CHUNK,
+                return native.bulk_drop_window(self.native, vol, item["window"], limit,
                                                PUNCH_BULK_MIN_BLOCKS)
             if op == "delete_volume":
-                return native.bulk_drop_volume(self.native, vol, CHUNK, PUNCH_BULK_MIN_BLOCKS)
+                return native.bulk_drop_volume(self.native, vol, limit, PUNCH_BULK_MIN_BLOCKS)
             lo, hi = _unindex_range(item)
-            return native.bulk_del_range(self.native, DB_LIVEBIRTH, lo, hi, CHUNK)
+            return native.bulk_del_range(self.native, DB_LIVEBIRTH, lo, hi, limit)
         freed: Freed = []
         with self.native.punch_hold():  # from before the commit to after the punch (xm.h)
             with self.native.txn(write=True) as t:
                 if op == "drop_window":
-                    n = py_drop_window(t, vol, item["window"], CHUNK, freed)
+                    n = py_drop_window(t, vol, item["window"], limit, freed)
                 elif op == "delete_volume":
-                    n = py_drop_volume(t, vol, CHUNK, freed)
+                    n = py_drop_volume(t, vol, limit, freed)
                 else:
                     lo, hi = _unindex_range(item)
-                    n = py_del_range(t, DB_LIVEBIRTH, lo, hi, CHUNK)
+                    n = py_del_range(t, DB_LIVEBIRTH, lo, hi, limit)
             self.io.punch(freed, PUNCH_BULK_MIN_BLOCKS)
         return n
 
@@ -267,21 +268,17 @@ class Bulk:
             pos = layout.decode_u64(raw, "rollback position") if raw is not None else 0
             if not self.c:
                 ranges, targets = py_rollback_plan(t, vs, epoch, pos)
+        pace = Pacer(self.native, CHUNK)
         if self.c:
             plan = native.RollbackPlan(self.native, vol, epoch,
                                        bool(vs.flags & layout.VS_BIRTH_INDEXED), pos)
             total(plan.weight)
-            pace = Pacer(self.native)
-            while n := pace(lambda: plan.apply(CHUNK, _pos_key(vol), PUNCH_BULK_MIN_BLOCKS)):
+            while n := pace(lambda limit: plan.apply(limit, _pos_key(vol), PUNCH_BULK_MIN_BLOCKS)):
                 step(n)
         else:
             total(sum(w for _, _, w in ranges))
-            for chunk, recs, n in _slices(ranges, targets):
-                freed: Freed = []
-                with self.native.punch_hold():  # (as in _chunk)
-                    with self.native.txn(write=True) as t:
-                        py_rollback_apply(t, vol, chunk, recs, chunk[-1][1], freed)
-                    self.io.punch(freed, PUNCH_BULK_MIN_BLOCKS)
+            plan_py = _Slices(ranges, targets)
+            while n := pace(lambda limit: self._py_rollback_chunk(vol, plan_py, limit)):
                 step(n)
         with self.native.gate_exclusive():
             with self.native.txn(write=True) as t:
@@ -292,6 +289,19 @@ class Bulk:
                 _unmark(t, item)
             configure(self.native, vs)
 
+
+    def _py_rollback_chunk(self, vol: int, plan: _Slices, limit: int) -> int:
+        """One chunk of the Python twin of a rollback; its weight, 0 when done."""
+        got = plan.take(limit)
+        if got is None:
+            return 0
+        chunk, recs, n = got
+        freed: Freed = []
+        with self.native.punch_hold():  # (as in _chunk)
+            with self.native.txn(write=True) as t:
+                py_rollback_apply(t, vol, chunk, recs, chunk[-1][1], freed)
+            self.io.punch(freed, PUNCH_BULK_MIN_BLOCKS)
+        return n
 
     def _clone(self, item: Item, step: Step) -> None:
         """Copy the snapshot's view into the new volume CLONE_STEP blocks at a time, from the
@@ -346,22 +356,29 @@ def _pos_key(vol: int) -> bytes:
     return layout.META_BULK + b":" + layout.vol_key(vol)
 
 
-def _slices(ranges: list[tuple[int, int, int]], targets: list[Extent]
-            ) -> Iterator[tuple[list[tuple[int, int]], list[Extent], int]]:
-    """Chunks of a rollback plan (xm_bulk_rollback_apply's slicing): ranges while none is
-    taken or their weight is under CHUNK, with the targets inside them, and the weight."""
-    k = ti = 0
-    while k < len(ranges):
+class _Slices:
+    """Chunks of a rollback plan (xm_bulk_rollback_apply's slicing): take(limit) is the next
+    ranges while none is taken or their weight is under limit, with the targets inside them,
+    and the weight; None at the end."""
+
+    def __init__(self, ranges: list[tuple[int, int, int]], targets: list[Extent]):
+        self.ranges, self.targets = ranges, targets
+        self.k = self.ti = 0
+
+    def take(self, limit: int) -> tuple[list[tuple[int, int]], list[Extent], int] | None:
+        ranges, targets = self.ranges, self.targets
+        if self.k >= len(ranges):
+            return None
         chunk: list[tuple[int, int]] = []
         n = 0
-        while k < len(ranges) and (not chunk or n < CHUNK):
-            chunk.append(ranges[k][:2])
-            n += ranges[k][2]
-            k += 1
-        start = ti
-        while ti < len(targets) and targets[ti].lba < chunk[-1][1]:
-            ti += 1
-        yield chunk, targets[start:ti], n
+        while self.k < len(ranges) and (not chunk or n < limit):
+            chunk.append(ranges[self.k][:2])
+            n += ranges[self.k][2]
+            self.k += 1
+        start = self.ti
+        while self.ti < len(targets) and targets[self.ti].lba < chunk[-1][1]:
+            self.ti += 1
+        return chunk, targets[start:self.ti], n
 
 
 def py_rollback_plan(t: Txn, vs: VolState, epoch: int, pos: int
