@@ -25,8 +25,8 @@ first (SNAPDISK_BULK_IDLE_GROWTH, default 4; 1 keeps every chunk at the first's 
 chunk beside requests brings it back to the first's size at once.  The growth is counted in
 chunks, not timed, so the C walks and their Python twins cut a walk the same way.
 Simplification: one duty for every walk and every load, no feedback on the requests' latency,
-and an idle walk's larger chunk holds LMDB's writer lock longer (Pacer.longest; about 0.15 s
-at 40000 records here), which a control operation arriving meanwhile waits for.
+and an idle walk's larger chunk holds LMDB's writer lock longer (Pacer.longest; 50-100 ms
+at 40000 records of a rollback here), which a control operation arriving meanwhile waits for.
 """
 
 from __future__ import annotations
