@@ -9,10 +9,11 @@ served while a chunk ran (the C core's read and write counters moved) and, if so
 (1 - DUTY) / DUTY times as long as the chunk took before the next one.  Idle, it never sleeps.
 So a walk under load takes at most 1 / DUTY times its CPU time plus what the requests leave
 it, and `Pacer.slept` says how much of a walk was pacing.  SNAPDISK_BULK_DUTY (0 < DUTY <= 1,
-default 0.2; 1 turns pacing off) sets it.  Measured (scripts/bench --only rollback-delete, two
-runs one after the other): reads during a delete kept 0.67x [0.63-0.79] of their rate at 0.5
-and 0.89x [0.87-1.01] at 0.2, while the delete under reads took 2.5x longer (4.3 s per changed
-GiB); a delete is background work, the client's reads are not.
+default 0.1; 1 turns pacing off) sets it.  Measured (scripts/bench --only rollback-delete):
+reads during a delete kept 0.67x [0.63-0.79] of their rate at 0.5, 0.82-0.89x at 0.2 (full
+runs on two machines) and 0.95x [0.87-1.02] at 0.1, while the delete under reads took 7.5 s per
+changed GiB at 0.1 (3.2-3.9 at 0.2, 0.46 idle); a delete is background work, the client's
+reads are not.
 
 The chunk's size.  A chunk is at most `limit` map records (bulk.CHUNK, 10000, to begin with).
 Every chunk has a fixed cost besides its records: its commit msync()s the pages it dirtied, and
@@ -37,7 +38,7 @@ from collections.abc import Callable
 
 from .native import NativeStore
 
-DUTY = float(os.environ.get("SNAPDISK_BULK_DUTY", "0.2"))
+DUTY = float(os.environ.get("SNAPDISK_BULK_DUTY", "0.1"))
 GROWTH = max(1, int(os.environ.get("SNAPDISK_BULK_IDLE_GROWTH", "4")))
 
 
