@@ -3,11 +3,12 @@
 Each long operation first commits a *mark* (a work item in META `bulk`, together with whatever
 makes its effect visible at once), then does its walk in chunks: one LMDB write transaction of
 at most CHUNK map records each (SNAPDISK_BULK_CHUNK, default 10000; up to 4 times that while
-no request is served, bulk_pace.py), so LMDB's writer lock is held for tens of milliseconds at a
-time (about 40 ms at 10000 records here) and I/O on every other volume goes on between chunks.  The walks take
-what is left from the committed map, never a saved position (rollback keeps one: the block up
-to which it has restored), so a crash between chunks is resumed by `Engine.open` (recover ->
-`finish_all`), and a cancel stops cleanly between two chunks, leaving the rest marked.
+no request is served, bulk_pace.py), so LMDB's writer lock is held for tens of milliseconds at
+a time (about 40 ms at 10000 records here) and I/O on every other volume goes on between
+chunks.  The walks take what is left from the committed map, never a saved position (rollback
+keeps one: the block up to which it has restored), so a crash between chunks is resumed by
+`Engine.open` (recover -> `finish_all`), and a cancel stops cleanly between two chunks, leaving
+the rest marked.
 
     drop_window    a deleted snapshot's dead records: p < birth <= t < death <= n.  The mark
                    drops the snapshot record and its name (the name is free at once); the
