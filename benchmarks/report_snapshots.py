@@ -103,11 +103,12 @@ def section_live(doc: Doc, d: dict[str, Any], targets: list[Target]) -> list[flo
 def section_latency(doc: Doc, d: dict[str, Any], live: dict[str, Any] | None, live_lat: list[float],
                     targets: list[Target]) -> None:
     rows = d["rows"]
-    # by (written, region): rows before the same-load runs have no region_bytes (= written)
-    by: dict[tuple[int, int], list[float]] = defaultdict(list)
+
+    def region_of(r: dict[str, Any]) -> int:  # rows before the same-load runs have none: written
+        return int(r.get("region_bytes", r["written_bytes"]))
+    by: dict[tuple[int, int], list[float]] = defaultdict(list)  # by (written, region)
     for r in rows:
-        by[(r["written_bytes"], r.get("region_bytes", r["written_bytes"]))] += [
-            s * 1000 for s in r["latency_s"]]
+        by[(r["written_bytes"], region_of(r))] += [s * 1000 for s in r["latency_s"]]
     sizes = sorted({w for w, _ in by})
     small, big = sizes[0], sizes[-1]
     own = {w: by[(w, w)] for w in sizes}  # each volume under writes over its written part
@@ -134,7 +135,7 @@ def section_latency(doc: Doc, d: dict[str, Any], live: dict[str, Any] | None, li
         + (f"; under the same load: p50 {ratio(50, same):.2f}x, p99 {ratio(99, same):.2f}x."
            if same else "."), "")
     all_lat = live_lat + [x for v in own.values() for x in v]  # the p99 target's load
-    own_rows = [r for r in rows if r.get("region_bytes", r["written_bytes"]) == r["written_bytes"]]
+    own_rows = [r for r in rows if region_of(r) == r["written_bytes"]]
     phases = {k: [x for r in own_rows + [r for r in (live or {}).get("rows", []) if r["peer"] == "snapdisk"]
                   for x in r.get(k, [])] for k in ("gate_wait_ms", "commit_ms", "batch_wait_ms",
                                                    "sync_ms")}

@@ -40,12 +40,12 @@
  * Why 4 KiB units and not 512-byte sectors: per unit, OpenSSL 3.0 needs an EVP_CipherInit_ex
  * to set the tweak, and that call costs as much as encrypting 512 bytes: measured on the first
  * machine, XTS ran at ~2.7-3.0 GB/s in 4 KiB units and ~1.2-1.3 GB/s in 512-byte units (a later
- * machine, AVX-512: 5.1 GB/s in 4 KiB units, tweak set per unit as xm_crypt_blocks does).  The price: a torn 4 KiB
- * write (storage that is only 512-byte atomic) makes the whole block noise instead of a mix of
- * old and new sectors; a block written whole (old or new) always decrypts.  XTS is
- * deterministic, so rewriting a block under the same (key, tweak) reveals to someone holding
- * both old and new ciphertext which 16-byte units changed, and nothing else: the accepted
- * property of every XTS disk (LUKS, RBD).
+ * machine, AVX-512: 5.1 GB/s in 4 KiB units, tweak set per unit as xm_crypt_blocks does).  The
+ * price: a torn 4 KiB write (storage that is only 512-byte atomic) makes the whole block noise
+ * instead of a mix of old and new sectors; a block written whole (old or new) always decrypts.
+ * XTS is deterministic, so rewriting a block under the same (key, tweak) reveals to someone
+ * holding both old and new ciphertext which 16-byte units changed, and nothing else: the
+ * accepted property of every XTS disk (LUKS, RBD).
  *
  * A slot per volume id: PLAIN (no cipher, the default), LOCKED (encrypted, no key here: every
  * pool access returns XM_ELOCKED before touching the file, raw I/O excepted), or UNLOCKED

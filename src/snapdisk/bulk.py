@@ -227,16 +227,24 @@ class Bulk:
                 return native.bulk_drop_volume(self.native, vol, limit, PUNCH_BULK_MIN_BLOCKS)
             lo, hi = _unindex_range(item)
             return native.bulk_del_range(self.native, DB_LIVEBIRTH, lo, hi, limit)
+
+        def body(t: Txn, freed: Freed) -> int:
+            if op == "drop_window":
+                return py_drop_window(t, vol, item["window"], limit, freed)
+            if op == "delete_volume":
+                return py_drop_volume(t, vol, limit, freed)
+            lo, hi = _unindex_range(item)
+            return py_del_range(t, DB_LIVEBIRTH, lo, hi, limit)
+        return self._py_punched(body)
+
+    def _py_punched(self, body: Callable[[Txn, Freed], int]) -> int:
+        """A Python twin's chunk: body(t, freed) in one write transaction, then the punch of
+        what it freed, under the punch guard from before the commit to after the punch (xm.h,
+        as bk_end does in C); body's result."""
         freed: Freed = []
-        with self.native.punch_hold():  # from before the commit to after the punch (xm.h)
+        with self.native.punch_hold():
             with self.native.txn(write=True) as t:
-                if op == "drop_window":
-                    n = py_drop_window(t, vol, item["window"], limit, freed)
-                elif op == "delete_volume":
-                    n = py_drop_volume(t, vol, limit, freed)
-                else:
-                    lo, hi = _unindex_range(item)
-                    n = py_del_range(t, DB_LIVEBIRTH, lo, hi, limit)
+                n = body(t, freed)
             self.io.punch(freed, PUNCH_BULK_MIN_BLOCKS)
         return n
 
@@ -290,19 +298,17 @@ class Bulk:
                 _unmark(t, item)
             configure(self.native, vs)
 
-
     def _py_rollback_chunk(self, vol: int, plan: _Slices, limit: int) -> int:
         """One chunk of the Python twin of a rollback; its weight, 0 when done."""
         got = plan.take(limit)
         if got is None:
             return 0
         chunk, recs, n = got
-        freed: Freed = []
-        with self.native.punch_hold():  # (as in _chunk)
-            with self.native.txn(write=True) as t:
-                py_rollback_apply(t, vol, chunk, recs, chunk[-1][1], freed)
-            self.io.punch(freed, PUNCH_BULK_MIN_BLOCKS)
-        return n
+
+        def body(t: Txn, freed: Freed) -> int:
+            py_rollback_apply(t, vol, chunk, recs, chunk[-1][1], freed)
+            return n
+        return self._py_punched(body)
 
     def _clone(self, item: Item, step: Step) -> None:
         """Copy the snapshot's view into the new volume CLONE_STEP blocks at a time, from the

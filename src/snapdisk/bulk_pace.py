@@ -26,8 +26,8 @@ first (SNAPDISK_BULK_IDLE_GROWTH, default 4; 1 keeps every chunk at the first's 
 chunk beside requests brings it back to the first's size at once.  The growth is counted in
 chunks, not timed, so the C walks and their Python twins cut a walk the same way.
 Simplification: one duty for every walk and every load, no feedback on the requests' latency,
-and an idle walk's larger chunk holds LMDB's writer lock longer (Pacer.longest; 50-100 ms
-at 40000 records of a rollback here), which a control operation arriving meanwhile waits for.
+and an idle walk's larger chunk holds LMDB's writer lock longer (measured 50-100 ms at 40000
+records of a rollback here), which a control operation arriving meanwhile waits for.
 """
 
 from __future__ import annotations
@@ -54,7 +54,6 @@ class Pacer:
         self.top = base * (GROWTH if growth is None else max(1, growth))
         self.limit = self.last = base
         self.slept = 0.0
-        self.longest = 0.0  # seconds, the longest chunk so far
 
     def _io(self) -> int:
         s = self.native.stats()
@@ -64,14 +63,12 @@ class Pacer:
         io, t0 = self._io(), time.monotonic()
         self.last = self.limit
         n = chunk(self.last)
-        took = time.monotonic() - t0
-        self.longest = max(self.longest, took)
         if self._io() == io:
             self.limit = min(self.limit * 2, self.top)
             return n
         self.limit = self.base
         if 0 < self.duty < 1:
-            pause = took * (1 - self.duty) / self.duty
+            pause = (time.monotonic() - t0) * (1 - self.duty) / self.duty
             time.sleep(pause)
             self.slept += pause
         return n
